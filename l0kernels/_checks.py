@@ -1,0 +1,155 @@
+"""Argument checks shared by every public entry point (SPEC section 5). Nothing here launches a kernel."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._dispatch import BACKEND_NAMES, Conv2dCall, LinearCall
+from ._gates import LINEAR_GATES, NOISE_KINDS, GateConfig
+from ._philox import check_seed
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(t, name: str, *, float_only: bool = True) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if float_only and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {t.dtype}")
+    return t
+
+
+def check_choice(value, name: str, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+    return value
+
+
+def check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _same(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
+
+
+def resolve_seed(seed, training: bool) -> Optional[int]:
+    """Validate ``seed``; in training draw one from PyTorch's default generator when it is None."""
+    if seed is not None:
+        seed = check_seed(seed)
+    if not training:
+        return None
+    if seed is None:
+        seed = draw_seed()
+    return seed
+
+
+def draw_seed() -> int:
+    """A seed in [0, 2**63) from PyTorch's default (CPU) generator: ``torch.manual_seed`` repeats it."""
+    return int(torch.empty((), dtype=torch.int64).random_().item())
+
+
+def make_config(beta, gamma, zeta, eps=1e-6) -> GateConfig:
+    return GateConfig(beta=beta, gamma=gamma, zeta=zeta, eps=eps)
+
+
+def linear_call(x, weight, log_alpha, bias, *, seed, gate, noise, training, backend, beta, gamma, zeta,
+                eps=1e-6) -> LinearCall:
+    check_choice(gate, "gate", LINEAR_GATES)
+    check_choice(noise, "noise", NOISE_KINDS)
+    check_choice(backend, "backend", BACKEND_NAMES)
+    check_bool(training, "training")
+    if gate == "weight" and noise == "sample":
+        raise ValueError("noise='sample' is not defined for gate='weight' (one gate per weight is "
+                         "already per-call noise); use noise='batch'")
+    cfg = make_config(beta, gamma, zeta, eps)
+    check_tensor(x, "x")
+    check_tensor(weight, "weight")
+    check_tensor(log_alpha, "log_alpha")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x must have shape (..., in_features={k}) to match weight {tuple(weight.shape)}, "
+                         f"got {tuple(x.shape)}")
+    _same(weight, "weight", x, "x")
+    _same(log_alpha, "log_alpha", x, "x")
+    want = {"in": (k,), "out": (n,), "weight": (n, k)}[gate]
+    if tuple(log_alpha.shape) != want:
+        raise ValueError(f"log_alpha must have shape {want} for gate={gate!r} with weight "
+                         f"{tuple(weight.shape)}, got {tuple(log_alpha.shape)}")
+    if bias is not None:
+        check_tensor(bias, "bias")
+        _same(bias, "bias", x, "x")
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must have shape ({n},) (out_features), got {tuple(bias.shape)}")
+    seed = resolve_seed(seed, training)
+    return LinearCall(x, weight, log_alpha, bias, seed, gate, noise, training, cfg)
+
+
+def _pair(v, name: str, minimum: int) -> Tuple[int, int]:
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got bool")
+    if isinstance(v, int):
+        v = (v, v)
+    if not isinstance(v, (tuple, list)) or len(v) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if min(v) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {tuple(v)}")
+    return int(v[0]), int(v[1])
+
+
+def conv2d_call(x, weight, log_alpha, bias, stride, padding, dilation, groups, *, seed, noise, training,
+                backend, beta, gamma, zeta, eps=1e-6) -> Conv2dCall:
+    check_choice(noise, "noise", NOISE_KINDS)
+    check_choice(backend, "backend", BACKEND_NAMES)
+    check_bool(training, "training")
+    cfg = make_config(beta, gamma, zeta, eps)
+    stride = _pair(stride, "stride", 1)
+    padding = _pair(padding, "padding", 0)
+    dilation = _pair(dilation, "dilation", 1)
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise TypeError(f"groups must be an int, got {type(groups).__name__}")
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    check_tensor(x, "x")
+    check_tensor(weight, "weight")
+    check_tensor(log_alpha, "log_alpha")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (batch, channels, height, width), got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D (out_channels, in_channels/groups, kh, kw), got shape "
+                         f"{tuple(weight.shape)}")
+    _same(weight, "weight", x, "x")
+    _same(log_alpha, "log_alpha", x, "x")
+    c_out, c_in_g, kh, kw = weight.shape
+    if c_out % groups:
+        raise ValueError(f"weight's out_channels ({c_out}) must be divisible by groups ({groups})")
+    if x.shape[1] != c_in_g * groups:
+        raise ValueError(f"x must have {c_in_g * groups} channels (weight in_channels/groups={c_in_g} "
+                         f"x groups={groups}), got {x.shape[1]}")
+    if tuple(log_alpha.shape) != (c_out,):
+        raise ValueError(f"log_alpha must have shape ({c_out},) (one gate per output channel), got "
+                         f"{tuple(log_alpha.shape)}")
+    if bias is not None:
+        check_tensor(bias, "bias")
+        _same(bias, "bias", x, "x")
+        if tuple(bias.shape) != (c_out,):
+            raise ValueError(f"bias must have shape ({c_out},) (out_channels), got {tuple(bias.shape)}")
+    for d, size in enumerate(x.shape[2:]):
+        eff = dilation[d] * ((kh, kw)[d] - 1) + 1
+        if size + 2 * padding[d] < eff:
+            raise ValueError(f"x's spatial size {tuple(x.shape[2:])} with padding {padding} is smaller than "
+                             f"the dilated kernel ({dilation[0] * (kh - 1) + 1}, {dilation[1] * (kw - 1) + 1})")
+    seed = resolve_seed(seed, training)
+    return Conv2dCall(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg)
+
+
+def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1

@@ -1,0 +1,120 @@
+"""Hard-concrete gate math of SPEC section 1, in PyTorch. The one Python copy of the formulas.
+
+Every torch-side computation of a gate, its derivative, the test-time gate or P(open) goes
+through these functions; the Triton and CUDA backends have their own single copies
+(``l0kernels/backends/triton/_gate_math.py`` and ``csrc/l0_gate.cuh``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from ._philox import check_seed, philox_uniform
+
+NOISE_KINDS = ("batch", "sample")
+LINEAR_GATES = ("in", "out", "weight")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Hard-concrete constants: temperature ``beta``, stretch interval ``(gamma, zeta)``, clamp ``eps``."""
+
+    beta: float = 2.0 / 3.0
+    gamma: float = -0.1
+    zeta: float = 1.1
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        for name in ("beta", "gamma", "zeta", "eps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+            if not math.isfinite(v):
+                raise ValueError(f"{name} must be finite, got {v}")
+            object.__setattr__(self, name, float(v))
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.gamma >= 0:
+            raise ValueError(f"gamma must be < 0, got {self.gamma}")
+        if self.zeta <= 1:
+            raise ValueError(f"zeta must be > 1, got {self.zeta}")
+        if not 0 < self.eps < 0.5:
+            raise ValueError(f"eps must be in (0, 0.5), got {self.eps}")
+
+    @property
+    def closed_threshold(self) -> float:
+        """``z_eval`` is exactly 0 for ``log_alpha <=`` this: ``log(-gamma/zeta)``."""
+        return math.log(-self.gamma / self.zeta)
+
+    @property
+    def open_threshold(self) -> float:
+        """``z_eval`` is exactly 1 for ``log_alpha >=`` this: ``log((1-gamma)/(zeta-1))``."""
+        return math.log((1.0 - self.gamma) / (self.zeta - 1.0))
+
+
+DEFAULT_CONFIG = GateConfig()
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Gate math runs in float32 for half types and float32, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gates_from_uniform(log_alpha: torch.Tensor, u: torch.Tensor, cfg: GateConfig = DEFAULT_CONFIG,
+                       need_grad: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Training gate ``z`` and ``dz/dlog_alpha`` from raw uniforms ``u`` (broadcast with ``log_alpha``).
+
+    Both are returned in the compute dtype of ``log_alpha``. The derivative is 0 where
+    ``s_bar`` is clamped, boundaries included.
+    """
+    la = log_alpha.to(compute_dtype(log_alpha.dtype))
+    u = u.to(la.dtype).clamp(cfg.eps, 1.0 - cfg.eps)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + la) / cfg.beta)
+    s_bar = s * (cfg.zeta - cfg.gamma) + cfg.gamma
+    z = s_bar.clamp(0.0, 1.0)
+    if not need_grad:
+        return z, None
+    inside = (s_bar > 0) & (s_bar < 1)
+    dz = torch.where(inside, s * (1 - s) * ((cfg.zeta - cfg.gamma) / cfg.beta), torch.zeros_like(s))
+    return z, dz
+
+
+def eval_gates_and_grad(log_alpha: torch.Tensor, cfg: GateConfig = DEFAULT_CONFIG,
+                        need_grad: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Deterministic gate ``z_eval`` and its derivative (0 where clamped, boundaries included)."""
+    la = log_alpha.to(compute_dtype(log_alpha.dtype))
+    s = torch.sigmoid(la)
+    s_bar = s * (cfg.zeta - cfg.gamma) + cfg.gamma
+    z = s_bar.clamp(0.0, 1.0)
+    if not need_grad:
+        return z, None
+    inside = (s_bar > 0) & (s_bar < 1)
+    dz = torch.where(inside, s * (1 - s) * (cfg.zeta - cfg.gamma), torch.zeros_like(s))
+    return z, dz
+
+
+def noise_uniform(seed: int, shape: Sequence[int], device) -> torch.Tensor:
+    """``u_raw`` for a noise tensor of ``shape``: offset = row-major flat index (SPEC section 2)."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return philox_uniform(seed, torch.arange(n, device=device)).reshape(tuple(shape)).to(device)
+
+
+def sample_gate_tensor(log_alpha: torch.Tensor, seed: int, shape: Sequence[int], cfg: GateConfig,
+                       need_grad: bool = True):
+    """Gates ``(z, dz)`` for the noise tensor ``shape`` (trailing dims broadcast with ``log_alpha``)."""
+    u = noise_uniform(seed, shape, log_alpha.device)
+    return gates_from_uniform(log_alpha, u, cfg, need_grad)
+
+
+def prob_open_t(log_alpha: torch.Tensor, cfg: GateConfig = DEFAULT_CONFIG) -> torch.Tensor:
+    """P(z != 0) = sigmoid(log_alpha - beta * log(-gamma/zeta)); differentiable."""
+    return torch.sigmoid(log_alpha - cfg.beta * math.log(-cfg.gamma / cfg.zeta))
+
+
+__all__ = ["GateConfig", "DEFAULT_CONFIG", "gates_from_uniform", "eval_gates_and_grad", "noise_uniform",
+           "sample_gate_tensor", "prob_open_t", "check_seed", "compute_dtype", "NOISE_KINDS", "LINEAR_GATES"]

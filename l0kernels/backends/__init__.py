@@ -1,0 +1,1 @@
+"""Backends: ``torch`` (reference, everywhere), ``triton`` (fused kernels), ``cuda`` (compiled extension)."""

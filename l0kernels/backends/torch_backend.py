@@ -1,0 +1,216 @@
+"""The reference backend: SPEC section 3 in plain PyTorch, on any device.
+
+Two autograd Functions, :class:`L0LinearFunction` and :class:`L0Conv2dFunction`. Forward
+draws the gates from ``(seed, offset)``; backward draws them again. Autograd keeps x, weight,
+log_alpha, bias and the seed, never a mask or an activation. For batch noise and eval gates
+the log_alpha gradient of output/channel gates needs ``sum_m dY*h`` with ``h`` the un-gated
+output; it is formed from GEMMs backward does anyway:
+``sum_m dY[m,n] h[m,n] = sum_k W[n,k] (dY^T x)[n,k] + b[n] sum_m dY[m,n]``.
+Per-example output gates recompute ``h`` (one extra GEMM/conv) instead of storing it.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .._dispatch import Backend, Conv2dCall, LinearCall, register_backend
+from .._gates import GateConfig, compute_dtype, eval_gates_and_grad, sample_gate_tensor
+
+
+def gates_for(log_alpha: torch.Tensor, seed: Optional[int], noise_shape: Tuple[int, ...], training: bool,
+              cfg: GateConfig, need_grad: bool = True):
+    """``(z, dz)`` for a call: sampled over ``noise_shape`` in training, ``z_eval`` (log_alpha's shape) else."""
+    if training:
+        return sample_gate_tensor(log_alpha, seed, noise_shape, cfg, need_grad)
+    return eval_gates_and_grad(log_alpha, cfg, need_grad)
+
+
+def linear_noise_shape(gate: str, noise: str, m: int, n: int, k: int) -> Tuple[int, ...]:
+    g = {"in": k, "out": n}.get(gate)
+    if gate == "weight":
+        return (n, k)
+    return (m, g) if noise == "sample" else (g,)
+
+
+class L0LinearFunction(torch.autograd.Function):
+    """``l0_linear`` of SPEC section 3 on the torch backend.
+
+    ``apply(x, weight, log_alpha, bias, seed, gate, noise, training, cfg)``; ``x`` is ``(..., K)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, log_alpha, bias, seed, gate, noise, training, cfg):
+        n, k = weight.shape
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, k)
+        m = x2.shape[0]
+        z, _ = gates_for(log_alpha, seed, linear_noise_shape(gate, noise, m, n, k), training, cfg, need_grad=False)
+        zx = z.to(x.dtype)
+        if gate == "in":
+            y = F.linear(x2 * zx, weight, bias)
+        elif gate == "out":
+            y = F.linear(x2, weight, bias) * zx
+        else:
+            y = F.linear(x2, weight * zx, bias)
+        ctx.save_for_backward(x, weight, log_alpha, bias)
+        ctx.conf = (seed, gate, noise, training, cfg)
+        return y.reshape(*lead, n)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, log_alpha, bias = ctx.saved_tensors
+        seed, gate, noise, training, cfg = ctx.conf
+        n, k = weight.shape
+        x2 = x.reshape(-1, k)
+        m = x2.shape[0]
+        dy = dy.reshape(m, n)
+        need_x, need_w, need_la, need_b = ctx.needs_input_grad[:4]
+        z, dz = gates_for(log_alpha, seed, linear_noise_shape(gate, noise, m, n, k), training, cfg, need_la)
+        cd = compute_dtype(x.dtype)
+        zx = z.to(x.dtype)
+        dx = dw = dla = db = None
+        if gate == "in":
+            g = dy @ weight if (need_x or need_la) else None
+            if need_x:
+                dx = g * zx
+            if need_w:
+                dw = dy.t() @ (x2 * zx)
+            if need_la:
+                gx = g.to(cd) * x2.to(cd)
+                dla = (gx * dz).sum(0) if dz.dim() == 2 else gx.sum(0) * dz
+            if need_b and bias is not None:
+                db = dy.sum(0)
+        elif gate == "out" and z.dim() == 2:  # per-example output gates
+            dyz = dy * zx
+            if need_x:
+                dx = dyz @ weight
+            if need_w:
+                dw = dyz.t() @ x2
+            if need_b and bias is not None:
+                db = dyz.sum(0)
+            if need_la:
+                h = F.linear(x2, weight, bias)
+                dla = (dy.to(cd) * h.to(cd) * dz).sum(0)
+        elif gate == "out":
+            if need_x:
+                dx = (dy * zx) @ weight
+            p = dy.t() @ x2 if (need_w or need_la) else None
+            if need_w:
+                dw = p * zx[:, None]
+            colsum = dy.sum(0, dtype=cd) if (need_b or need_la) else None
+            if need_b and bias is not None:
+                db = (colsum * z).to(bias.dtype)
+            if need_la:
+                hdy = (weight.to(cd) * p.to(cd)).sum(1)
+                if bias is not None:
+                    hdy = hdy + bias.to(cd) * colsum
+                dla = hdy * dz
+        else:  # weight gates
+            if need_x:
+                dx = dy @ (weight * zx)
+            p = dy.t() @ x2 if (need_w or need_la) else None
+            if need_w:
+                dw = p * zx
+            if need_la:
+                dla = p.to(cd) * weight.to(cd) * dz
+            if need_b and bias is not None:
+                db = dy.sum(0)
+        if dx is not None:
+            dx = dx.reshape(x.shape)
+        if dla is not None:
+            dla = dla.to(log_alpha.dtype)
+        return dx, dw, dla, db, None, None, None, None, None
+
+
+def _conv_backward(grad, x, weight, call_args, mask):
+    stride, padding, dilation, groups = call_args
+    return torch.ops.aten.convolution_backward(grad, x, weight, None, list(stride), list(padding),
+                                               list(dilation), False, [0, 0], groups, mask)
+
+
+class L0Conv2dFunction(torch.autograd.Function):
+    """``l0_conv2d`` of SPEC section 3 (output-channel gates) on the torch backend.
+
+    ``apply(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg):
+        c = weight.shape[0]
+        shape = (x.shape[0], c) if noise == "sample" else (c,)
+        z, _ = gates_for(log_alpha, seed, shape, training, cfg, need_grad=False)
+        h = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        zx = z.to(x.dtype)
+        y = h * (zx[:, :, None, None] if zx.dim() == 2 else zx[:, None, None])
+        ctx.save_for_backward(x, weight, log_alpha, bias)
+        ctx.conf = (stride, padding, dilation, groups, seed, noise, training, cfg)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, log_alpha, bias = ctx.saved_tensors
+        stride, padding, dilation, groups, seed, noise, training, cfg = ctx.conf
+        conv_args = (stride, padding, dilation, groups)
+        c = weight.shape[0]
+        need_x, need_w, need_la, need_b = ctx.needs_input_grad[:4]
+        shape = (x.shape[0], c) if noise == "sample" else (c,)
+        z, dz = gates_for(log_alpha, seed, shape, training, cfg, need_la)
+        cd = compute_dtype(x.dtype)
+        zx = z.to(x.dtype)
+        zb = zx[:, :, None, None] if zx.dim() == 2 else zx[:, None, None]
+        dyz = dy * zb
+        dx = dw = dla = db = None
+        if z.dim() == 2:  # per-example channel gates: recompute h for dlog_alpha
+            if need_x or need_w:
+                dx, dw, _ = _conv_backward(dyz, x, weight, conv_args, [need_x, need_w, False])
+            if need_b and bias is not None:
+                db = dyz.sum((0, 2, 3))
+            if need_la:
+                h = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+                dla = ((dy.to(cd) * h.to(cd)).sum((2, 3)) * dz).sum(0)
+        else:
+            if need_x:
+                dx = _conv_backward(dyz, x, weight, conv_args, [True, False, False])[0]
+            p = _conv_backward(dy, x, weight, conv_args, [False, True, False])[1] if (need_w or need_la) else None
+            if need_w:
+                dw = p * zx[:, None, None, None]
+            colsum = dy.sum((0, 2, 3), dtype=cd) if (need_b or need_la) else None
+            if need_b and bias is not None:
+                db = (colsum * z).to(bias.dtype)
+            if need_la:
+                hdy = (weight.to(cd) * p.to(cd)).sum((1, 2, 3))
+                if bias is not None:
+                    hdy = hdy + bias.to(cd) * colsum
+                dla = hdy * dz
+        if dla is not None:
+            dla = dla.to(log_alpha.dtype)
+        return dx, dw, dla, db, None, None, None, None, None, None, None, None
+
+
+class TorchBackend(Backend):
+    """Plain PyTorch; runs every call on every device. The reference for every other backend."""
+
+    name = "torch"
+    priority = 0
+
+    def unsupported_linear(self, call: LinearCall) -> Optional[str]:
+        return None
+
+    def unsupported_conv2d(self, call: Conv2dCall) -> Optional[str]:
+        return None
+
+    def linear(self, call: LinearCall) -> torch.Tensor:
+        return L0LinearFunction.apply(call.x, call.weight, call.log_alpha, call.bias, call.seed, call.gate,
+                                      call.noise, call.training, call.cfg)
+
+    def conv2d(self, call: Conv2dCall) -> torch.Tensor:
+        return L0Conv2dFunction.apply(call.x, call.weight, call.log_alpha, call.bias, call.stride, call.padding,
+                                      call.dilation, call.groups, call.seed, call.noise, call.training, call.cfg)
+
+
+TORCH_BACKEND = register_backend(TorchBackend())

@@ -1,0 +1,128 @@
+"""Public functional API of SPEC section 4: gates, penalties and the gated ops."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ._checks import check_tensor, conv2d_call, linear_call, make_config
+from ._dispatch import dispatch
+from ._gates import (eval_gates_and_grad, gates_from_uniform, noise_uniform, prob_open_t)
+from ._philox import check_seed
+
+_BETA, _GAMMA, _ZETA = 2.0 / 3.0, -0.1, 1.1
+
+
+def _shape_for(log_alpha: torch.Tensor, shape) -> tuple:
+    if shape is None:
+        return tuple(log_alpha.shape)
+    if isinstance(shape, int):
+        shape = (shape,)
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of ints or None, got {shape!r}") from None
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape must have non-negative sizes, got {shape}")
+    la = tuple(log_alpha.shape)
+    if len(shape) < len(la) or (la and shape[len(shape) - len(la):] != la):
+        raise ValueError(f"shape must end with log_alpha's shape {la} (the noise tensor's trailing "
+                         f"dims are the gates), got {shape}")
+    return shape
+
+
+def sample_gates(log_alpha: torch.Tensor, seed: int, shape: Optional[Sequence[int]] = None, *,
+                 beta: float = _BETA, gamma: float = _GAMMA, zeta: float = _ZETA, eps: float = 1e-6) -> torch.Tensor:
+    """Training gates ``z`` for a noise tensor of ``shape`` (default: ``log_alpha``'s shape).
+
+    ``shape`` must end with ``log_alpha.shape``; e.g. ``(M, G)`` for per-example gates. Offsets
+    are the row-major index into ``shape`` (SPEC section 2). Differentiable in ``log_alpha``.
+    """
+    check_tensor(log_alpha, "log_alpha")
+    cfg = make_config(beta, gamma, zeta, eps)
+    seed = check_seed(seed)
+    shape = _shape_for(log_alpha, shape)
+    u = noise_uniform(seed, shape, log_alpha.device)
+    if not log_alpha.requires_grad:
+        return gates_from_uniform(log_alpha, u, cfg, need_grad=False)[0].to(log_alpha.dtype)
+    return _GateFromUniform.apply(log_alpha, u, cfg)
+
+
+class _GateFromUniform(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, log_alpha, u, cfg):
+        z, dz = gates_from_uniform(log_alpha, u, cfg)
+        ctx.save_for_backward(dz)
+        ctx.shape = log_alpha.shape
+        return z.to(log_alpha.dtype)
+
+    @staticmethod
+    def backward(ctx, gz):
+        (dz,) = ctx.saved_tensors
+        g = gz.to(dz.dtype) * dz
+        extra = g.dim() - len(ctx.shape)
+        if extra:
+            g = g.sum(tuple(range(extra)))
+        return g.to(gz.dtype), None, None
+
+
+def deterministic_gates(log_alpha: torch.Tensor, *, beta: float = _BETA, gamma: float = _GAMMA,
+                        zeta: float = _ZETA) -> torch.Tensor:
+    """Test-time gates ``z_eval = clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)``.
+
+    Exactly 0 for ``log_alpha <= log(-gamma/zeta)``, exactly 1 for ``log_alpha >= log((1-gamma)/(zeta-1))``.
+    (``beta`` is accepted for a uniform signature and validated; the test-time gate does not use it.)
+    """
+    check_tensor(log_alpha, "log_alpha")
+    cfg = make_config(beta, gamma, zeta)
+    s_bar = torch.sigmoid(log_alpha) * (cfg.zeta - cfg.gamma) + cfg.gamma
+    return torch.nn.functional.hardtanh(s_bar, 0.0, 1.0)
+
+
+def prob_open(log_alpha: torch.Tensor, *, beta: float = _BETA, gamma: float = _GAMMA,
+              zeta: float = _ZETA) -> torch.Tensor:
+    """``P(z != 0) = sigmoid(log_alpha - beta * log(-gamma / zeta))`` per gate; differentiable."""
+    check_tensor(log_alpha, "log_alpha")
+    return prob_open_t(log_alpha, make_config(beta, gamma, zeta))
+
+
+def expected_l0(log_alpha: torch.Tensor, *, beta: float = _BETA, gamma: float = _GAMMA,
+                zeta: float = _ZETA) -> torch.Tensor:
+    """Expected number of open gates, ``sum(prob_open(log_alpha))`` (a 0-d tensor; differentiable)."""
+    return prob_open(log_alpha, beta=beta, gamma=gamma, zeta=zeta).sum()
+
+
+def l0_linear(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bias: Optional[torch.Tensor] = None,
+              *, seed: Optional[int] = None, gate: str = "in", noise: str = "batch", training: bool = True,
+              backend: str = "auto", beta: float = _BETA, gamma: float = _GAMMA, zeta: float = _ZETA,
+              eps: float = 1e-6) -> torch.Tensor:
+    """Hard-concrete gated linear layer (SPEC section 3).
+
+    ``gate="in"``: ``y = (x * z) @ W.T + b``, ``log_alpha`` is ``(K,)``;
+    ``gate="out"``: ``y = (x @ W.T + b) * z``, ``(N,)``; ``gate="weight"``: ``y = x @ (W * Z).T + b``, ``(N, K)``.
+    ``noise="batch"`` draws one gate vector per call, ``"sample"`` one per row of ``x.reshape(-1, K)``.
+    In training with ``seed=None`` a seed is drawn from PyTorch's default generator.
+    With ``training=False`` the deterministic gates are used and ``seed`` is ignored.
+    """
+    call = linear_call(x, weight, log_alpha, bias, seed=seed, gate=gate, noise=noise, training=training,
+                       backend=backend, beta=beta, gamma=gamma, zeta=zeta, eps=eps)
+    return dispatch(call, backend)
+
+
+def l0_conv2d(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bias: Optional[torch.Tensor] = None,
+              stride=1, padding=0, dilation=1, groups: int = 1, *, seed: Optional[int] = None, noise: str = "batch",
+              training: bool = True, backend: str = "auto", beta: float = _BETA, gamma: float = _GAMMA,
+              zeta: float = _ZETA, eps: float = 1e-6) -> torch.Tensor:
+    """``conv2d(x, W, b, ...) * z[..., c, None, None]`` with one gate per output channel (SPEC section 3).
+
+    ``x`` is ``(B, C_in, H, W)`` (NCHW or channels_last); ``noise="sample"`` draws gates ``(B, C_out)``.
+    """
+    call = conv2d_call(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed=seed, noise=noise,
+                       training=training, backend=backend, beta=beta, gamma=gamma, zeta=zeta, eps=eps)
+    return dispatch(call, backend)
+
+
+def gate_derivative_eval(log_alpha: torch.Tensor, *, gamma: float = _GAMMA, zeta: float = _ZETA) -> torch.Tensor:
+    """``d z_eval / d log_alpha`` (0 on the clamped region, boundaries included)."""
+    check_tensor(log_alpha, "log_alpha")
+    return eval_gates_and_grad(log_alpha, make_config(_BETA, gamma, zeta))[1]
