@@ -1,0 +1,42 @@
+"""Test configuration.
+
+Without a CUDA device the Triton kernels run under the interpreter: ``TRITON_INTERPRET=1`` must
+be set before any ``@triton.jit`` function is defined, so it is set here, before l0kernels'
+Triton backend can be imported. GPU tests are marked ``gpu`` and skip without CUDA.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+MNIST_DIR = os.environ.get(
+    "L0K_MNIST_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rel_err():
+    def f(out, ref):
+        out = out.detach().to(torch.float64)
+        ref = ref.detach().to(torch.float64)
+        assert not torch.isnan(out).any(), "NaN in output"
+        den = ref.norm()
+        return float((out - ref).norm() / den) if den > 0 else float((out - ref).norm())
+    return f
+
+
+# SPEC section 6 tolerances against the float64 torch reference
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
+TOL_TF32 = 1e-3
