@@ -14,3 +14,6 @@ from ._lazy import register_optional_backends as _register_optional_backends
 _register_optional_backends()
 
 __version__ = "0.1.0"
+
+from .modules import (L0Conv2d, L0Linear, constrain_, expected_params, l0_layers, l0_penalty,  # noqa: E402
+                      l0_regularizer)

@@ -1,0 +1,348 @@
+"""``L0Linear`` and ``L0Conv2d``: ``nn.Linear`` / ``nn.Conv2d`` with hard-concrete gates, and model-level penalties.
+
+Training-mode forward draws a fresh seed per call from PyTorch's default generator (so
+``torch.manual_seed`` makes runs repeatable) and calls the gated op; eval-mode forward uses the
+deterministic gates through :mod:`l0kernels._inference`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import _inference
+from ._checks import check_choice, conv_out_size, _pair
+from ._dispatch import BACKEND_NAMES
+from ._gates import LINEAR_GATES, NOISE_KINDS, GateConfig, eval_gates_and_grad, prob_open_t
+from .functional import l0_conv2d, l0_linear
+
+LOG_ALPHA_MIN = math.log(1e-2)  # the authors clamp log_alpha to [log 0.01, log 100] after each step
+LOG_ALPHA_MAX = math.log(1e2)
+
+
+def _check_droprate(p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"droprate_init must be a float in (0, 1), got {type(p).__name__}")
+    if not 0.0 < float(p) < 1.0:
+        raise ValueError(f"droprate_init must be in (0, 1), got {p}")
+    return float(p)
+
+
+def _check_positive_int(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {v}")
+    return v
+
+
+class _L0Layer(nn.Module):
+    """Shared gate bookkeeping of the L0 layers (everything that does not depend on the op)."""
+
+    log_alpha: nn.Parameter
+    weight: nn.Parameter
+    bias: Optional[nn.Parameter]
+
+    def _init_gate_options(self, noise, droprate_init, beta, gamma, zeta, backend):
+        check_choice(noise, "noise", NOISE_KINDS)
+        check_choice(backend, "backend", BACKEND_NAMES)
+        self.noise = noise
+        self.backend = backend
+        self.droprate_init = _check_droprate(droprate_init)
+        self.cfg = GateConfig(beta=beta, gamma=gamma, zeta=zeta)
+
+    def reset_gates(self) -> None:
+        """``log_alpha ~ N(log(1-p) - log(p), 0.01)`` with ``p = droprate_init`` (SPEC section 1)."""
+        p = self.droprate_init
+        with torch.no_grad():
+            self.log_alpha.normal_(math.log(1 - p) - math.log(p), 1e-2)
+
+    # -- gates -------------------------------------------------------------------------------------------
+    def deterministic_gates(self) -> torch.Tensor:
+        """``z_eval`` per gate (log_alpha's shape), detached."""
+        with torch.no_grad():
+            return eval_gates_and_grad(self.log_alpha, self.cfg, need_grad=False)[0].to(self.log_alpha.dtype)
+
+    def active_mask(self) -> torch.Tensor:
+        """Boolean mask of the gates that are open at test time (``z_eval > 0``)."""
+        return self.deterministic_gates() > 0
+
+    def num_active(self) -> int:
+        return int(self.active_mask().sum())
+
+    def num_gates(self) -> int:
+        return self.log_alpha.numel()
+
+    def prob_open(self) -> torch.Tensor:
+        """P(z != 0) per gate; differentiable."""
+        return prob_open_t(self.log_alpha, self.cfg)
+
+    def expected_l0(self) -> torch.Tensor:
+        """Expected number of open gates (the paper's L0 penalty of this layer); differentiable."""
+        return self.prob_open().sum()
+
+    def _group_sq_norms(self) -> torch.Tensor:  # ||theta_g||^2 per gate, gated parameters only
+        raise NotImplementedError("subclasses define their gate groups")
+
+    def _ungated_sq_norm(self) -> torch.Tensor:  # parameters no gate controls (weight-decayed always)
+        raise NotImplementedError("subclasses define their gate groups")
+
+    def expected_params(self) -> torch.Tensor:
+        """Expected number of non-zero parameters: ``sum(p_open * group_size) +`` ungated parameters."""
+        return (self.prob_open() * self.group_size).sum() + self.ungated_params
+
+    def regularizer(self, lamba: float, weight_decay: float = 0.0, N: int = 1) -> torch.Tensor:
+        """The paper's per-layer term ``(1/N) sum_g p_g (lamba * |g| + 0.5 wd ||theta_g||^2)`` plus
+        ``0.5 wd ||theta||^2 / N`` for ungated parameters (the authors' bias term)."""
+        p = self.prob_open()
+        term = (p * (lamba * self.group_size + 0.5 * weight_decay * self._group_sq_norms())).sum()
+        if weight_decay:
+            term = term + 0.5 * weight_decay * self._ungated_sq_norm()
+        return term / N
+
+    @torch.no_grad()
+    def constrain_(self) -> None:
+        """Clamp ``log_alpha`` to ``[log 0.01, log 100]`` in place, as the authors do after each optimizer step."""
+        self.log_alpha.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+
+    def _gate_repr(self) -> str:
+        c = self.cfg
+        s = f"noise={self.noise!r}, droprate_init={self.droprate_init}"
+        if (c.beta, c.gamma, c.zeta) != (2.0 / 3.0, -0.1, 1.1):
+            s += f", beta={c.beta:g}, gamma={c.gamma:g}, zeta={c.zeta:g}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
+
+
+class L0Linear(_L0Layer):
+    """``nn.Linear`` with hard-concrete gates on its inputs (``gate="in"``, the paper's dense layer),
+    outputs (``"out"``, gating the bias too) or weights (``"weight"``).
+
+    Parameters: ``weight (out_features, in_features)``, ``bias (out_features,)`` or None, and
+    ``log_alpha`` of shape ``(in_features,)``, ``(out_features,)`` or ``(out_features, in_features)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, gate: str = "in",
+                 noise: str = "batch", droprate_init: float = 0.5, beta: float = 2.0 / 3.0, gamma: float = -0.1,
+                 zeta: float = 1.1, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        self.in_features = _check_positive_int(in_features, "in_features")
+        self.out_features = _check_positive_int(out_features, "out_features")
+        check_choice(gate, "gate", LINEAR_GATES)
+        if gate == "weight" and noise == "sample":
+            raise ValueError("noise='sample' is not defined for gate='weight'; use noise='batch'")
+        self.gate = gate
+        self._init_gate_options(noise, droprate_init, beta, gamma, zeta, backend)
+        fk = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **fk))
+        self.bias = nn.Parameter(torch.empty(out_features, **fk)) if bias else None
+        la_shape = {"in": (in_features,), "out": (out_features,), "weight": (out_features, in_features)}[gate]
+        self.log_alpha = nn.Parameter(torch.empty(la_shape, **fk))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Weights and bias as ``nn.Linear``; gates as SPEC section 1."""
+        nn.Linear.reset_parameters(self)
+        self.reset_gates()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return _inference.eval_linear(self, x)
+        c = self.cfg
+        return l0_linear(x, self.weight, self.log_alpha, self.bias, gate=self.gate, noise=self.noise,
+                         training=True, backend=self.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta, eps=c.eps)
+
+    @property
+    def group_size(self) -> int:
+        """Parameters one gate controls: a weight column, a weight row (+ its bias), or one weight."""
+        if self.gate == "in":
+            return self.out_features
+        if self.gate == "out":
+            return self.in_features + (self.bias is not None)
+        return 1
+
+    @property
+    def ungated_params(self) -> int:
+        return self.out_features if (self.bias is not None and self.gate != "out") else 0
+
+    def _group_sq_norms(self) -> torch.Tensor:
+        w2 = self.weight.pow(2)
+        if self.gate == "in":
+            return w2.sum(0)
+        if self.gate == "out":
+            return w2.sum(1) + (self.bias.pow(2) if self.bias is not None else 0)
+        return w2
+
+    def _ungated_sq_norm(self) -> torch.Tensor:
+        if self.bias is None or self.gate == "out":
+            return self.weight.new_zeros(())
+        return self.bias.pow(2).sum()
+
+    def expected_flops(self, batch: int = 1) -> torch.Tensor:
+        """Expected FLOPs of one forward at test-time sparsity in expectation: multiply-adds count 2, the bias add 1.
+
+        in: ``N * (2 E[K'] - 1 + bias)``; out: ``E[N'] * (2K - 1 + bias)``; weight: ``2 E[nnz] - N + bias*N``.
+        """
+        p = self.prob_open()
+        b = 1 if self.bias is not None else 0
+        if self.gate == "in":
+            f = self.out_features * (2 * p.sum() - 1 + b)
+        elif self.gate == "out":
+            f = p.sum() * (2 * self.in_features - 1 + b)
+        else:
+            f = 2 * p.sum() - self.out_features + b * self.out_features
+        return f.clamp_min(0) * batch
+
+    def dense_flops(self, batch: int = 1) -> int:
+        return batch * self.out_features * (2 * self.in_features - 1 + (self.bias is not None))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"gate={self.gate!r}, " + self._gate_repr())
+
+
+class L0Conv2d(_L0Layer):
+    """``nn.Conv2d`` with one hard-concrete gate per output channel (the channel and its bias)."""
+
+    gate = "out"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, *, noise: str = "batch", droprate_init: float = 0.5,
+                 beta: float = 2.0 / 3.0, gamma: float = -0.1, zeta: float = 1.1, backend: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_channels = _check_positive_int(in_channels, "in_channels")
+        self.out_channels = _check_positive_int(out_channels, "out_channels")
+        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
+        self.stride = _pair(stride, "stride", 1)
+        self.padding = _pair(padding, "padding", 0)
+        self.dilation = _pair(dilation, "dilation", 1)
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible "
+                             f"by groups ({groups})")
+        self.groups = groups
+        self._init_gate_options(noise, droprate_init, beta, gamma, zeta, backend)
+        fk = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **fk))
+        self.bias = nn.Parameter(torch.empty(out_channels, **fk)) if bias else None
+        self.log_alpha = nn.Parameter(torch.empty(out_channels, **fk))
+        self.input_hw: Optional[Tuple[int, int]] = None  # last input size seen, for FLOP counts
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Weights and bias as ``nn.Conv2d``; gates as SPEC section 1."""
+        nn.Conv2d.reset_parameters(self)
+        self.reset_gates()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.dim() == 4:
+            self.input_hw = (int(x.shape[2]), int(x.shape[3]))
+        if not self.training:
+            return _inference.eval_conv2d(self, x)
+        c = self.cfg
+        return l0_conv2d(x, self.weight, self.log_alpha, self.bias, self.stride, self.padding, self.dilation,
+                         self.groups, noise=self.noise, training=True, backend=self.backend, beta=c.beta,
+                         gamma=c.gamma, zeta=c.zeta, eps=c.eps)
+
+    @property
+    def fan_in(self) -> int:
+        return (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
+
+    @property
+    def group_size(self) -> int:
+        """Parameters one channel gate controls: ``in_channels/groups * kh * kw`` (+1 with a bias)."""
+        return self.fan_in + (self.bias is not None)
+
+    @property
+    def ungated_params(self) -> int:
+        return 0
+
+    def _group_sq_norms(self) -> torch.Tensor:
+        n = self.weight.pow(2).sum((1, 2, 3))
+        return n + self.bias.pow(2) if self.bias is not None else n
+
+    def _ungated_sq_norm(self) -> torch.Tensor:
+        return self.weight.new_zeros(())
+
+    def output_hw(self, input_hw: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+        hw = input_hw or self.input_hw
+        if hw is None:
+            raise ValueError("input_hw is needed (the layer has not seen an input yet): pass input_hw=(H, W)")
+        return tuple(conv_out_size(hw[d], self.kernel_size[d], self.stride[d], self.padding[d], self.dilation[d])
+                     for d in range(2))
+
+    def expected_flops(self, batch: int = 1, input_hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Expected FLOPs: ``E[C_out'] * H_out * W_out * (2 * fan_in - 1 + bias)``, with the real output size
+        (stride, padding, dilation) and ``fan_in = C_in/groups * kh * kw``."""
+        ho, wo = self.output_hw(input_hw)
+        per_channel = ho * wo * (2 * self.fan_in - 1 + (self.bias is not None))
+        return self.prob_open().sum() * per_channel * batch
+
+    def dense_flops(self, batch: int = 1, input_hw: Optional[Tuple[int, int]] = None) -> int:
+        ho, wo = self.output_hw(input_hw)
+        return batch * self.out_channels * ho * wo * (2 * self.fan_in - 1 + (self.bias is not None))
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        return s + f", bias={self.bias is not None}, " + self._gate_repr()
+
+
+L0_LAYER_TYPES = (L0Linear, L0Conv2d)
+
+
+def l0_layers(model: nn.Module) -> Iterator[Tuple[str, _L0Layer]]:
+    """``(name, layer)`` for every L0 layer in ``model`` (including ``model`` itself)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, m in model.named_modules():
+        if isinstance(m, _L0Layer):
+            yield name, m
+
+
+def l0_penalty(model: nn.Module) -> torch.Tensor:
+    """Sum of expected L0 (expected open gates) over the model's L0 layers; differentiable."""
+    terms = [m.expected_l0() for _, m in l0_layers(model)]
+    if not terms:
+        raise ValueError("model has no L0 layers (L0Linear / L0Conv2d)")
+    return torch.stack([t.float() for t in terms]).sum()
+
+
+def l0_regularizer(model: nn.Module, lamba=0.1, weight_decay: float = 0.0, N: int = 1) -> torch.Tensor:
+    """The paper's full regularizer: sum over L0 layers of ``layer.regularizer(lamba, weight_decay, N)``.
+
+    ``lamba`` is one float or a sequence with one value per L0 layer (in ``named_modules`` order), as
+    in the L0-sep setting ``[10, 0.5, 0.1, 0.1]``; ``N`` is the training-set size.
+    """
+    layers = [m for _, m in l0_layers(model)]
+    if not layers:
+        raise ValueError("model has no L0 layers (L0Linear / L0Conv2d)")
+    if isinstance(N, bool) or not isinstance(N, int) or N < 1:
+        raise ValueError(f"N (training-set size) must be an int >= 1, got {N!r}")
+    lambdas = list(lamba) if isinstance(lamba, (list, tuple)) else [lamba] * len(layers)
+    if len(lambdas) != len(layers):
+        raise ValueError(f"lamba has {len(lambdas)} values but the model has {len(layers)} L0 layers")
+    return torch.stack([m.regularizer(lam, weight_decay, N).float() for m, lam in zip(layers, lambdas)]).sum()
+
+
+def constrain_(model: nn.Module) -> None:
+    """``constrain_()`` on every L0 layer of ``model`` (call after each optimizer step)."""
+    for _, m in l0_layers(model):
+        m.constrain_()
+
+
+def expected_params(model: nn.Module) -> torch.Tensor:
+    """Expected non-zero parameters over the L0 layers (plus every parameter of other modules)."""
+    total = sum(m.expected_params() for _, m in l0_layers(model))
+    l0_ids = {id(p) for _, m in l0_layers(model) for p in m.parameters(recurse=False)}
+    rest = sum(p.numel() for p in model.parameters() if id(p) not in l0_ids)
+    return total + rest
