@@ -1,19 +1,281 @@
-"""Eval-mode forward of the L0 modules (deterministic gates). Plain version: the eval op on the module's backend."""
+"""Eval-mode forward of the L0 modules: structured-sparse paths that skip the zero-gated groups.
+
+At test time the gates ``z_eval`` are deterministic and many are exactly 0 (SPEC section 1). On the
+first eval call a module builds a :class:`LinearPlan` / :class:`ConvPlan` -- the active input columns
+and/or output rows, the gate-prescaled compact weight and bias -- and caches it on itself. The cache
+is rebuilt only when ``weight``, ``bias`` or ``log_alpha`` change, detected through the tensors'
+identity, storage pointer and version counter (``t._version``; every in-place update through
+autograd-visible ops, ``optimizer.step()``, ``load_state_dict`` and ``constrain_()`` bumps it), so
+calls after the first do no host-device synchronisation. Updates made through ``param.data`` are not
+seen by version counters: call :func:`clear_eval_cache` after those.
+
+* linear, ``gate="in"``: ``y = x[:, active] @ (W[:, active] * z[active]).T + b``
+* linear, ``gate="out"``: only the active rows are computed and scattered into a zero output
+* linear, ``gate="weight"``: ``W * Z`` (dense), minus the rows/columns that are entirely zero
+  (a zero row's output is its ungated bias)
+* conv2d: a convolution with the active output channels only, scattered into a zero output
+
+On CUDA (``backend`` "auto" or "triton") the linear plans run the Triton kernels of
+:mod:`l0kernels.backends.triton.sparse_eval` (the gather of ``x``'s columns happens inside the GEMM
+loads; a GEMV kernel serves batches of 1-16 rows). On CPU they run in PyTorch, or in the Triton
+interpreter when ``backend="triton"`` and ``TRITON_INTERPRET=1``.
+
+When autograd is recording and something requires a gradient, the differentiable
+``l0_linear(..., training=False)`` / ``l0_conv2d`` path runs instead, so eval-mode fine-tuning works.
+"""
 from __future__ import annotations
 
-import torch
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
+import torch
+import torch.nn.functional as F
+
+from ._checks import conv2d_call, linear_call
+from ._gates import eval_gates_and_grad
 from .functional import l0_conv2d, l0_linear
+
+_CACHE_ATTR = "_l0k_eval_cache"
+
+
+@dataclass
+class LinearPlan:
+    """Compact eval form of a gated linear layer.
+
+    ``y[:, out_idx] = x[:, in_idx] @ weight.T + bias``; the other outputs are ``fill`` (zeros when None).
+    ``in_idx`` / ``out_idx`` None mean all columns / all rows (no gather / no scatter).
+    """
+
+    in_idx: Optional[torch.Tensor]
+    out_idx: Optional[torch.Tensor]
+    weight: torch.Tensor  # (N_active, K_active), contiguous, gates folded in
+    bias: Optional[torch.Tensor]  # (N_active,)
+    fill: Optional[torch.Tensor]  # (N,) value of the rows that are not computed; None = 0
+    out_features: int
+    in_features: int
+
+    @property
+    def density(self) -> float:
+        full = self.out_features * self.in_features
+        return self.weight.numel() / full if full else 1.0
+
+
+@dataclass
+class ConvPlan:
+    """Compact eval form of a gated conv: ``y[:, out_idx] = conv2d(x, weight, bias)``, zeros elsewhere."""
+
+    out_idx: Optional[torch.Tensor]
+    weight: torch.Tensor  # (C_active, C_in/groups, kh, kw), gates folded in
+    bias: Optional[torch.Tensor]
+    out_channels: int
+
+
+def _tensor_key(t: Optional[torch.Tensor]) -> Tuple:
+    if t is None:
+        return (None,)
+    return (id(t), t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+
+
+def _cache_key(module, kind: str) -> Tuple:
+    return (kind, getattr(module, "gate", "out"), module.cfg, getattr(module, "groups", 1),
+            _tensor_key(module.weight), _tensor_key(module.bias), _tensor_key(module.log_alpha))
+
+
+def clear_eval_cache(module) -> None:
+    """Drop the cached eval plans of ``module`` and its submodules (needed only after ``.data`` edits)."""
+    for m in module.modules():
+        if hasattr(m, _CACHE_ATTR):
+            delattr(m, _CACHE_ATTR)
+
+
+def _cached(module, kind: str, build):
+    key = _cache_key(module, kind)
+    entry = module.__dict__.get(_CACHE_ATTR)
+    if entry is not None and entry[0] == key:
+        return entry[1]
+    with torch.no_grad():
+        plan = build(module)
+    module.__dict__[_CACHE_ATTR] = (key, plan)
+    return plan
+
+
+def _z_eval(module) -> torch.Tensor:
+    return eval_gates_and_grad(module.log_alpha.detach(), module.cfg, need_grad=False)[0]
+
+
+def build_linear_plan(module) -> LinearPlan:
+    """The compact eval form of an ``L0Linear`` (see :class:`LinearPlan`). Synchronises once (``nonzero``)."""
+    w = module.weight.detach()
+    b = module.bias.detach() if module.bias is not None else None
+    n, k = w.shape
+    z = _z_eval(module)  # float32/float64 gate math
+    cd = z.dtype
+    gate = module.gate
+    in_idx = out_idx = fill = None
+    if gate == "in":
+        keep = z > 0
+        wz = (w.to(cd) * z).to(w.dtype)
+        if bool(keep.all()):
+            wc = wz
+        else:
+            in_idx = keep.nonzero().flatten()
+            wc = wz.index_select(1, in_idx)
+        bc = b
+    elif gate == "out":
+        keep = z > 0
+        wz = (w.to(cd) * z[:, None]).to(w.dtype)
+        bz = (b.to(cd) * z).to(b.dtype) if b is not None else None
+        if bool(keep.all()):
+            wc, bc = wz, bz
+        else:
+            out_idx = keep.nonzero().flatten()
+            wc = wz.index_select(0, out_idx)
+            bc = bz.index_select(0, out_idx) if bz is not None else None
+    else:
+        nz = z > 0
+        wz = (w.to(cd) * z).to(w.dtype)
+        rows, cols = nz.any(1), nz.any(0)
+        wc, bc = wz, b
+        if not bool(cols.all()):
+            in_idx = cols.nonzero().flatten()
+            wc = wc.index_select(1, in_idx)
+        if not bool(rows.all()):
+            out_idx = rows.nonzero().flatten()
+            wc = wc.index_select(0, out_idx)
+            bc = b.index_select(0, out_idx) if b is not None else None
+            fill = b  # a row without any open weight outputs its (ungated) bias
+    return LinearPlan(in_idx, out_idx, wc.contiguous(), None if bc is None else bc.contiguous(), fill, n, k)
+
+
+def build_conv_plan(module) -> ConvPlan:
+    """The compact eval form of an ``L0Conv2d``: active output channels, gates folded into weight and bias."""
+    w = module.weight.detach()
+    b = module.bias.detach() if module.bias is not None else None
+    z = _z_eval(module)
+    cd = z.dtype
+    wz = (w.to(cd) * z[:, None, None, None]).to(w.dtype)
+    bz = (b.to(cd) * z).to(b.dtype) if b is not None else None
+    keep = z > 0
+    out_idx = None
+    if module.groups == 1 and not bool(keep.all()):
+        # grouped convs keep every channel (the groups must stay equal); their gates are folded in
+        out_idx = keep.nonzero().flatten()
+        wz = wz.index_select(0, out_idx)
+        bz = bz.index_select(0, out_idx) if bz is not None else None
+    return ConvPlan(out_idx, wz.contiguous(), bz, w.shape[0])
+
+
+# -- running a plan ---------------------------------------------------------------------------------------
+
+def linear_plan_torch(x2: torch.Tensor, plan: LinearPlan) -> torch.Tensor:
+    """Run ``plan`` on ``x2`` of shape ``(M, K)`` in PyTorch; returns ``(M, N)``."""
+    xg = x2 if plan.in_idx is None else x2.index_select(1, plan.in_idx)
+    yc = F.linear(xg, plan.weight, plan.bias)
+    if plan.out_idx is None:
+        return yc
+    m = x2.shape[0]
+    if plan.fill is None:
+        y = yc.new_zeros(m, plan.out_features)
+    else:
+        y = plan.fill.expand(m, plan.out_features).clone()
+    return y.index_copy_(1, plan.out_idx, yc)
+
+
+def conv_plan_torch(x: torch.Tensor, plan: ConvPlan, stride, padding, dilation, groups) -> torch.Tensor:
+    if plan.out_idx is None:
+        return F.conv2d(x, plan.weight, plan.bias, stride, padding, dilation, groups)
+    if plan.out_idx.numel() == 0:  # every channel closed: the output is zero (conv2d needs >= 1 channel)
+        kh, kw = plan.weight.shape[2:]
+        ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        return x.new_zeros(x.shape[0], plan.out_channels, ho, wo)
+    yc = F.conv2d(x, plan.weight, plan.bias, stride, padding, dilation, groups)
+    y = yc.new_zeros(yc.shape[0], plan.out_channels, yc.shape[2], yc.shape[3])
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y.index_copy_(1, plan.out_idx, yc)
+
+
+_TRITON_EVAL = None  # (module or None, reason)
+
+
+def _triton_eval():
+    """The Triton eval kernels module, or ``(None, reason)`` when it cannot be imported."""
+    global _TRITON_EVAL
+    if _TRITON_EVAL is None:
+        try:
+            from .backends.triton import sparse_eval
+            _TRITON_EVAL = (sparse_eval, None)
+        except ImportError as e:  # triton missing or broken
+            _TRITON_EVAL = (None, f"l0kernels.backends.triton.sparse_eval could not be imported ({e})")
+    return _TRITON_EVAL
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _use_triton_linear(backend: str, x: torch.Tensor) -> bool:
+    """Whether the Triton eval kernels run this call; raises when ``backend="triton"`` cannot."""
+    if backend not in ("auto", "triton"):
+        return False  # "torch" is the reference; the CUDA extension's eval kernels are not wired here
+    if backend == "auto" and not x.is_cuda:
+        return False
+    mod, reason = _triton_eval()
+    why = reason
+    if mod is not None:
+        if not (x.is_cuda or _interpreting()):
+            why = "the Triton eval kernels need a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)"
+        elif x.dtype not in mod.SUPPORTED_DTYPES:
+            why = f"the Triton eval kernels do not support {x.dtype}"
+    if why is None:
+        return True
+    if backend == "triton":
+        raise ValueError(f"backend='triton' cannot run this eval linear call: {why}")
+    return False
+
+
+def _needs_autograd(x, module) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or any(p is not None and p.requires_grad
+                                  for p in (module.weight, module.bias, module.log_alpha))
 
 
 def eval_linear(module, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode ``L0Linear`` forward; equals ``l0_linear(..., training=False)`` up to rounding."""
     c = module.cfg
-    return l0_linear(x, module.weight, module.log_alpha, module.bias, gate=module.gate, noise=module.noise,
-                     training=False, backend=module.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta, eps=c.eps)
+    call = linear_call(x, module.weight, module.log_alpha, module.bias, seed=None, gate=module.gate,
+                       noise=module.noise, training=False, backend=module.backend, beta=c.beta, gamma=c.gamma,
+                       zeta=c.zeta, eps=c.eps)
+    if _needs_autograd(x, module):
+        return l0_linear(x, module.weight, module.log_alpha, module.bias, gate=module.gate, noise=module.noise,
+                         training=False, backend=module.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta,
+                         eps=c.eps)
+    plan = _cached(module, "linear", build_linear_plan)
+    n, k = call.weight.shape
+    x2 = x.reshape(-1, k)
+    if _use_triton_linear(module.backend, x):
+        y = _triton_eval()[0].sparse_linear(x2, plan)
+    else:
+        y = linear_plan_torch(x2, plan)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def eval_conv2d(module, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode ``L0Conv2d`` forward: a convolution over the active output channels only."""
     c = module.cfg
-    return l0_conv2d(x, module.weight, module.log_alpha, module.bias, module.stride, module.padding,
-                     module.dilation, module.groups, noise=module.noise, training=False, backend=module.backend,
-                     beta=c.beta, gamma=c.gamma, zeta=c.zeta, eps=c.eps)
+    call = conv2d_call(x, module.weight, module.log_alpha, module.bias, module.stride, module.padding,
+                       module.dilation, module.groups, seed=None, noise=module.noise, training=False,
+                       backend=module.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta, eps=c.eps)
+    if _needs_autograd(x, module):
+        return l0_conv2d(x, module.weight, module.log_alpha, module.bias, module.stride, module.padding,
+                         module.dilation, module.groups, noise=module.noise, training=False,
+                         backend=module.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta, eps=c.eps)
+    plan = _cached(module, "conv2d", build_conv_plan)
+    return conv_plan_torch(x, plan, call.stride, call.padding, call.dilation, call.groups)
+
+
+__all__ = ["eval_linear", "eval_conv2d", "clear_eval_cache", "build_linear_plan", "build_conv_plan",
+           "LinearPlan", "ConvPlan", "linear_plan_torch", "conv_plan_torch"]

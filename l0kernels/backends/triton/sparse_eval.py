@@ -1,0 +1,158 @@
+"""Triton eval-mode kernels for gated linear layers with the zero-gated groups skipped.
+
+They run a :class:`l0kernels._inference.LinearPlan` (compact, gate-prescaled weight; optional
+active-column list ``in_idx`` and active-row list ``out_idx``):
+
+* ``_sparse_gemm_kernel``: tiles of ``y[:, out_idx] = x[:, in_idx] @ Wc.T + bc`` with ``tl.dot``; the
+  gather of ``x``'s active columns happens in the K-loop loads (``x`` is never copied) and the tile is
+  stored straight into the scattered output columns.
+* ``_sparse_gemv_kernel``: the same for 1-16 rows, without ``tl.dot`` (its 16-row minimum would waste
+  most of the tile): each program keeps all rows and a block of output features, so every weight element
+  is read once per call.
+
+Rows that are not computed are pre-filled by :func:`sparse_linear` (zeros for closed output gates, the
+ungated bias for all-zero rows of weight gates). Accumulation is in float32; float32 inputs use
+``input_precision="ieee"`` (SPEC section 6 asks 1e-5 against float64). Under ``TRITON_INTERPRET=1``
+the dot inputs are upcast to float32 (the interpreter's bfloat16 ``tl.dot`` is wrong).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+GEMV_MAX_ROWS = 16
+
+
+@triton.jit
+def _sparse_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, in_idx_ptr, out_idx_ptr, M, N, K,
+                        stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+                        HAS_BIAS: tl.constexpr, GATHER_IN: tl.constexpr, SCATTER_OUT: tl.constexpr,
+                        UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        if GATHER_IN:
+            xcol = tl.load(in_idx_ptr + rk, mask=k_ok, other=0)
+        else:
+            xcol = rk
+        a = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + xcol[None, :].to(tl.int64) * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None].to(tl.int64) * stride_wk,
+                    mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if SCATTER_OUT:
+        ycol = tl.load(out_idx_ptr + rn, mask=n_ok, other=0)
+    else:
+        ycol = rn
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + ycol[None, :].to(tl.int64) * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _sparse_gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, in_idx_ptr, out_idx_ptr, M, N, K,
+                        stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+                        HAS_BIAS: tl.constexpr, GATHER_IN: tl.constexpr, SCATTER_OUT: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        if GATHER_IN:
+            xcol = tl.load(in_idx_ptr + rk, mask=k_ok, other=0)
+        else:
+            xcol = rk
+        a = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + xcol[None, :].to(tl.int64) * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :].to(tl.int64) * stride_wk,
+                    mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if SCATTER_OUT:
+        ycol = tl.load(out_idx_ptr + rn, mask=n_ok, other=0)
+    else:
+        ycol = rn
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + ycol[None, :].to(tl.int64) * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def sparse_linear(x2: torch.Tensor, plan, force: str = "auto") -> torch.Tensor:
+    """Run a ``LinearPlan`` on ``x2`` ``(M, K)`` (any strides); returns ``(M, N)`` in ``x2``'s dtype.
+
+    ``force`` picks the kernel: ``"auto"`` (GEMV for M <= 16, else GEMM), ``"gemv"`` or ``"gemm"``.
+    """
+    if x2.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"x must be float16, bfloat16 or float32 for the Triton eval kernels, got {x2.dtype}")
+    if force not in ("auto", "gemv", "gemm"):
+        raise ValueError(f"force must be 'auto', 'gemv' or 'gemm', got {force!r}")
+    m = x2.shape[0]
+    n_out = plan.out_features
+    wc = plan.weight
+    nc, kc = wc.shape
+    scatter = plan.out_idx is not None
+    if scatter:
+        y = (x2.new_zeros(m, n_out) if plan.fill is None
+             else plan.fill.to(x2.dtype).expand(m, n_out).contiguous())
+    else:
+        y = x2.new_empty(m, n_out)
+    if m == 0 or nc == 0:
+        return y
+    if kc == 0:  # nothing to multiply: the computed rows are their bias
+        y[:, plan.out_idx if scatter else slice(None)] = (
+            plan.bias.to(x2.dtype).expand(m, nc) if plan.bias is not None else 0)
+        return y
+    gather = plan.in_idx is not None
+    has_bias = plan.bias is not None
+    dummy = wc  # never read when the matching flag is off
+    args = (x2, wc, plan.bias if has_bias else dummy, y, plan.in_idx if gather else dummy,
+            plan.out_idx if scatter else dummy, m, nc, kc, x2.stride(0), x2.stride(1), wc.stride(0), wc.stride(1),
+            y.stride(0), y.stride(1))
+    kind = force if force != "auto" else ("gemv" if m <= GEMV_MAX_ROWS else "gemm")
+    if kind == "gemv" and m > GEMV_MAX_ROWS:
+        raise ValueError(f"the GEMV kernel takes at most {GEMV_MAX_ROWS} rows, got {m}")
+    if kind == "gemv":
+        bm = max(1, triton.next_power_of_2(m))
+        bn, bk = (32, 32) if bm <= 4 else (16, 32)
+        grid = (triton.cdiv(nc, bn),)
+        _sparse_gemv_kernel[grid](*args, HAS_BIAS=has_bias, GATHER_IN=gather, SCATTER_OUT=scatter,
+                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    else:
+        interp = _interpreting()
+        bm, bn, bk = (16, 16, 16) if interp else (64, 64, 32)
+        grid = (triton.cdiv(m, bm), triton.cdiv(nc, bn))
+        _sparse_gemm_kernel[grid](*args, HAS_BIAS=has_bias, GATHER_IN=gather, SCATTER_OUT=scatter,
+                                  UPCAST=interp, IEEE=(x2.dtype == torch.float32),
+                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    return y
+
+
+__all__ = ["sparse_linear", "SUPPORTED_DTYPES", "GEMV_MAX_ROWS"]
