@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ._philox import check_seed, philox_uniform
+from ._philox import check_seed, philox_range
 
 NOISE_KINDS = ("batch", "sample")
 LINEAR_GATES = ("in", "out", "weight")
@@ -101,7 +101,7 @@ def noise_uniform(seed: int, shape: Sequence[int], device) -> torch.Tensor:
     n = 1
     for d in shape:
         n *= int(d)
-    return philox_uniform(seed, torch.arange(n, device=device)).reshape(tuple(shape)).to(device)
+    return philox_range(seed, n, device).reshape(tuple(shape))
 
 
 def sample_gate_tensor(log_alpha: torch.Tensor, seed: int, shape: Sequence[int], cfg: GateConfig,

@@ -1,15 +1,24 @@
 """Philox4x32-10 exactly as Triton's ``tl.rand`` (SPEC section 2), in Python.
 
 This is the only Python implementation of the stream. The same round function runs on
-numpy ``uint64`` arrays (CPU tensors: fewer, cheaper ops, so the CPU backend can afford to
-regenerate gates in backward) and on torch ``int64`` tensors (any other device). Values are
-kept in ``[0, 2**32)`` throughout; products of two 32-bit words are exact in 64 bits
+numpy ``uint64`` arrays (CPU tensors) and on torch ``int64`` tensors (any other device).
+Values are kept in ``[0, 2**32)`` throughout; products of two 32-bit words are exact in 64 bits
 (numpy: unsigned wrap-around is defined; torch: the product's low 64 bits are all we read).
+
+On CPU tensors the compiled shim ``l0kernels._philox_cpu`` is used when it was built (it runs
+``csrc/l0_philox.cuh``, the C++ copy of the stream, about 20x faster than numpy for a gate
+vector, which lets the CPU backend regenerate gates in backward for free); the numpy path is
+the fallback and both are tested bit for bit against ``tl.rand``.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+try:
+    from . import _philox_cpu  # optional C++ extension built by setup.py
+except ImportError:  # pragma: no cover - depends on the build
+    _philox_cpu = None
 
 _M32 = 0xFFFFFFFF
 _PHILOX_A = 0xD2511F53
@@ -20,33 +29,70 @@ _INT_TO_UNIFORM = 4.6566127342e-10  # float32(x) * this, as tl.rand
 SEED_MAX = 2**63  # seeds live in [0, SEED_MAX)
 
 
-def _philox_c0(seed: int, off, lit):
-    """First output word of Philox4x32-10 for counter ``(off_lo, off_hi, 0, 0)``.
+class _NumpyOps:
+    """numpy uint64: products wrap mod 2**64 by definition, shifts are logical, reversal is a view."""
 
-    ``off`` is an array of non-negative offsets (numpy uint64 or torch int64); ``lit``
-    turns a Python int into a scalar of the array's kind.
+    @staticmethod
+    def pair(a, b):
+        return np.stack([a, b])
+
+    @staticmethod
+    def const(vals):
+        return np.array(vals, dtype=np.uint64).reshape(2, 1)
+
+    @staticmethod
+    def hi(p):
+        return p >> np.uint64(32)
+
+    @staticmethod
+    def rev(a):
+        return a[::-1]
+
+
+class _TorchOps:
+    """torch int64: the low 64 bits of a product of 32-bit words are exact; mask after shifts."""
+
+    @staticmethod
+    def pair(a, b):
+        return torch.stack([a, b])
+
+    @staticmethod
+    def const(vals):
+        return torch.tensor(vals, dtype=torch.int64).reshape(2, 1)
+
+    @staticmethod
+    def hi(p):
+        return (p >> 32) & _M32
+
+    @staticmethod
+    def rev(a):
+        return a.flip(0)
+
+
+def _philox_c0(seed: int, off, ops):
+    """First output word of Philox4x32-10 for counters ``(off_lo, off_hi, 0, 0)`` and key ``seed``.
+
+    The state is kept as two stacked pairs ``X = (c0, c2)`` and ``Y = (c1, c3)`` so one round is
+    a handful of whole-array ops: ``p = X * (A, B)``; ``X' = rev(hi(p)) ^ Y ^ (k0, k1)``;
+    ``Y' = rev(lo(p))`` -- exactly SPEC section 2's ``c0' = mulhi(B, c2) ^ c1 ^ k0``,
+    ``c2' = mulhi(A, c0) ^ c3 ^ k1``, ``c1' = lo(B c2)``, ``c3' = lo(A c0)``.
     """
-    m32 = lit(_M32)
-    s32 = lit(32)
     k0, k1 = seed & _M32, (seed >> 32) & _M32
-    c0 = off & m32
-    c1 = (off >> s32) & m32
-    # Round 1 with c2 = c3 = 0: the B products vanish.
-    p_a = c0 * lit(_PHILOX_A)
-    c0, c1, c2, c3 = c1 ^ lit(k0), None, ((p_a >> s32) & m32) ^ lit(k1), p_a & m32
-    c1 = c0 * 0  # lo(B * 0)
-    for _ in range(9):
+    zero = off & 0
+    x = ops.pair(off & _M32, zero)
+    y = ops.pair((off >> 32) & _M32, zero)
+    mult = ops.const([_PHILOX_A, _PHILOX_B])
+    if not isinstance(x, np.ndarray):
+        mult = mult.to(x.device)
+    for _ in range(10):
+        key = ops.const([k0, k1])
+        if not isinstance(x, np.ndarray):
+            key = key.to(x.device)
+        p = x * mult
+        x, y = ops.rev(ops.hi(p)) ^ y ^ key, ops.rev(p & _M32)
         k0 = (k0 + _KEY_A) & _M32
         k1 = (k1 + _KEY_B) & _M32
-        p_b = c2 * lit(_PHILOX_B)
-        p_a = c0 * lit(_PHILOX_A)
-        c0, c1, c2, c3 = (
-            ((p_b >> s32) & m32) ^ c1 ^ lit(k0),
-            p_b & m32,
-            ((p_a >> s32) & m32) ^ c3 ^ lit(k1),
-            p_a & m32,
-        )
-    return c0
+    return x[0]
 
 
 def _to_uniform_np(c0: np.ndarray) -> np.ndarray:
@@ -75,7 +121,19 @@ def check_seed(seed, name: str = "seed") -> int:
     return seed
 
 
-def philox_uniform(seed: int, offsets, *, device=None, _force_torch: bool = False) -> torch.Tensor:
+def philox_range(seed: int, n: int, device=None) -> torch.Tensor:
+    """``u_raw(seed, i)`` for ``i = 0..n-1`` (a noise tensor's offsets); no offsets tensor is built on CPU."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cpu" and _philox_cpu is not None:
+        out = torch.empty(n, dtype=torch.float32)
+        if n:
+            _philox_cpu.uniform_range(seed, 0, out.data_ptr(), n)
+        return out
+    return philox_uniform(seed, torch.arange(n, device=dev))
+
+
+def philox_uniform(seed: int, offsets, *, device=None, _force_torch: bool = False,
+                   _force_numpy: bool = False) -> torch.Tensor:
     """Uniform float32 draws ``u_raw(seed, i)`` for every offset ``i``, bit-exact with ``tl.rand``.
 
     ``offsets`` is an integer tensor (any shape, any device, values in ``[0, 2**63)``) or an
@@ -93,9 +151,15 @@ def philox_uniform(seed: int, offsets, *, device=None, _force_torch: bool = Fals
     off = offsets.to(torch.int64)
     if off.numel() and bool((off < 0).any()):
         raise ValueError("offsets must be >= 0")
+    if off.device.type == "cpu" and _philox_cpu is not None and not (_force_torch or _force_numpy):
+        off = off.contiguous()
+        out = torch.empty(off.shape, dtype=torch.float32)
+        if off.numel():
+            _philox_cpu.uniform(seed, off.data_ptr(), out.data_ptr(), off.numel())
+        return out
     if off.device.type == "cpu" and not _force_torch:
         arr = off.contiguous().numpy().astype(np.uint64, copy=False)
-        out = _to_uniform_np(_philox_c0(seed, arr, np.uint64))
+        out = _to_uniform_np(_philox_c0(seed, arr, _NumpyOps))
         return torch.from_numpy(out).reshape(off.shape)
-    out = _to_uniform_torch(_philox_c0(seed, off, int))
+    out = _to_uniform_torch(_philox_c0(seed, off, _TorchOps))
     return out.reshape(off.shape)

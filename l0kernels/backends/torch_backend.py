@@ -73,15 +73,30 @@ class L0LinearFunction(torch.autograd.Function):
         cd = compute_dtype(x.dtype)
         zx = z.to(x.dtype)
         dx = dw = dla = db = None
-        if gate == "in":
+        if gate == "in" and z.dim() == 2:  # per-example input gates
             g = dy @ weight if (need_x or need_la) else None
             if need_x:
                 dx = g * zx
             if need_w:
                 dw = dy.t() @ (x2 * zx)
             if need_la:
-                gx = g.to(cd) * x2.to(cd)
-                dla = (gx * dz).sum(0) if dz.dim() == 2 else gx.sum(0) * dz
+                dla = (g.to(cd) * x2.to(cd) * dz).sum(0)
+            if need_b and bias is not None:
+                db = dy.sum(0)
+        elif gate == "in":
+            # dlog_alpha_k = dz_k sum_m (dY W)[m,k] x[m,k] = dz_k sum_n W[n,k] (dY^T x)[n,k], and
+            # dW = (dY^T x) z. Where dz_k != 0 the gate is strictly inside (0, 1), so
+            # (dY^T x)[:, k] = dW[:, k] / z_k: two GEMMs, as for a dense layer.
+            if need_x:
+                dx = (dy @ weight) * zx
+            if need_w or need_la:
+                dw = dy.t() @ (x2 * zx)
+            if need_la:
+                inside = dz != 0
+                ratio = torch.where(inside, dz / torch.where(inside, z, torch.ones_like(z)), torch.zeros_like(dz))
+                dla = (weight.to(cd) * dw.to(cd)).sum(0) * ratio
+            if not need_w:
+                dw = None
             if need_b and bias is not None:
                 db = dy.sum(0)
         elif gate == "out" and z.dim() == 2:  # per-example output gates
