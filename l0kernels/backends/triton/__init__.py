@@ -1,0 +1,73 @@
+"""The Triton backend (``backend="triton"``): fused gate + GEMM kernels for ``l0_linear`` and ``l0_conv2d``.
+
+Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before this package
+was imported (for tests; never picked by ``backend="auto"`` on the CPU). float16, bfloat16 and
+float32; float64 goes to the torch backend. See ``linear.py`` and ``conv2d.py`` for the kernels.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..._dispatch import Backend, Conv2dCall, LinearCall, register_backend
+from .linear import INTERPRET, TritonL0LinearFunction
+from .conv2d import TritonL0Conv2dFunction
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+class TritonBackend(Backend):
+    """Triton kernels with the gates drawn in-kernel from ``(seed, offset)``."""
+
+    name = "triton"
+    priority = 10
+
+    def _common(self, call) -> Optional[str]:
+        tensors = [call.x, call.weight, call.log_alpha] + ([call.bias] if call.bias is not None else [])
+        if call.x.dtype not in SUPPORTED_DTYPES:
+            return (f"Triton backend supports float16/bfloat16/float32; use backend='torch' for "
+                    f"{str(call.x.dtype).replace('torch.', '')}")
+        if not all(t.is_cuda for t in tensors) and not (INTERPRET and all(t.device.type == "cpu" for t in tensors)):
+            return ("Triton backend needs CUDA tensors (CPU tensors run only under TRITON_INTERPRET=1, set "
+                    "before l0kernels' Triton backend is imported), got device " + str(call.x.device))
+        return None
+
+    def unsupported_linear(self, call: LinearCall) -> Optional[str]:
+        return self._common(call)
+
+    def unsupported_conv2d(self, call: Conv2dCall) -> Optional[str]:
+        return self._common(call)
+
+    def auto_eligible(self, call) -> bool:
+        return call.x.is_cuda
+
+    def linear(self, call: LinearCall) -> torch.Tensor:
+        if _compiling():
+            from ._ops import linear_op
+            return linear_op(call.x, call.weight, call.log_alpha, call.bias, int(call.seed or 0), call.gate,
+                             call.training and call.noise == "sample", call.training, call.cfg.beta,
+                             call.cfg.gamma, call.cfg.zeta, call.cfg.eps)
+        return TritonL0LinearFunction.apply(call.x, call.weight, call.log_alpha, call.bias, call.seed, call.gate,
+                                            call.noise, call.training, call.cfg)
+
+    def conv2d(self, call: Conv2dCall) -> torch.Tensor:
+        if _compiling():
+            from ._ops import conv2d_op
+            return conv2d_op(call.x, call.weight, call.log_alpha, call.bias, list(call.stride), list(call.padding),
+                             list(call.dilation), call.groups, int(call.seed or 0),
+                             call.training and call.noise == "sample", call.training, call.cfg.beta,
+                             call.cfg.gamma, call.cfg.zeta, call.cfg.eps)
+        return TritonL0Conv2dFunction.apply(call.x, call.weight, call.log_alpha, call.bias, call.stride,
+                                            call.padding, call.dilation, call.groups, call.seed, call.noise,
+                                            call.training, call.cfg)
+
+
+TRITON_BACKEND = register_backend(TritonBackend())

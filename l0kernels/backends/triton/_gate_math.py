@@ -1,0 +1,83 @@
+"""Hard-concrete gate math of SPEC section 1 as ``@triton.jit`` helpers: the one Triton copy.
+
+Every Triton kernel of l0kernels draws its gates through :func:`gate`. The uniform draw is
+``tl.rand(seed, offset)`` (Philox4x32-10, SPEC section 2); ``offset`` must be an int64 tensor so
+that offsets >= 2**32 reach the counter's high word. All math runs in float32.
+
+:func:`triton_gates` launches a tiny kernel that evaluates the helpers for given offsets; the
+tests compare it with ``l0kernels._gates.gates_from_uniform(log_alpha, philox_uniform(seed, offsets))``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def uniform(seed, offset):
+    """``u_raw(seed, offset)`` of SPEC section 2 (``offset`` int64)."""
+    return tl.rand(seed, offset)
+
+
+@triton.jit
+def hard_concrete(log_alpha, u, beta, gamma, zeta, eps):
+    """Training gate ``z`` and ``dz/dlog_alpha`` from a raw uniform ``u`` (0 where clamped)."""
+    u = tl.minimum(tl.maximum(u, eps), 1.0 - eps)
+    t = (tl.log(u) - tl.log(1.0 - u) + log_alpha) / beta
+    s = 1.0 / (1.0 + tl.exp(-t))
+    s_bar = s * (zeta - gamma) + gamma
+    z = tl.minimum(tl.maximum(s_bar, 0.0), 1.0)
+    dz = tl.where((s_bar > 0.0) & (s_bar < 1.0), s * (1.0 - s) * ((zeta - gamma) / beta), 0.0)
+    return z, dz
+
+
+@triton.jit
+def eval_gate(log_alpha, gamma, zeta):
+    """Deterministic test-time gate ``z_eval`` and its derivative (0 where clamped)."""
+    s = 1.0 / (1.0 + tl.exp(-log_alpha))
+    s_bar = s * (zeta - gamma) + gamma
+    z = tl.minimum(tl.maximum(s_bar, 0.0), 1.0)
+    dz = tl.where((s_bar > 0.0) & (s_bar < 1.0), s * (1.0 - s) * (zeta - gamma), 0.0)
+    return z, dz
+
+
+@triton.jit
+def gate(log_alpha, seed, offset, beta, gamma, zeta, eps, TRAINING: tl.constexpr):
+    """``(z, dz)`` for a block of gates: sampled at ``(seed, offset)`` in training, ``z_eval`` else."""
+    la = log_alpha.to(tl.float32)
+    if TRAINING:
+        z, dz = hard_concrete(la, uniform(seed, offset), beta, gamma, zeta, eps)
+    else:
+        z, dz = eval_gate(la, gamma, zeta)
+    return z, dz
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _gates_kernel(la_ptr, off_ptr, z_ptr, dz_ptr, n, seed, beta, gamma, zeta, eps,
+                  TRAINING: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    la = tl.load(la_ptr + i, mask=mask, other=0.0)
+    off = tl.load(off_ptr + i, mask=mask, other=0)
+    z, dz = gate(la, seed, off, beta, gamma, zeta, eps, TRAINING)
+    tl.store(z_ptr + i, z, mask=mask)
+    tl.store(dz_ptr + i, dz, mask=mask)
+
+
+def triton_gates(log_alpha: torch.Tensor, seed: int, offsets: torch.Tensor, cfg, training: bool = True):
+    """``(z, dz)`` in float32 from the Triton helpers, one per element of ``log_alpha``/``offsets``
+    (same shape). In eval (``training=False``) ``seed``/``offsets`` are unused."""
+    la = log_alpha.contiguous().reshape(-1)
+    off = offsets.to(device=la.device, dtype=torch.int64).contiguous().reshape(-1)
+    if la.numel() != off.numel():
+        raise ValueError(f"log_alpha and offsets must have the same number of elements, got "
+                         f"{la.numel()} and {off.numel()}")
+    z = torch.empty(la.shape, dtype=torch.float32, device=la.device)
+    dz = torch.empty_like(z)
+    n = la.numel()
+    if n:
+        block = 128
+        _gates_kernel[(triton.cdiv(n, block),)](la, off, z, dz, n, int(seed), cfg.beta, cfg.gamma, cfg.zeta,
+                                                 cfg.eps, TRAINING=training, BLOCK=block)
+    return z.reshape(log_alpha.shape), dz.reshape(log_alpha.shape)

@@ -1,0 +1,290 @@
+"""``l0_conv2d`` on Triton (output-channel gates): implicit-GEMM forward, cuDNN-backed backward.
+
+Forward, ``_conv_fwd_kernel``: implicit GEMM over ``M = B*OH*OW`` output pixels, ``N = C_out/groups``
+channels of a group and ``K = (C_in/groups)*KH*KW`` with ``k = (r*KW + s)*C_in_g + c`` (channel
+fastest, so channels_last inputs are read contiguously; NCHW works through its strides). Bias and
+the gate ``z`` (one per channel for batch/eval noise, ``(b, c)`` with offset ``b*C_out + c`` for
+per-example noise) are applied in the epilogue; the output is channels_last when ``x`` is.
+
+Backward (what this file does, and what it does not): the data and weight gradients come from
+``torch.ops.aten.convolution_backward`` (cuDNN on a GPU), not from Triton implicit-GEMM kernels.
+Triton does the gate work around it:
+  ``_gate_dy_kernel`` forms ``dY * z`` and reduces the per-channel sums of ``dY`` and ``dY * z``
+  (``db`` and the bias part of ``dlog_alpha``) in the same pass;
+  ``_wgrad_epilogue_kernel`` (batch/eval noise) turns the un-gated weight gradient ``P`` into
+  ``dW = P * z[c]``, ``db = colsum * z`` and ``dlog_alpha = dz * (rowsum(W * P) + b * colsum)``;
+  per-example noise reruns ``_conv_fwd_kernel`` with an epilogue that reduces
+  ``sum dY * h * dz`` into ``dlog_alpha`` instead of storing ``h``.
+Autograd keeps x, weight, log_alpha, bias and the seed only.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._gate_math import gate
+from .linear import dot_flags, launch_meta, tuned
+
+EPI_STORE, EPI_DLA = 0, 1
+
+
+def _out_size(size, k, s, p, d):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+@tuned(reset_to_zero=["dla_ptr"])
+@triton.jit(do_not_specialize=["seed"])
+def _conv_fwd_kernel(x_ptr, w_ptr, la_ptr, b_ptr, y_ptr, dy_ptr, dla_ptr,
+                     M, N, K, seed,
+                     C_OUT, CIN_G, H, W, OH, OW, KW,
+                     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                     s_xb, s_xc, s_xh, s_xw, s_wo, s_wc, s_wh, s_ww, s_la0,
+                     s_yb, s_yc, s_yh, s_yw, s_dyb, s_dyc, s_dyh, s_dyw,
+                     beta, gamma, zeta, eps,
+                     GATE: tl.constexpr, SAMPLE: tl.constexpr, TRAINING: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     EPILOGUE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # GATE is unused (always output channels); it is in the signature for the shared autotune key.
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    grp = tl.program_id(1)
+    width = GROUP_M * grid_n
+    first = (pid // width) * GROUP_M
+    size = tl.minimum(grid_m - first, GROUP_M)
+    pid_m = first + (pid % width) % size
+    pid_n = (pid % width) // size
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    ohw = OH * OW
+    bb = offs_m // ohw
+    rem = offs_m % ohw
+    oh = rem // OW
+    ow = rem % OW
+    co = grp * N + offs_n  # global output channel
+    x_base = x_ptr + bb * s_xb + (grp * CIN_G) * s_xc
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        c = offs_k % CIN_G
+        rs = offs_k // CIN_G
+        r = rs // KW
+        s = rs % KW
+        ih = oh[:, None] * stride_h - pad_h + r[None, :] * dil_h
+        iw = ow[:, None] * stride_w - pad_w + s[None, :] * dil_w
+        ok = (mask_m[:, None] & mask_k[None, :]) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_base[:, None] + c[None, :] * s_xc + ih * s_xh + iw * s_xw, mask=ok, other=0.0)
+        b = tl.load(w_ptr + co[None, :] * s_wo + c[:, None] * s_wc + r[:, None] * s_wh + s[:, None] * s_ww,
+                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)
+        if DOT_F32:
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+        else:
+            acc += tl.dot(a, b)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + co, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    la = tl.load(la_ptr + co * s_la0, mask=mask_n, other=0.0)
+    if SAMPLE:
+        z, dz = gate(la[None, :], seed, bb[:, None] * C_OUT + co[None, :], beta, gamma, zeta, eps, TRAINING)
+    else:
+        zv, dzv = gate(la, seed, co, beta, gamma, zeta, eps, TRAINING)
+        z = zv[None, :]
+        dz = dzv[None, :]
+    if EPILOGUE == 0:
+        y_off = bb[:, None] * s_yb + co[None, :] * s_yc + oh[:, None] * s_yh + ow[:, None] * s_yw
+        tl.store(y_ptr + y_off, (acc * z).to(y_ptr.dtype.element_ty), mask=mask)
+    else:  # backward of per-example gates: dlog_alpha[c] += sum dY * h * dz (h un-gated, not stored)
+        dy_off = bb[:, None] * s_dyb + co[None, :] * s_dyc + oh[:, None] * s_dyh + ow[:, None] * s_dyw
+        dy = tl.load(dy_ptr + dy_off, mask=mask, other=0.0).to(tl.float32)
+        h = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+        part = tl.sum(tl.where(mask, dy * h * dz, 0.0), axis=0)
+        tl.atomic_add(dla_ptr + co, part, mask=mask_n)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _gate_dy_kernel(dy_ptr, la_ptr, dyz_ptr, colsum_ptr, zsum_ptr,
+                    M, C, OHW, OW, seed,
+                    s_b, s_c, s_h, s_w, t_b, t_c, t_h, t_w, s_la0,
+                    beta, gamma, zeta, eps,
+                    SAMPLE: tl.constexpr, TRAINING: tl.constexpr, STORE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``dY * z`` (stored when STORE) and the per-channel sums of ``dY`` and ``dY * z`` (atomics)."""
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mask_m = offs_m < M
+    mask_c = offs_c < C
+    mask = mask_m[:, None] & mask_c[None, :]
+    bb = offs_m // OHW
+    rem = offs_m % OHW
+    oh = rem // OW
+    ow = rem % OW
+    dy = tl.load(dy_ptr + bb[:, None] * s_b + offs_c[None, :] * s_c + (oh * s_h + ow * s_w)[:, None], mask=mask,
+                 other=0.0).to(tl.float32)
+    la = tl.load(la_ptr + offs_c * s_la0, mask=mask_c, other=0.0)
+    if SAMPLE:
+        z, _ = gate(la[None, :], seed, bb[:, None] * C + offs_c[None, :], beta, gamma, zeta, eps, TRAINING)
+    else:
+        zv, _ = gate(la, seed, offs_c, beta, gamma, zeta, eps, TRAINING)
+        z = zv[None, :]
+    g = dy * z
+    if STORE:
+        tl.store(dyz_ptr + bb[:, None] * t_b + offs_c[None, :] * t_c + (oh * t_h + ow * t_w)[:, None],
+                 g.to(dyz_ptr.dtype.element_ty), mask=mask)
+    tl.atomic_add(colsum_ptr + offs_c, tl.sum(tl.where(mask, dy, 0.0), axis=0), mask=mask_c)
+    tl.atomic_add(zsum_ptr + offs_c, tl.sum(tl.where(mask, g, 0.0), axis=0), mask=mask_c)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _wgrad_epilogue_kernel(p_ptr, w_ptr, la_ptr, b_ptr, colsum_ptr, dw_ptr, dla_ptr,
+                           C, KC, seed, s_la0, beta, gamma, zeta, eps,
+                           TRAINING: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DW: tl.constexpr,
+                           NEED_DLA: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Batch/eval channel gates: ``dW = P * z[c]``, ``dlog_alpha = dz * (rowsum(W * P) + b * colsum)``.
+    ``P``, ``W`` and ``dW`` are contiguous ``(C, KC)``."""
+    offs_c = (tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mask_c = offs_c < C
+    la = tl.load(la_ptr + offs_c * s_la0, mask=mask_c, other=0.0)
+    z, dz = gate(la, seed, offs_c, beta, gamma, zeta, eps, TRAINING)
+    hdy = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for k0 in range(0, KC, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_c[:, None] & (offs_k < KC)[None, :]
+        idx = offs_c[:, None] * KC + offs_k[None, :]
+        p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        if NEED_DLA:
+            w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            hdy += tl.sum(w * p, axis=1)
+        if STORE_DW:
+            tl.store(dw_ptr + idx, (p * z[:, None]).to(dw_ptr.dtype.element_ty), mask=mask)
+    if NEED_DLA:
+        if HAS_BIAS:
+            hdy += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32) * \
+                tl.load(colsum_ptr + offs_c, mask=mask_c, other=0.0)
+        tl.store(dla_ptr + offs_c, hdy * dz, mask=mask_c)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+def _geometry(x, weight, stride, padding, dilation):
+    b, _, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    return b, h, w, _out_size(h, kh, stride[0], padding[0], dilation[0]), _out_size(w, kw, stride[1], padding[1],
+                                                                                    dilation[1])
+
+
+def _launch_fwd(x, weight, log_alpha, bias, y, dy, dla, stride, padding, dilation, groups, seed, sample, training,
+                cfg, epilogue):
+    b, h, w, oh, ow = _geometry(x, weight, stride, padding, dilation)
+    c_out, cin_g, kh, kw = weight.shape
+    m, n, k = b * oh * ow, c_out // groups, cin_g * kh * kw
+    dot_f32, prec = dot_flags(x.dtype)
+    ys = y.stride() if epilogue == EPI_STORE else (0, 0, 0, 0)
+    dys = dy.stride() if epilogue == EPI_DLA else (0, 0, 0, 0)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), groups)  # noqa: E731
+    _conv_fwd_kernel[grid](
+        x, weight, log_alpha, bias if bias is not None else x, y, dy, dla, m, n, k, int(seed or 0),
+        c_out, cin_g, h, w, oh, ow, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        *x.stride(), *weight.stride(), log_alpha.stride(0), *ys, *dys, cfg.beta, cfg.gamma, cfg.zeta, cfg.eps,
+        GATE=2, SAMPLE=bool(sample), TRAINING=bool(training), HAS_BIAS=bias is not None, EPILOGUE=epilogue,
+        DOT_F32=dot_f32, PRECISION=prec, **launch_meta())
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def conv2d_forward(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, sample, training, cfg):
+    b, h, w, oh, ow = _geometry(x, weight, stride, padding, dilation)
+    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    y = torch.empty((b, weight.shape[0], oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
+    if y.numel() == 0:
+        return y
+    _launch_fwd(x, weight, log_alpha, bias, y, y, y, stride, padding, dilation, groups, seed, sample, training, cfg,
+                EPI_STORE)
+    return y
+
+
+def conv2d_backward(dy, x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, sample, training, cfg,
+                    need_x=True, need_w=True, need_la=True, need_b=True):
+    """``(dx, dW, dlog_alpha, db)``; entries not asked for are None."""
+    need_b = need_b and bias is not None
+    c_out = weight.shape[0]
+    dev = x.device
+    bsz, oh, ow = dy.shape[0], dy.shape[2], dy.shape[3]
+    m = bsz * oh * ow
+    consts = (cfg.beta, cfg.gamma, cfg.zeta, cfg.eps)
+    seed = int(seed or 0)
+    colsum = torch.zeros((c_out,), dtype=torch.float32, device=dev)
+    zsum = torch.zeros((c_out,), dtype=torch.float32, device=dev)
+    dyz = torch.empty_like(dy, memory_format=torch.channels_last if _channels_last(dy) else torch.contiguous_format)
+    if m and c_out:
+        bm, bc = (16, 16) if not dy.is_cuda else (64, 32)
+        _gate_dy_kernel[(triton.cdiv(m, bm), triton.cdiv(c_out, bc))](
+            dy, log_alpha, dyz, colsum, zsum, m, c_out, oh * ow, ow, seed, *dy.stride(), *dyz.stride(),
+            log_alpha.stride(0), *consts, SAMPLE=bool(sample), TRAINING=bool(training), STORE=need_x or sample,
+            BLOCK_M=bm, BLOCK_C=bc)
+    else:
+        dyz.zero_()
+    args = (list(stride), list(padding), list(dilation), False, [0, 0], groups)
+    dx = dw = dla = db = None
+    if sample:  # per-example gates: dX, dW from dY*z; dlog_alpha reruns the forward GEMM
+        if need_x or need_w:
+            dx, dw, _ = torch.ops.aten.convolution_backward(dyz, x, weight, None, *args, [need_x, need_w, False])
+        if need_b:
+            db = zsum.to(bias.dtype)
+        if need_la:
+            dla32 = torch.zeros((c_out,), dtype=torch.float32, device=dev)
+            if m and c_out:
+                _launch_fwd(x, weight, log_alpha, bias, dy, dy, dla32, stride, padding, dilation, groups, seed, True,
+                            training, cfg, EPI_DLA)
+            dla = dla32.to(log_alpha.dtype)
+        return dx, dw, dla, db
+    if need_x:
+        dx = torch.ops.aten.convolution_backward(dyz, x, weight, None, *args, [True, False, False])[0]
+    if need_b:
+        db = zsum.to(bias.dtype)
+    if need_w or need_la:
+        p = torch.ops.aten.convolution_backward(dy, x, weight, None, *args, [False, True, False])[1].contiguous()
+        wc = weight.contiguous()
+        dwc = torch.empty_like(wc) if need_w else p
+        dla32 = torch.empty((c_out,), dtype=torch.float32, device=dev)
+        kc = wc[0].numel() if c_out else 0
+        if c_out:
+            bc, bk = (16, 16) if not dev.type == "cuda" else (32, 128)
+            _wgrad_epilogue_kernel[(triton.cdiv(c_out, bc),)](
+                p, wc, log_alpha, bias if bias is not None else p, colsum, dwc, dla32, c_out, kc, seed,
+                log_alpha.stride(0), *consts, TRAINING=bool(training), HAS_BIAS=bias is not None, STORE_DW=need_w,
+                NEED_DLA=need_la, BLOCK_C=bc, BLOCK_K=bk)
+        if need_w:
+            dw = dwc
+        if need_la:
+            dla = dla32.to(log_alpha.dtype)
+    return dx, dw, dla, db
+
+
+class TritonL0Conv2dFunction(torch.autograd.Function):
+    """``l0_conv2d`` on the Triton backend: ``apply(x, weight, log_alpha, bias, stride, padding, dilation, groups,
+    seed, noise, training, cfg)``. Saves x, weight, log_alpha, bias (and the seed)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg):
+        sample = training and noise == "sample"
+        y = conv2d_forward(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, sample, training, cfg)
+        ctx.save_for_backward(x, weight, log_alpha, bias)
+        ctx.conf = (stride, padding, dilation, groups, seed, sample, training, cfg)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, log_alpha, bias = ctx.saved_tensors
+        stride, padding, dilation, groups, seed, sample, training, cfg = ctx.conf
+        need_x, need_w, need_la, need_b = ctx.needs_input_grad[:4]
+        dx, dw, dla, db = conv2d_backward(dy, x, weight, log_alpha, bias, stride, padding, dilation, groups, seed,
+                                          sample, training, cfg, need_x, need_w, need_la, need_b)
+        return dx, dw, dla, db, None, None, None, None, None, None, None, None

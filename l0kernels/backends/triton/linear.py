@@ -1,0 +1,423 @@
+"""``l0_linear`` on Triton: three tiled GEMM kernels, their launchers and the autograd Function.
+
+Shapes: ``x2 = x.reshape(-1, K)`` is ``(M, K)``, ``W`` is ``(N, K)``, ``y`` is ``(M, N)``. Gates are
+drawn inside the kernels from ``(seed, offset)`` with the offsets of SPEC section 2 (in/out batch:
+``g``; sample: ``m*G + g``; weight: ``n*K + k``), so they equal the torch backend's bit for bit in
+``u``. Nothing gate-shaped is stored: backward draws the gates again.
+
+Forward, ``_fwd_kernel`` (grid over (M, N) tiles, loop over K, float32 accumulation):
+  in-gates scale the x tile as it is loaded, weight gates scale the W tile as it is loaded,
+  bias and out-gates are applied in the epilogue.
+Backward:
+  ``_dx_kernel`` (tiles of (M, K), loop over N): ``dX = dY' @ W'`` with out-gates applied to the
+  dY tile and weight gates to the W tile on load; in-gates in the epilogue, where
+  ``dlog_alpha_in = sum_m (dY @ W) * x * dz`` is reduced over the tile's rows and added atomically.
+  ``_dw_kernel`` (tiles of (N, K), loop over M): ``dW = dY'^T @ x'`` with in-gates applied to x and
+  per-example out-gates to dY on load, ``db`` = the column sums of the loaded dY tiles. Epilogue:
+  batch/eval out-gates scale the rows and add ``dz[n] * (rowsum(W * dY^T x) + b[n] colsum(dY)[n])``
+  to ``dlog_alpha`` (the torch backend's identity); weight gates give ``dW = P * Z`` and
+  ``dlog_alpha = P * W * dZ`` element-wise.
+  Per-example out-gates need the un-gated output ``h``: ``_fwd_kernel`` runs once more with an
+  epilogue that reduces ``sum_m dY * h * dz`` into ``dlog_alpha`` instead of storing ``h``.
+Autograd keeps x, weight, log_alpha, bias and the seed only.
+
+On a GPU the kernels are autotuned (key: M, N, K, the gate mode and the dtypes); under
+``TRITON_INTERPRET=1`` one fixed small configuration is used and half-precision tiles are
+upcast to float32 before ``tl.dot`` (the interpreter's half-precision dot is not reliable).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._gate_math import gate
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+GATE_IN, GATE_OUT, GATE_WEIGHT = 1, 2, 3
+_GATE_CODE = {"in": GATE_IN, "out": GATE_OUT, "weight": GATE_WEIGHT}
+EPI_STORE, EPI_DLA_OUT = 0, 1
+
+# Under the interpreter: one small configuration (no autotuning: its timer needs a GPU).
+INTERPRET_META = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
+
+
+def _cfg(bm, bn, bk, warps, stages, group=8):
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group), num_warps=warps,
+                         num_stages=stages)
+
+
+# H100/H200 (sm_90) and A100 (sm_80) friendly tiles; the autotuner keeps the fastest per key.
+GEMM_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3), _cfg(64, 128, 64, 4, 4),
+    _cfg(128, 64, 64, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(128, 128, 32, 4, 4), _cfg(64, 32, 32, 4, 5),
+    _cfg(32, 64, 32, 4, 5), _cfg(16, 64, 64, 4, 4),
+]
+
+
+def tuned(reset_to_zero=None):
+    """``triton.autotune`` on a GPU; the bare kernel under the interpreter (launchers pass INTERPRET_META)."""
+    def wrap(fn):
+        if INTERPRET:
+            return fn
+        return triton.autotune(GEMM_CONFIGS, key=["M", "N", "K", "GATE", "SAMPLE", "TRAINING"],
+                               reset_to_zero=reset_to_zero)(fn)
+    return wrap
+
+
+def launch_meta():
+    return dict(INTERPRET_META) if INTERPRET else {}
+
+
+def dot_flags(dtype: torch.dtype):
+    """``(DOT_F32, PRECISION)``: upcast tiles to float32 before ``tl.dot`` under the interpreter or for
+    float32 inputs; float32 uses TF32 only when PyTorch allows it for matmuls."""
+    if INTERPRET or dtype == torch.float32:
+        tf32 = (not INTERPRET) and dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+        return True, ("tf32" if tf32 else "ieee")
+    return False, "ieee"
+
+
+@triton.jit
+def _swizzle(pid, grid_a, grid_b, GROUP: tl.constexpr):
+    """Grouped ordering of a 1-D program id over a (grid_a, grid_b) tile grid (L2 reuse)."""
+    width = GROUP * grid_b
+    group_id = pid // width
+    first = group_id * GROUP
+    size = tl.minimum(grid_a - first, GROUP)
+    pid_a = first + (pid % width) % size
+    pid_b = (pid % width) // size
+    return pid_a, pid_b
+
+
+@triton.jit
+def _load_gate_vec(la_ptr, s_la0, idx, mask, seed, beta, gamma, zeta, eps, TRAINING: tl.constexpr):
+    """Gates of one vector (``log_alpha`` of shape (G,)) at indices ``idx``, noise offset ``idx``."""
+    la = tl.load(la_ptr + idx * s_la0, mask=mask, other=0.0)
+    return gate(la, seed, idx, beta, gamma, zeta, eps, TRAINING)
+
+
+@tuned(reset_to_zero=["dla_ptr"])
+@triton.jit(do_not_specialize=["seed"])
+def _fwd_kernel(x_ptr, w_ptr, la_ptr, b_ptr, y_ptr, dy_ptr, dla_ptr,
+                M, N, K, seed,
+                s_xm, s_xk, s_wn, s_wk, s_la0, s_la1, s_ym, s_yn, s_dym, s_dyn,
+                beta, gamma, zeta, eps,
+                GATE: tl.constexpr, SAMPLE: tl.constexpr, TRAINING: tl.constexpr, HAS_BIAS: tl.constexpr,
+                EPILOGUE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < K
+        a = tl.load(x_ptr + offs_m[:, None] * s_xm + offs_k[None, :] * s_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w_ptr + offs_n[None, :] * s_wn + offs_k[:, None] * s_wk,
+                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)  # (BLOCK_K, BLOCK_N) = W^T tile
+        if GATE == 1:  # input gates scale the x tile
+            la = tl.load(la_ptr + offs_k * s_la0, mask=mask_k, other=0.0)
+            if SAMPLE:
+                z, _ = gate(la[None, :], seed, offs_m[:, None] * K + offs_k[None, :], beta, gamma, zeta, eps,
+                            TRAINING)
+            else:
+                zv, _ = gate(la, seed, offs_k, beta, gamma, zeta, eps, TRAINING)
+                z = zv[None, :]
+            a = (a.to(tl.float32) * z).to(x_ptr.dtype.element_ty)
+        if GATE == 3:  # weight gates scale the W tile
+            la = tl.load(la_ptr + offs_n[None, :] * s_la0 + offs_k[:, None] * s_la1,
+                         mask=mask_n[None, :] & mask_k[:, None], other=0.0)
+            z, _ = gate(la, seed, offs_n[None, :] * K + offs_k[:, None], beta, gamma, zeta, eps, TRAINING)
+            b = (b.to(tl.float32) * z).to(w_ptr.dtype.element_ty)
+        if DOT_F32:
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+        else:
+            acc += tl.dot(a, b)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if EPILOGUE == 0:
+        if GATE == 2:  # output gates scale the result
+            la = tl.load(la_ptr + offs_n * s_la0, mask=mask_n, other=0.0)
+            if SAMPLE:
+                z, _ = gate(la[None, :], seed, offs_m[:, None] * N + offs_n[None, :], beta, gamma, zeta, eps,
+                            TRAINING)
+            else:
+                zv, _ = gate(la, seed, offs_n, beta, gamma, zeta, eps, TRAINING)
+                z = zv[None, :]
+            acc = acc * z
+        tl.store(y_ptr + offs_m[:, None] * s_ym + offs_n[None, :] * s_yn, acc.to(y_ptr.dtype.element_ty),
+                 mask=mask)
+    else:  # per-example out-gates, backward: dlog_alpha[n] += sum_m dY * h * dz (h = this tile, un-gated)
+        la = tl.load(la_ptr + offs_n * s_la0, mask=mask_n, other=0.0)
+        _, dz = gate(la[None, :], seed, offs_m[:, None] * N + offs_n[None, :], beta, gamma, zeta, eps, TRAINING)
+        dy = tl.load(dy_ptr + offs_m[:, None] * s_dym + offs_n[None, :] * s_dyn, mask=mask, other=0.0)
+        h = acc.to(y_ptr.dtype.element_ty).to(tl.float32)  # h rounded as the forward's output dtype
+        part = tl.sum(tl.where(mask, dy.to(tl.float32) * h * dz, 0.0), axis=0)
+        tl.atomic_add(dla_ptr + offs_n, part, mask=mask_n)
+
+
+@tuned(reset_to_zero=["dla_ptr"])
+@triton.jit(do_not_specialize=["seed"])
+def _dx_kernel(dy_ptr, w_ptr, la_ptr, x_ptr, dx_ptr, dla_ptr,
+               M, N, K, seed,
+               s_dym, s_dyn, s_wn, s_wk, s_la0, s_la1, s_xm, s_xk, s_dxm, s_dxk,
+               beta, gamma, zeta, eps,
+               GATE: tl.constexpr, SAMPLE: tl.constexpr, TRAINING: tl.constexpr,
+               STORE_DX: tl.constexpr, NEED_DLA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # Tiles of dX (M, K); the reduction runs over N. BLOCK_N is the reduction block here.
+    pid_m, pid_k = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        mask_n = offs_n < N
+        g = tl.load(dy_ptr + offs_m[:, None] * s_dym + offs_n[None, :] * s_dyn,
+                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * s_wn + offs_k[None, :] * s_wk,
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if GATE == 2:  # output gates scale dY
+            la = tl.load(la_ptr + offs_n * s_la0, mask=mask_n, other=0.0)
+            if SAMPLE:
+                z, _ = gate(la[None, :], seed, offs_m[:, None] * N + offs_n[None, :], beta, gamma, zeta, eps,
+                            TRAINING)
+            else:
+                zv, _ = gate(la, seed, offs_n, beta, gamma, zeta, eps, TRAINING)
+                z = zv[None, :]
+            g = (g.to(tl.float32) * z).to(dy_ptr.dtype.element_ty)
+        if GATE == 3:  # weight gates scale W
+            la = tl.load(la_ptr + offs_n[:, None] * s_la0 + offs_k[None, :] * s_la1,
+                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            z, _ = gate(la, seed, offs_n[:, None] * K + offs_k[None, :], beta, gamma, zeta, eps, TRAINING)
+            w = (w.to(tl.float32) * z).to(w_ptr.dtype.element_ty)
+        if DOT_F32:
+            acc += tl.dot(g.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
+        else:
+            acc += tl.dot(g, w)
+    mask = mask_m[:, None] & mask_k[None, :]
+    if GATE == 1:  # input gates: dX = (dY @ W) * z, dlog_alpha = sum_m (dY @ W) * x * dz
+        la = tl.load(la_ptr + offs_k * s_la0, mask=mask_k, other=0.0)
+        if SAMPLE:
+            z, dz = gate(la[None, :], seed, offs_m[:, None] * K + offs_k[None, :], beta, gamma, zeta, eps,
+                         TRAINING)
+        else:
+            zv, dzv = gate(la, seed, offs_k, beta, gamma, zeta, eps, TRAINING)
+            z = zv[None, :]
+            dz = dzv[None, :]
+        if NEED_DLA:
+            gq = acc.to(dx_ptr.dtype.element_ty).to(tl.float32)  # dY @ W rounded as the torch backend's
+            x = tl.load(x_ptr + offs_m[:, None] * s_xm + offs_k[None, :] * s_xk, mask=mask, other=0.0)
+            part = tl.sum(tl.where(mask, gq * x.to(tl.float32) * dz, 0.0), axis=0)
+            tl.atomic_add(dla_ptr + offs_k, part, mask=mask_k)
+        acc = acc * z
+    if STORE_DX:
+        tl.store(dx_ptr + offs_m[:, None] * s_dxm + offs_k[None, :] * s_dxk, acc.to(dx_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+@tuned(reset_to_zero=["dla_ptr"])
+@triton.jit(do_not_specialize=["seed"])
+def _dw_kernel(dy_ptr, x_ptr, la_ptr, w_ptr, b_ptr, dw_ptr, db_ptr, dla_ptr,
+               M, N, K, seed,
+               s_dym, s_dyn, s_xm, s_xk, s_la0, s_la1, s_wn, s_wk, s_dwn, s_dwk, s_dla0, s_dla1,
+               beta, gamma, zeta, eps,
+               GATE: tl.constexpr, SAMPLE: tl.constexpr, TRAINING: tl.constexpr, HAS_BIAS: tl.constexpr,
+               STORE_DW: tl.constexpr, STORE_DB: tl.constexpr, NEED_DLA: tl.constexpr,
+               DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # Tiles of dW (N, K); the reduction runs over M. BLOCK_M is the reduction block here.
+    pid_n, pid_k = _swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.maximum(tl.cdiv(K, BLOCK_K), 1), GROUP_M)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    first = (offs_n * 0 + pid_k) == 0  # the programs of the first K tile also write db and the bias term
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask_m = offs_m < M
+        g = tl.load(dy_ptr + offs_m[None, :] * s_dym + offs_n[:, None] * s_dyn,
+                    mask=mask_m[None, :] & mask_n[:, None], other=0.0)  # (BLOCK_N, BLOCK_M) = dY^T tile
+        a = tl.load(x_ptr + offs_m[:, None] * s_xm + offs_k[None, :] * s_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if GATE == 1:  # input gates scale x
+            la = tl.load(la_ptr + offs_k * s_la0, mask=mask_k, other=0.0)
+            if SAMPLE:
+                z, _ = gate(la[None, :], seed, offs_m[:, None] * K + offs_k[None, :], beta, gamma, zeta, eps,
+                            TRAINING)
+            else:
+                zv, _ = gate(la, seed, offs_k, beta, gamma, zeta, eps, TRAINING)
+                z = zv[None, :]
+            a = (a.to(tl.float32) * z).to(x_ptr.dtype.element_ty)
+        if GATE == 2:
+            if SAMPLE:  # per-example output gates scale dY
+                la = tl.load(la_ptr + offs_n * s_la0, mask=mask_n, other=0.0)
+                z, _ = gate(la[:, None], seed, offs_m[None, :] * N + offs_n[:, None], beta, gamma, zeta, eps,
+                            TRAINING)
+                g = (g.to(tl.float32) * z).to(dy_ptr.dtype.element_ty)
+        colsum += tl.sum(g.to(tl.float32), axis=1)
+        if DOT_F32:
+            acc += tl.dot(g.to(tl.float32), a.to(tl.float32), input_precision=PRECISION)
+        else:
+            acc += tl.dot(g, a)
+    mask = mask_n[:, None] & mask_k[None, :]
+    db = colsum
+    if GATE == 2:
+        if not SAMPLE:  # batch/eval output gates: dW = P * z[n]; the rowsum identity for dlog_alpha
+            zv, dzv = _load_gate_vec(la_ptr, s_la0, offs_n, mask_n, seed, beta, gamma, zeta, eps, TRAINING)
+            if NEED_DLA:
+                p = acc.to(dw_ptr.dtype.element_ty).to(tl.float32)
+                w = tl.load(w_ptr + offs_n[:, None] * s_wn + offs_k[None, :] * s_wk, mask=mask, other=0.0)
+                hdy = tl.sum(tl.where(mask, w.to(tl.float32) * p, 0.0), axis=1)
+                if HAS_BIAS:
+                    bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                    hdy += tl.where(first, bias * colsum, 0.0)
+                tl.atomic_add(dla_ptr + offs_n * s_dla0, hdy * dzv, mask=mask_n)
+            acc = acc * zv[:, None]
+            db = colsum * zv
+    if GATE == 3:  # weight gates: dW = P * Z, dlog_alpha = P * W * dZ
+        la = tl.load(la_ptr + offs_n[:, None] * s_la0 + offs_k[None, :] * s_la1, mask=mask, other=0.0)
+        z, dz = gate(la, seed, offs_n[:, None] * K + offs_k[None, :], beta, gamma, zeta, eps, TRAINING)
+        if NEED_DLA:
+            p = acc.to(dw_ptr.dtype.element_ty).to(tl.float32)
+            w = tl.load(w_ptr + offs_n[:, None] * s_wn + offs_k[None, :] * s_wk, mask=mask, other=0.0)
+            tl.store(dla_ptr + offs_n[:, None] * s_dla0 + offs_k[None, :] * s_dla1, p * w.to(tl.float32) * dz,
+                     mask=mask)
+        acc = acc * z
+    if STORE_DW:
+        tl.store(dw_ptr + offs_n[:, None] * s_dwn + offs_k[None, :] * s_dwk, acc.to(dw_ptr.dtype.element_ty),
+                 mask=mask)
+    if STORE_DB:
+        tl.store(db_ptr + offs_n, db.to(db_ptr.dtype.element_ty), mask=mask_n & first)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+def _la_strides(la: torch.Tensor):
+    return (la.stride(0), la.stride(1)) if la.dim() == 2 else (la.stride(0), 0)
+
+
+def _gemm_grid(a: int, b: int, block_a: str, block_b: str):
+    return lambda meta: (triton.cdiv(a, meta[block_a]) * max(triton.cdiv(b, meta[block_b]), 1),)
+
+
+def linear_forward(x2, weight, log_alpha, bias, seed, gate_name, sample, training, cfg):
+    """``y`` (M, N) for ``x2`` (M, K). ``sample`` means per-example gates (training only)."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if m == 0 or n == 0:
+        return y
+    dot_f32, prec = dot_flags(x2.dtype)
+    b = bias if bias is not None else y
+    _fwd_kernel[_gemm_grid(m, n, "BLOCK_M", "BLOCK_N")](
+        x2, weight, log_alpha, b, y, y, y, m, n, k, int(seed or 0),
+        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), *_la_strides(log_alpha),
+        y.stride(0), y.stride(1), 0, 0, cfg.beta, cfg.gamma, cfg.zeta, cfg.eps,
+        GATE=_GATE_CODE[gate_name], SAMPLE=bool(sample), TRAINING=bool(training), HAS_BIAS=bias is not None,
+        EPILOGUE=EPI_STORE, DOT_F32=dot_f32, PRECISION=prec, **launch_meta())
+    return y
+
+
+def linear_backward(dy, x2, weight, log_alpha, bias, seed, gate_name, sample, training, cfg,
+                    need_x=True, need_w=True, need_la=True, need_b=True):
+    """``(dx2, dW, dlog_alpha, db)``; entries not asked for are None. ``dy`` is (M, N), any strides."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    dev = x2.device
+    code = _GATE_CODE[gate_name]
+    need_b = need_b and bias is not None
+    dot_f32, prec = dot_flags(x2.dtype)
+    seed = int(seed or 0)
+    consts = (cfg.beta, cfg.gamma, cfg.zeta, cfg.eps)
+    flags = dict(GATE=code, SAMPLE=bool(sample), TRAINING=bool(training), DOT_F32=dot_f32, PRECISION=prec)
+    las = _la_strides(log_alpha)
+    dx = torch.empty((m, k), dtype=x2.dtype, device=dev) if need_x else None
+    dw = torch.empty((n, k), dtype=weight.dtype, device=dev) if need_w else None
+    db = torch.empty((n,), dtype=bias.dtype, device=dev) if need_b else None
+    dla32 = None
+    if need_la:
+        dla32 = torch.zeros(log_alpha.shape, dtype=torch.float32, device=dev)
+    if m == 0 or n == 0:  # empty reductions: the gradients that exist are zeros
+        for t in (dx, dw, db):
+            if t is not None:
+                t.zero_()
+        return dx, dw, (dla32.to(log_alpha.dtype) if need_la else None), db
+    dummy = x2
+    # dX, and dlog_alpha of input gates
+    in_dla = need_la and code == GATE_IN
+    if (need_x or in_dla) and k > 0:
+        out = dx if need_x else dummy
+        dla = dla32 if in_dla else dummy
+        _dx_kernel[_gemm_grid(m, k, "BLOCK_M", "BLOCK_K")](
+            dy, weight, log_alpha, x2, out, dla, m, n, k, seed,
+            dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), *las, x2.stride(0), x2.stride(1),
+            out.stride(0), out.stride(1), *consts, STORE_DX=need_x, NEED_DLA=in_dla, **flags, **launch_meta())
+    # dW, db, and dlog_alpha of batch/eval output gates and weight gates
+    w_dla = need_la and (code == GATE_WEIGHT or (code == GATE_OUT and not sample))
+    if need_w or need_b or w_dla:
+        out = dw if need_w else dummy
+        dla = dla32 if w_dla else dummy
+        dla_s = las if dla32 is None else _la_strides(dla32)
+        _dw_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * max(triton.cdiv(k, meta["BLOCK_K"]), 1),)](
+            dy, x2, log_alpha, weight, bias if bias is not None else dummy, out, db if need_b else dummy, dla,
+            m, n, k, seed, dy.stride(0), dy.stride(1), x2.stride(0), x2.stride(1), *las,
+            weight.stride(0), weight.stride(1), out.stride(0), out.stride(1), *dla_s, *consts,
+            HAS_BIAS=bias is not None, STORE_DW=need_w, STORE_DB=need_b, NEED_DLA=w_dla, **flags, **launch_meta())
+    # dlog_alpha of per-example output gates: recompute h tile by tile, reduce dY * h * dz
+    if need_la and code == GATE_OUT and sample:
+        _fwd_kernel[_gemm_grid(m, n, "BLOCK_M", "BLOCK_N")](
+            x2, weight, log_alpha, bias if bias is not None else dummy, dummy, dy, dla32, m, n, k, seed,
+            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), *las, 0, 0,
+            dy.stride(0), dy.stride(1), *consts, HAS_BIAS=bias is not None, EPILOGUE=EPI_DLA_OUT,
+            **flags, **launch_meta())
+    return dx, dw, (dla32.to(log_alpha.dtype) if need_la else None), db
+
+
+class TritonL0LinearFunction(torch.autograd.Function):
+    """``l0_linear`` on the Triton backend: ``apply(x, weight, log_alpha, bias, seed, gate, noise, training, cfg)``.
+
+    Saves x, weight, log_alpha, bias (and the seed); backward regenerates the gates.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, log_alpha, bias, seed, gate_name, noise, training, cfg):
+        n, k = weight.shape
+        x2 = x.reshape(-1, k)
+        sample = training and noise == "sample"
+        y = linear_forward(x2, weight, log_alpha, bias, seed, gate_name, sample, training, cfg)
+        ctx.save_for_backward(x, weight, log_alpha, bias)
+        ctx.conf = (seed, gate_name, sample, training, cfg)
+        return y.reshape(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, log_alpha, bias = ctx.saved_tensors
+        seed, gate_name, sample, training, cfg = ctx.conf
+        n, k = weight.shape
+        x2 = x.reshape(-1, k)
+        need_x, need_w, need_la, need_b = ctx.needs_input_grad[:4]
+        dx, dw, dla, db = linear_backward(dy.reshape(-1, n), x2, weight, log_alpha, bias, seed, gate_name, sample,
+                                          training, cfg, need_x, need_w, need_la, need_b)
+        if dx is not None:
+            dx = dx.reshape(x.shape)
+        return dx, dw, dla, db, None, None, None, None, None
+
+
+def triton_linear(x, weight, log_alpha, bias: Optional[torch.Tensor], seed, gate_name, noise, training, cfg):
+    return TritonL0LinearFunction.apply(x, weight, log_alpha, bias, seed, gate_name, noise, training, cfg)
