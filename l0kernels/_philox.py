@@ -77,6 +77,7 @@ def _philox_c0(seed: int, off, ops):
     ``Y' = rev(lo(p))`` -- exactly SPEC section 2's ``c0' = mulhi(B, c2) ^ c1 ^ k0``,
     ``c2' = mulhi(A, c0) ^ c3 ^ k1``, ``c1' = lo(B c2)``, ``c3' = lo(A c0)``.
     """
+    off = off.reshape(-1)  # a 0-d offsets array would broadcast against the (2, 1) round constants
     k0, k1 = seed & _M32, (seed >> 32) & _M32
     zero = off & 0
     x = ops.pair(off & _M32, zero)
