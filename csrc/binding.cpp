@@ -1,0 +1,455 @@
+// The one PyTorch-facing file of the CUDA extension l0kernels._C: argument checks, current stream,
+// launchers of csrc/*.cu, cuBLAS (at::mm / at::addmm) and cuDNN (at::convolution /
+// at::convolution_backward) for the GEMMs and convolutions, and the op registrations
+// torch.ops.l0kernels.{gates, linear_fwd, linear_bwd, conv2d_fwd, conv2d_bwd} (CUDA impls here;
+// fake impls for torch.compile in l0kernels/backends/cuda.py).
+#include <Python.h>
+
+#include <array>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "l0_kernels.h"
+
+extern "C" {
+// `import l0kernels._C` loads this library, which runs the TORCH_LIBRARY registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace {
+
+using at::Tensor;
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<T>{}) with T the CUDA storage type of `st`.
+template <typename F>
+void dispatch_type(at::ScalarType st, const char* name, F&& f) {
+  switch (st) {
+    case at::kFloat: f(Tag<float>{}); break;
+    case at::kHalf: f(Tag<__half>{}); break;
+    case at::kBFloat16: f(Tag<__nv_bfloat16>{}); break;
+    default: TORCH_CHECK_TYPE(false, "l0kernels CUDA: ", name, " must be float32, float16 or bfloat16, got ", st);
+  }
+}
+
+template <typename T>
+T* ptr(const Tensor& t) {
+  return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "l0kernels CUDA: launching ", what, " failed: ", cudaGetErrorString(err));
+}
+
+void check_tensor(const Tensor& t, const char* name, const Tensor& x, int64_t dim) {
+  TORCH_CHECK_VALUE(t.defined(), "l0kernels CUDA: ", name, " is undefined");
+  TORCH_CHECK_VALUE(t.is_cuda(), "l0kernels CUDA: ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK_VALUE(t.device() == x.device(), "l0kernels CUDA: ", name, " must be on ", x.device(), " like x, got ",
+                    t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "l0kernels CUDA: ", name, " must have dtype ",
+                   x.scalar_type(), " like x, got ", t.scalar_type());
+  if (dim >= 0) {
+    TORCH_CHECK_VALUE(t.dim() == dim, "l0kernels CUDA: ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  }
+}
+
+l0k::GateConfig make_cfg(at::ArrayRef<double> cfg) {
+  TORCH_CHECK_VALUE(cfg.size() == 4, "l0kernels CUDA: cfg must be [beta, gamma, zeta, eps], got ", cfg.size(),
+                    " values");
+  TORCH_CHECK_VALUE(cfg[0] > 0 && cfg[1] < 0 && cfg[2] > 1 && cfg[3] > 0 && cfg[3] < 0.5,
+                    "l0kernels CUDA: cfg needs beta > 0, gamma < 0, zeta > 1, 0 < eps < 0.5, got ", cfg);
+  return l0k::GateConfig{static_cast<float>(cfg[0]), static_cast<float>(cfg[1]), static_cast<float>(cfg[2]),
+                         static_cast<float>(cfg[3])};
+}
+
+void check_seed(int64_t seed) { TORCH_CHECK_VALUE(seed >= 0, "l0kernels CUDA: seed must be in [0, 2**63), got ", seed); }
+
+// Flat float32 gates for `rows` repetitions of log_alpha (training) or z_eval (eval, rows ignored).
+std::tuple<Tensor, Tensor> flat_gates(const Tensor& log_alpha, int64_t rows, int64_t seed, bool training,
+                                      const l0k::GateConfig& cfg, bool need_grad) {
+  const Tensor la = log_alpha.contiguous();
+  const int64_t groups = la.numel();
+  const int64_t numel = training ? rows * groups : groups;
+  auto fopt = la.options().dtype(at::kFloat);
+  Tensor z = at::empty({numel}, fopt);
+  Tensor dz = need_grad ? at::empty({numel}, fopt) : Tensor();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_type(la.scalar_type(), "log_alpha", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    check_launch(l0k::launch_gates<T>(ptr<T>(la), numel, groups, static_cast<uint64_t>(seed), training, cfg,
+                                      ptr<float>(z), ptr<float>(dz), stream),
+                 "gates");
+  });
+  return {z, dz};
+}
+
+// Contiguous (R, C) result of a * (b) * z, one rounding to a's dtype.
+Tensor scale(const Tensor& a, const Tensor& b, const Tensor& z, int64_t zs_r, int64_t zs_c) {
+  TORCH_INTERNAL_ASSERT(a.dim() == 2);
+  const int64_t R = a.size(0), C = a.size(1);
+  Tensor out = at::empty({R, C}, a.options());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_type(a.scalar_type(), "x", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    check_launch(l0k::launch_scale<T>(ptr<T>(a), a.stride(0), a.stride(1), ptr<T>(b), b.defined() ? b.stride(0) : 0,
+                                      b.defined() ? b.stride(1) : 0, ptr<float>(z), zs_r, zs_c, R, C, ptr<T>(out),
+                                      stream),
+                 "scale");
+  });
+  return out;
+}
+
+// float32 (C,): sum over rows r of a[r, c] * b[r, c] * dz[(r / rows_per_gate) * dz_sr + c].
+Tensor col_sum(const Tensor& a, const Tensor& b, const Tensor& dz, int64_t dz_sr, int64_t rows_per_gate) {
+  TORCH_INTERNAL_ASSERT(a.dim() == 2);
+  const int64_t R = a.size(0), C = a.size(1);
+  int64_t max_splits = R / 64;
+  max_splits = max_splits < 1 ? 1 : (max_splits > 512 ? 512 : max_splits);
+  Tensor partial = at::empty({max_splits, C}, a.options().dtype(at::kFloat));
+  int splits = 0;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_type(a.scalar_type(), "grad", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    check_launch(l0k::launch_col_reduce<T>(ptr<T>(a), a.stride(0), a.stride(1), ptr<T>(b),
+                                           b.defined() ? b.stride(0) : 0, b.defined() ? b.stride(1) : 0,
+                                           ptr<float>(dz), dz_sr, rows_per_gate, R, C,
+                                           static_cast<int>(max_splits), ptr<float>(partial), &splits, stream),
+                 "column reduction");
+  });
+  if (C == 0) return at::zeros({0}, partial.options());
+  return partial.narrow(0, 0, splits).sum(0);
+}
+
+// Row dot products of two (R, C) matrices (made contiguous), float32 (R,).
+Tensor row_dot(const Tensor& a_in, const Tensor& b_in) {
+  const Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  const int64_t R = a.size(0), C = a.numel() / (R > 0 ? R : 1);
+  Tensor out = at::empty({R}, a.options().dtype(at::kFloat));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_type(a.scalar_type(), "weight", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    check_launch(l0k::launch_row_dot<T>(ptr<T>(a), ptr<T>(b), R, C, ptr<float>(out), stream), "row dot");
+  });
+  return out;
+}
+
+// In place (in == out) or out of place: out = (in + bias[c]) * z[b * z_sb + c] on (B, C, HW) data.
+void channel_epilogue(const Tensor& in, const Tensor& out, const Tensor& bias, const Tensor& z, int64_t z_sb,
+                      int64_t B, int64_t C, int64_t HW, bool channels_last) {
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_type(in.scalar_type(), "x", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    check_launch(l0k::launch_channel_epilogue<T>(ptr<T>(in), ptr<T>(out), ptr<T>(bias), ptr<float>(z), z_sb, B, C,
+                                                 HW, channels_last, stream),
+                 "channel epilogue");
+  });
+}
+
+int gate_mode(const std::string& gate) {
+  if (gate == "in") return 0;
+  if (gate == "out") return 1;
+  if (gate == "weight") return 2;
+  TORCH_CHECK_VALUE(false, "l0kernels CUDA: gate must be 'in', 'out' or 'weight', got '", gate, "'");
+  return -1;
+}
+
+void check_linear(const Tensor& x, const Tensor& weight, const Tensor& log_alpha, const std::optional<Tensor>& bias,
+                  int mode, bool sample) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "l0kernels CUDA: x must be a CUDA tensor, got device ", x.device());
+  TORCH_CHECK_VALUE(x.dim() >= 1, "l0kernels CUDA: x must have at least 1 dimension");
+  check_tensor(weight, "weight", x, 2);
+  check_tensor(log_alpha, "log_alpha", x, -1);
+  const int64_t n = weight.size(0), k = weight.size(1);
+  TORCH_CHECK_VALUE(x.size(-1) == k, "l0kernels CUDA: x must have shape (..., ", k, ") to match weight ",
+                    weight.sizes(), ", got ", x.sizes());
+  const std::vector<int64_t> want = mode == 0 ? std::vector<int64_t>{k}
+                                    : mode == 1 ? std::vector<int64_t>{n}
+                                                : std::vector<int64_t>{n, k};
+  TORCH_CHECK_VALUE(log_alpha.sizes() == at::IntArrayRef(want), "l0kernels CUDA: log_alpha must have shape ",
+                    at::IntArrayRef(want), ", got ", log_alpha.sizes());
+  TORCH_CHECK_VALUE(!(mode == 2 && sample), "l0kernels CUDA: noise='sample' is not defined for gate='weight'");
+  if (bias.has_value() && bias->defined()) {
+    check_tensor(*bias, "bias", x, 1);
+    TORCH_CHECK_VALUE(bias->size(0) == n, "l0kernels CUDA: bias must have shape (", n, "), got ", bias->sizes());
+  }
+}
+
+Tensor opt(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
+
+Tensor linear_fwd(const Tensor& x, const Tensor& weight, const Tensor& log_alpha, const std::optional<Tensor>& bias_in,
+                  int64_t seed, std::string gate, bool sample, bool training, at::ArrayRef<double> cfg_v) {
+  const int mode = gate_mode(gate);
+  check_linear(x, weight, log_alpha, bias_in, mode, sample);
+  check_seed(seed);
+  const l0k::GateConfig cfg = make_cfg(cfg_v);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor bias = opt(bias_in);
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const Tensor x2 = x.reshape({-1, k});
+  const int64_t m = x2.size(0);
+  const bool per_row = training && sample;
+  const int64_t groups = log_alpha.numel();
+  const int64_t zs_r = per_row ? groups : 0;
+  Tensor z = std::get<0>(flat_gates(log_alpha, per_row ? m : 1, seed, training, cfg, false));
+  Tensor y;
+  if (mode == 0) {  // y = (x * z) @ W^T + b: gated copy of x written once, then cuBLAS
+    const Tensor xz = scale(x2, Tensor(), z, zs_r, 1);
+    y = bias.defined() ? at::addmm(bias, xz, weight.t()) : at::mm(xz, weight.t());
+  } else if (mode == 1) {  // y = (x @ W^T + b) * z: cuBLAS, then bias + gate in place
+    y = at::mm(x2, weight.t());
+    if (!y.is_contiguous()) y = y.contiguous();
+    channel_epilogue(y, y, bias, z, zs_r, m, n, 1, false);
+  } else {  // y = x @ (W * Z)^T + b
+    const Tensor wz = scale(weight, Tensor(), z, k, 1);
+    y = bias.defined() ? at::addmm(bias, x2, wz.t()) : at::mm(x2, wz.t());
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n;
+  return y.reshape(out_shape);
+}
+
+Tensor empty_result(const Tensor& x) { return at::empty({0}, x.options()); }
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                                      const Tensor& log_alpha, const std::optional<Tensor>& bias_in,
+                                                      int64_t seed, std::string gate, bool sample, bool training,
+                                                      at::ArrayRef<double> cfg_v, std::array<bool, 4> mask) {
+  const int mode = gate_mode(gate);
+  check_linear(x, weight, log_alpha, bias_in, mode, sample);
+  check_tensor(grad, "grad", x, -1);
+  check_seed(seed);
+  const l0k::GateConfig cfg = make_cfg(cfg_v);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor bias = opt(bias_in);
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const Tensor x2 = x.reshape({-1, k});
+  const int64_t m = x2.size(0);
+  TORCH_CHECK_VALUE(grad.numel() == m * n, "l0kernels CUDA: grad must have ", m * n, " elements (x rows x ", n,
+                    "), got shape ", grad.sizes());
+  const Tensor dy = grad.reshape({m, n});
+  const bool need_x = mask[0], need_w = mask[1], need_la = mask[2], need_b = mask[3] && bias.defined();
+  const bool per_row = training && sample;
+  const int64_t groups = log_alpha.numel();
+  const int64_t zs_r = per_row ? groups : 0;
+  Tensor z, dz;
+  std::tie(z, dz) = flat_gates(log_alpha, per_row ? m : 1, seed, training, cfg, need_la);
+  Tensor dx, dw, dla, db;
+  if (mode == 0) {
+    const Tensor g = (need_x || need_la) ? at::mm(dy, weight) : Tensor();  // (M, K) = dY @ W
+    if (need_x) dx = scale(g, Tensor(), z, zs_r, 1);
+    if (need_w) dw = at::mm(dy.t(), scale(x2, Tensor(), z, zs_r, 1));
+    if (need_la) dla = col_sum(g, x2, dz, zs_r, 1).to(log_alpha.scalar_type());
+    if (need_b) db = col_sum(dy, Tensor(), Tensor(), 0, 1).to(bias.scalar_type());
+  } else if (mode == 1 && per_row) {  // per-example output gates: h recomputed for dlog_alpha
+    const Tensor dyz = (need_x || need_w || need_b) ? scale(dy, Tensor(), z, n, 1) : Tensor();
+    if (need_x) dx = at::mm(dyz, weight);
+    if (need_w) dw = at::mm(dyz.t(), x2);
+    if (need_b) db = col_sum(dyz, Tensor(), Tensor(), 0, 1).to(bias.scalar_type());
+    if (need_la) {
+      const Tensor h = bias.defined() ? at::addmm(bias, x2, weight.t()) : at::mm(x2, weight.t());
+      dla = col_sum(dy, h, dz, n, 1).to(log_alpha.scalar_type());
+    }
+  } else if (mode == 1) {  // batch / eval output gates: dla = dz * (rowsum(W * P) + b * colsum(dY)), P = dY^T x
+    if (need_x) dx = at::mm(scale(dy, Tensor(), z, 0, 1), weight);
+    const Tensor p = (need_w || need_la) ? at::mm(dy.t(), x2) : Tensor();
+    if (need_w) dw = scale(p, Tensor(), z, 1, 0);
+    const Tensor colsum = (need_b || need_la) ? col_sum(dy, Tensor(), Tensor(), 0, 1) : Tensor();
+    if (need_b) db = (colsum * z).to(bias.scalar_type());
+    if (need_la) {
+      Tensor hdy = row_dot(weight, p);
+      if (bias.defined()) hdy = hdy + bias.to(at::kFloat) * colsum;
+      dla = (hdy * dz).to(log_alpha.scalar_type());
+    }
+  } else {  // weight gates
+    if (need_x) dx = at::mm(dy, scale(weight, Tensor(), z, k, 1));
+    const Tensor p = (need_w || need_la) ? at::mm(dy.t(), x2) : Tensor();
+    if (need_w) dw = scale(p, Tensor(), z, k, 1);
+    if (need_la) dla = scale(p, weight, dz, k, 1);
+    if (need_b) db = col_sum(dy, Tensor(), Tensor(), 0, 1).to(bias.scalar_type());
+  }
+  if (dx.defined()) dx = dx.reshape(x.sizes());
+  auto fill = [&](const Tensor& t) { return t.defined() ? t : empty_result(x); };
+  return {fill(dx), fill(dw), fill(dla), fill(db)};
+}
+
+// Layout of a 4-D tensor for the channel kernels; copies it to x's suggested format if it is neither
+// NCHW- nor NHWC-contiguous.
+Tensor channel_layout(const Tensor& t, const Tensor& x, bool* channels_last) {
+  if (t.is_contiguous()) {
+    *channels_last = false;
+    return t;
+  }
+  if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    *channels_last = true;
+    return t;
+  }
+  const Tensor c = t.contiguous(x.suggest_memory_format());
+  *channels_last = !c.is_contiguous();
+  return c;
+}
+
+// float32 (C,): sum over b, hw of a * b_ * dz[b * dz_sb + c] for (B, C, H, W) tensors in one layout.
+Tensor channel_sum(const Tensor& a, const Tensor& b, bool channels_last, const Tensor& dz, int64_t dz_sb) {
+  const int64_t B = a.size(0), C = a.size(1), HW = a.size(2) * a.size(3);
+  if (channels_last) {  // (B*HW, C) row-major
+    const Tensor a2 = a.permute({0, 2, 3, 1}).reshape({B * HW, C});
+    const Tensor b2 = b.defined() ? b.permute({0, 2, 3, 1}).reshape({B * HW, C}) : Tensor();
+    return col_sum(a2, b2, dz, dz_sb, HW > 0 ? HW : 1);
+  }
+  Tensor out = at::empty({C}, a.options().dtype(at::kFloat));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_type(a.scalar_type(), "grad", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    check_launch(l0k::launch_plane_reduce<T>(ptr<T>(a), ptr<T>(b), ptr<float>(dz), dz_sb, B, C, HW, ptr<float>(out),
+                                             stream),
+                 "plane reduction");
+  });
+  return out;
+}
+
+void check_conv(const Tensor& x, const Tensor& weight, const Tensor& log_alpha, const std::optional<Tensor>& bias,
+                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "l0kernels CUDA: x must be a CUDA tensor, got device ", x.device());
+  TORCH_CHECK_VALUE(x.dim() == 4, "l0kernels CUDA: x must be 4-D (N, C, H, W), got shape ", x.sizes());
+  check_tensor(weight, "weight", x, 4);
+  check_tensor(log_alpha, "log_alpha", x, 1);
+  TORCH_CHECK_VALUE(log_alpha.size(0) == weight.size(0), "l0kernels CUDA: log_alpha must have shape (",
+                    weight.size(0), ") (out_channels), got ", log_alpha.sizes());
+  if (bias.has_value() && bias->defined()) {
+    check_tensor(*bias, "bias", x, 1);
+    TORCH_CHECK_VALUE(bias->size(0) == weight.size(0), "l0kernels CUDA: bias must have shape (", weight.size(0),
+                      "), got ", bias->sizes());
+  }
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+                    "l0kernels CUDA: stride, padding and dilation must be pairs");
+  TORCH_CHECK_VALUE(groups >= 1, "l0kernels CUDA: groups must be >= 1, got ", groups);
+}
+
+Tensor conv2d_fwd(const Tensor& x, const Tensor& weight, const Tensor& log_alpha, const std::optional<Tensor>& bias_in,
+                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                  int64_t seed, bool sample, bool training, at::ArrayRef<double> cfg_v) {
+  check_conv(x, weight, log_alpha, bias_in, stride, padding, dilation, groups);
+  check_seed(seed);
+  const l0k::GateConfig cfg = make_cfg(cfg_v);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor bias = opt(bias_in);
+  Tensor h = at::convolution(x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, groups);
+  bool cl = false;
+  h = channel_layout(h, x, &cl);
+  const int64_t B = h.size(0), C = h.size(1), HW = h.size(2) * h.size(3);
+  const bool per_row = training && sample;
+  const Tensor z = std::get<0>(flat_gates(log_alpha, per_row ? B : 1, seed, training, cfg, false));
+  channel_epilogue(h, h, bias, z, per_row ? C : 0, B, C, HW, cl);
+  return h;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                                      const Tensor& log_alpha, const std::optional<Tensor>& bias_in,
+                                                      at::IntArrayRef stride, at::IntArrayRef padding,
+                                                      at::IntArrayRef dilation, int64_t groups, int64_t seed,
+                                                      bool sample, bool training, at::ArrayRef<double> cfg_v,
+                                                      std::array<bool, 4> mask) {
+  check_conv(x, weight, log_alpha, bias_in, stride, padding, dilation, groups);
+  check_tensor(grad, "grad", x, 4);
+  check_seed(seed);
+  const l0k::GateConfig cfg = make_cfg(cfg_v);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor bias = opt(bias_in);
+  bool cl = false;
+  const Tensor dy = channel_layout(grad, x, &cl);
+  const int64_t B = dy.size(0), C = dy.size(1), HW = dy.size(2) * dy.size(3);
+  TORCH_CHECK_VALUE(C == weight.size(0) && B == x.size(0), "l0kernels CUDA: grad must have shape (", x.size(0), ", ",
+                    weight.size(0), ", H_out, W_out), got ", grad.sizes());
+  const bool need_x = mask[0], need_w = mask[1], need_la = mask[2], need_b = mask[3] && bias.defined();
+  const bool per_row = training && sample;
+  const int64_t z_sb = per_row ? C : 0;
+  Tensor z, dz;
+  std::tie(z, dz) = flat_gates(log_alpha, per_row ? B : 1, seed, training, cfg, need_la);
+  auto conv_bw = [&](const Tensor& g, bool want_x, bool want_w) {
+    return at::convolution_backward(g, x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, groups,
+                                    {want_x, want_w, false});
+  };
+  auto gated = [&](const Tensor& t) {
+    Tensor out = at::empty_like(t);  // preserves the (dense) layout of t
+    channel_epilogue(t, out, Tensor(), z, z_sb, B, C, HW, cl);
+    return out;
+  };
+  Tensor dx, dw, dla, db;
+  if (per_row) {  // per-example channel gates: h recomputed for dlog_alpha
+    const Tensor dyz = (need_x || need_w || need_b) ? gated(dy) : Tensor();
+    if (need_x || need_w) std::tie(dx, dw, std::ignore) = conv_bw(dyz, need_x, need_w);
+    if (need_b) db = channel_sum(dyz, Tensor(), cl, Tensor(), 0).to(bias.scalar_type());
+    if (need_la) {
+      Tensor h = at::convolution(x, weight, bias.defined() ? std::optional<Tensor>(bias) : std::nullopt, stride,
+                                 padding, dilation, false, {0, 0}, groups);
+      h = h.contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+      dla = channel_sum(dy, h, cl, dz, C).to(log_alpha.scalar_type());
+    }
+  } else {  // batch / eval gates: dla = dz * (rowsum(W * P) + b * colsum(dY)), P = dW of the un-gated grad
+    if (need_x) dx = std::get<0>(conv_bw(gated(dy), true, false));
+    Tensor p = (need_w || need_la) ? std::get<1>(conv_bw(dy, false, true)).contiguous() : Tensor();
+    if (need_w) dw = scale(p.view({C, -1}), Tensor(), z, 1, 0).view(weight.sizes());
+    const Tensor colsum = (need_b || need_la) ? channel_sum(dy, Tensor(), cl, Tensor(), 0) : Tensor();
+    if (need_b) db = (colsum * z).to(bias.scalar_type());
+    if (need_la) {
+      Tensor hdy = row_dot(weight.contiguous().view({C, -1}), p.view({C, -1}));
+      if (bias.defined()) hdy = hdy + bias.to(at::kFloat) * colsum;
+      dla = (hdy * dz).to(log_alpha.scalar_type());
+    }
+  }
+  auto fill = [&](const Tensor& t) { return t.defined() ? t : empty_result(x); };
+  return {fill(dx), fill(dw), fill(dla), fill(db)};
+}
+
+// Gates of a noise tensor: training: shape (rows, *log_alpha.shape) for rows >= 0, log_alpha's shape for
+// rows == -1; eval: z_eval in log_alpha's shape. dz has z's shape when need_grad, else shape (0,).
+std::tuple<Tensor, Tensor> gates_op(const Tensor& log_alpha, int64_t rows, int64_t seed, bool training,
+                                    at::ArrayRef<double> cfg_v, bool need_grad) {
+  TORCH_CHECK_VALUE(log_alpha.is_cuda(), "l0kernels CUDA: log_alpha must be a CUDA tensor, got device ",
+                    log_alpha.device());
+  TORCH_CHECK_VALUE(rows >= -1, "l0kernels CUDA: rows must be >= -1, got ", rows);
+  check_seed(seed);
+  const l0k::GateConfig cfg = make_cfg(cfg_v);
+  const c10::cuda::CUDAGuard guard(log_alpha.device());
+  std::vector<int64_t> shape(log_alpha.sizes().begin(), log_alpha.sizes().end());
+  if (training && rows >= 0) shape.insert(shape.begin(), rows);
+  Tensor z, dz;
+  std::tie(z, dz) = flat_gates(log_alpha, training && rows >= 0 ? rows : 1, seed, training, cfg, need_grad);
+  return {z.view(shape), need_grad ? dz.view(shape) : at::empty({0}, z.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(l0kernels, m) {
+  m.def("gates(Tensor log_alpha, int rows, int seed, bool training, float[] cfg, bool need_grad) -> (Tensor, Tensor)");
+  m.def("linear_fwd(Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int seed, str gate, bool sample, "
+        "bool training, float[] cfg) -> Tensor");
+  m.def("linear_bwd(Tensor grad, Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int seed, str gate, "
+        "bool sample, bool training, float[] cfg, bool[4] mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("conv2d_fwd(Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int[] stride, int[] padding, "
+        "int[] dilation, int groups, int seed, bool sample, bool training, float[] cfg) -> Tensor");
+  m.def("conv2d_bwd(Tensor grad, Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int[] stride, "
+        "int[] padding, int[] dilation, int groups, int seed, bool sample, bool training, float[] cfg, "
+        "bool[4] mask) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(l0kernels, CUDA, m) {
+  m.impl("gates", &gates_op);
+  m.impl("linear_fwd", &linear_fwd);
+  m.impl("linear_bwd", &linear_bwd);
+  m.impl("conv2d_fwd", &conv2d_fwd);
+  m.impl("conv2d_bwd", &conv2d_bwd);
+}

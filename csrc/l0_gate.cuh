@@ -1,0 +1,53 @@
+// Hard-concrete gate math of SPEC section 1 in float: the one CUDA C++ copy of the formulas.
+// Host and device (qualifiers from l0_philox.cuh's L0K_HD); no PyTorch headers.
+#pragma once
+
+#include <math.h>
+
+#include "l0_philox.cuh"
+
+namespace l0k {
+
+struct GateConfig {
+  float beta;   // temperature, > 0
+  float gamma;  // stretch lower end, < 0
+  float zeta;   // stretch upper end, > 1
+  float eps;    // uniform clamp
+};
+
+L0K_HD float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// Training gate from a raw uniform: z = clamp(s * (zeta - gamma) + gamma, 0, 1) and
+// dz/dlog_alpha = (zeta - gamma) * s * (1 - s) / beta where 0 < s_bar < 1, else 0.
+L0K_HD void gate_from_uniform(float log_alpha, float u_raw, const GateConfig& c, float* z, float* dz) {
+  const float u = fminf(fmaxf(u_raw, c.eps), 1.0f - c.eps);
+  const float s = sigmoidf_((logf(u) - log1pf(-u) + log_alpha) / c.beta);
+  const float s_bar = s * (c.zeta - c.gamma) + c.gamma;
+  *z = fminf(1.0f, fmaxf(0.0f, s_bar));
+  if (dz != nullptr) {
+    *dz = (s_bar > 0.0f && s_bar < 1.0f) ? s * (1.0f - s) * ((c.zeta - c.gamma) / c.beta) : 0.0f;
+  }
+}
+
+// Deterministic test-time gate z_eval = clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)
+// and its derivative (0 where clamped, boundaries included).
+L0K_HD void gate_eval(float log_alpha, const GateConfig& c, float* z, float* dz) {
+  const float s = sigmoidf_(log_alpha);
+  const float s_bar = s * (c.zeta - c.gamma) + c.gamma;
+  *z = fminf(1.0f, fmaxf(0.0f, s_bar));
+  if (dz != nullptr) {
+    *dz = (s_bar > 0.0f && s_bar < 1.0f) ? s * (1.0f - s) * (c.zeta - c.gamma) : 0.0f;
+  }
+}
+
+// Gate for noise-tensor element i (row-major offset, SPEC section 2) with parameter log_alpha.
+L0K_HD void gate_at(float log_alpha, uint64_t seed, uint64_t i, bool training, const GateConfig& c,
+                    float* z, float* dz) {
+  if (training) {
+    gate_from_uniform(log_alpha, philox_uniform(seed, i), c, z, dz);
+  } else {
+    gate_eval(log_alpha, c, z, dz);
+  }
+}
+
+}  // namespace l0k
