@@ -25,7 +25,6 @@ When autograd is recording and something requires a gradient, the differentiable
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -212,10 +211,6 @@ def _triton_eval():
     return _TRITON_EVAL
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _use_triton_linear(backend: str, x: torch.Tensor) -> bool:
     """Whether the Triton eval kernels run this call; raises when ``backend="triton"`` cannot."""
     if backend not in ("auto", "triton"):
@@ -225,8 +220,9 @@ def _use_triton_linear(backend: str, x: torch.Tensor) -> bool:
     mod, reason = _triton_eval()
     why = reason
     if mod is not None:
-        if not (x.is_cuda or _interpreting()):
-            why = "the Triton eval kernels need a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)"
+        if not (x.is_cuda or (mod.INTERPRET and x.device.type == "cpu")):
+            why = ("the Triton eval kernels need a CUDA tensor (CPU tensors run only under TRITON_INTERPRET=1, set "
+                   "before l0kernels' Triton kernels are imported)")
         elif x.dtype not in mod.SUPPORTED_DTYPES:
             why = f"the Triton eval kernels do not support {x.dtype}"
     if why is None:

@@ -186,6 +186,8 @@ def _structure(module: nn.Module, prefix: str = "") -> Any:
         return seq
     if _is_supported_leaf(module):
         return _Leaf(prefix[:-1] if prefix else type(module).__name__, module)
+    if type(module).__module__.startswith("torch.nn"):
+        raise ValueError(f"compact: unsupported module {prefix[:-1] or 'model'!r} ({type(module).__name__})")
     return _trace_chain(module, prefix)
 
 

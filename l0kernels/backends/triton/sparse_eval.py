@@ -25,6 +25,8 @@ import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GEMV_MAX_ROWS = 16
+# the kernels below are interpreted when TRITON_INTERPRET=1 was set before this module was imported
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -101,10 +103,6 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, in_idx_ptr, out_idx_ptr, M, 
              acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def sparse_linear(x2: torch.Tensor, plan, force: str = "auto") -> torch.Tensor:
     """Run a ``LinearPlan`` on ``x2`` ``(M, K)`` (any strides); returns ``(M, N)`` in ``x2``'s dtype.
 
@@ -120,8 +118,7 @@ def sparse_linear(x2: torch.Tensor, plan, force: str = "auto") -> torch.Tensor:
     nc, kc = wc.shape
     scatter = plan.out_idx is not None
     if scatter:
-        y = (x2.new_zeros(m, n_out) if plan.fill is None
-             else plan.fill.to(x2.dtype).expand(m, n_out).contiguous())
+        y = x2.new_zeros(m, n_out) if plan.fill is None else x2.new_empty(m, n_out).copy_(plan.fill)
     else:
         y = x2.new_empty(m, n_out)
     if m == 0 or nc == 0:
@@ -146,7 +143,7 @@ def sparse_linear(x2: torch.Tensor, plan, force: str = "auto") -> torch.Tensor:
         _sparse_gemv_kernel[grid](*args, HAS_BIAS=has_bias, GATHER_IN=gather, SCATTER_OUT=scatter,
                                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     else:
-        interp = _interpreting()
+        interp = INTERPRET
         bm, bn, bk = (16, 16, 16) if interp else (64, 64, 32)
         grid = (triton.cdiv(m, bm), triton.cdiv(nc, bn))
         _sparse_gemm_kernel[grid](*args, HAS_BIAS=has_bias, GATHER_IN=gather, SCATTER_OUT=scatter,
@@ -155,4 +152,4 @@ def sparse_linear(x2: torch.Tensor, plan, force: str = "auto") -> torch.Tensor:
     return y
 
 
-__all__ = ["sparse_linear", "SUPPORTED_DTYPES", "GEMV_MAX_ROWS"]
+__all__ = ["sparse_linear", "SUPPORTED_DTYPES", "GEMV_MAX_ROWS", "INTERPRET"]
