@@ -308,6 +308,14 @@ def _dw_kernel(dy_ptr, x_ptr, la_ptr, w_ptr, b_ptr, dw_ptr, db_ptr, dla_ptr,
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
+def rows(x: torch.Tensor) -> int:
+    """Rows of ``x.reshape(-1, K)`` (also when K == 0)."""
+    r = 1
+    for d in x.shape[:-1]:
+        r *= d
+    return r
+
+
 def _la_strides(la: torch.Tensor):
     return (la.stride(0), la.stride(1)) if la.dim() == 2 else (la.stride(0), 0)
 
@@ -398,7 +406,7 @@ class TritonL0LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, log_alpha, bias, seed, gate_name, noise, training, cfg):
         n, k = weight.shape
-        x2 = x.reshape(-1, k)
+        x2 = x.reshape(rows(x), k)
         sample = training and noise == "sample"
         y = linear_forward(x2, weight, log_alpha, bias, seed, gate_name, sample, training, cfg)
         ctx.save_for_backward(x, weight, log_alpha, bias)
@@ -410,9 +418,9 @@ class TritonL0LinearFunction(torch.autograd.Function):
         x, weight, log_alpha, bias = ctx.saved_tensors
         seed, gate_name, sample, training, cfg = ctx.conf
         n, k = weight.shape
-        x2 = x.reshape(-1, k)
+        x2 = x.reshape(rows(x), k)
         need_x, need_w, need_la, need_b = ctx.needs_input_grad[:4]
-        dx, dw, dla, db = linear_backward(dy.reshape(-1, n), x2, weight, log_alpha, bias, seed, gate_name, sample,
+        dx, dw, dla, db = linear_backward(dy.reshape(x2.shape[0], n), x2, weight, log_alpha, bias, seed, gate_name, sample,
                                           training, cfg, need_x, need_w, need_la, need_b)
         if dx is not None:
             dx = dx.reshape(x.shape)

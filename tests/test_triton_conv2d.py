@@ -1,0 +1,160 @@
+"""Triton backend, ``l0_conv2d`` (CPU under TRITON_INTERPRET=1; the same tests run natively on a GPU).
+
+Output-channel gates, batch and per-example noise, training and eval, stride/padding/dilation/groups,
+NCHW and channels_last, against the torch backend run in float64 (SPEC section 6 tolerances).
+"""
+import itertools
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import l0kernels as l0k  # noqa: E402
+
+from conftest import TOL  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+SEED = 2**35 + 99
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_ready():
+    call = l0k._checks.conv2d_call(torch.randn(1, 2, 4, 4, device=DEV), torch.randn(3, 2, 3, 3, device=DEV),
+                                   torch.randn(3, device=DEV), None, 1, 0, 1, 1, seed=1, noise="batch", training=True,
+                                   backend="triton", beta=2 / 3, gamma=-0.1, zeta=1.1)
+    why = l0k.get_backend("triton").why_not(call)
+    if why is not None:
+        pytest.skip(f"triton backend cannot run here: {why}")
+
+
+def rel(out, ref):
+    out, ref = out.detach().double(), ref.detach().double()
+    assert not torch.isnan(out).any()
+    den = ref.norm()
+    return float((out - ref).norm() / den) if den > 0 else float((out - ref).norm())
+
+
+def run_both(x, w, la, b, **kw):
+    ps = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, la, b)]
+    if x.is_contiguous(memory_format=torch.channels_last):
+        ps[0] = x.detach().clone(memory_format=torch.channels_last).requires_grad_()
+    y = l0k.l0_conv2d(*ps, backend="triton", **kw)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    qs = [t.detach().double().clone().requires_grad_() if t is not None else None for t in (x, w, la, b)]
+    yr = l0k.l0_conv2d(*qs, backend="torch", **kw)
+    yr.backward(dy.double())
+    return y, yr, ps, qs
+
+
+def check(y, yr, ps, qs, tol):
+    assert y.shape == yr.shape and y.dtype == ps[0].dtype
+    assert rel(y, yr) < tol, ("y", rel(y, yr))
+    for name, p, q in zip(("dx", "dW", "dlog_alpha", "db"), ps, qs):
+        if p is not None:
+            assert p.grad is not None and p.grad.shape == p.shape, name
+            assert rel(p.grad, q.grad) < tol, (name, rel(p.grad, q.grad))
+
+
+GEOMS = {
+    "plain": dict(B=2, C_in=3, C_out=5, H=7, W=6, k=(3, 2), stride=1, padding=1, dilation=1, groups=1),
+    "strided": dict(B=3, C_in=4, C_out=6, H=9, W=8, k=(3, 3), stride=(2, 1), padding=(1, 2), dilation=(2, 1),
+                    groups=2),
+    "depthwise": dict(B=2, C_in=3, C_out=3, H=6, W=5, k=(3, 3), stride=2, padding=0, dilation=1, groups=3),
+}
+
+
+def make(geom, dtype, channels_last, bias=True):
+    g = GEOMS[geom]
+    x = torch.randn(g["B"], g["C_in"], g["H"], g["W"], device=DEV, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(g["C_out"], g["C_in"] // g["groups"], *g["k"], device=DEV, dtype=dtype)
+    la = (torch.randn(g["C_out"], device=DEV) * 2).to(dtype)
+    b = torch.randn(g["C_out"], device=DEV, dtype=dtype) if bias else None
+    kw = dict(stride=g["stride"], padding=g["padding"], dilation=g["dilation"], groups=g["groups"])
+    return x, w, la, b, kw
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("noise,training", [("batch", True), ("sample", True), ("batch", False)])
+@pytest.mark.parametrize("geom", list(GEOMS))
+def test_conv2d_matches_torch_float64(geom, noise, training, channels_last):
+    x, w, la, b, kw = make(geom, torch.float32, channels_last)
+    y, yr, ps, qs = run_both(x, w, la, b, seed=SEED, noise=noise, training=training, **kw)
+    check(y, yr, ps, qs, TOL[torch.float32])
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype,noise", [(torch.bfloat16, "batch"), (torch.float16, "sample")])
+def test_conv2d_half_precision(dtype, noise):
+    x, w, la, b, kw = make("strided", dtype, True)
+    check(*run_both(x, w, la, b, seed=SEED, noise=noise, **kw), TOL[dtype])
+
+
+@pytest.mark.parametrize("noise", ["batch", "sample"])
+def test_conv2d_without_bias_non_contiguous(noise):
+    x, w, la, _, kw = make("plain", torch.float32, False, bias=False)
+    xb = torch.randn(x.shape[0], x.shape[1], x.shape[2], 2 * x.shape[3], device=DEV)
+    x = xb[..., ::2]  # non-contiguous in W
+    check(*run_both(x, w, la, None, seed=SEED, noise=noise, **kw), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("noise", ["batch", "sample"])
+def test_same_seed_same_channel_gates_as_torch(noise):
+    x, w, la, b, kw = make("plain", torch.float32, True)
+    seed = int(torch.randint(0, 2**62, ()).item())
+    y = l0k.l0_conv2d(x, w, la, b, seed=seed, noise=noise, backend="triton", **kw)
+    h = torch.nn.functional.conv2d(x, w, b, **kw)
+    z = l0k.sample_gates(la, seed, (x.shape[0], w.shape[0]) if noise == "sample" else None)
+    ref = h * (z[:, :, None, None] if z.dim() == 2 else z[:, None, None])
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_batch():
+    x, w, la, b, kw = make("plain", torch.float32, False)
+    x = x[:0].requires_grad_()
+    w.requires_grad_()
+    la.requires_grad_()
+    b.requires_grad_()
+    y = l0k.l0_conv2d(x, w, la, b, seed=1, backend="triton", **kw)
+    assert y.shape[0] == 0
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for t in (w, la, b):
+        assert t.grad is not None and torch.count_nonzero(t.grad) == 0
+
+
+@pytest.mark.parametrize("noise", ["batch", "sample"])
+def test_autograd_saves_only_inputs(noise):
+    x, w, la, b, kw = make("strided", torch.float32, True)
+    for t in (x, w, la, b):
+        t.requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = l0k.l0_conv2d(x, w, la, b, seed=SEED, noise=noise, backend="triton", **kw)
+    y.sum().backward()
+    assert saved
+    ins = {t.data_ptr() for t in (x, w, la, b)}
+    for t in saved:
+        assert t.data_ptr() in ins or t.numel() <= w.shape[0], f"extra saved tensor {tuple(t.shape)}"
+
+
+def test_conv2d_custom_op_opcheck():
+    from l0kernels.backends.triton._ops import conv2d_op
+    x = torch.randn(2, 3, 6, 5, device=DEV).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(4, 3, 3, 3, device=DEV, requires_grad=True)
+    la = torch.randn(4, device=DEV, requires_grad=True)
+    b = torch.randn(4, device=DEV, requires_grad=True)
+    for sample, training in itertools.product((False, True), (True, False)):
+        if sample and not training:
+            continue
+        torch.library.opcheck(conv2d_op, (x, w, la, b, [2, 1], [1, 1], [1, 1], 1, 7, sample, training, 2 / 3, -0.1,
+                                          1.1, 1e-6))
