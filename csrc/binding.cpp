@@ -1,7 +1,7 @@
 // The one PyTorch-facing file of the CUDA extension l0kernels._C: argument checks, current stream,
 // launchers of csrc/*.cu, cuBLAS (at::mm / at::addmm) and cuDNN (at::convolution /
 // at::convolution_backward) for the GEMMs and convolutions, and the op registrations
-// torch.ops.l0kernels.{gates, linear_fwd, linear_bwd, conv2d_fwd, conv2d_bwd} (CUDA impls here;
+// torch.ops.l0kernels.{uniform, gates, linear_fwd, linear_bwd, conv2d_fwd, conv2d_bwd} (CUDA impls here;
 // fake impls for torch.compile in l0kernels/backends/cuda.py).
 #include <Python.h>
 
@@ -431,9 +431,25 @@ std::tuple<Tensor, Tensor> gates_op(const Tensor& log_alpha, int64_t rows, int64
   return {z.view(shape), need_grad ? dz.view(shape) : at::empty({0}, z.options())};
 }
 
+// u_raw(seed, offsets) as float32 in the offsets' shape (the stream itself, for tests).
+Tensor uniform_op(int64_t seed, const Tensor& offsets) {
+  TORCH_CHECK_VALUE(offsets.is_cuda(), "l0kernels CUDA: offsets must be a CUDA tensor, got device ", offsets.device());
+  TORCH_CHECK_TYPE(offsets.scalar_type() == at::kLong, "l0kernels CUDA: offsets must be int64, got ",
+                   offsets.scalar_type());
+  check_seed(seed);
+  const c10::cuda::CUDAGuard guard(offsets.device());
+  const Tensor off = offsets.contiguous();
+  Tensor out = at::empty(off.sizes(), off.options().dtype(at::kFloat));
+  check_launch(l0k::launch_uniform(off.data_ptr<int64_t>(), off.numel(), static_cast<uint64_t>(seed),
+                                   out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+               "uniform");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(l0kernels, m) {
+  m.def("uniform(int seed, Tensor offsets) -> Tensor");
   m.def("gates(Tensor log_alpha, int rows, int seed, bool training, float[] cfg, bool need_grad) -> (Tensor, Tensor)");
   m.def("linear_fwd(Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int seed, str gate, bool sample, "
         "bool training, float[] cfg) -> Tensor");
@@ -447,6 +463,7 @@ TORCH_LIBRARY(l0kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(l0kernels, CUDA, m) {
+  m.impl("uniform", &uniform_op);
   m.impl("gates", &gates_op);
   m.impl("linear_fwd", &linear_fwd);
   m.impl("linear_bwd", &linear_bwd);

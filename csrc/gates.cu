@@ -43,6 +43,19 @@ cudaError_t launch_gates(const T* log_alpha, int64_t numel, int64_t groups, uint
   return cudaGetLastError();
 }
 
+__global__ void uniform_kernel(const int64_t* __restrict__ offsets, int64_t n, uint64_t seed, float* __restrict__ out) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    out[i] = philox_uniform(seed, static_cast<uint64_t>(offsets[i]));
+  }
+}
+
+cudaError_t launch_uniform(const int64_t* offsets, int64_t n, uint64_t seed, float* out, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  uniform_kernel<<<grid_for(n), kThreads, 0, stream>>>(offsets, n, seed, out);
+  return cudaGetLastError();
+}
+
 #define L0K_INST(T)                                                                                       \
   template cudaError_t launch_gates<T>(const T*, int64_t, int64_t, uint64_t, bool, GateConfig, float*, float*, \
                                        cudaStream_t);
