@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -364,8 +365,10 @@ def _new_linear(d: _Dense, out_keep, in_keep, fold) -> nn.Linear:
     w = d.weight[out_keep][:, in_keep]
     b = d.bias[out_keep] + fold
     has_bias = d.has_bias or bool((fold != 0).any())
-    m = torch.nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=has_bias, device=src.weight.device,
-                                 dtype=src.weight.dtype)
+    with warnings.catch_warnings():  # "Initializing zero-element tensors is a no-op" for emptied layers
+        warnings.simplefilter("ignore", UserWarning)
+        m = torch.nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=has_bias,
+                                     device=src.weight.device, dtype=src.weight.dtype)
     with torch.no_grad():
         m.weight.copy_(w)
         if has_bias:
@@ -379,10 +382,12 @@ def _new_conv(d: _Dense, out_keep, in_keep, fold) -> nn.Conv2d:
     b = d.bias[out_keep] + fold
     has_bias = d.has_bias or bool((fold != 0).any())
     cin = w.shape[1] * d.groups
-    m = torch.nn.utils.skip_init(nn.Conv2d, cin, w.shape[0], tuple(w.shape[2:]), stride=src.stride,
-                                 padding=src.padding, dilation=src.dilation, groups=d.groups, bias=has_bias,
-                                 padding_mode=getattr(src, "padding_mode", "zeros"), device=src.weight.device,
-                                 dtype=src.weight.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        m = torch.nn.utils.skip_init(nn.Conv2d, cin, w.shape[0], tuple(w.shape[2:]), stride=src.stride,
+                                     padding=src.padding, dilation=src.dilation, groups=d.groups, bias=has_bias,
+                                     padding_mode=getattr(src, "padding_mode", "zeros"),
+                                     device=src.weight.device, dtype=src.weight.dtype)
     with torch.no_grad():
         m.weight.copy_(w)
         if has_bias:
