@@ -448,6 +448,8 @@ def _compact_plan(model: nn.Module) -> _Plan:
             k = d.weight.shape[1] * (d.groups if d.kind == "conv" else 1)
             if j == 0 or st_in is None or (d.kind == "conv" and d.groups != 1):
                 in_keep[r] = torch.ones(k, dtype=torch.bool)
+                if j > 0:  # a grouped conv reads every channel of its producer
+                    out_keep[widx[j - 1]] = torch.ones(dense[widx[j - 1]].weight.shape[0], dtype=torch.bool)
             else:
                 wk = d.weight[out_keep[r]]
                 used = (wk != 0).any(0) if d.kind == "linear" else (wk != 0).any((0, 2, 3))
