@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = ["csrc/binding.cpp", "csrc/gates.cu", "csrc/elementwise.cu", "csrc/reduce.cu"]
@@ -58,5 +58,15 @@ def _cuda_ext_modules():
     return [ext], {"build_ext": BuildExtension}
 
 
+def _cpu_ext_modules():
+    """``l0kernels._philox_cpu``: the Philox stream on the CPU from ``csrc/l0_philox.cuh`` (plain C++, no
+    PyTorch headers, compiles in a second). Optional: if no compiler is there the build goes on and the
+    package uses its numpy path. ``L0K_SKIP_CPU_EXT=1`` skips it."""
+    if os.environ.get("L0K_SKIP_CPU_EXT", "0") == "1":
+        return []
+    return [Extension("l0kernels._philox_cpu", ["csrc/host/philox_cpu.cpp"], include_dirs=["csrc"],
+                      extra_compile_args=["-O3", "-std=c++17"], language="c++", optional=True)]
+
+
 ext_modules, cmdclass = _cuda_ext_modules()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=_cpu_ext_modules() + ext_modules, cmdclass=cmdclass)
