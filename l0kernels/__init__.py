@@ -1,19 +1,25 @@
 """l0kernels: fused kernels for L0-regularized networks with hard-concrete gates.
 
 Louizos, Welling, Kingma, "Learning Sparse Neural Networks through L0 Regularization"
-(ICLR 2018, arXiv 1712.01312). See SPEC.md-derived docs in README.md.
+(ICLR 2018, arXiv 1712.01312). The contract every backend shares is summarised in README.md.
 """
 from ._dispatch import Backend, available_backends, get_backend, register_backend, select_backend
 from ._gates import GateConfig
+from ._lazy import register_optional_backends as _register_optional_backends
 from ._philox import philox_uniform
 from .backends.torch_backend import L0Conv2dFunction, L0LinearFunction
-from .functional import (deterministic_gates, expected_l0, l0_conv2d, l0_linear, prob_open, sample_gates)
-from . import backends as _backends_pkg  # noqa: F401
-from ._lazy import register_optional_backends as _register_optional_backends
+from .compact import compact, summary
+from .functional import deterministic_gates, expected_l0, l0_conv2d, l0_linear, prob_open, sample_gates
+from .modules import (L0Conv2d, L0Linear, constrain_, expected_params, l0_layers, l0_penalty,
+                      l0_regularizer)
 
 _register_optional_backends()
 
 __version__ = "0.1.0"
 
-from .modules import (L0Conv2d, L0Linear, constrain_, expected_params, l0_layers, l0_penalty,  # noqa: E402
-                      l0_regularizer)
+__all__ = [
+    "philox_uniform", "sample_gates", "deterministic_gates", "prob_open", "expected_l0",
+    "l0_linear", "l0_conv2d", "L0Linear", "L0Conv2d", "L0LinearFunction", "L0Conv2dFunction",
+    "l0_penalty", "l0_regularizer", "constrain_", "expected_params", "l0_layers", "compact", "summary",
+    "GateConfig", "Backend", "register_backend", "get_backend", "available_backends", "select_backend",
+]
