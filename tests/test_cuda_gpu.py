@@ -1,0 +1,169 @@
+"""GPU tests of the CUDA backend (``l0kernels._C``), against the torch backend run in float64.
+
+Marked ``gpu``: skipped without a CUDA device (tests/conftest.py), and skipped when the extension is
+not built (``pip install --no-build-isolation -e .`` with a CUDA PyTorch and nvcc).
+
+Memory and race checks (run on a GPU machine; both must report 0 errors)::
+
+    compute-sanitizer --tool memcheck --leak-check full python -m pytest tests/test_cuda_gpu.py -q -x
+    compute-sanitizer --tool racecheck python -m pytest tests/test_cuda_gpu.py -q -x -k "linear and float32"
+"""
+import itertools
+
+import pytest
+import torch
+
+import l0kernels as l0k
+from l0kernels._gates import GateConfig, eval_gates_and_grad, gates_from_uniform, noise_uniform
+from l0kernels.backends.torch_backend import L0Conv2dFunction, L0LinearFunction
+
+from conftest import TOL
+
+pytestmark = pytest.mark.gpu
+
+if torch.cuda.is_available():
+    pytest.importorskip("l0kernels._C", reason="the CUDA extension l0kernels._C is not built")
+    from l0kernels.backends.cuda import CudaL0Conv2dFunction, CudaL0LinearFunction, cuda_gates
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CFG = GateConfig()
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _seed():
+    return int(torch.randint(0, 2**62, ()).item()) * 2 + 1  # above 2**32
+
+
+def test_uniform_stream_bit_exact():
+    seed = _seed()
+    off = torch.cat([torch.arange(1000), torch.randint(0, 2**62, (1000,))]).cuda()
+    u = torch.ops.l0kernels.uniform(seed, off)
+    ref = l0k.philox_uniform(seed, off.cpu())
+    assert torch.equal(u.cpu().view(torch.int32), ref.view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["batch", "sample", "weight", "eval"])
+def test_gates_match_float64_formula(dtype, layout):
+    seed = _seed()
+    la = (torch.randn(13, 7) * 3 if layout == "weight" else torch.randn(37) * 3).to(dtype).cuda()
+    rows = 5 if layout == "sample" else -1
+    training = layout != "eval"
+    z, dz = cuda_gates(la, seed, rows, training, CFG, need_grad=True)
+    la64 = la.double().cpu()
+    if training:
+        shape = ((rows,) if rows >= 0 else ()) + tuple(la.shape)
+        zr, dzr = gates_from_uniform(la64, noise_uniform(seed, shape, "cpu").double(), CFG)
+    else:
+        zr, dzr = eval_gates_and_grad(la64, CFG)
+    assert z.shape == zr.shape and z.dtype == torch.float32
+    assert (z.double().cpu() - zr).abs().max() < 1e-6
+    assert (dz.double().cpu() - dzr).abs().max() < 1e-6
+    assert ((zr > 0) & (zr < 1)).any()
+
+
+def _rand(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype).cuda()
+
+
+def _check_grads(out, ref, tensors, refs, tol, rel_err):
+    assert rel_err(out, ref) < tol
+    g = torch.randn_like(ref)
+    gs = torch.autograd.grad(out, tensors, g.to(out.dtype))
+    gr = torch.autograd.grad(ref, refs, g)
+    for name, a, b in zip("x weight log_alpha bias".split(), gs, gr):
+        assert a.shape == b.shape, name
+        assert rel_err(a, b) < tol, (name, rel_err(a, b))
+
+
+LINEAR_CASES = [(g, n, t) for g, n, t in itertools.product(["in", "out", "weight"], ["batch", "sample"], [True, False])
+                if not (g == "weight" and n == "sample")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gate,noise,training", LINEAR_CASES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_float64_reference(dtype, gate, noise, training, bias, rel_err):
+    m0, m1, k, n = 3, 29, 37, 19
+    x = _rand(k, m1, m0, dtype=dtype).permute(2, 1, 0)  # (3, 29, 37), non-contiguous
+    w = _rand(n, k, dtype=dtype, scale=0.2)
+    la = _rand(*{"in": (k,), "out": (n,), "weight": (n, k)}[gate], dtype=dtype, scale=1.5)
+    b = _rand(n, dtype=dtype) if bias else None
+    seed = _seed() if training else None
+    leaves = [t.detach().requires_grad_() for t in (x, w, la) + ((b,) if bias else ())]
+    refs = [t.detach().double().cpu().requires_grad_() for t in leaves]
+    out = CudaL0LinearFunction.apply(*leaves[:3], leaves[3] if bias else None, seed, gate, noise, training, CFG)
+    ref = L0LinearFunction.apply(*refs[:3], refs[3] if bias else None, seed, gate, noise, training, CFG)
+    assert out.dtype == dtype and out.shape == (m0, m1, n)
+    _check_grads(out, ref.cuda(), leaves, refs, TOL[dtype], rel_err)
+
+
+def test_linear_public_api_and_zero_rows(rel_err):
+    x, w, la, b = _rand(0, 11, dtype=torch.float32), _rand(5, 11, dtype=torch.float32), _rand(11, dtype=torch.float32), _rand(5, dtype=torch.float32)
+    y = l0k.l0_linear(x, w, la, b, seed=5, backend="cuda")
+    assert y.shape == (0, 5)
+    x = _rand(4, 11, dtype=torch.float32)
+    y = l0k.l0_linear(x, w, la, b, seed=5, backend="cuda")
+    r = l0k.l0_linear(x.double(), w.double(), la.double(), b.double(), seed=5, backend="torch")
+    assert rel_err(y, r) < TOL[torch.float32]
+    with pytest.raises(ValueError, match="float64"):
+        l0k.l0_linear(x.double(), w.double(), la.double(), seed=5, backend="cuda")
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        l0k.l0_linear(x.cpu(), w.cpu(), la.cpu(), seed=5, backend="cuda")
+
+
+def test_ops_reject_bad_arguments():
+    x, w, la = _rand(4, 11, dtype=torch.float32), _rand(5, 11, dtype=torch.float32), _rand(11, dtype=torch.float32)
+    cfg = [CFG.beta, CFG.gamma, CFG.zeta, CFG.eps]
+    with pytest.raises(ValueError, match="log_alpha"):
+        torch.ops.l0kernels.linear_fwd(x, w, la[:5], None, 1, "in", False, True, cfg)
+    with pytest.raises(TypeError, match="weight"):
+        torch.ops.l0kernels.linear_fwd(x, w.half(), la, None, 1, "in", False, True, cfg)
+    with pytest.raises(ValueError, match="gate"):
+        torch.ops.l0kernels.linear_fwd(x, w, la, None, 1, "rows", False, True, cfg)
+
+
+CONV_CASES = list(itertools.product(["batch", "sample"], [True, False], [False, True]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("noise,training,channels_last", CONV_CASES)
+def test_conv2d_matches_float64_reference(dtype, noise, training, channels_last, rel_err):
+    b_, cin, cout, groups = 3, 6, 10, 2
+    x = _rand(b_, cin, 13, 11, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = _rand(cout, cin // groups, 3, 3, dtype=dtype, scale=0.3)
+    la = _rand(cout, dtype=dtype, scale=1.5)
+    b = _rand(cout, dtype=dtype)
+    conv = ((2, 1), (1, 2), (1, 2), groups)
+    seed = _seed() if training else None
+    leaves = [t.detach().requires_grad_() for t in (x, w, la, b)]
+    refs = [t.detach().double().cpu().requires_grad_() for t in leaves]
+    out = CudaL0Conv2dFunction.apply(*leaves, *conv, seed, noise, training, CFG)
+    ref = L0Conv2dFunction.apply(*refs, *conv, seed, noise, training, CFG)
+    assert out.dtype == dtype and out.shape == ref.shape
+    _check_grads(out, ref.cuda(), leaves, refs, TOL[dtype], rel_err)
+
+
+def test_opcheck_fake_impls():
+    x, w, la, b = _rand(4, 11, dtype=torch.float32), _rand(5, 11, dtype=torch.float32), _rand(11, dtype=torch.float32), _rand(5, dtype=torch.float32)
+    cfg = [CFG.beta, CFG.gamma, CFG.zeta, CFG.eps]
+    torch.library.opcheck(torch.ops.l0kernels.linear_fwd.default, (x, w, la, b, 7, "in", True, True, cfg),
+                          test_utils=("test_schema", "test_faketensor"))
+    g = _rand(4, 5, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.l0kernels.linear_bwd.default,
+                          (g, x, w, la, b, 7, "in", True, True, cfg, [True, True, True, True]),
+                          test_utils=("test_schema", "test_faketensor"))
+    xc, wc, lac = _rand(2, 4, 9, 9, dtype=torch.float32), _rand(6, 4, 3, 3, dtype=torch.float32), _rand(6, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.l0kernels.conv2d_fwd.default,
+                          (xc, wc, lac, None, [1, 1], [1, 1], [1, 1], 1, 7, False, True, cfg),
+                          test_utils=("test_schema", "test_faketensor"))
