@@ -183,7 +183,7 @@ def _launch_fwd(x, weight, log_alpha, bias, y, dy, dla, stride, padding, dilatio
     b, h, w, oh, ow = _geometry(x, weight, stride, padding, dilation)
     c_out, cin_g, kh, kw = weight.shape
     m, n, k = b * oh * ow, c_out // groups, cin_g * kh * kw
-    dot_f32, prec = dot_flags(x.dtype)
+    dot_f32, prec = dot_flags(x.dtype, torch.backends.cudnn.allow_tf32)
     ys = y.stride() if epilogue == EPI_STORE else (0, 0, 0, 0)
     dys = dy.stride() if epilogue == EPI_DLA else (0, 0, 0, 0)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), groups)  # noqa: E731

@@ -73,11 +73,14 @@ def launch_meta():
     return dict(INTERPRET_META) if INTERPRET else {}
 
 
-def dot_flags(dtype: torch.dtype):
+def dot_flags(dtype: torch.dtype, tf32_allowed: Optional[bool] = None):
     """``(DOT_F32, PRECISION)``: upcast tiles to float32 before ``tl.dot`` under the interpreter or for
-    float32 inputs; float32 uses TF32 only when PyTorch allows it for matmuls."""
+    float32 inputs; float32 uses TF32 only when PyTorch allows it (``torch.backends.cuda.matmul.allow_tf32``
+    for linear, ``torch.backends.cudnn.allow_tf32`` for conv, passed as ``tf32_allowed``)."""
+    if tf32_allowed is None:
+        tf32_allowed = torch.backends.cuda.matmul.allow_tf32
     if INTERPRET or dtype == torch.float32:
-        tf32 = (not INTERPRET) and dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+        tf32 = (not INTERPRET) and dtype == torch.float32 and tf32_allowed
         return True, ("tf32" if tf32 else "ieee")
     return False, "ieee"
 
@@ -366,12 +369,13 @@ def linear_backward(dy, x2, weight, log_alpha, bias, seed, gate_name, sample, tr
             if t is not None:
                 t.zero_()
         return dx, dw, (dla32.to(log_alpha.dtype) if need_la else None), db
-    dummy = x2
+    dummy = x2  # pointer for arguments a kernel does not touch
+    unused_dla = torch.empty((1,), dtype=torch.float32, device=dev)  # the autotuner zeroes dla_ptr: never x2
     # dX, and dlog_alpha of input gates
     in_dla = need_la and code == GATE_IN
     if (need_x or in_dla) and k > 0:
         out = dx if need_x else dummy
-        dla = dla32 if in_dla else dummy
+        dla = dla32 if in_dla else unused_dla
         _dx_kernel[_gemm_grid(m, k, "BLOCK_M", "BLOCK_K")](
             dy, weight, log_alpha, x2, out, dla, m, n, k, seed,
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), *las, x2.stride(0), x2.stride(1),
@@ -380,7 +384,7 @@ def linear_backward(dy, x2, weight, log_alpha, bias, seed, gate_name, sample, tr
     w_dla = need_la and (code == GATE_WEIGHT or (code == GATE_OUT and not sample))
     if need_w or need_b or w_dla:
         out = dw if need_w else dummy
-        dla = dla32 if w_dla else dummy
+        dla = dla32 if w_dla else unused_dla
         dla_s = las if dla32 is None else _la_strides(dla32)
         _dw_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * max(triton.cdiv(k, meta["BLOCK_K"]), 1),)](
             dy, x2, log_alpha, weight, bias if bias is not None else dummy, out, db if need_b else dummy, dla,

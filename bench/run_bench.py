@@ -1,0 +1,289 @@
+"""Benchmarks of SPEC section 7: every gated op against its dense baseline, for every backend that
+``l0kernels.available_backends(call)`` says can run the call (torch, triton, and cuda once built).
+
+    python bench/run_bench.py                 # CUDA: all SPEC shapes, triton.testing.do_bench medians
+    python bench/run_bench.py --cpu --quick   # no GPU: LeNet shapes only, time.perf_counter medians
+
+Writes ``bench/results/<device>-<date>.json`` (a list of rows with the fields of SPEC section 7:
+op, gate, noise, dtype, shape, backend, fwd_ms, fwd_bwd_ms, dense_fwd_ms, dense_fwd_bwd_ms, peak_mib,
+dense_peak_mib, device, torch, triton, commit, date) and a markdown table beside it.
+
+Timing: forward with autograd recording (inputs require grad), and forward+backward as
+``torch.autograd.grad`` of the output with a fixed random upstream gradient (no ``.grad``
+accumulation), both after warm-up; on CUDA ``triton.testing.do_bench(..., return_mode="median")``.
+The dense baseline is ``F.linear`` / ``F.conv2d`` in the same dtype and memory format. ``peak_mib``
+is ``torch.cuda.max_memory_allocated`` over one forward+backward, inputs included (None on CPU).
+
+Extra suites: ``EXTRA_SUITES`` is a list of callables ``suite(ctx) -> list of row dicts``;
+``bench/inference_suite.py`` (imported if present) appends to it. ``ctx`` is a :class:`BenchContext`
+with ``device``, ``cpu``, ``quick``, ``time_ms(fn)``, ``peak_mib(fn)`` and ``row(**fields)`` (fills
+device/torch/triton/commit/date and leaves absent fields None).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+if __name__ == "__main__":  # `import run_bench` from an extra suite must see this module, not a second copy
+    sys.modules.setdefault("run_bench", sys.modules["__main__"])
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import l0kernels as l0k  # noqa: E402
+from l0kernels._checks import conv2d_call, linear_call  # noqa: E402
+
+FIELDS = ["op", "gate", "noise", "dtype", "shape", "backend", "fwd_ms", "fwd_bwd_ms", "dense_fwd_ms",
+          "dense_fwd_bwd_ms", "peak_mib", "dense_peak_mib", "device", "torch", "triton", "commit", "date"]
+
+EXTRA_SUITES: List[Callable[["BenchContext"], List[dict]]] = []
+
+DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LINEAR_MODES = [("in", "batch"), ("in", "sample"), ("out", "batch"), ("out", "sample"), ("weight", "batch")]
+
+# (suite, M, K, N, dtype); SPEC section 7
+LINEAR_SHAPES = [
+    ("lenet300", 100, 784, 300, "float32"),
+    ("lenet300", 100, 300, 100, "float32"),
+    ("transformer_mlp", 8192, 4096, 4096, "bfloat16"),
+    ("transformer_mlp", 8192, 4096, 14336, "bfloat16"),
+]
+# (suite, B, C_in, C_out, H, W, k, padding, dtype, channels_last)
+CONV_SHAPES = [
+    ("lenet5", 100, 1, 20, 28, 28, 5, 0, "float32", False),
+    ("lenet5", 100, 20, 50, 12, 12, 5, 0, "float32", False),
+] + [
+    ("wrn28_10", 128, c, c, s, s, 3, 1, dt, cl)
+    for (c, s) in ((160, 32), (320, 16), (640, 8)) for (dt, cl) in (("bfloat16", True), ("float32", False))
+]
+QUICK_SUITES = ("lenet300", "lenet5")
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                                       stderr=subprocess.DEVNULL).decode().strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _triton_version() -> Optional[str]:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+@dataclass
+class BenchContext:
+    device: torch.device
+    cpu: bool
+    quick: bool
+    reps: int
+    meta: Dict[str, Optional[str]]
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def time_ms(self, fn: Callable[[], object]) -> float:
+        """Median milliseconds of ``fn`` after warm-up."""
+        if self.device.type == "cuda":
+            import triton.testing
+            return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        for _ in range(2):
+            fn()
+        times = []
+        for _ in range(self.reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return float(statistics.median(times))
+
+    def peak_mib(self, fn: Callable[[], object]) -> Optional[float]:
+        if self.device.type != "cuda":
+            return None
+        self.sync()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        fn()
+        self.sync()
+        return torch.cuda.max_memory_allocated(self.device) / 2**20
+
+    def row(self, **fields) -> dict:
+        r = {k: None for k in FIELDS}
+        r.update(self.meta)
+        r.update(fields)
+        return r
+
+
+def _grad_fn(f, inputs, dy_holder):
+    def run():
+        y = f()
+        if dy_holder[0] is None:
+            dy_holder[0] = torch.randn_like(y)
+        torch.autograd.grad(y, inputs, dy_holder[0])
+    return run
+
+
+def _measure(ctx, gated: Dict[str, Callable], dense: Callable, inputs, dense_inputs, common: dict) -> List[dict]:
+    dy = [None]
+    dense_fb = _grad_fn(dense, dense_inputs, dy)
+    dense_fb()  # materialise dy
+    dense_t = dict(dense_fwd_ms=ctx.time_ms(dense), dense_fwd_bwd_ms=ctx.time_ms(dense_fb),
+                   dense_peak_mib=ctx.peak_mib(dense_fb))
+    rows = []
+    for name, f in gated.items():
+        fb = _grad_fn(f, inputs, dy)
+        try:
+            rows.append(ctx.row(backend=name, fwd_ms=ctx.time_ms(f), fwd_bwd_ms=ctx.time_ms(fb),
+                                peak_mib=ctx.peak_mib(fb), **dense_t, **common))
+        except Exception as e:  # a backend failing one shape must not lose the others' rows
+            print(f"  {name}: FAILED ({type(e).__name__}: {e})", file=sys.stderr)
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def linear_suite(ctx: BenchContext) -> List[dict]:
+    rows = []
+    for suite, m, k, n, dts in LINEAR_SHAPES:
+        if ctx.quick and suite not in QUICK_SUITES:
+            continue
+        dt = DT[dts]
+        g = torch.Generator(device=ctx.device).manual_seed(0)
+        x = torch.randn(m, k, device=ctx.device, dtype=dt, generator=g).requires_grad_()
+        w = (torch.randn(n, k, device=ctx.device, generator=g) / k ** 0.5).to(dt).requires_grad_()
+        b = torch.randn(n, device=ctx.device, dtype=dt, generator=g).requires_grad_()
+        for gate, noise in LINEAR_MODES:
+            la_shape = {"in": (k,), "out": (n,), "weight": (n, k)}[gate]
+            la = (torch.randn(la_shape, device=ctx.device, generator=g) + 1.0).to(dt).requires_grad_()
+            kw = dict(seed=1234, gate=gate, noise=noise, training=True)
+            call = linear_call(x, w, la, b, backend="auto", beta=2 / 3, gamma=-0.1, zeta=1.1, **kw)
+            gated = {be: (lambda be=be: l0k.l0_linear(x, w, la, b, backend=be, **kw))
+                     for be in l0k.available_backends(call)}
+            common = dict(op="linear", gate=gate, noise=noise, dtype=dts, shape=f"{m}x{k}->{n}")
+            print(f"{suite}: linear {common['shape']} {dts} gate={gate} noise={noise}: {sorted(gated)}")
+            rows += _measure(ctx, gated, lambda: F.linear(x, w, b), (x, w, la, b), (x, w, b), common)
+    return rows
+
+
+def conv_suite(ctx: BenchContext) -> List[dict]:
+    rows = []
+    for suite, bsz, cin, cout, h, wd, ks, pad, dts, cl in CONV_SHAPES:
+        if ctx.quick and suite not in QUICK_SUITES:
+            continue
+        dt = DT[dts]
+        g = torch.Generator(device=ctx.device).manual_seed(0)
+        x = torch.randn(bsz, cin, h, wd, device=ctx.device, dtype=dt, generator=g)
+        w = (torch.randn(cout, cin, ks, ks, device=ctx.device, generator=g) / (cin * ks * ks) ** 0.5).to(dt)
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+            w = w.to(memory_format=torch.channels_last)
+        x.requires_grad_()
+        w.requires_grad_()
+        b = torch.randn(cout, device=ctx.device, dtype=dt, generator=g).requires_grad_()
+        la = (torch.randn(cout, device=ctx.device, generator=g) + 1.0).to(dt).requires_grad_()
+        fmt = "channels_last" if cl else "nchw"
+        for noise in ("batch", "sample"):
+            kw = dict(padding=pad, seed=1234, noise=noise, training=True)
+            call = conv2d_call(x, w, la, b, 1, pad, 1, 1, seed=1234, noise=noise, training=True, backend="auto",
+                               beta=2 / 3, gamma=-0.1, zeta=1.1)
+            gated = {be: (lambda be=be: l0k.l0_conv2d(x, w, la, b, backend=be, **kw))
+                     for be in l0k.available_backends(call)}
+            shape = f"{bsz}x{cin}x{h}x{wd},{cin}->{cout},k{ks},{fmt}"
+            common = dict(op="conv2d", gate="channel", noise=noise, dtype=dts, shape=shape)
+            print(f"{suite}: conv2d {shape} {dts} noise={noise}: {sorted(gated)}")
+            rows += _measure(ctx, gated, lambda: F.conv2d(x, w, b, padding=pad), (x, w, la, b), (x, w, b), common)
+    return rows
+
+
+SUITES = {"linear": linear_suite, "conv2d": conv_suite}
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return "cpu"
+
+
+def _fmt(v, nd=3):
+    if v is None:
+        return "-"
+    return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def to_markdown(rows: List[dict]) -> str:
+    head = ("| op | gate | noise | dtype | shape | backend | fwd ms | fwd+bwd ms | dense fwd ms | dense fwd+bwd ms "
+            "| fwd+bwd / dense | peak MiB | dense peak MiB |")
+    lines = [head, "|" + "---|" * 13]
+    for r in rows:
+        ratio = (r["fwd_bwd_ms"] / r["dense_fwd_bwd_ms"]) if r.get("fwd_bwd_ms") and r.get("dense_fwd_bwd_ms") else None
+        lines.append("| " + " | ".join([str(r.get("op")), str(r.get("gate")), str(r.get("noise")), str(r.get("dtype")),
+                                        str(r.get("shape")), str(r.get("backend")), _fmt(r.get("fwd_ms")),
+                                        _fmt(r.get("fwd_bwd_ms")), _fmt(r.get("dense_fwd_ms")),
+                                        _fmt(r.get("dense_fwd_bwd_ms")), _fmt(ratio, 2), _fmt(r.get("peak_mib"), 1),
+                                        _fmt(r.get("dense_peak_mib"), 1)]) + " |")
+    r0 = rows[0] if rows else {}
+    foot = (f"\nDevice: {r0.get('device')}; torch {r0.get('torch')}; triton {r0.get('triton')}; commit "
+            f"{r0.get('commit')}; {r0.get('date')}. Medians in milliseconds; peak = max allocated over one "
+            f"forward+backward, inputs included.\n")
+    return "\n".join(lines) + "\n" + foot
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is available")
+    ap.add_argument("--quick", action="store_true", help="small shapes only (LeNet-300-100, LeNet-5)")
+    ap.add_argument("--ops", default="linear,conv2d", help="comma-separated subset of: linear,conv2d")
+    ap.add_argument("--no-extra", action="store_true", help="skip EXTRA_SUITES (bench/inference_suite.py)")
+    ap.add_argument("--reps", type=int, default=20, help="CPU timing repetitions (median)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    a = ap.parse_args(argv)
+    if not a.cpu and not torch.cuda.is_available():
+        print("no CUDA device: use --cpu (with --quick for the small shapes only)", file=sys.stderr)
+        return 2
+    dev = torch.device("cpu" if a.cpu else "cuda")
+    now = _dt.datetime.now(_dt.timezone.utc)
+    meta = dict(device=device_name(dev), torch=torch.__version__, triton=_triton_version(), commit=_git_commit(),
+                date=now.isoformat(timespec="seconds"))
+    ctx = BenchContext(dev, dev.type == "cpu", a.quick, a.reps, meta)
+    if not a.no_extra:
+        try:
+            import inference_suite  # noqa: F401  (appends to EXTRA_SUITES)
+        except ImportError as e:
+            if getattr(e, "name", None) != "inference_suite":
+                raise
+    rows: List[dict] = []
+    for op in [o.strip() for o in a.ops.split(",") if o.strip()]:
+        if op not in SUITES:
+            ap.error(f"--ops: unknown op {op!r} (choose from {', '.join(SUITES)})")
+        rows += SUITES[op](ctx)
+    if not a.no_extra:
+        for suite in EXTRA_SUITES:
+            rows += list(suite(ctx))
+    os.makedirs(a.out, exist_ok=True)
+    tag = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in meta["device"]).strip("-")
+    stem = os.path.join(a.out, f"{tag}-{now.strftime('%Y-%m-%dT%H%M%S')}")
+    with open(stem + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(to_markdown(rows))
+    print(f"{len(rows)} rows -> {stem}.json, {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
