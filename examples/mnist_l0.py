@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import l0kernels as l0k
 from l0kernels.data import load_mnist
-from l0kernels.models import (PAPER_TABLE1, LeNet300100, LeNet5Caffe, architecture, arch_str, compact_model,
+from l0kernels.models import (PAPER_TABLE1, LeNet300100, LeNet5Caffe, architecture, arch_str, compact_models,
                               count_flops, count_params, dense_copy, expected_cost, time_inference)
 
 try:
@@ -138,16 +138,20 @@ def report(a, model_eval, history: List[Dict], dense_arch, input_shape, device, 
     """Final numbers of the evaluated (EMA) model: error, architecture, costs, compaction and speed."""
     last = history[-1]
     cost = expected_cost(model_eval, input_shape)
-    compact, how = compact_model(model_eval)
+    compacts = compact_models(model_eval)
     dense = dense_copy(model_eval)
-    speed = {}
+    model_eval.eval()
+    speed: Dict = {}
     for b in (1, 100):
         x = torch.randn(b, *input_shape, device=device)
-        speed[b] = {"dense_ms": time_inference(dense, x, repeats=50), "l0_eval_ms": time_inference(model_eval, x, repeats=50),
-                    "compact_ms": time_inference(compact, x, repeats=50)}
+        speed[b] = {"dense_ms": time_inference(dense, x, repeats=50),
+                    "l0_eval_ms": time_inference(model_eval, x, repeats=50)}
+        for how, c in compacts:
+            speed[b][how] = time_inference(c, x, repeats=50)
     x = torch.randn(64, *input_shape, device=device)
     with torch.no_grad():
-        max_diff = float((compact(x) - model_eval.eval()(x)).abs().max())
+        max_diff = max(float((c(x) - model_eval(x)).abs().max()) for _, c in compacts)
+    c0 = compacts[0][1]
     return {
         "model": NAMES[a.model], "method": "L0-sep" if a.sep or a.lambdas else "L0",
         "lambdas_times_N": a.lambdas or [a.lamba] * len(dense_arch), "N": n_train,
@@ -155,8 +159,8 @@ def report(a, model_eval, history: List[Dict], dense_arch, input_shape, device, 
         "test_error": last["test_error"], "architecture": last["arch"], "dense_architecture": list(dense_arch),
         "expected_params": cost["expected_params"], "dense_params": cost["dense_params"],
         "expected_flops": cost["expected_flops"], "dense_flops": cost["dense_flops"],
-        "compact_params": count_params(compact), "compact_flops": count_flops(compact, input_shape),
-        "compacted_with": how, "compact_max_abs_diff": max_diff, "speed": speed,
+        "compact_params": count_params(c0, nonzero=True), "compact_flops": count_flops(c0, input_shape),
+        "compacted_with": [h for h, _ in compacts], "compact_max_abs_diff": max_diff, "speed": speed,
         "settings": {k: v for k, v in vars(a).items() if k not in ("data", "out", "results")},
         "device": str(device) if device.type != "cpu" else f"cpu ({platform.processor() or platform.machine()}, "
                                                            f"{torch.get_num_threads()} threads)",
@@ -200,16 +204,18 @@ def write_results(a, r: Dict) -> None:
         "|---|---:|---:|",
         f"| dense | {r['dense_params']:,.0f} | {r['dense_flops']:,.0f} |",
         f"| expected (sum of p_open x group size) | {r['expected_params']:,.0f} | {r['expected_flops']:,.0f} |",
-        f"| compacted network (actual) | {r['compact_params']:,d} | {r['compact_flops']:,d} |",
+        f"| compacted network (actual, non-zero) | {r['compact_params']:,d} | {r['compact_flops']:,d} |",
         "",
-        f"Compacted with `{r['compacted_with']}`; max |compacted - L0 model| = {r['compact_max_abs_diff']:.1e}.",
+        f"Max |compacted - L0 model| = {r['compact_max_abs_diff']:.1e}. `l0kernels.compact` keeps the input size "
+        "(closed input gates of the first layer stay as zero columns); `compact_sequential` also drops them.",
         "",
-        "| inference (median ms) | dense nn | L0 model, eval gates | compacted | speed-up vs dense |",
-        "|---|---:|---:|---:|---:|",
+        "| inference, median ms (speed-up vs dense) | dense nn | L0 model, eval gates | "
+        + " | ".join(f"compacted: {h}" for h in r["compacted_with"]) + " |",
+        "|---|---:|---:|" + "---:|" * len(r["compacted_with"]),
     ]
     for b, s in r["speed"].items():
-        lines.append(f"| batch {b} | {s['dense_ms']:.3f} | {s['l0_eval_ms']:.3f} | {s['compact_ms']:.3f} | "
-                     f"{s['dense_ms'] / s['compact_ms']:.2f}x |")
+        cells = " | ".join(f"{s[h]:.3f} ({s['dense_ms'] / s[h]:.2f}x)" for h in r["compacted_with"])
+        lines.append(f"| batch {b} | {s['dense_ms']:.3f} | {s['l0_eval_ms']:.3f} | {cells} |")
     if plot:
         lines += ["", f"![architecture and error over epochs]({os.path.basename(plot)})"]
     lines += ["", "Per-epoch history (architecture, test error, expected L0) is in "
@@ -323,8 +329,9 @@ def main(argv=None) -> int:
                                "args": vars(a)})
         write_results(a, report(a, model_eval, history, dense_arch, input_shape, device, n))
     if not history:
-        print("nothing to do (already trained for --epochs)")
+        print("nothing trained yet (--epochs 0)")
         return 0
+    model_eval = ema.averaged(model) if ema is not None else model  # also when --resume had nothing left to do
     r = report(a, model_eval, history, dense_arch, input_shape, device, n)
     write_results(a, r)
     print(f"\n{r['model']} {r['method']}: {r['epochs_done']} epochs, test error {100 * r['test_error']:.2f}%, "

@@ -104,21 +104,27 @@ def expected_cost(model: nn.Module, input_shape: Tuple[int, ...]) -> Dict[str, f
     return {"expected_params": exp_p, "dense_params": dense_p, "expected_flops": exp_f, "dense_flops": dense_f}
 
 
-def count_params(model: nn.Module) -> int:
-    """Parameters of a plain model (log_alpha excluded if any)."""
-    return sum(p.numel() for n, p in model.named_parameters() if not n.endswith("log_alpha"))
+def count_params(model: nn.Module, nonzero: bool = False) -> int:
+    """Parameters of a plain model (log_alpha excluded if any); with ``nonzero`` only the non-zero ones
+    (a compacted model may keep zero columns for closed input gates)."""
+    ps = [p for n, p in model.named_parameters() if not n.endswith("log_alpha")]
+    if nonzero:
+        return int(sum(int((p != 0).sum()) for p in ps))
+    return sum(p.numel() for p in ps)
 
 
 def count_flops(model: nn.Module, input_shape: Tuple[int, ...]) -> int:
     """FLOPs of one example through the ``nn.Linear`` / ``nn.Conv2d`` layers of a plain model.
 
     A multiply-add is 2 FLOPs, a bias add 1 (the same convention as the L0 layers' ``dense_flops``).
+    Input columns of an ``nn.Linear`` that are all zero are not counted (they need no work).
     """
     total = [0]
 
     def lin(m, inp, out):
         rows = out.numel() // out.shape[-1]
-        total[0] += rows * m.out_features * (2 * m.in_features - 1 + (m.bias is not None))
+        k = int((m.weight != 0).any(0).sum())
+        total[0] += rows * m.out_features * max(2 * k - 1, 0) + rows * m.out_features * (m.bias is not None)
 
     def conv(m, inp, out):
         fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
@@ -286,11 +292,24 @@ def compact_sequential(model: nn.Sequential) -> nn.Sequential:
     return nn.Sequential(*out).eval()
 
 
-def compact_model(model: nn.Module) -> Tuple[nn.Module, str]:
-    """``(plain model, how)``: ``l0kernels.compact(model)`` when the package has it, else
-    :func:`compact_sequential`."""
+def compact_models(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """Compacted plain copies of ``model`` as ``[(how, model), ...]``: ``l0kernels.compact(model)``
+    (keeps the input size, so closed input gates of the first layer stay as zero columns) when the
+    package has it, and :func:`compact_sequential` (also drops those inputs with an index gather)
+    when ``model`` is a Sequential it handles."""
+    out: List[Tuple[str, nn.Module]] = []
     try:
-        from .compact import compact  # type: ignore[import-not-found]
+        from .compact import compact
     except ImportError:
-        return compact_sequential(model), "l0kernels.models.compact_sequential (l0kernels.compact not available)"
-    return compact(model), "l0kernels.compact"
+        compact = None
+    if compact is not None:
+        out.append(("l0kernels.compact", compact(model)))
+    if isinstance(model, nn.Sequential):
+        try:
+            out.append(("compact_sequential (drops closed inputs)", compact_sequential(model)))
+        except TypeError:
+            pass
+    if not out:
+        raise TypeError(f"cannot compact {type(model).__name__}: l0kernels.compact is not available and the model "
+                        "is not a Sequential of L0 layers")
+    return out
