@@ -47,14 +47,16 @@ def test_demo_main_prints_report(capsys, one_thread):
 
 
 def test_teacher_task_support_drives_target():
-    t = teacher_task(n_features=60, n_true=6, n_train=512, n_test=8, noise_std=0.0, seed=2)
+    t = teacher_task(n_features=60, n_true=6, n_train=512, n_test=8, noise_std=0.0, nonlinear=False, seed=2)
     assert t.support.numel() == 6 and bool((t.support.diff() > 0).all())
-    x = t.x_train.clone()
-    others = torch.ones(60, dtype=torch.bool)
-    others[t.support] = False
-    x[:, others] = torch.randn(512, int(others.sum()))
-    t2 = teacher_task(n_features=60, n_true=6, n_train=512, n_test=8, noise_std=0.0, seed=2)
-    assert torch.equal(t2.y_train, t.y_train)
+    # a linear noiseless teacher: least squares puts weight on the support only, |w| in [0.5, 1.5] / sqrt(6)
+    w = torch.linalg.lstsq(t.x_train.double(), t.y_train.double()).solution.flatten()
+    off = torch.ones(60, dtype=torch.bool)
+    off[t.support] = False
+    assert w[off].abs().max() < 1e-6
+    assert w[t.support].abs().min() > 0.5 / 6 ** 0.5 - 1e-6
+    t2 = teacher_task(n_features=60, n_true=6, n_train=512, n_test=8, noise_std=0.0, nonlinear=False, seed=2)
+    assert torch.equal(t2.y_train, t.y_train) and torch.equal(t2.support, t.support)
     with pytest.raises(ValueError, match="n_true"):
         teacher_task(n_features=10, n_true=11)
 
