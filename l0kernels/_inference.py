@@ -25,6 +25,7 @@ When autograd is recording and something requires a gradient, the differentiable
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -35,7 +36,8 @@ from ._checks import conv2d_call, linear_call
 from ._gates import eval_gates_and_grad
 from .functional import l0_conv2d, l0_linear
 
-_CACHE_ATTR = "_l0k_eval_cache"
+# module -> (key, plan); kept outside the module so that torch.save / deepcopy of a model never carry it
+_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -71,9 +73,8 @@ class ConvPlan:
 
 
 def _tensor_key(t: Optional[torch.Tensor]) -> Tuple:
-    if t is None:
-        return (None,)
-    return (id(t), t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+    # identity + storage + version: a new Parameter, a `.data = ...` swap or any tracked in-place update
+    return (None,) if t is None else (id(t), t.data_ptr(), t._version)
 
 
 def _cache_key(module, kind: str) -> Tuple:
@@ -84,19 +85,24 @@ def _cache_key(module, kind: str) -> Tuple:
 def clear_eval_cache(module) -> None:
     """Drop the cached eval plans of ``module`` and its submodules (needed only after ``.data`` edits)."""
     for m in module.modules():
-        if hasattr(m, _CACHE_ATTR):
-            delattr(m, _CACHE_ATTR)
+        _CACHES.pop(m, None)
 
 
 def _cached(module, kind: str, build):
     key = _cache_key(module, kind)
-    entry = module.__dict__.get(_CACHE_ATTR)
+    entry = _CACHES.get(module)
     if entry is not None and entry[0] == key:
         return entry[1]
     with torch.no_grad():
         plan = build(module)
-    module.__dict__[_CACHE_ATTR] = (key, plan)
+    _CACHES[module] = (key, plan)
     return plan
+
+
+def cached_plan(module):
+    """The plan cached for ``module`` (None before its first eval call or after a change)."""
+    entry = _CACHES.get(module)
+    return None if entry is None else entry[1]
 
 
 def _z_eval(module) -> torch.Tensor:
@@ -239,18 +245,33 @@ def _needs_autograd(x, module) -> bool:
                                   for p in (module.weight, module.bias, module.log_alpha))
 
 
-def eval_linear(module, x: torch.Tensor) -> torch.Tensor:
-    """Eval-mode ``L0Linear`` forward; equals ``l0_linear(..., training=False)`` up to rounding."""
+def _validate_linear(module, x):
     c = module.cfg
-    call = linear_call(x, module.weight, module.log_alpha, module.bias, seed=None, gate=module.gate,
+    return linear_call(x, module.weight, module.log_alpha, module.bias, seed=None, gate=module.gate,
                        noise=module.noise, training=False, backend=module.backend, beta=c.beta, gamma=c.gamma,
                        zeta=c.zeta, eps=c.eps)
+
+
+def _build_checked_linear_plan(module, x):
+    _validate_linear(module, x)  # the full check of the layer's tensors, once per plan
+    return build_linear_plan(module)
+
+
+def eval_linear(module, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode ``L0Linear`` forward; equals ``l0_linear(..., training=False)`` up to rounding."""
+    w = module.weight
+    # per-call checks of x (the layer's own tensors are checked when its plan is built); the full check
+    # runs, and raises with its message, when one fails
+    if not (isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == w.shape[1] and x.dtype == w.dtype
+            and x.device == w.device):
+        _validate_linear(module, x)
     if _needs_autograd(x, module):
+        c = module.cfg
         return l0_linear(x, module.weight, module.log_alpha, module.bias, gate=module.gate, noise=module.noise,
                          training=False, backend=module.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta,
                          eps=c.eps)
-    plan = _cached(module, "linear", build_linear_plan)
-    n, k = call.weight.shape
+    plan = _cached(module, "linear", lambda mod: _build_checked_linear_plan(mod, x))
+    n, k = w.shape
     x2 = x.reshape(-1, k)
     if _use_triton_linear(module.backend, x):
         y = _triton_eval()[0].sparse_linear(x2, plan)
@@ -273,5 +294,5 @@ def eval_conv2d(module, x: torch.Tensor) -> torch.Tensor:
     return conv_plan_torch(x, plan, call.stride, call.padding, call.dilation, call.groups)
 
 
-__all__ = ["eval_linear", "eval_conv2d", "clear_eval_cache", "build_linear_plan", "build_conv_plan",
+__all__ = ["eval_linear", "eval_conv2d", "clear_eval_cache", "cached_plan", "build_linear_plan", "build_conv_plan",
            "LinearPlan", "ConvPlan", "linear_plan_torch", "conv_plan_torch"]

@@ -285,3 +285,15 @@ def test_grouped_conv_and_padded_avgpool(rel_err):
             random_closed(m, 0.5)
     c = check_same(model, torch.randn(2, 4, 5, 5), rel_err)
     assert c[3].groups == 2 and c[3].out_channels == 6  # a grouped conv keeps its channels (gates folded)
+
+
+def test_summary_of_unsupported_graph_counts_own_gates():
+    torch.manual_seed(11)
+    model = nn.Sequential(l0k.L0Linear(4, 4, gate="out"), Residual())
+    random_closed(model[0], 0.5)
+    random_closed(model[1].fc, 0.5)
+    s = summary(model)
+    assert not s.compacted and "add" in s.note
+    fc = model[1].fc
+    k_active = int((fc.deterministic_gates() > 0).sum())
+    assert s.layers[1].params_after == 4 * k_active + 4

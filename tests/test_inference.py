@@ -259,3 +259,19 @@ def test_cuda_auto_eval_uses_sparse_path(gate, rel_err):
         with torch.no_grad():
             y = m(x)
         assert rel_err(y, ref_linear(m, x)) < TOL[torch.float32]
+
+
+def test_cache_not_shared_by_copies(rel_err):
+    import copy
+    torch.manual_seed(10)
+    m = l0k.L0Linear(9, 6, gate="in").eval()
+    randomize_gates(m, 0.5)
+    x = torch.randn(3, 9)
+    with torch.no_grad():
+        m(x)
+        assert _inference.cached_plan(m) is not None
+        m2 = copy.deepcopy(m)
+        assert _inference.cached_plan(m2) is None
+        m2.weight.mul_(3.0)
+        assert rel_err(m2(x), ref_linear(m2, x)) < TOL[torch.float32]
+        assert rel_err(m(x), ref_linear(m, x)) < TOL[torch.float32]

@@ -1,0 +1,165 @@
+"""Inference rows of SPEC section 7: eval-mode ``L0Linear`` with structured gate sparsity.
+
+For the linear shapes (784->300, 300->100 float32; 4096->4096, 4096->14336 bfloat16 on CUDA) at gate
+density 1.0 / 0.5 / 0.25 / 0.1 (input and output gates) and batch 1, 16, 8192, times the module's
+eval forward (cached compact plan; Triton kernels on CUDA, PyTorch on CPU) against the dense full
+layer (``dense_fwd_ms``: ``F.linear`` with the full weight) and a dense layer of the compacted shape
+(``compact_dense_fwd_ms``: ``F.linear`` on a contiguous input of the kept size; the floor a gather or
+scatter can reach). Forward only, under ``torch.no_grad()``: ``fwd_bwd_ms`` is None.
+
+Imported by ``bench/run_bench.py`` (appends to its ``EXTRA_SUITES``), or standalone:
+
+    python bench/inference_suite.py --cpu      # small shapes only on the CPU
+    python bench/inference_suite.py            # CUDA: all shapes
+
+Standalone runs write ``bench/results/<device>-inference-<date>.json`` and ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import statistics
+import sys
+import time
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import run_bench  # noqa: E402  (the module itself when run_bench is __main__)
+import l0kernels as l0k  # noqa: E402
+
+# (suite, K, N, dtype); the transformer shapes run on CUDA only
+SHAPES = [("lenet300", 784, 300, "float32"), ("lenet300", 300, 100, "float32"),
+          ("transformer_mlp", 4096, 4096, "bfloat16"), ("transformer_mlp", 4096, 14336, "bfloat16")]
+DENSITIES = (1.0, 0.5, 0.25, 0.1)
+BATCHES = (1, 16, 8192)
+GATES = ("in", "out")
+
+
+def _layer(k, n, gate, density, dt, dev, g):
+    m = l0k.L0Linear(k, n, gate=gate, device=dev, dtype=dt).eval()
+    with torch.no_grad():
+        m.weight.copy_(torch.randn(n, k, device=dev, generator=g) / k ** 0.5)
+        m.bias.copy_(torch.randn(n, device=dev, generator=g))
+        g_count = m.log_alpha.numel()
+        keep = torch.randperm(g_count, device=dev, generator=g)[:max(1, round(density * g_count))]
+        la = torch.full((g_count,), -6.0, device=dev)
+        la[keep] = 5.0  # z_eval == 1 for open gates, 0 for closed ones
+        m.log_alpha.copy_(la.to(dt))
+    return m, int(keep.numel())
+
+
+def _times(ctx, fns) -> List[float]:
+    """Median ms of each function. On the CPU the functions are interleaved (one call of each per round) so
+    that load from other processes hits them alike; on CUDA ``ctx.time_ms`` (do_bench)."""
+    if ctx.device.type == "cuda":
+        return [ctx.time_ms(f) for f in fns]
+    for f in fns:
+        f()
+        f()
+    times = [[] for _ in fns]
+    for _ in range(ctx.reps):
+        for t, f in zip(times, fns):
+            t0 = time.perf_counter()
+            f()
+            t.append((time.perf_counter() - t0) * 1e3)
+    return [float(statistics.median(t)) for t in times]
+
+
+def inference_suite(ctx) -> List[dict]:
+    rows = []
+    dev = ctx.device
+    for suite, k, n, dts in SHAPES:
+        if ctx.cpu and suite != "lenet300":
+            print(f"{suite}: {k}->{n} skipped on the CPU (inference rows on CPU: small shapes only)")
+            continue
+        dt = run_bench.DT[dts]
+        g = torch.Generator(device=dev).manual_seed(0)
+        for gate in GATES:
+            for density in DENSITIES:
+                layer, kept = _layer(k, n, gate, density, dt, dev, g)
+                kc, nc = (kept, n) if gate == "in" else (k, kept)
+                wc = torch.randn(nc, kc, device=dev, generator=g).to(dt)
+                bc = torch.randn(nc, device=dev, generator=g).to(dt)
+                for m in BATCHES:
+                    if ctx.quick and m > 16:
+                        continue
+                    x = torch.randn(m, k, device=dev, generator=g).to(dt)
+                    xc = torch.randn(m, kc, device=dev, generator=g).to(dt)
+                    with torch.no_grad():
+                        layer(x)  # builds the cached plan
+                        fwd, dense, dense_c = _times(ctx, [lambda: layer(x),
+                                                           lambda: F.linear(x, layer.weight, layer.bias),
+                                                           lambda: F.linear(xc, wc, bc)])
+                        peak = ctx.peak_mib(lambda: layer(x))
+                        dpeak = ctx.peak_mib(lambda: F.linear(x, layer.weight, layer.bias))
+                    backend = "triton" if dev.type == "cuda" and dt != torch.float64 else "torch"
+                    shape = f"{m}x{k}->{n}"
+                    print(f"{suite}: eval linear {shape} {dts} gate={gate} density={density}: module {fwd:.3f} ms, "
+                          f"dense {dense:.3f} ms, compacted dense {dense_c:.3f} ms")
+                    rows.append(ctx.row(op="linear_eval", gate=gate, noise=None, dtype=dts, shape=shape,
+                                        backend=backend, fwd_ms=fwd, fwd_bwd_ms=None, dense_fwd_ms=dense,
+                                        dense_fwd_bwd_ms=None, peak_mib=peak, dense_peak_mib=dpeak,
+                                        density=density, batch=m, compact_shape=f"{kc}->{nc}",
+                                        compact_dense_fwd_ms=dense_c))
+                del layer
+    return rows
+
+
+run_bench.EXTRA_SUITES.append(inference_suite)
+
+
+def to_markdown(rows: List[dict]) -> str:
+    f = run_bench._fmt
+    lines = ["| gate | dtype | shape | density | compact shape | backend | eval fwd ms | dense fwd ms | "
+             "compacted dense fwd ms | eval / dense | eval / compacted |", "|" + "---|" * 11]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            str(r["gate"]), str(r["dtype"]), str(r["shape"]), str(r["density"]), str(r["compact_shape"]),
+            str(r["backend"]), f(r["fwd_ms"]), f(r["dense_fwd_ms"]), f(r["compact_dense_fwd_ms"]),
+            f(r["fwd_ms"] / r["dense_fwd_ms"], 2), f(r["fwd_ms"] / r["compact_dense_fwd_ms"], 2)]) + " |")
+    r0 = rows[0] if rows else {}
+    return "\n".join(lines) + (f"\n\nDevice: {r0.get('device')} ({torch.get_num_threads()} threads); torch {r0.get('torch')}; triton {r0.get('triton')}; "
+                               f"commit {r0.get('commit')}; {r0.get('date')}. Medians in milliseconds, forward "
+                               f"only under no_grad.\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cpu", action="store_true", help="run on the CPU (small shapes only)")
+    ap.add_argument("--quick", action="store_true", help="batches 1 and 16 only")
+    ap.add_argument("--reps", type=int, default=20, help="CPU timing repetitions (median)")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (CPU; 0 = leave as is)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if not a.cpu and not torch.cuda.is_available():
+        print("no CUDA device: use --cpu", file=sys.stderr)
+        return 2
+    dev = torch.device("cpu" if a.cpu else "cuda")
+    now = _dt.datetime.now(_dt.timezone.utc)
+    meta = dict(device=run_bench.device_name(dev), torch=torch.__version__, triton=run_bench._triton_version(),
+                commit=run_bench._git_commit(), date=now.isoformat(timespec="seconds"))
+    ctx = run_bench.BenchContext(dev, dev.type == "cpu", a.quick, a.reps, meta)
+    rows = inference_suite(ctx)
+    os.makedirs(a.out, exist_ok=True)
+    tag = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in meta["device"]).strip("-")
+    stem = os.path.join(a.out, f"{tag}-inference-{now.strftime('%Y-%m-%dT%H%M%S')}")
+    with open(stem + ".json", "w") as fh:
+        json.dump(rows, fh, indent=1)
+    with open(stem + ".md", "w") as fh:
+        fh.write(to_markdown(rows))
+    print(f"{len(rows)} rows -> {stem}.json, {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
