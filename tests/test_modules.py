@@ -200,7 +200,7 @@ def test_constrain_clamps_log_alpha():
     assert torch.allclose(model[2].log_alpha, torch.tensor([lo, -4.5, hi]))
     assert model[0].log_alpha._version > v0  # in place (so optimizers and eval caches see it)
     model[0].constrain_()  # the per-layer method too
-    assert float(model[0].log_alpha.min()) == pytest.approx(lo)
+    assert float(model[0].log_alpha.detach().min()) == pytest.approx(lo)
 
 
 def _model(gen):
@@ -226,7 +226,7 @@ def test_l0_penalty_is_sum_of_expected_l0_and_differentiable():
     pen = l0k.l0_penalty(model)
     ref = sum(float(p_open(m.log_alpha).sum()) for m in layers)
     assert pen.item() == pytest.approx(ref, rel=1e-6)
-    assert sum(float(m.expected_l0()) for m in layers) == pytest.approx(ref, rel=1e-6)
+    assert sum(m.expected_l0().item() for m in layers) == pytest.approx(ref, rel=1e-6)
     pen.backward()
     for m in layers:
         p = p_open(m.log_alpha)
@@ -281,15 +281,15 @@ def test_expected_params():
     for m in layers:
         size = _hand_regularizer(m, 1.0, 0.0, 1)[1]
         ungated = m.out_features if isinstance(m, L0Linear) and m.gate != "out" and m.bias is not None else 0
-        assert float(m.expected_params()) == pytest.approx(size + ungated, rel=1e-5)
+        assert m.expected_params().item() == pytest.approx(size + ungated, rel=1e-5)
     dense_rest = sum(p.numel() for p in model[-1].parameters())
-    total = sum(float(m.expected_params()) for m in layers) + dense_rest
-    assert float(l0k.expected_params(model)) == pytest.approx(total, rel=1e-5)
+    total = sum(m.expected_params().item() for m in layers) + dense_rest
+    assert l0k.expected_params(model).item() == pytest.approx(total, rel=1e-5)
     # all gates wide open: every parameter counts
     for m in layers:
         with torch.no_grad():
             m.log_alpha.fill_(40.0)
-    assert float(l0k.expected_params(model)) == pytest.approx(sum(p.numel() for n, p in model.named_parameters()
+    assert l0k.expected_params(model).item() == pytest.approx(sum(p.numel() for n, p in model.named_parameters()
                                                                   if not n.endswith("log_alpha")), rel=1e-6)
 
 
@@ -310,8 +310,8 @@ def test_conv_expected_flops_uses_real_output_size(cfg):
     fan_in = 8 // m.groups * kh * kw
     per_channel = ho * wo * (2 * fan_in - 1 + (m.bias is not None))
     ref = float(p_open(m.log_alpha).sum()) * per_channel * 3
-    assert float(m.expected_flops(batch=3)) == pytest.approx(ref, rel=1e-5)
-    assert float(m.expected_flops(batch=3, input_hw=hw)) == pytest.approx(ref, rel=1e-5)
+    assert m.expected_flops(batch=3).item() == pytest.approx(ref, rel=1e-5)
+    assert m.expected_flops(batch=3, input_hw=hw).item() == pytest.approx(ref, rel=1e-5)
     assert m.dense_flops(batch=3, input_hw=hw) == 12 * per_channel * 3
     # the size formula is conv2d's own
     ho2, wo2 = [(hw[d] + 2 * m.padding[d] - m.dilation[d] * (m.kernel_size[d] - 1) - 1) // m.stride[d] + 1
@@ -326,7 +326,7 @@ def test_linear_expected_flops(gate):
     _spread_gates(m, gen)
     e = float(p_open(m.log_alpha).sum())
     ref = {"in": 6 * (2 * e - 1 + 1), "out": e * (2 * 10 - 1 + 1), "weight": 2 * e - 6 + 6}[gate]
-    assert float(m.expected_flops(batch=4)) == pytest.approx(4 * ref, rel=1e-5)
+    assert m.expected_flops(batch=4).item() == pytest.approx(4 * ref, rel=1e-5)
     assert m.dense_flops(batch=4) == 4 * 6 * (2 * 10)
 
 
