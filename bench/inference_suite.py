@@ -2,7 +2,8 @@
 
 For the linear shapes (784->300, 300->100 float32; 4096->4096, 4096->14336 bfloat16 on CUDA) at gate
 density 1.0 / 0.5 / 0.25 / 0.1 (input and output gates) and batch 1, 16, 8192, times the module's
-eval forward (cached compact plan; Triton kernels on CUDA, PyTorch on CPU) against the dense full
+eval forward (cached compact plan) per backend -- ``torch`` everywhere; ``triton`` (sparse_eval
+kernels) and ``auto`` (the faster of the two, timed once) on CUDA -- against the dense full
 layer (``dense_fwd_ms``: ``F.linear`` with the full weight) and a dense layer of the compacted shape
 (``compact_dense_fwd_ms``: ``F.linear`` on a contiguous input of the kept size; the floor a gather or
 scatter can reach). Forward only, under ``torch.no_grad()``: ``fwd_bwd_ms`` is None.
@@ -76,6 +77,9 @@ def _times(ctx, fns) -> List[float]:
 def inference_suite(ctx) -> List[dict]:
     rows = []
     dev = ctx.device
+    # module eval path per backend: "torch" (compact weight, F.linear + index_select/index_copy_), and on
+    # CUDA "triton" (sparse_eval kernels) and "auto" (the faster of the two, timed once per signature)
+    backends = ["torch", "triton", "auto"] if dev.type == "cuda" else ["torch"]
     for suite, k, n, dts in SHAPES:
         if ctx.cpu and suite != "lenet300":
             print(f"{suite}: {k}->{n} skipped on the CPU (inference rows on CPU: small shapes only)")
@@ -94,21 +98,27 @@ def inference_suite(ctx) -> List[dict]:
                     x = torch.randn(m, k, device=dev, generator=g).to(dt)
                     xc = torch.randn(m, kc, device=dev, generator=g).to(dt)
                     with torch.no_grad():
-                        layer(x)  # builds the cached plan
-                        fwd, dense, dense_c = _times(ctx, [lambda: layer(x),
-                                                           lambda: F.linear(x, layer.weight, layer.bias),
-                                                           lambda: F.linear(xc, wc, bc)])
-                        peak = ctx.peak_mib(lambda: layer(x))
+                        dense, dense_c = _times(ctx, [lambda: F.linear(x, layer.weight, layer.bias),
+                                                      lambda: F.linear(xc, wc, bc)])
                         dpeak = ctx.peak_mib(lambda: F.linear(x, layer.weight, layer.bias))
-                    backend = "triton" if dev.type == "cuda" and dt != torch.float64 else "torch"
-                    shape = f"{m}x{k}->{n}"
-                    print(f"{suite}: eval linear {shape} {dts} gate={gate} density={density}: module {fwd:.3f} ms, "
-                          f"dense {dense:.3f} ms, compacted dense {dense_c:.3f} ms")
-                    rows.append(ctx.row(op="linear_eval", gate=gate, noise=None, dtype=dts, shape=shape,
-                                        backend=backend, fwd_ms=fwd, fwd_bwd_ms=None, dense_fwd_ms=dense,
-                                        dense_fwd_bwd_ms=None, peak_mib=peak, dense_peak_mib=dpeak,
-                                        density=density, batch=m, compact_shape=f"{kc}->{nc}",
-                                        compact_dense_fwd_ms=dense_c))
+                    shape = f"{m}x{k}->{n},density={density}"
+                    for backend in backends:
+                        layer.backend = backend
+                        try:
+                            with torch.no_grad():
+                                layer(x)  # builds the cached plan (and, for auto, times its two paths)
+                                fwd, = _times(ctx, [lambda: layer(x)])
+                                peak = ctx.peak_mib(lambda: layer(x))
+                        except Exception as e:  # one failing backend must not lose the other rows
+                            print(f"  {backend}: FAILED ({type(e).__name__}: {e})", file=sys.stderr)
+                            continue
+                        print(f"{suite}: eval linear {shape} {dts} gate={gate} backend={backend}: {fwd:.3f} ms, "
+                              f"dense {dense:.3f} ms, compacted dense {dense_c:.3f} ms")
+                        rows.append(ctx.row(op="linear_eval", gate=gate, noise=None, dtype=dts, shape=shape,
+                                            backend=backend, fwd_ms=fwd, fwd_bwd_ms=None, dense_fwd_ms=dense,
+                                            dense_fwd_bwd_ms=None, peak_mib=peak, dense_peak_mib=dpeak,
+                                            density=density, batch=m, compact_shape=f"{kc}->{nc}",
+                                            compact_dense_fwd_ms=dense_c))
                 del layer
     return rows
 

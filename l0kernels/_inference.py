@@ -15,9 +15,10 @@ seen by version counters: call :func:`clear_eval_cache` after those.
   (a zero row's output is its ungated bias)
 * conv2d: a convolution with the active output channels only, scattered into a zero output
 
-On CUDA (``backend`` "auto" or "triton") the linear plans run the Triton kernels of
+On CUDA with ``backend="triton"`` the linear plans run the Triton kernels of
 :mod:`l0kernels.backends.triton.sparse_eval` (the gather of ``x``'s columns happens inside the GEMM
-loads; a GEMV kernel serves batches of 1-16 rows). On CPU they run in PyTorch, or in the Triton
+loads; a GEMV kernel serves batches of 1-16 rows); with ``backend="auto"`` those kernels and the PyTorch
+path (cuBLAS on the compact weight) are timed once per call signature and the faster one is kept. On CPU they run in PyTorch, or in the Triton
 interpreter when ``backend="triton"`` and ``TRITON_INTERPRET=1``.
 
 When autograd is recording and something requires a gradient, the differentiable
@@ -25,6 +26,8 @@ When autograd is recording and something requires a gradient, the differentiable
 """
 from __future__ import annotations
 
+import os
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -238,6 +241,34 @@ def _use_triton_linear(backend: str, x: torch.Tensor) -> bool:
     return False
 
 
+_AUTO_CHOICE = {}  # CUDA call signature -> True when the Triton kernels won the timing
+
+
+def _time_ms(fn, x, reps: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize(x.device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize(x.device)
+    return (time.perf_counter() - t0) / reps
+
+
+def _auto_prefers_triton(x2: torch.Tensor, plan: LinearPlan) -> bool:
+    """``backend="auto"`` on CUDA: Triton kernels or cuBLAS + index_select, measured once per signature
+    (like the dispatcher's auto: "measured, not guessed"); ``L0K_AUTO_TUNE=0`` takes Triton untimed."""
+    if os.environ.get("L0K_AUTO_TUNE", "1") == "0":
+        return True
+    key = (x2.device, x2.dtype, x2.shape[0], tuple(plan.weight.shape), plan.in_idx is not None,
+           plan.out_idx is not None, plan.fill is not None, plan.out_features)
+    if key not in _AUTO_CHOICE:
+        mod = _triton_eval()[0]
+        t_triton = _time_ms(lambda: mod.sparse_linear(x2, plan), x2)
+        t_torch = _time_ms(lambda: linear_plan_torch(x2, plan), x2)
+        _AUTO_CHOICE[key] = t_triton <= t_torch
+    return _AUTO_CHOICE[key]
+
+
 def _needs_autograd(x, module) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -273,7 +304,7 @@ def eval_linear(module, x: torch.Tensor) -> torch.Tensor:
     plan = _cached(module, "linear", lambda mod: _build_checked_linear_plan(mod, x))
     n, k = w.shape
     x2 = x.reshape(-1, k)
-    if _use_triton_linear(module.backend, x):
+    if _use_triton_linear(module.backend, x) and (module.backend == "triton" or _auto_prefers_triton(x2, plan)):
         y = _triton_eval()[0].sparse_linear(x2, plan)
     else:
         y = linear_plan_torch(x2, plan)
