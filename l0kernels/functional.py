@@ -1,6 +1,7 @@
 """Public functional API of SPEC section 4: gates, penalties and the gated ops."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -18,10 +19,12 @@ def _shape_for(log_alpha: torch.Tensor, shape) -> tuple:
         return tuple(log_alpha.shape)
     if isinstance(shape, int):
         shape = (shape,)
-    try:
-        shape = tuple(int(s) for s in shape)
-    except TypeError:
-        raise TypeError(f"shape must be a sequence of ints or None, got {shape!r}") from None
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"shape must be a sequence of ints or None, got {shape!r}")
+    shape = tuple(shape)
+    if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in shape):
+        raise TypeError(f"shape must be a sequence of ints or None, got {shape!r}")
+    shape = tuple(int(s) for s in shape)
     if any(s < 0 for s in shape):
         raise ValueError(f"shape must have non-negative sizes, got {shape}")
     la = tuple(log_alpha.shape)
