@@ -240,14 +240,15 @@ class L0Conv2d(_L0Layer):
         self.reset_gates()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, torch.Tensor) and x.dim() == 4:
-            self.input_hw = (int(x.shape[2]), int(x.shape[3]))
         if not self.training:
-            return _inference.eval_conv2d(self, x)
-        c = self.cfg
-        return l0_conv2d(x, self.weight, self.log_alpha, self.bias, self.stride, self.padding, self.dilation,
-                         self.groups, noise=self.noise, training=True, backend=self.backend, beta=c.beta,
-                         gamma=c.gamma, zeta=c.zeta, eps=c.eps)
+            y = _inference.eval_conv2d(self, x)
+        else:
+            c = self.cfg
+            y = l0_conv2d(x, self.weight, self.log_alpha, self.bias, self.stride, self.padding, self.dilation,
+                          self.groups, noise=self.noise, training=True, backend=self.backend, beta=c.beta,
+                          gamma=c.gamma, zeta=c.zeta, eps=c.eps)
+        self.input_hw = (int(x.shape[2]), int(x.shape[3]))  # only after a call that passed its checks
+        return y
 
     @property
     def fan_in(self) -> int:
