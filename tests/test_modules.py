@@ -23,8 +23,10 @@ def test_signatures_follow_torch_nn():
     for ours, theirs in ((L0Linear, nn.Linear), (L0Conv2d, nn.Conv2d)):
         sig, ref = inspect.signature(ours), inspect.signature(theirs)
         pos = [n for n, p in sig.parameters.items() if p.kind == p.POSITIONAL_OR_KEYWORD]
-        ref_pos = [n for n, p in ref.parameters.items() if p.kind == p.POSITIONAL_OR_KEYWORD and n != "padding_mode"]
-        assert pos[:len(ref_pos)] == ref_pos or pos == [n for n in ref_pos if n in pos]
+        # torch.nn's positional parameters in torch.nn's order; device/dtype are keyword-only here
+        ref_pos = [n for n, p in ref.parameters.items() if p.kind == p.POSITIONAL_OR_KEYWORD
+                   and n not in ("padding_mode", "device", "dtype")]
+        assert pos == ref_pos
         for name in pos:
             if name in ref.parameters:
                 assert sig.parameters[name].default == ref.parameters[name].default, name
