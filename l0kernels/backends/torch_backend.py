@@ -10,6 +10,7 @@ Per-example output gates recompute ``h`` (one extra GEMM/conv) instead of storin
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -45,7 +46,7 @@ class L0LinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, log_alpha, bias, seed, gate, noise, training, cfg):
         n, k = weight.shape
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, k)
+        x2 = x.reshape(math.prod(x.shape[:-1]), k)  # not -1: K may be 0
         m = x2.shape[0]
         z, _ = gates_for(log_alpha, seed, linear_noise_shape(gate, noise, m, n, k), training, cfg, need_grad=False)
         zx = z.to(x.dtype)
@@ -65,7 +66,7 @@ class L0LinearFunction(torch.autograd.Function):
         x, weight, log_alpha, bias = ctx.saved_tensors
         seed, gate, noise, training, cfg = ctx.conf
         n, k = weight.shape
-        x2 = x.reshape(-1, k)
+        x2 = x.reshape(math.prod(x.shape[:-1]), k)  # not -1: K may be 0
         m = x2.shape[0]
         dy = dy.reshape(m, n)
         need_x, need_w, need_la, need_b = ctx.needs_input_grad[:4]
