@@ -5,6 +5,7 @@ ops, gates from ``sample_gates`` (training) or ``deterministic_gates`` (eval); a
 differentiates them. The backend's hand-written backward must agree with it, and pass
 ``gradcheck`` in float64, in every mode.
 """
+import math
 import zlib
 
 import pytest
@@ -29,7 +30,7 @@ def formula_gates(log_alpha, seed, noise_shape, training):
 
 def formula_linear(x, w, la, b, seed, gate, noise, training):
     n, k = w.shape
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(math.prod(x.shape[:-1]), k)
     m = x2.shape[0]
     if gate == "weight":
         shape = (n, k)
@@ -334,3 +335,19 @@ def test_same_seed_same_output_training_and_eval_ignores_seed():
     torch.manual_seed(5)
     assert torch.equal(r1, l0k.l0_linear(x, w, la, b, backend="torch"))
     assert not torch.equal(r1, r2)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("gate,noise", LINEAR_MODES)
+def test_linear_zero_features(gate, noise, training):
+    """in_features = 0 gives the (gated, for gate='out') bias; out_features = 0 gives an empty output."""
+    gen = torch.Generator().manual_seed(6)
+    for n, k in [(4, 0), (0, 5)]:
+        x, w, la, b = with_grad(linear_inputs(gen, (2, 3), n, k, gate, True, torch.float32), (1, 1, 1, 1))
+        y = l0k.l0_linear(x, w, la, b, seed=8, gate=gate, noise=noise, training=training, backend="torch")
+        assert y.shape == (2, 3, n)
+        ref = formula_linear(x, w, la, b, 8, gate, noise, training)
+        assert torch.allclose(y, ref, rtol=1e-6, atol=1e-7)
+        (y * torch.randn(y.shape, generator=gen)).sum().backward()
+        for t in (x, w, la, b):
+            assert t.grad is not None and t.grad.shape == t.shape
