@@ -8,7 +8,7 @@ import torch
 
 from ._checks import check_tensor, conv2d_call, linear_call, make_config
 from ._dispatch import dispatch
-from ._gates import (eval_gates_and_grad, gates_from_uniform, noise_uniform, prob_open_t)
+from ._gates import (compute_dtype, eval_gates_and_grad, gates_from_uniform, noise_uniform, prob_open_t)
 from ._philox import check_seed
 
 _BETA, _GAMMA, _ZETA = 2.0 / 3.0, -0.1, 1.1
@@ -78,8 +78,9 @@ def deterministic_gates(log_alpha: torch.Tensor, *, beta: float = _BETA, gamma: 
     """
     check_tensor(log_alpha, "log_alpha")
     cfg = make_config(beta, gamma, zeta)
-    s_bar = torch.sigmoid(log_alpha) * (cfg.zeta - cfg.gamma) + cfg.gamma
-    return torch.nn.functional.hardtanh(s_bar, 0.0, 1.0)
+    la = log_alpha.to(compute_dtype(log_alpha.dtype))  # half types: float32 math, as every backend's eval gates
+    s_bar = torch.sigmoid(la) * (cfg.zeta - cfg.gamma) + cfg.gamma
+    return torch.nn.functional.hardtanh(s_bar, 0.0, 1.0).to(log_alpha.dtype)
 
 
 def prob_open(log_alpha: torch.Tensor, *, beta: float = _BETA, gamma: float = _GAMMA,
