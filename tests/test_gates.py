@@ -236,3 +236,21 @@ def test_fraction_of_exact_zeros_is_one_minus_prob_open(log_alpha):
     p_one = 1 / (1 + math.exp(-(log_alpha - BETA * math.log((1 - GAMMA) / (ZETA - 1)))))
     tol = 4 * math.sqrt(p_one * (1 - p_one) / n) + 1e-9
     assert abs(float((z == 1).double().mean()) - p_one) <= tol
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2.0**-9), (torch.float16, 2.0**-12)], ids=str)
+def test_deterministic_gates_half_dtypes_are_rounded_formula(dtype, tol):
+    la = torch.linspace(-3, 3, 2001, dtype=torch.float64).to(dtype)
+    z = l0k.deterministic_gates(la)
+    assert z.dtype == dtype
+    # float32 math, then one rounding to the half type: within half an ulp of the float64 formula
+    assert (z.double() - spec_z_eval(la)).abs().max() <= tol
+    assert torch.equal(z == 0, spec_z_eval(la) == 0)
+    # and the same gates as the layers' eval path
+    m = l0k.L0Linear(la.numel(), 1, dtype=dtype)
+    with torch.no_grad():
+        m.log_alpha.copy_(la)
+    assert torch.equal(m.deterministic_gates(), z)
+    la_g = la.clone().requires_grad_()
+    l0k.deterministic_gates(la_g).float().sum().backward()
+    assert la_g.grad.dtype == dtype and torch.isfinite(la_g.grad.float()).all()
