@@ -49,7 +49,6 @@ def test_torch_backend_runs_linear_and_conv():
     assert y.shape == (2, 6, 6, 6) and torch.isfinite(y).all()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU dispatch")
 def test_auto_picks_torch_on_cpu():
     for training in (True, False):
         call = _lcall(training)
@@ -62,7 +61,6 @@ def test_auto_picks_torch_on_cpu():
                        l0k.l0_conv2d(cx, cw, cla, cb, seed=9, noise="sample", backend="torch"))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors")
 def test_cuda_backend_on_cpu_says_why():
     x, w, la, b = _linear_inputs()
     with pytest.raises(ValueError, match=r"backend='cuda' cannot run this linear call: .*"
@@ -84,9 +82,8 @@ def test_available_backends():
     assert "torch" in can and set(can) <= set(names)
     for n in names:
         assert (n in can) == (get_backend(n).why_not(call) is None)
-    if not torch.cuda.is_available():
-        assert "cuda" not in can
-        assert isinstance(get_backend("cuda").why_not(call), str)
+    assert "cuda" not in can  # CPU tensors: the extension is not built, or it needs CUDA tensors
+    assert isinstance(get_backend("cuda").why_not(call), str)
 
 
 def test_get_backend_unknown_name():

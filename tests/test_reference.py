@@ -15,8 +15,6 @@ import torch.nn.functional as F
 import l0kernels as l0k
 from conftest import TOL
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-
 LINEAR_MODES = [("in", "batch"), ("in", "sample"), ("out", "batch"), ("out", "sample"), ("weight", "batch")]
 GRAD_SETS = {"all": (1, 1, 1, 1), "x": (1, 0, 0, 0), "w_b": (0, 1, 0, 1), "la": (0, 0, 1, 0), "x_la": (1, 0, 1, 0)}
 
