@@ -157,3 +157,13 @@ def test_seed_validation(seed, exc):
 def test_offset_validation(offsets, exc):
     with pytest.raises(exc, match="offsets"):
         philox_uniform(1, offsets)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", [0, 2**32 + 7, 2**63 - 1])
+def test_cuda_tensors_match_cpu_and_tl_rand(seed):
+    off = _offsets(torch.Generator().manual_seed(3), torch.int64, n=1000).reshape(2, -1)
+    got = philox_uniform(seed, off.cuda())
+    assert got.device.type == "cuda" and got.shape == off.shape
+    assert torch.equal(bits(got.cpu()), bits(philox_uniform(seed, off)))
+    assert torch.equal(bits(got.cpu()), bits(tl_rand(seed, off)))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import l0kernels as l0k
-from conftest import TOL
+from conftest import TOL, TOL_TF32
 
 LINEAR_MODES = [("in", "batch"), ("in", "sample"), ("out", "batch"), ("out", "sample"), ("weight", "batch")]
 GRAD_SETS = {"all": (1, 1, 1, 1), "x": (1, 0, 0, 0), "w_b": (0, 1, 0, 1), "la": (0, 0, 1, 0), "x_la": (1, 0, 1, 0)}
@@ -145,14 +145,14 @@ def test_conv2d_gradcheck_partial_grads(grads):
 
 
 # ---- backend vs formula autograd, every dtype -------------------------------------------------------------
-def _compare(backend_fn, formula_fn, base, dtype, rel_err, flags=(1, 1, 1, 1), gen_seed=0):
+def _compare(backend_fn, formula_fn, base, dtype, rel_err, flags=(1, 1, 1, 1), gen_seed=0, tol=None):
     """Run the backend in ``dtype`` and the formula in float64 on the same (``dtype``-rounded) values."""
     low = with_grad([t.to(dtype) if t is not None else None for t in base], flags)
     ref = with_grad([t.to(dtype).double() if t is not None else None for t in base], flags)
     out, grads = run_and_grads(backend_fn, low, gen_seed)
     out_ref, grads_ref = run_and_grads(formula_fn, ref, gen_seed)
     assert out.dtype == dtype and out.shape == out_ref.shape
-    tol = TOL[dtype]
+    tol = tol or TOL[dtype]
     assert rel_err(out, out_ref) < tol, "output"
     assert len(grads) == len(grads_ref)
     names = [n for n, t in zip("x w log_alpha bias".split(), low) if t is not None and t.requires_grad]
@@ -349,3 +349,34 @@ def test_linear_zero_features(gate, noise, training):
         (y * torch.randn(y.shape, generator=gen)).sum().backward()
         for t in (x, w, la, b):
             assert t.grad is not None and t.grad.shape == t.shape
+
+
+def _cuda(*ts):
+    return [t.cuda() if t is not None else None for t in ts]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("gate,noise", LINEAR_MODES)
+def test_linear_on_cuda_matches_formula(gate, noise, dtype, rel_err):
+    gen = torch.Generator().manual_seed(41)
+    base = linear_inputs(gen, (4, 33), 65, 47, gate, True)
+    for training in (True, False):
+        _compare(lambda x, w, la, b: l0k.l0_linear(*_cuda(x, w, la, b), seed=11, gate=gate, noise=noise,
+                                                   training=training, backend="torch").cpu(),
+                 lambda x, w, la, b: formula_linear(x, w, la, b, 11, gate, noise, training),
+                 base, dtype, rel_err, tol=TOL_TF32 if dtype == torch.float32 else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("noise", ["batch", "sample"])
+def test_conv2d_on_cuda_matches_formula(noise, dtype, rel_err):
+    gen = torch.Generator().manual_seed(42)
+    base = conv_inputs(gen, 3, 8, 12, (9, 7), (3, 3), 2, True)
+    args = (2, 1, 1, 2)
+    for training in (True, False):
+        _compare(lambda x, w, la, b: l0k.l0_conv2d(*_cuda(x, w, la, b), *args, seed=12, noise=noise,
+                                                   training=training, backend="torch").cpu(),
+                 lambda x, w, la, b: formula_conv2d(x, w, la, b, *args, 12, noise, training),
+                 base, dtype, rel_err, tol=TOL_TF32 if dtype == torch.float32 else None)
