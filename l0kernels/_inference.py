@@ -32,6 +32,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -303,7 +305,7 @@ def eval_linear(module, x: torch.Tensor) -> torch.Tensor:
                          eps=c.eps)
     plan = _cached(module, "linear", lambda mod: _build_checked_linear_plan(mod, x))
     n, k = w.shape
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(math.prod(x.shape[:-1]), k)  # -1 fails when k == 0
     if _use_triton_linear(module.backend, x) and (module.backend == "triton" or _auto_prefers_triton(x2, plan)):
         y = _triton_eval()[0].sparse_linear(x2, plan)
     else:
