@@ -5,7 +5,6 @@ gates against the float64 formula for the same (seed, offset), odd shapes that a
 of any block, non-contiguous and leading-dim inputs, zero-size M, and what autograd keeps.
 """
 import itertools
-import os
 
 import pytest
 import torch
@@ -24,9 +23,9 @@ SEED = 2**40 + 12345  # > 2**32: both Philox key words matter
 
 @pytest.fixture(scope="module", autouse=True)
 def triton_ready():
-    call = l0k._checks.linear_call(torch.randn(2, 3, device=DEV), torch.randn(4, 3, device=DEV), torch.randn(3, device=DEV),
-                                   None, seed=1, gate="in", noise="batch", training=True, backend="triton",
-                                   beta=2 / 3, gamma=-0.1, zeta=1.1)
+    call = l0k._checks.linear_call(torch.randn(2, 3, device=DEV), torch.randn(4, 3, device=DEV),
+                                   torch.randn(3, device=DEV), None, seed=1, gate="in", noise="batch", training=True,
+                                   backend="triton", beta=2 / 3, gamma=-0.1, zeta=1.1)
     why = l0k.get_backend("triton").why_not(call)
     if why is not None:
         pytest.skip(f"triton backend cannot run here: {why}")

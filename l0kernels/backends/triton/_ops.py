@@ -48,7 +48,8 @@ def linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, log_alpha: Tensor,
                        gate: str, sample: bool, training: bool, beta: float, gamma: float, zeta: float,
                        eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     n, k = weight.shape
-    dx, dw, dla, db = linear_backward(dy.reshape(rows(x), n), x.reshape(rows(x), k), weight, log_alpha, bias, seed, gate,
+    m = rows(x)
+    dx, dw, dla, db = linear_backward(dy.reshape(m, n), x.reshape(m, k), weight, log_alpha, bias, seed, gate,
                                       sample, training, GateConfig(beta, gamma, zeta, eps))
     return dx.reshape(x.shape), dw, dla, (db if db is not None else weight.new_empty(0))
 

@@ -21,9 +21,11 @@ Backward:
   epilogue that reduces ``sum_m dY * h * dz`` into ``dlog_alpha`` instead of storing ``h``.
 Autograd keeps x, weight, log_alpha, bias and the seed only.
 
-On a GPU the kernels are autotuned (key: M, N, K, the gate mode and the dtypes); under
-``TRITON_INTERPRET=1`` one fixed small configuration is used and half-precision tiles are
-upcast to float32 before ``tl.dot`` (the interpreter's half-precision dot is not reliable).
+On a GPU the kernels are autotuned (key: M, N, K, the gate mode and the dtypes;
+``L0K_TRITON_AUTOTUNE=0`` uses one fixed configuration instead). Under ``TRITON_INTERPRET=1`` one
+fixed small configuration is used and half-precision tiles are upcast to float32 before ``tl.dot``
+(the interpreter's half-precision dot is not reliable). ``dlog_alpha`` reductions use float32
+atomics, so their last bits can differ from run to run on a GPU.
 """
 from __future__ import annotations
 
@@ -44,6 +46,9 @@ EPI_STORE, EPI_DLA_OUT = 0, 1
 
 # Under the interpreter: one small configuration (no autotuning: its timer needs a GPU).
 INTERPRET_META = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
+# On a GPU with L0K_TRITON_AUTOTUNE=0: one fixed configuration (fast start, no tuning runs).
+GPU_DEFAULT_META = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+AUTOTUNE = not INTERPRET and os.environ.get("L0K_TRITON_AUTOTUNE", "1") != "0"
 
 
 def _cfg(bm, bn, bk, warps, stages, group=8):
@@ -51,18 +56,16 @@ def _cfg(bm, bn, bk, warps, stages, group=8):
                          num_stages=stages)
 
 
-# H100/H200 (sm_90) and A100 (sm_80) friendly tiles; the autotuner keeps the fastest per key.
-GEMM_CONFIGS = [
-    _cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3), _cfg(64, 128, 64, 4, 4),
-    _cfg(128, 64, 64, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(128, 128, 32, 4, 4), _cfg(64, 32, 32, 4, 5),
-    _cfg(32, 64, 32, 4, 5), _cfg(16, 64, 64, 4, 4),
-]
+# H100/H200 (sm_90) and A100 (sm_80) friendly tiles; the autotuner keeps the fastest per key. Kept
+# short on purpose: every (kernel, gate mode, dtype) compiles each config once (cached on disk after).
+GEMM_CONFIGS = [_cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 32, 4, 4)]
 
 
 def tuned(reset_to_zero=None):
-    """``triton.autotune`` on a GPU; the bare kernel under the interpreter (launchers pass INTERPRET_META)."""
+    """``triton.autotune`` on a GPU; the bare kernel under the interpreter or with L0K_TRITON_AUTOTUNE=0
+    (the launchers then pass ``launch_meta()``)."""
     def wrap(fn):
-        if INTERPRET:
+        if not AUTOTUNE:
             return fn
         return triton.autotune(GEMM_CONFIGS, key=["M", "N", "K", "GATE", "SAMPLE", "TRAINING"],
                                reset_to_zero=reset_to_zero)(fn)
@@ -70,7 +73,9 @@ def tuned(reset_to_zero=None):
 
 
 def launch_meta():
-    return dict(INTERPRET_META) if INTERPRET else {}
+    if AUTOTUNE:
+        return {}
+    return dict(INTERPRET_META) if INTERPRET else dict(GPU_DEFAULT_META)
 
 
 def dot_flags(dtype: torch.dtype, tf32_allowed: Optional[bool] = None):
@@ -424,7 +429,8 @@ class TritonL0LinearFunction(torch.autograd.Function):
         n, k = weight.shape
         x2 = x.reshape(rows(x), k)
         need_x, need_w, need_la, need_b = ctx.needs_input_grad[:4]
-        dx, dw, dla, db = linear_backward(dy.reshape(x2.shape[0], n), x2, weight, log_alpha, bias, seed, gate_name, sample,
+        dy2 = dy.reshape(x2.shape[0], n)
+        dx, dw, dla, db = linear_backward(dy2, x2, weight, log_alpha, bias, seed, gate_name, sample,
                                           training, cfg, need_x, need_w, need_la, need_b)
         if dx is not None:
             dx = dx.reshape(x.shape)
