@@ -158,3 +158,32 @@ def test_conv2d_custom_op_opcheck():
             continue
         torch.library.opcheck(conv2d_op, (x, w, la, b, [2, 1], [1, 1], [1, 1], 1, 7, sample, training, 2 / 3, -0.1,
                                           1.1, 1e-6))
+
+
+@pytest.mark.interpret
+def test_conv_kernels_compile_for_gpu():
+    """Compile the conv kernels ahead of time for sm_90 without TRITON_INTERPRET (see test_triton_linear)."""
+    import os
+    import subprocess
+    import sys
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"this Triton has no ASTSource/GPUTarget: {e}")
+    from test_triton_linear import AOT_HELPER
+    script = AOT_HELPER + r'''
+from l0kernels.backends.triton import conv2d as C
+blocks = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
+f32 = {"dla_ptr": "*fp32", "colsum_ptr": "*fp32", "zsum_ptr": "*fp32"}
+for sample, epi in ((True, 1), (False, 0)):
+    aot(C._conv_fwd_kernel, f32, dict(GATE=2, SAMPLE=sample, TRAINING=True, HAS_BIAS=True, EPILOGUE=epi,
+                                      DOT_F32=False, PRECISION="ieee", **blocks), "*bf16")
+aot(C._gate_dy_kernel, f32, dict(SAMPLE=True, TRAINING=True, STORE=True, BLOCK_M=64, BLOCK_C=32), "*bf16")
+aot(C._wgrad_epilogue_kernel, f32, dict(TRAINING=False, HAS_BIAS=True, STORE_DW=True, NEED_DLA=True, BLOCK_C=32,
+                                        BLOCK_K=128), "*bf16")
+print("compiled")
+'''
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
