@@ -103,6 +103,21 @@ def test_linear_matches_torch_float64(gate, noise, training, dtype):
     check(*run_both(x, w, la, b, seed=SEED, gate=gate, noise=noise, training=training), TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gate,noise,training", [("in", "sample", True), ("out", "sample", True),
+                                                 ("weight", "batch", True), ("weight", "batch", False)])
+def test_pregated_operands_match_torch_float64(monkeypatch, gate, noise, training, dtype):
+    """The path that gates an operand once into a temporary (large other dimension) instead of on load."""
+    from l0kernels.backends.triton import linear as tlin
+    monkeypatch.setattr(tlin, "PREGATE_MIN_TILES", 0)
+    assert tlin._pregate_pays(1)
+    x = torch.randn(M, K, device=DEV, dtype=dtype)
+    w = torch.randn(N, K, device=DEV, dtype=dtype) / K ** 0.5
+    b = torch.randn(N, device=DEV, dtype=dtype)
+    la = (torch.randn(la_shape(gate, N, K), device=DEV) * 2).to(dtype)
+    check(*run_both(x, w, la, b, seed=SEED, gate=gate, noise=noise, training=training), TOL[dtype])
+
+
 @pytest.mark.parametrize("gate,noise", [("in", "batch"), ("out", "batch"), ("out", "sample"), ("weight", "batch")])
 def test_linear_without_bias(gate, noise):
     x = torch.randn(7, K, device=DEV)
@@ -298,6 +313,9 @@ for dt, dotf32, prec in (("*bf16", False, "ieee"), ("*fp32", True, "tf32")):
         if dt == "*bf16":
             aot(L._dx_kernel, f32, dict(c, STORE_DX=True, NEED_DLA=True), dt)
             aot(L._dw_kernel, f32, dict(c, HAS_BIAS=True, STORE_DW=True, STORE_DB=True, NEED_DLA=True), dt)
+    aot(L._fwd_kernel, f32, dict(GATE=0, SAMPLE=False, TRAINING=True, DOT_F32=dotf32, PRECISION=prec, HAS_BIAS=False,
+                                 EPILOGUE=0, **blocks), dt)
+    aot(L._pregate_kernel, {}, dict(PER_ELEMENT=True, TRAINING=True, BLOCK_R=32, BLOCK_C=128), dt)
 print("compiled")
 '''
 

@@ -19,7 +19,10 @@ Backward:
   ``dlog_alpha = P * W * dZ`` element-wise.
   Per-example out-gates need the un-gated output ``h``: ``_fwd_kernel`` runs once more with an
   epilogue that reduces ``sum_m dY * h * dz`` into ``dlog_alpha`` instead of storing ``h``.
-Autograd keeps x, weight, log_alpha, bias and the seed only.
+Gating on load repeats the draws once per tile of the other GEMM dimension; where that dimension is
+large (see ``PREGATE_MIN_TILES``), per-example in-gates (x), weight gates (W) and per-example out-gates
+(dY, backward) are instead applied once by ``_pregate_kernel`` into a temporary operand that lives for
+the one call. Autograd keeps x, weight, log_alpha, bias and the seed only.
 
 On a GPU the kernels are autotuned (key: M, N, K, the gate mode and the dtypes;
 ``L0K_TRITON_AUTOTUNE=0`` uses one fixed configuration instead). Under ``TRITON_INTERPRET=1`` one
@@ -312,6 +315,26 @@ def _dw_kernel(dy_ptr, x_ptr, la_ptr, w_ptr, b_ptr, dw_ptr, db_ptr, dla_ptr,
         tl.store(db_ptr + offs_n, db.to(db_ptr.dtype.element_ty), mask=mask_n & first)
 
 
+@triton.jit(do_not_specialize=["seed"])
+def _pregate_kernel(a_ptr, la_ptr, out_ptr, R, C, seed, s_ar, s_ac, s_la0, s_la1, s_or, s_oc,
+                    beta, gamma, zeta, eps, PER_ELEMENT: tl.constexpr, TRAINING: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``out[r, c] = a[r, c] * z`` with the gate at offset ``r*C + c``: per-example gates (``log_alpha[c]``)
+    or weight gates (``log_alpha[r, c]``, PER_ELEMENT). One Philox draw per element."""
+    offs_r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mask_c = offs_c < C
+    mask = (offs_r < R)[:, None] & mask_c[None, :]
+    a = tl.load(a_ptr + offs_r[:, None] * s_ar + offs_c[None, :] * s_ac, mask=mask, other=0.0)
+    if PER_ELEMENT:
+        la = tl.load(la_ptr + offs_r[:, None] * s_la0 + offs_c[None, :] * s_la1, mask=mask, other=0.0)
+    else:
+        la = tl.load(la_ptr + offs_c * s_la0, mask=mask_c, other=0.0)[None, :]
+    z, _ = gate(la, seed, offs_r[:, None] * C + offs_c[None, :], beta, gamma, zeta, eps, TRAINING)
+    out = (a.to(tl.float32) * z).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs_r[:, None] * s_or + offs_c[None, :] * s_oc, out, mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -332,6 +355,31 @@ def _gemm_grid(a: int, b: int, block_a: str, block_b: str):
     return lambda meta: (triton.cdiv(a, meta[block_a]) * max(triton.cdiv(b, meta[block_b]), 1),)
 
 
+# Gating an operand as it is loaded repeats the Philox draws once per tile of the other GEMM dimension
+# (per-example in-gates: once per N tile; weight gates: once per M tile; per-example out-gates on dY in
+# backward: once per K tile). Where that dimension spans more than PREGATE_MIN_TILES tiles of 64, the
+# operand is gated once by ``_pregate_kernel`` into a temporary (freed after the call, never saved for
+# backward) and the GEMM runs without gates. -1 turns this off (always gate on load).
+PREGATE_MIN_TILES = int(os.environ.get("L0K_TRITON_PREGATE_TILES", "4"))
+
+
+def _pregate_pays(other_dim: int) -> bool:
+    return PREGATE_MIN_TILES >= 0 and triton.cdiv(other_dim, 64) > PREGATE_MIN_TILES
+
+
+def pregate(a, log_alpha, seed, training, cfg, per_element):
+    """``a * z`` for a 2-D operand (rows = examples or output features), in ``a``'s dtype."""
+    r, c = a.shape
+    out = torch.empty((r, c), dtype=a.dtype, device=a.device)
+    if r and c:
+        br, bc = (16, 16) if INTERPRET else (32, 128)
+        _pregate_kernel[(triton.cdiv(r, br), triton.cdiv(c, bc))](
+            a, log_alpha, out, r, c, int(seed or 0), a.stride(0), a.stride(1), *_la_strides(log_alpha),
+            out.stride(0), out.stride(1), cfg.beta, cfg.gamma, cfg.zeta, cfg.eps, PER_ELEMENT=per_element,
+            TRAINING=bool(training), BLOCK_R=br, BLOCK_C=bc)
+    return out
+
+
 def linear_forward(x2, weight, log_alpha, bias, seed, gate_name, sample, training, cfg):
     """``y`` (M, N) for ``x2`` (M, K). ``sample`` means per-example gates (training only)."""
     m, k = x2.shape
@@ -341,11 +389,16 @@ def linear_forward(x2, weight, log_alpha, bias, seed, gate_name, sample, trainin
         return y
     dot_f32, prec = dot_flags(x2.dtype)
     b = bias if bias is not None else y
+    code = _GATE_CODE[gate_name]
+    if code == GATE_IN and sample and _pregate_pays(n):
+        x2, code = pregate(x2, log_alpha, seed, training, cfg, False), 0
+    elif code == GATE_WEIGHT and _pregate_pays(m):
+        weight, code = pregate(weight, log_alpha, seed, training, cfg, True), 0
     _fwd_kernel[_gemm_grid(m, n, "BLOCK_M", "BLOCK_N")](
         x2, weight, log_alpha, b, y, y, y, m, n, k, int(seed or 0),
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), *_la_strides(log_alpha),
         y.stride(0), y.stride(1), 0, 0, cfg.beta, cfg.gamma, cfg.zeta, cfg.eps,
-        GATE=_GATE_CODE[gate_name], SAMPLE=bool(sample), TRAINING=bool(training), HAS_BIAS=bias is not None,
+        GATE=code, SAMPLE=bool(sample), TRAINING=bool(training), HAS_BIAS=bias is not None,
         EPILOGUE=EPI_STORE, DOT_F32=dot_f32, PRECISION=prec, **launch_meta())
     return y
 
@@ -378,24 +431,36 @@ def linear_backward(dy, x2, weight, log_alpha, bias, seed, gate_name, sample, tr
     unused_dla = torch.empty((1,), dtype=torch.float32, device=dev)  # the autotuner zeroes dla_ptr: never x2
     # dX, and dlog_alpha of input gates
     in_dla = need_la and code == GATE_IN
+    # per-example out-gates: gate dY once if its K tiles would repeat the draws too often
+    dy_g, gate_dy = dy, code
+    if code == GATE_OUT and sample and _pregate_pays(k) and (need_x or need_w or need_b):
+        dy_g, gate_dy = pregate(dy, log_alpha, seed, training, cfg, False), 0
     if (need_x or in_dla) and k > 0:
         out = dx if need_x else dummy
         dla = dla32 if in_dla else unused_dla
+        w_g, gate_dx = weight, gate_dy
+        if code == GATE_WEIGHT and _pregate_pays(m):
+            w_g, gate_dx = pregate(weight, log_alpha, seed, training, cfg, True), 0
         _dx_kernel[_gemm_grid(m, k, "BLOCK_M", "BLOCK_K")](
-            dy, weight, log_alpha, x2, out, dla, m, n, k, seed,
-            dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), *las, x2.stride(0), x2.stride(1),
-            out.stride(0), out.stride(1), *consts, STORE_DX=need_x, NEED_DLA=in_dla, **flags, **launch_meta())
+            dy_g, w_g, log_alpha, x2, out, dla, m, n, k, seed,
+            dy_g.stride(0), dy_g.stride(1), w_g.stride(0), w_g.stride(1), *las, x2.stride(0), x2.stride(1),
+            out.stride(0), out.stride(1), *consts, STORE_DX=need_x, NEED_DLA=in_dla, **dict(flags, GATE=gate_dx),
+            **launch_meta())
     # dW, db, and dlog_alpha of batch/eval output gates and weight gates
     w_dla = need_la and (code == GATE_WEIGHT or (code == GATE_OUT and not sample))
     if need_w or need_b or w_dla:
         out = dw if need_w else dummy
         dla = dla32 if w_dla else unused_dla
         dla_s = las if dla32 is None else _la_strides(dla32)
+        x_g, gate_dw = x2, gate_dy
+        if code == GATE_IN and sample and _pregate_pays(n):
+            x_g, gate_dw = pregate(x2, log_alpha, seed, training, cfg, False), 0
         _dw_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * max(triton.cdiv(k, meta["BLOCK_K"]), 1),)](
-            dy, x2, log_alpha, weight, bias if bias is not None else dummy, out, db if need_b else dummy, dla,
-            m, n, k, seed, dy.stride(0), dy.stride(1), x2.stride(0), x2.stride(1), *las,
+            dy_g, x_g, log_alpha, weight, bias if bias is not None else dummy, out, db if need_b else dummy, dla,
+            m, n, k, seed, dy_g.stride(0), dy_g.stride(1), x_g.stride(0), x_g.stride(1), *las,
             weight.stride(0), weight.stride(1), out.stride(0), out.stride(1), *dla_s, *consts,
-            HAS_BIAS=bias is not None, STORE_DW=need_w, STORE_DB=need_b, NEED_DLA=w_dla, **flags, **launch_meta())
+            HAS_BIAS=bias is not None, STORE_DW=need_w, STORE_DB=need_b, NEED_DLA=w_dla, **dict(flags, GATE=gate_dw),
+            **launch_meta())
     # dlog_alpha of per-example output gates: recompute h tile by tile, reduce dY * h * dz
     if need_la and code == GATE_OUT and sample:
         _fwd_kernel[_gemm_grid(m, n, "BLOCK_M", "BLOCK_N")](
