@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import statistics
 import sys
@@ -160,14 +159,7 @@ def main(argv=None) -> int:
                 commit=run_bench._git_commit(), date=now.isoformat(timespec="seconds"))
     ctx = run_bench.BenchContext(dev, dev.type == "cpu", a.quick, a.reps, meta)
     rows = inference_suite(ctx)
-    os.makedirs(a.out, exist_ok=True)
-    tag = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in meta["device"]).strip("-")
-    stem = os.path.join(a.out, f"{tag}-inference-{now.strftime('%Y-%m-%dT%H%M%S')}")
-    with open(stem + ".json", "w") as fh:
-        json.dump(rows, fh, indent=1)
-    with open(stem + ".md", "w") as fh:
-        fh.write(to_markdown(rows))
-    print(f"{len(rows)} rows -> {stem}.json, {stem}.md")
+    run_bench.write_results(rows, a.out, meta["device"], now, "inference", to_markdown)
     return 0
 
 

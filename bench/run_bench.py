@@ -274,15 +274,21 @@ def main(argv=None) -> int:
     if not a.no_extra:
         for suite in EXTRA_SUITES:
             rows += list(suite(ctx))
-    os.makedirs(a.out, exist_ok=True)
-    tag = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in meta["device"]).strip("-")
-    stem = os.path.join(a.out, f"{tag}-{now.strftime('%Y-%m-%dT%H%M%S')}")
+    write_results(rows, a.out, meta["device"], now, "", to_markdown)
+    return 0
+
+
+def write_results(rows, out_dir, device, now, kind, markdown):
+    """Write ``<device>[-kind]-<date>.json`` and the ``.md`` table beside it (SPEC section 7)."""
+    os.makedirs(out_dir, exist_ok=True)
+    tag = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in device).strip("-")
+    stem = os.path.join(out_dir, f"{tag}{'-' + kind if kind else ''}-{now.strftime('%Y-%m-%dT%H%M%S')}")
     with open(stem + ".json", "w") as f:
         json.dump(rows, f, indent=1)
     with open(stem + ".md", "w") as f:
-        f.write(to_markdown(rows))
+        f.write(markdown(rows))
     print(f"{len(rows)} rows -> {stem}.json, {stem}.md")
-    return 0
+    return stem
 
 
 if __name__ == "__main__":
