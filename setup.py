@@ -9,8 +9,10 @@ The CUDA build must see the installed CUDA PyTorch, so install without build iso
   GPU); still needs a CUDA build of PyTorch and nvcc.
 - ``TORCH_CUDA_ARCH_LIST`` (e.g. ``"8.0;9.0"``): target architectures; default sm_80 and sm_90.
 - ``CUDA_HOME``: the CUDA toolkit (else nvcc on PATH).
+- ``L0K_SKIP_CPU_EXT=1`` / ``L0K_CPU_SIMD=0``: skip the CPU kernels ``l0kernels._cpu``, or build them scalar.
 """
 import os
+import platform
 import shutil
 import sys
 
@@ -59,13 +61,24 @@ def _cuda_ext_modules():
 
 
 def _cpu_ext_modules():
-    """``l0kernels._philox_cpu``: the Philox stream on the CPU from ``csrc/l0_philox.cuh`` (plain C++, no
-    PyTorch headers, compiles in a second). Optional: if no compiler is there the build goes on and the
-    package uses its numpy path. ``L0K_SKIP_CPU_EXT=1`` skips it."""
+    """``l0kernels._cpu``: the torch backend's CPU kernels (Philox stream, gates, fused gradient scaling) from
+    ``csrc/host/cpu_kernels.cpp`` and the headers ``csrc/l0_philox.cuh`` / ``csrc/l0_gate.cuh`` (plain C++, no
+    PyTorch headers, compiles in seconds). Optional: if no compiler is there the build goes on and the
+    package uses its numpy/torch paths. ``L0K_SKIP_CPU_EXT=1`` skips it.
+
+    On x86-64 Linux with GCC the loops are vectorized (AVX2 and baseline clones) and call glibc's libmvec
+    for logf/log1pf/expf: that needs -fno-math-errno and finite-math flags for this one file, never
+    -ffast-math (its startup code would flush denormals for the whole process). ``L0K_CPU_SIMD=0`` builds
+    the plain scalar version."""
     if os.environ.get("L0K_SKIP_CPU_EXT", "0") == "1":
         return []
-    return [Extension("l0kernels._philox_cpu", ["csrc/host/philox_cpu.cpp"], include_dirs=["csrc"],
-                      extra_compile_args=["-O3", "-std=c++17"], language="c++", optional=True)]
+    args, libs, macros = ["-O3", "-std=c++17"], [], []
+    if (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+            and os.environ.get("L0K_CPU_SIMD", "1") != "0"):
+        args += ["-fno-math-errno", "-fno-trapping-math", "-ffinite-math-only", "-fno-signed-zeros"]
+        libs, macros = ["mvec"], [("L0K_LIBMVEC", "1")]
+    return [Extension("l0kernels._cpu", ["csrc/host/cpu_kernels.cpp"], include_dirs=["csrc"], define_macros=macros,
+                      extra_compile_args=args, libraries=libs, language="c++", optional=True)]
 
 
 ext_modules, cmdclass = _cuda_ext_modules()

@@ -22,7 +22,7 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, philox shim: "
-          f"{l0k._philox._philox_cpu is not None}")
+          f"{l0k._philox._cpu is not None}")
     for case in a.case or list(CASES):
         c, x, w, b, la, gy = make(case)
         fs = {"dense": lambda: F.linear(x, w, b).backward(gy),

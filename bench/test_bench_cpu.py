@@ -34,6 +34,7 @@ def make(case, seed=0):
     return c, x, w, b, la, gy
 
 
+@pytest.mark.benchmark(warmup=True, warmup_iterations=50, min_rounds=200)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("impl", ["dense", "l0_torch"])
 def test_linear_fwd_bwd(benchmark, case, impl):

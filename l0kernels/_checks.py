@@ -1,6 +1,7 @@
 """Argument checks shared by every public entry point (SPEC section 5). Nothing here launches a kernel."""
 from __future__ import annotations
 
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -50,13 +51,38 @@ def resolve_seed(seed, training: bool) -> Optional[int]:
     return seed
 
 
+class _SeedBuffer(threading.local):
+    t: Optional[torch.Tensor] = None
+
+
+_SEED_BUF = _SeedBuffer()
+
+
 def draw_seed() -> int:
-    """A seed in [0, 2**63) from PyTorch's default (CPU) generator: ``torch.manual_seed`` repeats it."""
-    return int(torch.empty((), dtype=torch.int64).random_().item())
+    """A seed in [0, 2**63) from PyTorch's default (CPU) generator: ``torch.manual_seed`` repeats it.
+    (``random_`` on an int64 tensor draws from [0, 2**63); the 0-d tensor is reused per thread.)"""
+    t = _SEED_BUF.t
+    if t is None:
+        t = _SEED_BUF.t = torch.empty((), dtype=torch.int64)
+    return int(t.random_().item())
+
+
+_CONFIGS = {}
 
 
 def make_config(beta, gamma, zeta, eps=1e-6) -> GateConfig:
-    return GateConfig(beta=beta, gamma=gamma, zeta=zeta, eps=eps)
+    """A validated ``GateConfig``; configs already built are reused (a call validates once per set of
+    constants; the types are part of the key, so ``beta=True`` still fails like any bool)."""
+    key = (type(beta), beta, type(gamma), gamma, type(zeta), zeta, type(eps), eps)
+    try:
+        cfg = _CONFIGS.get(key)
+    except TypeError:  # unhashable: let GateConfig name the argument
+        cfg, key = None, None
+    if cfg is None:
+        cfg = GateConfig(beta=beta, gamma=gamma, zeta=zeta, eps=eps)
+        if key is not None and len(_CONFIGS) < 256:
+            _CONFIGS[key] = cfg
+    return cfg
 
 
 def linear_call(x, weight, log_alpha, bias, *, seed, gate, noise, training, backend, beta, gamma, zeta,

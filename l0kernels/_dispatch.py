@@ -124,7 +124,8 @@ def _load_all() -> None:
 
 
 def get_backend(name: str) -> Backend:
-    _load_all()
+    if name not in _REGISTRY and name in _LOADERS:
+        _LOADERS.pop(name)()  # import only the backend asked for (the torch backend never imports triton)
     if name not in _REGISTRY:
         raise ValueError(f"backend '{name}' is not registered (registered: {sorted(_REGISTRY)})")
     return _REGISTRY[name]

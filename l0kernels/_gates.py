@@ -7,12 +7,13 @@ through these functions; the Triton and CUDA backends have their own single copi
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ._philox import check_seed, philox_range
+from ._philox import _cpu, check_seed, philox_range
 
 NOISE_KINDS = ("batch", "sample")
 LINEAR_GATES = ("in", "out", "weight")
@@ -43,6 +44,7 @@ class GateConfig:
             raise ValueError(f"zeta must be > 1, got {self.zeta}")
         if not 0 < self.eps < 0.5:
             raise ValueError(f"eps must be in (0, 0.5), got {self.eps}")
+        object.__setattr__(self, "as_tuple", (self.beta, self.gamma, self.zeta, self.eps))
 
     @property
     def closed_threshold(self) -> float:
@@ -85,6 +87,8 @@ def gates_from_uniform(log_alpha: torch.Tensor, u: torch.Tensor, cfg: GateConfig
 def eval_gates_and_grad(log_alpha: torch.Tensor, cfg: GateConfig = DEFAULT_CONFIG,
                         need_grad: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Deterministic gate ``z_eval`` and its derivative (0 where clamped, boundaries included)."""
+    if _use_cpu_kernel(log_alpha):
+        return _cpu_gates(log_alpha, 0, tuple(log_alpha.shape), False, cfg, need_grad)
     la = log_alpha.to(compute_dtype(log_alpha.dtype))
     s = torch.sigmoid(la)
     s_bar = s * (cfg.zeta - cfg.gamma) + cfg.gamma
@@ -107,8 +111,38 @@ def noise_uniform(seed: int, shape: Sequence[int], device) -> torch.Tensor:
 def sample_gate_tensor(log_alpha: torch.Tensor, seed: int, shape: Sequence[int], cfg: GateConfig,
                        need_grad: bool = True):
     """Gates ``(z, dz)`` for the noise tensor ``shape`` (trailing dims broadcast with ``log_alpha``)."""
+    if _use_cpu_kernel(log_alpha):
+        return _cpu_gates(log_alpha, seed, tuple(shape), True, cfg, need_grad)
     u = noise_uniform(seed, shape, log_alpha.device)
     return gates_from_uniform(log_alpha, u, cfg, need_grad)
+
+
+# The CPU kernel: on CPU tensors whose gate math runs in float32, the backends' gates come from one
+# C++ loop (l0kernels._cpu.gates: Philox and the formulas of csrc/l0_gate.cuh) instead of
+# about ten whole-tensor torch ops; the same values within float32 rounding of the transcendental
+# functions (tests/test_cpu_paths.py compares the two). L0K_CPU_KERNELS=0 turns it off. float64
+# always takes the torch ops: that path is the reference that gradcheck checks.
+_CPU_GATE_KERNEL = _cpu is not None and hasattr(_cpu, "gates") and \
+    os.environ.get("L0K_CPU_KERNELS", "1") != "0"
+
+
+def _use_cpu_kernel(log_alpha: torch.Tensor) -> bool:
+    return (_CPU_GATE_KERNEL and log_alpha.device.type == "cpu" and log_alpha.dtype != torch.float64
+            and not (log_alpha.requires_grad and torch.is_grad_enabled()))  # the kernel's z is not differentiable
+
+
+def _cpu_gates(log_alpha: torch.Tensor, seed: int, shape: Tuple[int, ...], training: bool, cfg: GateConfig,
+               need_grad: bool):
+    la = log_alpha
+    if la.dtype != torch.float32 or not la.is_contiguous():
+        la = la.detach().to(torch.float32).contiguous()
+    n = math.prod(shape)
+    zz = torch.empty((2 if need_grad else 1,) + shape, dtype=torch.float32)  # z and dz in one allocation
+    z, dz = zz[0], (zz[1] if need_grad else None)
+    if n:
+        _cpu.gates(seed, training, la.data_ptr(), max(la.numel(), 1), n, z.data_ptr(),
+                   dz.data_ptr() if dz is not None else 0, cfg.beta, cfg.gamma, cfg.zeta, cfg.eps)
+    return z, dz
 
 
 def prob_open_t(log_alpha: torch.Tensor, cfg: GateConfig = DEFAULT_CONFIG) -> torch.Tensor:

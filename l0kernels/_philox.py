@@ -5,7 +5,7 @@ numpy ``uint64`` arrays (CPU tensors) and on torch ``int64`` tensors (any other 
 Values are kept in ``[0, 2**32)`` throughout; products of two 32-bit words are exact in 64 bits
 (numpy: unsigned wrap-around is defined; torch: the product's low 64 bits are all we read).
 
-On CPU tensors the compiled shim ``l0kernels._philox_cpu`` is used when it was built (it runs
+On CPU tensors the compiled shim ``l0kernels._cpu`` is used when it was built (it runs
 ``csrc/l0_philox.cuh``, the C++ copy of the stream, about 20x faster than numpy for a gate
 vector, which lets the CPU backend regenerate gates in backward for free); the numpy path is
 the fallback and both are tested bit for bit against ``tl.rand``.
@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 try:
-    from . import _philox_cpu  # optional C++ extension built by setup.py
+    from . import _cpu  # optional C++ extension built by setup.py
 except ImportError:  # pragma: no cover - depends on the build
-    _philox_cpu = None
+    _cpu = None
 
 _M32 = 0xFFFFFFFF
 _PHILOX_A = 0xD2511F53
@@ -125,10 +125,10 @@ def check_seed(seed, name: str = "seed") -> int:
 def philox_range(seed: int, n: int, device=None) -> torch.Tensor:
     """``u_raw(seed, i)`` for ``i = 0..n-1`` (a noise tensor's offsets); no offsets tensor is built on CPU."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type == "cpu" and _philox_cpu is not None:
+    if dev.type == "cpu" and _cpu is not None:
         out = torch.empty(n, dtype=torch.float32)
         if n:
-            _philox_cpu.uniform_range(seed, 0, out.data_ptr(), n)
+            _cpu.uniform_range(seed, 0, out.data_ptr(), n)
         return out
     return philox_uniform(seed, torch.arange(n, device=dev))
 
@@ -152,11 +152,11 @@ def philox_uniform(seed: int, offsets, *, device=None, _force_torch: bool = Fals
     off = offsets.to(torch.int64)
     if off.numel() and bool((off < 0).any()):
         raise ValueError("offsets must be >= 0")
-    if off.device.type == "cpu" and _philox_cpu is not None and not (_force_torch or _force_numpy):
+    if off.device.type == "cpu" and _cpu is not None and not (_force_torch or _force_numpy):
         off = off.contiguous()
         out = torch.empty(off.shape, dtype=torch.float32)
         if off.numel():
-            _philox_cpu.uniform(seed, off.data_ptr(), out.data_ptr(), off.numel())
+            _cpu.uniform(seed, off.data_ptr(), out.data_ptr(), off.numel())
         return out
     if off.device.type == "cpu" and not _force_torch:
         arr = off.contiguous().numpy().astype(np.uint64, copy=False)

@@ -19,6 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from .._dispatch import Backend, Conv2dCall, LinearCall, register_backend
 from .._gates import GateConfig, compute_dtype, eval_gates_and_grad, sample_gate_tensor
+from . import _cpu_paths
 
 
 def gates_for(log_alpha: torch.Tensor, seed: Optional[int], noise_shape: Tuple[int, ...], training: bool,
@@ -45,20 +46,23 @@ class L0LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, log_alpha, bias, seed, gate, noise, training, cfg):
         n, k = weight.shape
-        lead = x.shape[:-1]
-        x2 = x.reshape(math.prod(x.shape[:-1]), k)  # not -1: K may be 0
+        x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), k)  # not -1: K may be 0
         m = x2.shape[0]
-        z, _ = gates_for(log_alpha, seed, linear_noise_shape(gate, noise, m, n, k), training, cfg, need_grad=False)
-        zx = z.to(x.dtype)
-        if gate == "in":
-            y = F.linear(x2 * zx, weight, bias)
-        elif gate == "out":
-            y = F.linear(x2, weight, bias) * zx
+        if gate == "in" and _cpu_paths.applies(x, weight, log_alpha, not training or noise == "batch"):
+            y = F.linear(_cpu_paths.in_gate_input(x2, log_alpha, seed, training, cfg), weight, bias)
         else:
-            y = F.linear(x2, weight * zx, bias)
+            z, _ = gates_for(log_alpha, seed, linear_noise_shape(gate, noise, m, n, k), training, cfg,
+                             need_grad=False)
+            zx = z.to(x.dtype)
+            if gate == "in":
+                y = F.linear(x2 * zx, weight, bias)
+            elif gate == "out":
+                y = F.linear(x2, weight, bias).mul_(zx)  # in place: the GEMM's output is ours
+            else:
+                y = F.linear(x2, weight * zx, bias)
         ctx.save_for_backward(x, weight, log_alpha, bias)
         ctx.conf = (seed, gate, noise, training, cfg)
-        return y.reshape(*lead, n)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
     @staticmethod
     @once_differentiable
@@ -66,10 +70,16 @@ class L0LinearFunction(torch.autograd.Function):
         x, weight, log_alpha, bias = ctx.saved_tensors
         seed, gate, noise, training, cfg = ctx.conf
         n, k = weight.shape
-        x2 = x.reshape(math.prod(x.shape[:-1]), k)  # not -1: K may be 0
+        x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), k)  # not -1: K may be 0
         m = x2.shape[0]
-        dy = dy.reshape(m, n)
+        dy = dy if dy.dim() == 2 else dy.reshape(m, n)
         need_x, need_w, need_la, need_b = ctx.needs_input_grad[:4]
+        if need_la and gate != "weight" and _cpu_paths.applies(x, weight, log_alpha, not training or noise == "batch"):
+            dx, dw, dla, db = _cpu_linear_backward(dy, x2, weight, log_alpha, bias, seed, gate, training, cfg,
+                                                   need_x, need_w, need_b)
+            if dx is not None and x.dim() != 2:
+                dx = dx.reshape(x.shape)
+            return dx, dw, dla, db, None, None, None, None, None
         z, dz = gates_for(log_alpha, seed, linear_noise_shape(gate, noise, m, n, k), training, cfg, need_la)
         cd = compute_dtype(x.dtype)
         zx = z.to(x.dtype)
@@ -140,6 +150,31 @@ class L0LinearFunction(torch.autograd.Function):
         if dla is not None:
             dla = dla.to(log_alpha.dtype)
         return dx, dw, dla, db, None, None, None, None, None
+
+
+def _cpu_linear_backward(dy, x2, weight, log_alpha, bias, seed, gate, training, cfg, need_x, need_w, need_b):
+    """The backward of input/output gates with one gate vector per call on the CPU paths
+    (``_cpu_paths.gate_backward``): the same GEMMs as a dense layer plus one C++ pass for dlog_alpha."""
+    n, k = weight.shape
+    z = None
+    if need_x or (gate == "out" and need_b and bias is not None):
+        z = gates_for(log_alpha, seed, (k if gate == "in" else n,), training, cfg, need_grad=False)[0]
+    dx = db = None
+    if gate == "in":
+        if need_x:
+            dx = (dy @ weight).mul_(z)
+        dw, dla = _cpu_paths.gate_backward(1, dy.t() @ x2, weight, log_alpha, seed, training, cfg)
+        if need_b and bias is not None:
+            db = dy.sum(0)
+    else:
+        if need_x:
+            dx = (dy * z) @ weight
+        colsum = dy.sum(0)
+        dw, dla = _cpu_paths.gate_backward(0, dy.t() @ x2, weight, log_alpha, seed, training, cfg,
+                                           bias * colsum if bias is not None else None)
+        if need_b and bias is not None:
+            db = colsum * z
+    return dx, (dw if need_w else None), dla, db
 
 
 def _conv_backward(grad, x, weight, call_args, mask):

@@ -1,0 +1,85 @@
+"""CPU fast paths of the torch backend (float32, one gate vector per call).
+
+On the CPU a gated layer's extra cost over ``F.linear`` is not arithmetic but traffic and dispatch:
+every whole-tensor torch op is a pass over memory, a fresh temporary and, above torch's grain size,
+a wake-up of the thread pool between two GEMMs. These paths do the gate work of a call in one C++
+pass each (``l0kernels._cpu``, built from ``csrc/host/cpu_kernels.cpp`` on the shared headers
+``csrc/l0_philox.cuh`` / ``csrc/l0_gate.cuh``):
+
+- forward, input gates: ``x * z`` with ``z`` drawn in the same call, written into a per-thread
+  workspace that stays in cache from one step to the next (the GEMM reads it and it is dead after);
+- backward, input or output gates: ``P = dY^T x`` comes from the GEMM a dense layer runs too; one
+  pass then gives ``dlog_alpha = dz * sum(W * P)`` and scales ``P`` into ``dW`` in place.
+
+The plain torch code beside them in ``torch_backend.py`` is the reference (and the only path in
+float64, which gradcheck checks); ``tests/test_cpu_paths.py`` compares the two.
+``L0K_CPU_KERNELS=0`` turns these paths (and the C++ gate kernel of ``_gates.py``) off.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Optional
+
+import torch
+
+from .._gates import GateConfig
+from .._philox import _cpu
+
+ENABLED = (_cpu is not None and hasattr(_cpu, "gate_backward")
+           and os.environ.get("L0K_CPU_KERNELS", "1") != "0")
+_WORKSPACE_MAX = 1 << 20  # floats (4 MiB): larger inputs get a fresh tensor, their GEMM dwarfs the pass
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, per_call_gates: bool) -> bool:
+    """True where the C++ paths take the call: CPU float32, contiguous weight and log_alpha, and one
+    gate vector for the call (batch noise in training, or eval gates)."""
+    return (ENABLED and per_call_gates and x.is_cpu and x.dtype is torch.float32
+            and weight.is_contiguous() and log_alpha.is_contiguous())
+
+
+class _Workspace(threading.local):
+    def __init__(self):
+        self.bufs = {}  # (m, k) -> float32 tensor; a few shapes per thread (one per layer width)
+
+
+_WS = _Workspace()
+
+
+def _scratch(m: int, k: int) -> torch.Tensor:
+    if m * k > _WORKSPACE_MAX:
+        return torch.empty((m, k), dtype=torch.float32)
+    bufs = _WS.bufs
+    buf = bufs.get((m, k))
+    if buf is None:
+        if len(bufs) >= 8:
+            bufs.clear()
+        buf = bufs[(m, k)] = torch.empty((m, k), dtype=torch.float32)
+    return buf
+
+
+def in_gate_input(x2: torch.Tensor, log_alpha: torch.Tensor, seed: Optional[int], training: bool,
+                  cfg: GateConfig) -> torch.Tensor:
+    """``x2 * z`` for input gates, ``z`` drawn in the same C++ call. The result lives in a per-thread
+    workspace for inputs up to 4 MiB: use it before the next call on this thread, never keep it."""
+    m, k = x2.shape
+    if x2.stride(-1) != 1 or m == 0 or k == 0:
+        x2 = x2.contiguous()
+    out = _scratch(m, k)
+    if m and k:
+        _cpu.in_gate_forward(seed or 0, training, log_alpha.data_ptr(), k, x2.data_ptr(), x2.stride(0), m,
+                             out.data_ptr(), cfg.as_tuple)
+    return out
+
+
+def gate_backward(axis: int, p: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, seed: Optional[int],
+                  training: bool, cfg: GateConfig, extra: Optional[torch.Tensor] = None):
+    """``(dW, dlog_alpha)`` from ``P = dY^T x`` (``(N, K)``, scaled into ``dW`` in place): gates on the
+    columns (``axis=1``, input gates) or rows (``axis=0``, output gates, ``extra = b * colsum(dY)``)."""
+    p = p.contiguous()
+    n, k = p.shape
+    out = torch.empty(k if axis == 1 else n, dtype=torch.float32)  # every element is written
+    extra = extra.contiguous() if extra is not None else None
+    _cpu.gate_backward(axis, seed or 0, training, log_alpha.data_ptr(), p.data_ptr(), weight.data_ptr(),
+                       extra.data_ptr() if extra is not None else 0, out.data_ptr(), n, k, cfg.as_tuple)
+    return p, out
