@@ -7,6 +7,7 @@ deterministic gates through :mod:`l0kernels._inference`.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -96,6 +97,10 @@ class _L0Layer(nn.Module):
     def regularizer(self, lamba: float, weight_decay: float = 0.0, N: int = 1) -> torch.Tensor:
         """The paper's per-layer term ``(1/N) sum_g p_g (lamba * |g| + 0.5 wd ||theta_g||^2)`` plus
         ``0.5 wd ||theta||^2 / N`` for ungated parameters (the authors' bias term)."""
+        _check_coef(lamba, "lamba")
+        _check_coef(weight_decay, "weight_decay")
+        if isinstance(N, bool) or not isinstance(N, int) or N < 1:
+            raise ValueError(f"N (training-set size) must be an int >= 1, got {N!r}")
         p = self.prob_open()
         term = (p * (lamba * self.group_size + 0.5 * weight_decay * self._group_sq_norms())).sum()
         if weight_decay:
@@ -115,6 +120,14 @@ class _L0Layer(nn.Module):
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
+
+
+def _check_coef(v, name: str) -> None:
+    """A regularizer coefficient: a finite real number >= 0."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number >= 0, got {type(v).__name__}")
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {v}")
 
 
 class L0Linear(_L0Layer):
@@ -332,6 +345,9 @@ def l0_regularizer(model: nn.Module, lamba=0.1, weight_decay: float = 0.0, N: in
     lambdas = list(lamba) if isinstance(lamba, (list, tuple)) else [lamba] * len(layers)
     if len(lambdas) != len(layers):
         raise ValueError(f"lamba has {len(lambdas)} values but the model has {len(layers)} L0 layers")
+    for lam in lambdas:
+        _check_coef(lam, "lamba")
+    _check_coef(weight_decay, "weight_decay")
     return torch.stack([m.regularizer(lam, weight_decay, N).float() for m, lam in zip(layers, lambdas)]).sum()
 
 

@@ -227,3 +227,21 @@ def test_failed_forward_leaves_module_untouched(kind, training, no_kernels):
     assert attrs == after_attrs
     assert all(p.grad is None for p in m.parameters())
     assert torch.equal(rng, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(lamba=-0.1), ValueError, "lamba"),
+    (dict(lamba=float("nan")), ValueError, "lamba"),
+    (dict(lamba="0.1"), TypeError, "lamba"),
+    (dict(lamba=[0.1, True]), TypeError, "lamba"),
+    (dict(weight_decay=-1.0), ValueError, "weight_decay"),
+    (dict(weight_decay=float("inf")), ValueError, "weight_decay"),
+    (dict(weight_decay=None), TypeError, "weight_decay"),
+])
+def test_regularizer_coefficients_are_checked(kw, exc, match):
+    model = torch.nn.Sequential(l0k.L0Linear(4, 3), torch.nn.ReLU(), l0k.L0Linear(3, 2))
+    with pytest.raises(exc, match=match):
+        l0k.l0_regularizer(model, **kw)
+    if not isinstance(kw.get("lamba"), list):
+        with pytest.raises(exc, match=match):
+            model[0].regularizer(**{"lamba": 0.1, **kw})
