@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._dispatch import BACKEND_NAMES, Conv2dCall, LinearCall
+from ._dispatch import Conv2dCall, LinearCall, backend_names
 from ._gates import LINEAR_GATES, NOISE_KINDS, GateConfig
 from ._philox import check_seed
 
@@ -89,7 +89,7 @@ def linear_call(x, weight, log_alpha, bias, *, seed, gate, noise, training, back
                 eps=1e-6) -> LinearCall:
     check_choice(gate, "gate", LINEAR_GATES)
     check_choice(noise, "noise", NOISE_KINDS)
-    check_choice(backend, "backend", BACKEND_NAMES)
+    check_choice(backend, "backend", backend_names())
     check_bool(training, "training")
     if gate == "weight" and noise == "sample":
         raise ValueError("noise='sample' is not defined for gate='weight' (one gate per weight is "
@@ -134,7 +134,7 @@ def _pair(v, name: str, minimum: int) -> Tuple[int, int]:
 def conv2d_call(x, weight, log_alpha, bias, stride, padding, dilation, groups, *, seed, noise, training,
                 backend, beta, gamma, zeta, eps=1e-6) -> Conv2dCall:
     check_choice(noise, "noise", NOISE_KINDS)
-    check_choice(backend, "backend", BACKEND_NAMES)
+    check_choice(backend, "backend", backend_names())
     check_bool(training, "training")
     cfg = make_config(beta, gamma, zeta, eps)
     stride = _pair(stride, "stride", 1)

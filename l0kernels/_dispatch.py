@@ -131,6 +131,12 @@ def get_backend(name: str) -> Backend:
     return _REGISTRY[name]
 
 
+def backend_names() -> Tuple[str, ...]:
+    """Names ``backend=`` accepts: SPEC's four plus any backend a user registered."""
+    extra = tuple(sorted(n for n in list(_REGISTRY) + list(_LOADERS) if n not in BACKEND_NAMES))
+    return BACKEND_NAMES + extra
+
+
 def available_backends(call=None) -> List[str]:
     """Names of registered backends (that can run ``call``, when given)."""
     _load_all()

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import _inference
 from ._checks import check_choice, conv_out_size, _pair
-from ._dispatch import BACKEND_NAMES
+from ._dispatch import backend_names
 from ._gates import LINEAR_GATES, NOISE_KINDS, GateConfig, eval_gates_and_grad, prob_open_t
 from .functional import l0_conv2d, l0_linear
 
@@ -48,7 +48,7 @@ class _L0Layer(nn.Module):
 
     def _init_gate_options(self, noise, droprate_init, beta, gamma, zeta, backend):
         check_choice(noise, "noise", NOISE_KINDS)
-        check_choice(backend, "backend", BACKEND_NAMES)
+        check_choice(backend, "backend", backend_names())
         self.noise = noise
         self.backend = backend
         self.droprate_init = _check_droprate(droprate_init)

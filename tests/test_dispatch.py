@@ -187,3 +187,20 @@ def test_call_signatures_distinguish_what_matters():
     c2 = conv2d_call(cx.to(memory_format=torch.channels_last), cw, cla, cb, 1, 0, 1, 1, seed=1, noise="batch",
                      training=True, backend="auto", **CFG)
     assert c1.signature() != c2.signature()  # layouts are timed separately
+
+
+def test_user_registered_backend_can_be_chosen_by_name(registry):
+    class Mine(Recording):
+        name = "mine"
+        priority = -1  # auto never prefers it over torch
+
+    rec = registry(Mine())
+    x, w, la, b = _linear_inputs()
+    y = l0k.l0_linear(x, w, la, b, seed=3, backend="mine")
+    assert len(rec.calls) == 1
+    assert torch.equal(y, l0k.l0_linear(x, w, la, b, seed=3, backend="torch"))
+    layer = l0k.L0Linear(w.shape[1], w.shape[0], backend="mine")
+    layer(x)
+    assert len(rec.calls) == 2
+    with pytest.raises(ValueError, match=r"backend must be one of 'auto', 'torch', 'triton', 'cuda', 'mine'"):
+        l0k.l0_linear(x, w, la, b, seed=3, backend="yours")
