@@ -21,7 +21,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, philox shim: "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu kernels: "
           f"{l0k._philox._cpu is not None}")
     for case in a.case or list(CASES):
         c, x, w, b, la, gy = make(case)

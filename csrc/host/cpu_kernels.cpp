@@ -164,17 +164,18 @@ static PyObject* in_gate_forward(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-// gate_backward(axis, seed, training, la_addr, p_addr, w_addr, extra_addr, out_addr, n, k, cfg): for
-// batch-noise (or eval) gates on axis 1 (columns: input gates, g = k) or 0 (rows: output gates, g = n)
-// of an (n, k) weight: draws z and dz/dlog_alpha, then scale_dot: out = dlog_alpha, p *= z in place.
+// gate_backward(axis, seed, training, la_addr, p_addr, w_addr, extra_addr, out_addr, z_addr, n, k, cfg):
+// for batch-noise (or eval) gates on axis 1 (columns: input gates, g = k) or 0 (rows: output gates,
+// g = n) of an (n, k) weight: draws z (written to z_addr, g floats, for the caller's dx and db) and
+// dz/dlog_alpha, then scale_dot: out = dlog_alpha, p *= z in place.
 static PyObject* gate_backward(PyObject*, PyObject* args) {
   int axis, training;
-  unsigned long long seed, la_addr, p_addr, w_addr, extra_addr, out_addr;
+  unsigned long long seed, la_addr, p_addr, w_addr, extra_addr, out_addr, z_addr;
   Py_ssize_t n, k;
   PyObject* cfg_tuple;
   l0k::GateConfig cfg;
-  if (!PyArg_ParseTuple(args, "iKpKKKKKnnO", &axis, &seed, &training, &la_addr, &p_addr, &w_addr, &extra_addr,
-                        &out_addr, &n, &k, &cfg_tuple) ||
+  if (!PyArg_ParseTuple(args, "iKpKKKKKKnnO", &axis, &seed, &training, &la_addr, &p_addr, &w_addr, &extra_addr,
+                        &out_addr, &z_addr, &n, &k, &cfg_tuple) ||
       !parse_cfg(cfg_tuple, &cfg))
     return nullptr;
   if (n < 0 || k < 0 || (axis != 0 && axis != 1) || (axis == 1 && extra_addr != 0)) {
@@ -184,9 +185,9 @@ static PyObject* gate_backward(PyObject*, PyObject* args) {
   const Py_ssize_t g = axis == 1 ? k : n;
   if (g == 0) Py_RETURN_NONE;
   Py_BEGIN_ALLOW_THREADS
-  std::vector<float> zdz(2 * static_cast<size_t>(g));
-  float* z = zdz.data();
-  float* dz = z + g;
+  std::vector<float> dz_buf(static_cast<size_t>(g));
+  float* z = ptr<float>(z_addr);
+  float* dz = dz_buf.data();
   gate_vector(seed, training != 0, ptr<const float>(la_addr), g, cfg, z, dz);
   if (axis == 1) {
     col_scale_dot(ptr<float>(p_addr), ptr<const float>(w_addr), z, dz, ptr<float>(out_addr), n, k);
@@ -254,7 +255,7 @@ static PyMethodDef kMethods[] = {
     {"in_gate_forward", in_gate_forward, METH_VARARGS,
      "in_gate_forward(seed, training, la_addr, k, x_addr, ldx, m, out_addr, (beta, gamma, zeta, eps))"},
     {"gate_backward", gate_backward, METH_VARARGS,
-     "gate_backward(axis, seed, training, la_addr, p_addr, w_addr, extra_addr, out_addr, n, k, "
+     "gate_backward(axis, seed, training, la_addr, p_addr, w_addr, extra_addr, out_addr, z_addr, n, k, "
      "(beta, gamma, zeta, eps))"},
     {nullptr, nullptr, 0, nullptr}};
 

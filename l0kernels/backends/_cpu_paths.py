@@ -74,12 +74,16 @@ def in_gate_input(x2: torch.Tensor, log_alpha: torch.Tensor, seed: Optional[int]
 
 def gate_backward(axis: int, p: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, seed: Optional[int],
                   training: bool, cfg: GateConfig, extra: Optional[torch.Tensor] = None):
-    """``(dW, dlog_alpha)`` from ``P = dY^T x`` (``(N, K)``, scaled into ``dW`` in place): gates on the
-    columns (``axis=1``, input gates) or rows (``axis=0``, output gates, ``extra = b * colsum(dY)``)."""
+    """``(dW, dlog_alpha, z)`` from ``P = dY^T x`` (``(N, K)``, scaled into ``dW`` in place): gates on the
+    columns (``axis=1``, input gates) or rows (``axis=0``, output gates, ``extra = b * colsum(dY)``).
+    ``z`` is the gate vector the pass drew, for the caller's dx and db (no second draw)."""
     p = p.contiguous()
     n, k = p.shape
-    out = torch.empty(k if axis == 1 else n, dtype=torch.float32)  # every element is written
+    g = k if axis == 1 else n
+    out = torch.empty(g, dtype=torch.float32)  # every element is written
+    z = torch.empty(g, dtype=torch.float32)
     extra = extra.contiguous() if extra is not None else None
     _cpu.gate_backward(axis, seed or 0, training, log_alpha.data_ptr(), p.data_ptr(), weight.data_ptr(),
-                       extra.data_ptr() if extra is not None else 0, out.data_ptr(), n, k, cfg.as_tuple)
-    return p, out
+                       extra.data_ptr() if extra is not None else 0, out.data_ptr(), z.data_ptr(), n, k,
+                       cfg.as_tuple)
+    return p, out, z

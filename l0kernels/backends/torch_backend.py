@@ -155,23 +155,19 @@ class L0LinearFunction(torch.autograd.Function):
 def _cpu_linear_backward(dy, x2, weight, log_alpha, bias, seed, gate, training, cfg, need_x, need_w, need_b):
     """The backward of input/output gates with one gate vector per call on the CPU paths
     (``_cpu_paths.gate_backward``): the same GEMMs as a dense layer plus one C++ pass for dlog_alpha."""
-    n, k = weight.shape
-    z = None
-    if need_x or (gate == "out" and need_b and bias is not None):
-        z = gates_for(log_alpha, seed, (k if gate == "in" else n,), training, cfg, need_grad=False)[0]
     dx = db = None
     if gate == "in":
+        dw, dla, z = _cpu_paths.gate_backward(1, dy.t() @ x2, weight, log_alpha, seed, training, cfg)
         if need_x:
             dx = (dy @ weight).mul_(z)
-        dw, dla = _cpu_paths.gate_backward(1, dy.t() @ x2, weight, log_alpha, seed, training, cfg)
         if need_b and bias is not None:
             db = dy.sum(0)
     else:
+        colsum = dy.sum(0)
+        dw, dla, z = _cpu_paths.gate_backward(0, dy.t() @ x2, weight, log_alpha, seed, training, cfg,
+                                              bias * colsum if bias is not None else None)
         if need_x:
             dx = (dy * z) @ weight
-        colsum = dy.sum(0)
-        dw, dla = _cpu_paths.gate_backward(0, dy.t() @ x2, weight, log_alpha, seed, training, cfg,
-                                           bias * colsum if bias is not None else None)
         if need_b and bias is not None:
             db = colsum * z
     return dx, (dw if need_w else None), dla, db
