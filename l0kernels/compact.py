@@ -4,13 +4,22 @@ The model is read as a chain of layers (nested ``nn.Sequential``, or any module 
 ``torch.fx.symbolic_trace`` turns into a chain). Gates are folded into the weights (``z_eval``, SPEC
 section 1) and units are removed where that cannot change the output:
 
-* forward: a unit is *constant* when its weight row reads only zero inputs (a closed output gate or
-  channel, or a row of zeros); elementwise activations, BatchNorm (eval statistics), max/adaptive
-  pooling, dropout and ``Flatten`` carry the constant along (``f(0)`` need not be 0: sigmoid, a
-  BatchNorm shift);
+* forward: a unit is *constant* when every input its weight row reads is a constant that passes through
+  the layer exactly (0 always; any constant when the layer is a ``Linear`` or a conv without zero padding):
+  a closed output gate or channel, a row of zeros, a row reading only closed channels. Elementwise
+  activations, BatchNorm (eval statistics), max/adaptive pooling, dropout and ``Flatten`` carry the
+  constant along (``f(0)`` need not be 0: sigmoid, a BatchNorm shift);
 * backward: a unit is removed when the next weight layer does not read it (closed input gates, zero
   columns) or reads a constant that can be folded into that layer's bias exactly (always for
   ``Linear``; for ``Conv2d`` when the constant is 0 or the conv has no zero padding).
+
+Grouped convolutions (``groups > 1``) stay valid grouped convolutions: only whole groups go, output block
+and input block together, and ``groups`` becomes the number of kept groups. A group goes when none of its
+output channels is needed (each is removable by the backward rule above, e.g. all its gates closed, or it
+reads only closed channels and the next layer folds the constant it gives); its input channels are then
+not read and the producer may drop them. A kept group stays whole and reads its whole input block, so
+partly needed groups keep their zero or constant channels, and so do their producers. Groups reading the
+model input stay; in grouped convs in a row, groups sharing a group of the producer go only together.
 
 The model's input and output keep their sizes (so the first layer keeps zero columns for closed input
 gates). ``L0Linear`` becomes ``nn.Linear``, ``L0Conv2d`` becomes ``nn.Conv2d``; BatchNorm layers are
@@ -218,6 +227,11 @@ class _Dense:
     def groups(self) -> int:
         return getattr(self.src, "groups", 1)
 
+    @property
+    def n_in(self) -> int:
+        """Input units (a conv's input channels: ``weight.shape[1]`` per group)."""
+        return self.weight.shape[1] * self.groups
+
     def pads_with_zeros(self) -> bool:
         if self.kind != "conv":
             return False
@@ -319,7 +333,7 @@ def _forward_op(leaf: _Leaf, st: Optional[_State]) -> Optional[_State]:
 def _resolve_input(st: Optional[_State], d: _Dense, name: str) -> Tuple[Optional[_State], int]:
     """The state at the input of weight layer ``d`` in its own unit space, and H*W of a flatten (else 1)."""
     if d.kind == "conv":
-        cin = d.weight.shape[1] * d.groups
+        cin = d.n_in
         if st is not None and st.kind != "chan":
             raise ValueError(f"compact: Conv2d {name!r} follows a flattened/feature tensor")
         if st is not None and st.n != cin:
@@ -342,20 +356,68 @@ def _resolve_input(st: Optional[_State], d: _Dense, name: str) -> Tuple[Optional
     return st, 1
 
 
-def _out_state(d: _Dense, st: Optional[_State]) -> _State:
-    w = d.weight
+def _per_input(d: _Dense, m: torch.Tensor) -> torch.Tensor:
+    """``m`` (one value per weight row and input of its group) as (rows, d.n_in): zero outside the group."""
+    if d.groups == 1:
+        return m
+    return torch.block_diag(*m.view(d.groups, -1, m.shape[1]))
+
+
+def _reads(d: _Dense) -> torch.Tensor:
+    """(rows, inputs): which inputs each weight row reads (a nonzero weight)."""
+    nonzero = d.weight != 0
+    return _per_input(d, nonzero.any((2, 3)) if d.kind == "conv" else nonzero)
+
+
+def _through(d: _Dense, c: torch.Tensor) -> torch.Tensor:
+    """Per weight row, what inputs that are the constants ``c`` everywhere add to its output (no bias)."""
+    w = d.weight.sum((2, 3)) if d.kind == "conv" else d.weight
+    return _per_input(d, w) @ c
+
+
+def _passes_const(d: _Dense, st: Optional[_State]) -> torch.Tensor:
+    """Inputs of ``d`` that are constants it sees unchanged everywhere (zero padding only keeps 0)."""
     if st is None:
-        live_in = torch.ones(w.shape[1] * (d.groups if d.kind == "conv" else 1), dtype=torch.bool)
-    else:
-        live_in = ~(st.dead & (st.const == 0))
-    if d.kind == "conv":
-        g = d.groups
-        cout, cin_g = w.shape[:2]
-        rows_live_in = live_in.view(g, cin_g).repeat_interleave(cout // g, 0)  # (cout, cin_g)
-        row_live = ((w != 0) & rows_live_in[:, :, None, None]).any((1, 2, 3))
-        return _State("chan", ~row_live, d.bias.clone())
-    row_live = ((w != 0) & live_in[None, :]).any(1)
-    return _State("feat", ~row_live, d.bias.clone())
+        return torch.zeros(d.n_in, dtype=torch.bool)
+    return st.dead & ((st.const == 0) | (not d.pads_with_zeros()))
+
+
+def _out_state(d: _Dense, st: Optional[_State]) -> _State:
+    """Units of ``d``'s output: constant when every input its row reads is a constant ``d`` passes on."""
+    c_in = _passes_const(d, st)
+    dead = ~(_reads(d) & ~c_in[None, :]).any(1)
+    const = d.bias.clone()
+    if bool(c_in.any()):
+        const += _through(d, torch.where(c_in, st.const, torch.zeros_like(st.const)))
+    return _State("chan" if d.kind == "conv" else "feat", dead, const)
+
+
+def _output_ties(d: _Dense, ties_in: torch.Tensor) -> torch.Tensor:
+    """Tie-set ids of ``d``'s outputs (units that can only be removed together; tie-set 0: never), from the
+    ids of its input (the model input: all 0). An ordinary layer's outputs are free: one tie-set each. A
+    grouped conv removes a group only with its input block, so groups whose blocks share a tie-set go
+    together (one tie-set), and groups reading tie-set 0 stay (tie-set 0)."""
+    n, g = d.weight.shape[0], d.groups
+    if g == 1:
+        return torch.arange(1, n + 1)
+    blocks = ties_in.view(g, -1)
+    label = torch.arange(1, g + 1)
+    label[(blocks == 0).any(1)] = 0
+    while True:  # each group takes the smallest label of the groups it shares a tie-set with
+        low = torch.full((int(ties_in.max()) + 1,), g + 1, dtype=torch.long)
+        low.scatter_reduce_(0, blocks.flatten(), label.repeat_interleave(blocks.shape[1]), "amin")
+        new = torch.minimum(label, low[blocks].min(1).values)
+        if torch.equal(new, label):
+            return label.repeat_interleave(n // g)
+        label = new
+
+
+def _whole_ties(removable: torch.Tensor, ties: torch.Tensor) -> torch.Tensor:
+    """``removable`` where its whole tie-set is removable (tie-set 0: never)."""
+    stays = torch.zeros(int(ties.max()) + 1 if ties.numel() else 1, dtype=torch.bool)
+    stays[ties[~removable]] = True
+    stays[0] = True
+    return ~stays[ties]
 
 
 # -- building the new layers -------------------------------------------------------------------------------
@@ -376,16 +438,29 @@ def _new_linear(d: _Dense, out_keep, in_keep, fold) -> nn.Linear:
     return m
 
 
+def _kept_groups(d: _Dense, out_keep: torch.Tensor, in_keep: torch.Tensor) -> int:
+    """How many groups a grouped conv keeps; each is kept or removed whole (output and input block)."""
+    kept = out_keep.view(d.groups, -1).any(1)
+    if not (torch.equal(kept, out_keep.view(d.groups, -1).all(1)) and
+            torch.equal(kept.repeat_interleave(d.n_in // d.groups), in_keep)):
+        raise RuntimeError(f"compact: internal error: grouped conv {type(d.src).__name__} would lose part of a group")
+    return int(kept.sum())
+
+
 def _new_conv(d: _Dense, out_keep, in_keep, fold) -> nn.Conv2d:
     src = d.src
-    w = d.weight[out_keep][:, in_keep] if d.groups == 1 else d.weight[out_keep]
+    w = d.weight[out_keep]
+    if d.groups == 1:
+        w, groups = w[:, in_keep], 1
+    else:
+        groups = _kept_groups(d, out_keep, in_keep)  # weight columns are per group: nothing to slice
     b = d.bias[out_keep] + fold
     has_bias = d.has_bias or bool((fold != 0).any())
-    cin = w.shape[1] * d.groups
+    cin = w.shape[1] * groups
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         m = torch.nn.utils.skip_init(nn.Conv2d, cin, w.shape[0], tuple(w.shape[2:]), stride=src.stride,
-                                     padding=src.padding, dilation=src.dilation, groups=d.groups, bias=has_bias,
+                                     padding=src.padding, dilation=src.dilation, groups=groups, bias=has_bias,
                                      padding_mode=getattr(src, "padding_mode", "zeros"),
                                      device=src.weight.device, dtype=src.weight.dtype)
     with torch.no_grad():
@@ -426,13 +501,19 @@ def _compact_plan(model: nn.Module) -> _Plan:
     with torch.no_grad():
         dense: Dict[int, _Dense] = {i: _dense(lf.module) for i, lf in enumerate(leaves) if _is_weight_layer(lf.module)}
         widx = sorted(dense)
-        # forward: constant units
+        # forward: constant units, and which units can only be removed together
         ins: Dict[int, Tuple[Optional[_State], int]] = {}
+        ties: Dict[int, torch.Tensor] = {}
         st: Optional[_State] = None
+        ties_now: Optional[torch.Tensor] = None
         for i, lf in enumerate(leaves):
             if i in dense:
-                ins[i] = _resolve_input(st, dense[i], lf.name)
-                st = _out_state(dense[i], ins[i][0])
+                d = dense[i]
+                ins[i] = _resolve_input(st, d, lf.name)
+                st = _out_state(d, ins[i][0])
+                if ties_now is None:  # the model input keeps its size
+                    ties_now = torch.zeros(d.n_in, dtype=torch.long)
+                ties[i] = ties_now = _output_ties(d, ties_now)
             else:
                 st = _forward_op(lf, st)
         # backward: units the next layer does not need
@@ -445,36 +526,30 @@ def _compact_plan(model: nn.Module) -> _Plan:
             if j == len(widx) - 1:
                 out_keep[r] = torch.ones(d.weight.shape[0], dtype=torch.bool)
             st_in, hw = ins[r]
-            k = d.weight.shape[1] * (d.groups if d.kind == "conv" else 1)
-            if j == 0 or st_in is None or (d.kind == "conv" and d.groups != 1):
-                in_keep[r] = torch.ones(k, dtype=torch.bool)
-                if j > 0:  # a grouped conv reads every channel of its producer
-                    out_keep[widx[j - 1]] = torch.ones(dense[widx[j - 1]].weight.shape[0], dtype=torch.bool)
+            if j == 0:
+                in_keep[r] = torch.ones(d.n_in, dtype=torch.bool)
             else:
-                wk = d.weight[out_keep[r]]
-                used = (wk != 0).any(0) if d.kind == "linear" else (wk != 0).any((0, 2, 3))
-                foldable = st_in.dead & ((st_in.const == 0) | (not d.pads_with_zeros()))
-                removable = ~used | foldable
                 p = widx[j - 1]
-                if hw > 1:  # a flattened channel goes only when all its H*W features can
-                    removable = removable.view(-1, hw).all(1)
-                if dense[p].kind == "conv" and dense[p].groups != 1:
-                    removable = torch.zeros_like(removable)  # a grouped conv keeps every output channel
-                elif dense[p].kind == "conv" and bool(removable.all()):
-                    removable = removable.clone()
-                    removable[0] = False  # nn.Conv2d needs at least one output channel
+                if d.groups > 1:  # a grouped conv reads the input blocks of the groups it keeps
+                    gone = ~out_keep[r].view(d.groups, -1).any(1)
+                    removable = gone.repeat_interleave(d.n_in // d.groups)
+                else:
+                    used = _reads(d)[out_keep[r]].any(0)
+                    removable = ~used | _passes_const(d, st_in)
+                    if hw > 1:  # a flattened channel goes only when all its H*W features can
+                        removable = removable.view(-1, hw).all(1)
+                removable = _whole_ties(removable, ties[p])
+                if dense[p].kind == "conv" and bool(removable.all()):
+                    # nn.Conv2d needs at least one output channel (its whole tie-set: a grouped conv's group)
+                    removable &= ties[p] != ties[p][0]
                 out_keep[p] = ~removable
                 in_keep[r] = (~removable).repeat_interleave(hw)
             removed = ~in_keep[r]
-            keep_rows = out_keep[r]
-            if st_in is not None and bool(removed.any()):
+            if bool(removed.any()):
                 c = torch.where(removed & st_in.dead, st_in.const, torch.zeros_like(st_in.const))
-                if d.kind == "linear":
-                    fold[r] = d.weight[keep_rows] @ c
-                else:
-                    fold[r] = (d.weight[keep_rows].sum((2, 3)) * c[None, :]).sum(1)
+                fold[r] = _through(d, c)[out_keep[r]]
             else:
-                fold[r] = d.bias.new_zeros(int(keep_rows.sum()))
+                fold[r] = d.bias.new_zeros(int(out_keep[r].sum()))
         # build
         layer_info: Dict[str, Dict[str, Any]] = {}
         keep_now: Optional[torch.Tensor] = None
@@ -495,7 +570,8 @@ def compact(model: nn.Module) -> nn.Module:
 
     ``L0Linear`` -> ``nn.Linear``, ``L0Conv2d`` -> ``nn.Conv2d``; removals propagate through elementwise
     activations, BatchNorm, pooling, dropout and ``Flatten`` (constants such as ``sigmoid(0)`` or a
-    BatchNorm shift of a removed unit are folded into the next layer's bias). Nested ``nn.Sequential``
+    BatchNorm shift of a removed unit are folded into the next layer's bias). Grouped convs lose whole
+    groups only (see the module docstring). Nested ``nn.Sequential``
     and modules that ``torch.fx`` traces into a chain are supported; anything else raises ``ValueError``
     naming the module or op. The model's input and output sizes are unchanged. ``model`` is not modified.
     """
@@ -661,7 +737,7 @@ def summary(model: nn.Module, input_shape: Optional[Sequence[int]] = None) -> Mo
         params_before = sum(p.numel() for p in (m.weight, m.bias) if p is not None)
         if is_conv:
             fb = _conv_flops(m, n, kk, hw_out, has_b, groups)
-            fa = _conv_flops(m, n2, k2, hw_out, has_b, groups)
+            fa = _conv_flops(m, n2, k2, hw_out, has_b, entry["new"].groups if entry is not None else groups)
         else:
             fb = _linear_flops(n, kk, has_b)
             if is_l0 and m.gate == "weight" and entry is None:

@@ -284,7 +284,8 @@ def test_grouped_conv_and_padded_avgpool(rel_err):
         if isinstance(m, (l0k.L0Linear, l0k.L0Conv2d)):
             random_closed(m, 0.5)
     c = check_same(model, torch.randn(2, 4, 5, 5), rel_err)
-    assert c[3].groups == 2 and c[3].out_channels == 6  # a grouped conv keeps its channels (gates folded)
+    # the grouped conv's channels 3, 4 are closed, 5 is open: group 1 is partly needed, both groups stay
+    assert c[3].groups == 2 and c[3].out_channels == 6
 
 
 def test_summary_of_unsupported_graph_counts_own_gates():
@@ -297,3 +298,160 @@ def test_summary_of_unsupported_graph_counts_own_gates():
     fc = model[1].fc
     k_active = int((fc.deterministic_gates() > 0).sum())
     assert s.layers[1].params_after == 4 * k_active + 4
+
+
+# -- grouped convolutions: whole groups go ----------------------------------------------------------------
+
+def conv_shapes(c):
+    """(in_channels, out_channels, groups) of each Conv2d of a compacted model."""
+    return [(m.in_channels, m.out_channels, m.groups) for m in c.modules() if isinstance(m, nn.Conv2d)]
+
+
+def closed_at(n, idx):
+    closed = torch.zeros(n, dtype=torch.bool)
+    closed[list(idx)] = True
+    return closed
+
+
+def test_depthwise_separable_chain(rel_err):
+    """A closed channel makes its depthwise output the constant ReLU(bias), which the 1x1 conv folds: the
+    depthwise group and the producer's channel go. A depthwise output the 1x1 conv does not read goes
+    too, and with it the (open) producer channel feeding it."""
+    torch.manual_seed(20)
+    model = nn.Sequential(l0k.L0Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                          l0k.L0Conv2d(8, 6, 1), nn.ReLU(), nn.Conv2d(6, 4, 1))
+    set_gates(model[0], closed_at(8, [1, 5]))
+    set_gates(model[4], closed_at(6, [2]))
+    with torch.no_grad():
+        model[4].weight[:, 6] = 0  # depthwise channel 6 is not read
+    c = check_same(model, torch.randn(2, 3, 9, 9), rel_err)
+    assert conv_shapes(c) == [(3, 5, 1), (5, 5, 5), (5, 5, 1), (5, 4, 1)]
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_depthwise_multiplier_batchnorm_constants(padding, rel_err):
+    """Depthwise conv with 2 outputs per channel between BatchNorms. Closed producer channels are nonzero
+    constants after BN+ReLU: an unpadded depthwise conv carries them (its group becomes a constant the
+    1x1 conv folds), a zero-padded one does not (the group stays). A group is removed only when both its
+    outputs can be: channel 2 alone unread keeps group 1; channels 8, 9 unread remove group 4."""
+    torch.manual_seed(21 + padding)
+    model = nn.Sequential(l0k.L0Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.Conv2d(6, 12, 3, padding=padding, groups=6), nn.BatchNorm2d(12), nn.ReLU6(),
+                          l0k.L0Conv2d(12, 5, 1))
+    randomize_bn(model[1])
+    randomize_bn(model[4])
+    with torch.no_grad():
+        model[1].running_mean.fill_(-1.0)  # ReLU(BN(0)) > 0
+        model[1].weight.abs_()
+        model[1].bias.zero_()
+        model[6].weight[:, [2, 8, 9]] = 0
+    set_gates(model[0], closed_at(6, [0, 3]))
+    set_gates(model[6], closed_at(5, []))
+    c = check_same(model, torch.randn(2, 3, 8, 8), rel_err)
+    kept = 3 if padding == 0 else 5  # groups 0, 3 (constant inputs) only without padding; 4 always
+    assert conv_shapes(c) == [(3, kept, 1), (kept, 2 * kept, kept), (2 * kept, 5, 1)]
+    assert c[1].num_features == kept and c[4].num_features == 2 * kept
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_grouped_conv_whole_groups(groups, rel_err):
+    """groups=2: group 1's outputs are all closed, group 0 is partly closed (and reads a closed channel):
+    group 0 stays whole and the conv becomes an ordinary one. groups=4: group 1's outputs are closed, group
+    3 reads only closed channels (its outputs are the constant ReLU(bias), folded by the 1x1 conv), group 0
+    is partly closed: groups 0 and 2 stay."""
+    torch.manual_seed(23 + groups)
+    model = nn.Sequential(l0k.L0Conv2d(3, 8, 3), nn.ReLU(), l0k.L0Conv2d(8, 16, 3, padding=1, groups=groups),
+                          nn.ReLU(), l0k.L0Conv2d(16, 4, 1))
+    out_g = 16 // groups
+    if groups == 2:
+        set_gates(model[0], closed_at(8, [1]))
+        set_gates(model[2], closed_at(16, [3] + list(range(out_g, 2 * out_g))))
+        want = [(3, 4, 1), (4, 8, 1), (8, 4, 1)]
+    else:
+        set_gates(model[0], closed_at(8, [0, 6, 7]))
+        set_gates(model[2], closed_at(16, [1] + list(range(out_g, 2 * out_g))))
+        want = [(3, 4, 1), (4, 8, 2), (8, 4, 1)]
+    set_gates(model[4], closed_at(4, []))
+    x = torch.randn(2, 3, 9, 9)
+    c = check_same(model, x, rel_err)
+    assert conv_shapes(c) == want
+    # summary counts the compacted conv with its new groups
+    s = summary(model, input_shape=(1, 3, 9, 9))
+    new = c[2]
+    assert s.layers[1].flops_after == new.out_channels * 49 * (2 * new.in_channels // new.groups * 9)
+    assert s.totals()["params_after"] == sum(p.numel() for m in weight_layers(c) for p in m.parameters())
+
+
+def test_grouped_convs_in_a_row_remove_groups_together(rel_err):
+    """groups=2 then groups=4: groups 0 and 1 of the second conv read group 0 of the first, so they can
+    only go together; groups=4 then groups=2: each group of the second reads two whole groups of the first."""
+    def chain(g1, g2, unread):
+        model = nn.Sequential(l0k.L0Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1, groups=g1), nn.ReLU(),
+                              nn.Conv2d(8, 8, 3, padding=1, groups=g2), nn.Tanh(), nn.Conv2d(8, 3, 1))
+        set_gates(model[0], closed_at(8, []))
+        with torch.no_grad():
+            model[6].weight[:, unread] = 0
+        return check_same(model, torch.randn(2, 3, 6, 6), rel_err)
+
+    torch.manual_seed(30)
+    # second conv's group 0 unread, group 1 read: both stay
+    assert conv_shapes(chain(2, 4, [0, 1])) == [(3, 8, 1), (8, 8, 2), (8, 8, 4), (8, 3, 1)]
+    # its groups 0 and 1 unread: they go, then the first conv's group 0, then the producer's channels 0-3
+    assert conv_shapes(chain(2, 4, [0, 1, 2, 3])) == [(3, 4, 1), (4, 4, 1), (4, 4, 2), (4, 3, 1)]
+    assert conv_shapes(chain(4, 2, [0, 1, 2, 3])) == [(3, 4, 1), (4, 4, 2), (4, 4, 1), (4, 3, 1)]
+    assert conv_shapes(chain(4, 2, [0, 1, 2])) == [(3, 8, 1), (8, 8, 4), (8, 8, 2), (8, 3, 1)]
+
+
+def test_grouped_first_layer_keeps_its_groups(rel_err):
+    """The model input keeps its size, so a grouped first layer cannot drop a group (it reads every input)."""
+    torch.manual_seed(31)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), l0k.L0Conv2d(8, 3, 1))
+    set_gates(model[2], closed_at(3, []))
+    with torch.no_grad():
+        model[2].weight[:, :4] = 0
+    c = check_same(model, torch.randn(2, 4, 6, 6), rel_err)
+    assert conv_shapes(c) == [(4, 8, 2), (8, 3, 1)]
+
+
+def test_random_sparsity_grouped_convs(rel_err):
+    torch.manual_seed(32)
+    acts = [nn.ReLU, nn.Sigmoid, nn.GELU, nn.Tanh, nn.SiLU]
+    removed_groups = 0
+    for trial in range(16):
+        c1, mult = 8, 1 + trial % 2
+        g = (1, 2, 4, 8)[trial % 4] if trial % 8 else 8
+        act = acts[trial % len(acts)]
+        pad = (trial // 2) % 2
+        layers = [l0k.L0Conv2d(3, c1, 3, padding=1, bias=trial % 3 != 0)]
+        if trial % 3 == 1:
+            layers.append(nn.BatchNorm2d(c1))
+        layers += [act(), l0k.L0Conv2d(c1, c1 * mult, 3, padding=pad, groups=g, bias=trial % 5 != 0)]
+        if trial % 2 == 0:
+            layers.append(nn.BatchNorm2d(c1 * mult))
+        grouped_next = trial % 4 == 3  # then the next conv reads every input of its (kept) groups
+        layers += [act(), nn.Conv2d(c1 * mult, 6, 1, groups=2 if grouped_next else 1), nn.ReLU(),
+                   nn.AdaptiveAvgPool2d(2), nn.Flatten(), l0k.L0Linear(6 * 4, 5, gate="in")]
+        model = nn.Sequential(*layers)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                randomize_bn(m)
+        grouped = [m for m in model if isinstance(m, l0k.L0Conv2d) and m.groups > 1]
+        for m in model.modules():
+            if isinstance(m, (l0k.L0Linear, l0k.L0Conv2d)):
+                closed = random_closed(m, 0.2 + 0.03 * trial)
+                if m in grouped:  # close some whole groups too
+                    blocks = closed.view(m.groups, -1)
+                    blocks[torch.rand(m.groups) < 0.4] = True
+                    set_gates(m, closed)
+        dtype = torch.float64 if trial % 2 else torch.float32
+        c = check_same(model.to(dtype), torch.randn(3, 3, 7, 7, dtype=dtype), rel_err, tol=1e-5)
+        for m, new in zip(model, c):
+            if m in grouped:
+                open_groups = int((m.deterministic_gates().view(m.groups, -1) > 0).any(1).sum())
+                if not grouped_next:  # groups with every output closed go (their outputs are constants)
+                    assert new.groups <= max(open_groups, 1)
+                assert new.in_channels == new.groups * (m.in_channels // m.groups)
+                assert new.out_channels == new.groups * (m.out_channels // m.groups)
+                removed_groups += m.groups - new.groups
+    assert removed_groups > 0
