@@ -19,7 +19,7 @@ import sys
 from setuptools import Extension, setup
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = ["csrc/binding.cpp", "csrc/gates.cu", "csrc/elementwise.cu", "csrc/reduce.cu"]
+_SOURCES = ["csrc/binding.cpp", "csrc/gates.cu", "csrc/elementwise.cu", "csrc/reduce.cu", "csrc/gemm.cu"]
 _DEFAULT_GENCODE = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
 
 

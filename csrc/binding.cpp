@@ -1,7 +1,7 @@
 // The one PyTorch-facing file of the CUDA extension l0kernels._C: argument checks, current stream,
 // launchers of csrc/*.cu, cuBLAS (at::mm / at::addmm) and cuDNN (at::convolution /
 // at::convolution_backward) for the GEMMs and convolutions, and the op registrations
-// torch.ops.l0kernels.{uniform, gates, linear_fwd, linear_bwd, conv2d_fwd, conv2d_bwd} (CUDA impls here;
+// torch.ops.l0kernels.{uniform, gates, linear_fwd, linear_fwd_fused, linear_bwd, conv2d_fwd, conv2d_bwd} (CUDA impls here;
 // fake impls for torch.compile in l0kernels/backends/cuda.py).
 #include <Python.h>
 
@@ -219,6 +219,66 @@ Tensor linear_fwd(const Tensor& x, const Tensor& weight, const Tensor& log_alpha
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
   return y.reshape(out_shape);
+}
+
+// Compute capability major of `device` (cached per device index).
+int cc_major(const at::Device& device) {
+  static std::array<int, 64> cache{};
+  const int idx = device.index();
+  if (idx < 0 || idx >= static_cast<int>(cache.size())) return 0;
+  if (cache[idx] == 0) {
+    int major = 0;
+    check_launch(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx), "cudaDeviceGetAttribute");
+    cache[idx] = major;
+  }
+  return cache[idx];
+}
+
+template <typename T>
+void run_gated_gemm(const Tensor& x2, const Tensor& w, const Tensor& la, const Tensor& bias, const Tensor& y,
+                    int64_t seed, int mode, bool per_row, bool training, const l0k::GateConfig& cfg) {
+  const l0k::GatedGemmParams<T> p{ptr<T>(x2), x2.stride(0), ptr<T>(w), w.stride(0), ptr<T>(la), ptr<T>(bias),
+                                  ptr<T>(y), y.stride(0), x2.size(0), w.size(0), w.size(1),
+                                  static_cast<uint64_t>(seed), mode, per_row, training,
+                                  l0k::gemm::vec_loads_ok(x2.data_ptr(), x2.stride(0), w.data_ptr(), w.stride(0)),
+                                  cfg};
+  check_launch(l0k::launch_gated_gemm<T>(p, c10::cuda::getCurrentCUDAStream()), "gated GEMM");
+}
+
+// The same result as linear_fwd from the single-launch gated GEMM (csrc/l0_gemm.cuh): float16 and
+// bfloat16 on compute capability 8.0+, at most 65535 * 128 rows.
+Tensor linear_fwd_fused(const Tensor& x, const Tensor& weight, const Tensor& log_alpha,
+                        const std::optional<Tensor>& bias_in, int64_t seed, std::string gate, bool sample,
+                        bool training, at::ArrayRef<double> cfg_v) {
+  const int mode = gate_mode(gate);
+  check_linear(x, weight, log_alpha, bias_in, mode, sample);
+  check_seed(seed);
+  const l0k::GateConfig cfg = make_cfg(cfg_v);
+  const at::ScalarType st = x.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16,
+                   "l0kernels CUDA: linear_fwd_fused runs float16 and bfloat16, got ", st, " (linear_fwd runs it)");
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK_VALUE(cc_major(x.device()) >= 8, "l0kernels CUDA: linear_fwd_fused needs compute capability 8.0+ ",
+                    "(linear_fwd runs everywhere)");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  Tensor x2 = x.reshape({-1, k});
+  const int64_t m = x2.size(0);
+  TORCH_CHECK_VALUE(l0k::gemm::grid_rows(m) <= 65535, "l0kernels CUDA: linear_fwd_fused takes at most ",
+                    65535 * static_cast<int64_t>(l0k::gemm::kBM), " rows of x, got ", m, " (linear_fwd takes any)");
+  if (x2.stride(1) != 1) x2 = x2.contiguous();
+  const Tensor w = weight.stride(1) == 1 ? weight : weight.contiguous();
+  const Tensor la = log_alpha.contiguous();
+  const Tensor bias = bias_in.has_value() && bias_in->defined() ? bias_in->contiguous() : Tensor();
+  Tensor y = at::empty({m, n}, x.options());
+  const bool per_row = training && sample;
+  if (st == at::kHalf) {
+    run_gated_gemm<__half>(x2, w, la, bias, y, seed, mode, per_row, training, cfg);
+  } else {
+    run_gated_gemm<__nv_bfloat16>(x2, w, la, bias, y, seed, mode, per_row, training, cfg);
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n;
+  return y.view(out_shape);
 }
 
 Tensor empty_result(const Tensor& x) { return at::empty({0}, x.options()); }
@@ -453,6 +513,8 @@ TORCH_LIBRARY(l0kernels, m) {
   m.def("gates(Tensor log_alpha, int rows, int seed, bool training, float[] cfg, bool need_grad) -> (Tensor, Tensor)");
   m.def("linear_fwd(Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int seed, str gate, bool sample, "
         "bool training, float[] cfg) -> Tensor");
+  m.def("linear_fwd_fused(Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int seed, str gate, bool sample, "
+        "bool training, float[] cfg) -> Tensor");
   m.def("linear_bwd(Tensor grad, Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int seed, str gate, "
         "bool sample, bool training, float[] cfg, bool[4] mask) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("conv2d_fwd(Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int[] stride, int[] padding, "
@@ -466,6 +528,7 @@ TORCH_LIBRARY_IMPL(l0kernels, CUDA, m) {
   m.impl("uniform", &uniform_op);
   m.impl("gates", &gates_op);
   m.impl("linear_fwd", &linear_fwd);
+  m.impl("linear_fwd_fused", &linear_fwd_fused);
   m.impl("linear_bwd", &linear_bwd);
   m.impl("conv2d_fwd", &conv2d_fwd);
   m.impl("conv2d_bwd", &conv2d_bwd);

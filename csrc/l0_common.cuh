@@ -1,4 +1,4 @@
-// Device helpers shared by the .cu files: float conversion of the storage types, 4-wide vectors,
+// Device helpers shared by the .cu files (float conversions in l0_types.cuh): 4-wide vectors,
 // block reduction, grid sizing. No PyTorch headers.
 #pragma once
 
@@ -8,18 +8,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "l0_types.cuh"
+
 namespace l0k {
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // Four consecutive elements, loaded/stored as one 8- or 16-byte access.
 template <typename T>

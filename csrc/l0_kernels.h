@@ -11,6 +11,7 @@
 #include <cuda_runtime_api.h>
 
 #include "l0_gate.cuh"
+#include "l0_gemm.cuh"
 
 namespace l0k {
 
@@ -62,5 +63,11 @@ cudaError_t launch_plane_reduce(const T* a, const T* b, const float* dz, int64_t
 // Row dot products of two contiguous (R, C) matrices: out[r] = sum_c a[r, c] * b[r, c] (float32).
 template <typename T>
 cudaError_t launch_row_dot(const T* a, const T* b, int64_t R, int64_t C, float* out, cudaStream_t stream);
+
+// The single-launch gated GEMM (l0_gemm.cuh) for T in {__half, __nv_bfloat16}; needs sm_80+.
+// Returns cudaErrorInvalidConfiguration when M needs more than 65535 block rows (M > 8388480):
+// the caller then takes the two-pass path.
+template <typename T>
+cudaError_t launch_gated_gemm(const GatedGemmParams<T>& p, cudaStream_t stream);
 
 }  // namespace l0k

@@ -1,0 +1,271 @@
+// Single-launch gated GEMM: the forward of l0_linear for float16 / bfloat16 on tensor cores (WMMA,
+// sm_80+), with the gates drawn inside the kernel from (seed, offset) through l0_gate.cuh:
+//
+//   gate "in":     y = (x * z_in) @ W^T + b      z_in: (K,) batch / eval, (M, K) per example
+//   gate "weight": y = x @ (W * Z)^T + b         Z: (N, K)
+//   gate "out":    y = (x @ W^T + b) * z_out     z_out: (N,) batch / eval, (M, N) per example
+//
+// Offsets are the row-major index into the noise tensor (SPEC section 2), as in gates.cu.
+// Structure: 128 x 128 x 32 block tiles, 8 warps of 64 x 32 outputs, register-staged double
+// buffering (global -> registers -> gate -> shared memory, so the gate multiplies the operand on its
+// way into shared memory; cp.async cannot do that), fp32 accumulation, one rounding of each gated
+// operand to T (as the two-pass path: scale kernel + cuBLAS). Batch / eval input gates are drawn once
+// per k-tile into shared memory (two tiles ahead); per-example and weight gates are drawn per
+// element on load, so each is drawn once per block column (N / 128 times) or block row (M / 128
+// times): cheap for small M or N, expensive for large ones (the caller picks between this kernel and
+// the two-pass path). Output gates are applied in the epilogue with the bias.
+//
+// Device code without PyTorch headers. It uses only threadIdx/blockIdx, __syncthreads/__syncwarp,
+// static shared memory and nvcuda::wmma, so csrc/tests/cuda_emu.h can run it on the CPU.
+// Launcher: csrc/gemm.cu (launch_gated_gemm in l0_kernels.h).
+#pragma once
+
+#include <stdint.h>
+
+#include "l0_gate.cuh"
+#include "l0_types.cuh"
+
+#if defined(__CUDACC__)
+#include <mma.h>
+#define L0K_UNROLL _Pragma("unroll")
+#else
+#define L0K_UNROLL
+#endif
+
+namespace l0k {
+
+enum GateMode : int { kGateIn = 0, kGateOut = 1, kGateWeight = 2 };
+
+template <typename T>
+struct GatedGemmParams {
+  const T* x;          // (M, K), row stride ldx, unit column stride
+  int64_t ldx;
+  const T* w;          // (N, K), row stride ldw, unit column stride
+  int64_t ldw;
+  const T* log_alpha;  // contiguous: (K,) for "in", (N,) for "out", (N, K) for "weight"
+  const T* bias;       // (N,) or nullptr
+  T* y;                // (M, N), row stride ldy
+  int64_t ldy;
+  int64_t M, N, K;
+  uint64_t seed;
+  int mode;            // GateMode
+  bool per_row;        // training with per-example noise ("in" / "out")
+  bool training;       // false: deterministic z_eval, seed unused
+  bool vec;            // 16-byte operand loads allowed: x, w 16-byte aligned, ldx, ldw multiples of 8
+  GateConfig cfg;
+};
+
+namespace gemm {
+
+constexpr int kBM = 128, kBN = 128, kBK = 32;  // block tile
+constexpr int kWarpM = 64, kWarpN = 32;        // warp tile
+constexpr int kWarpsN = kBN / kWarpN;
+constexpr int kThreads = (kBM / kWarpM) * kWarpsN * 32;
+constexpr int kFM = kWarpM / 16, kFN = kWarpN / 16;  // 16 x 16 fragments per warp
+constexpr int kLds = kBK + 8;  // shared row stride in elements: 80 bytes keeps rows 16-byte aligned
+constexpr int kChunkK = 8;     // one 16-byte chunk of 8 elements
+constexpr int kChunksPerRow = kBK / kChunkK;
+constexpr int kChunksA = kBM * kChunksPerRow / kThreads;
+constexpr int kChunksB = kBN * kChunksPerRow / kThreads;
+constexpr int kTileElems = kBM > kBN ? kBM * kLds : kBN * kLds;
+constexpr int kStageBytes = 2 * kTileElems * 2;                   // A and B tiles of a 2-byte T
+constexpr int kEpilogueBytes = (kThreads / 32) * 16 * 16 * 4;     // a float 16 x 16 tile per warp
+constexpr int kSmemBytes = 2 * kStageBytes > kEpilogueBytes ? 2 * kStageBytes : kEpilogueBytes;
+static_assert(kChunksA * kThreads == kBM * kChunksPerRow && kChunksB * kThreads == kBN * kChunksPerRow,
+              "tile loads must divide evenly among the threads");
+static_assert(kBK % 16 == 0 && kBM <= kThreads && kBN <= kThreads && kBK <= kThreads, "tile shape");
+
+// Grid of the kernel: (x: block columns over N, y: block rows over M).
+inline int64_t grid_cols(int64_t N) { return (N + kBN - 1) / kBN; }
+inline int64_t grid_rows(int64_t M) { return (M + kBM - 1) / kBM; }
+
+// Whether GatedGemmParams::vec may be set: 16-byte aligned x and w with row strides multiple of 8.
+inline bool vec_loads_ok(const void* x, int64_t ldx, const void* w, int64_t ldw) {
+  return reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 && ldx % kChunkK == 0 &&
+         ldw % kChunkK == 0;
+}
+
+// Eight consecutive elements, one 16-byte access.
+template <typename T>
+struct alignas(16) Pack8 {
+  T v[kChunkK];
+};
+
+// Elements [k, k + 8) of row `row` of a (rows, K) matrix with row stride ld; zeros outside.
+template <typename T>
+L0K_DEV Pack8<T> load_chunk(const T* p, int64_t ld, int64_t row, int64_t rows, int64_t k, int64_t K, bool vec) {
+  Pack8<T> out;
+  if (row < rows && vec && k + kChunkK <= K) return *reinterpret_cast<const Pack8<T>*>(p + row * ld + k);
+L0K_UNROLL
+  for (int j = 0; j < kChunkK; ++j) {
+    out.v[j] = (row < rows && k + j < K) ? p[row * ld + k + j] : from_float<T>(0.0f);
+  }
+  return out;
+}
+
+// Gate of noise element `offset` with parameter log_alpha[g].
+template <typename T>
+L0K_DEV float gate_value(const GatedGemmParams<T>& p, int64_t g, int64_t offset) {
+  float z;
+  gate_at(to_float(p.log_alpha[g]), p.seed, static_cast<uint64_t>(offset), p.training, p.cfg, &z, nullptr);
+  return z;
+}
+
+}  // namespace gemm
+
+// The kernel: nvcc, or host C++ under csrc/tests/cuda_emu.h (which defines L0K_CUDA_EMU). Plain host
+// code (csrc/binding.cpp) sees only the parameters and helpers above.
+#if defined(__CUDACC__) || defined(L0K_CUDA_EMU)
+template <typename T>
+__global__ void __launch_bounds__(gemm::kThreads) gated_gemm_kernel(const GatedGemmParams<T> p) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using namespace gemm;
+  namespace wmma = nvcuda::wmma;
+  __shared__ __align__(128) unsigned char smem[kSmemBytes];
+  __shared__ float z_k[2][kBK];  // batch / eval input gates of k-tiles t (slot t % 2)
+  __shared__ float z_n[kBN];     // batch / eval output gates of this block's columns
+
+  T* const a_smem = reinterpret_cast<T*>(smem);  // [stage][kBM][kLds]
+  T* const b_smem = a_smem + 2 * kTileElems;     // [stage][kBN][kLds]
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int wm = warp / kWarpsN, wn = warp % kWarpsN;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, n0 = static_cast<int64_t>(blockIdx.x) * kBN;
+  const int ktiles = static_cast<int>((p.K + kBK - 1) / kBK);
+  const bool tile_gates = p.mode == kGateIn && !p.per_row;
+
+  if (p.mode == kGateOut && !p.per_row && tid < kBN) {
+    const int64_t n = n0 + tid;
+    z_n[tid] = n < p.N ? gate_value(p, n, n) : 0.0f;
+  }
+  auto draw_k_gates = [&](int t) {  // into slot t % 2; read when tile t is stored
+    if (tid < kBK) {
+      const int64_t k = static_cast<int64_t>(t) * kBK + tid;
+      z_k[t & 1][tid] = k < p.K ? gate_value(p, k, k) : 0.0f;
+    }
+  };
+
+  Pack8<T> ra[kChunksA], rb[kChunksB];
+  auto load_tile = [&](int t) {  // global -> registers
+    const int64_t k0 = static_cast<int64_t>(t) * kBK;
+L0K_UNROLL
+    for (int c = 0; c < kChunksA; ++c) {
+      const int id = tid + c * gemm::kThreads, r = id / kChunksPerRow, kc = (id % kChunksPerRow) * kChunkK;
+      ra[c] = load_chunk(p.x, p.ldx, m0 + r, p.M, k0 + kc, p.K, p.vec);
+    }
+L0K_UNROLL
+    for (int c = 0; c < kChunksB; ++c) {
+      const int id = tid + c * gemm::kThreads, r = id / kChunksPerRow, kc = (id % kChunksPerRow) * kChunkK;
+      rb[c] = load_chunk(p.w, p.ldw, n0 + r, p.N, k0 + kc, p.K, p.vec);
+    }
+  };
+  auto store_tile = [&](int t, int stage) {  // registers -> gate -> shared
+    const int64_t k0 = static_cast<int64_t>(t) * kBK;
+L0K_UNROLL
+    for (int c = 0; c < kChunksA; ++c) {
+      const int id = tid + c * gemm::kThreads, r = id / kChunksPerRow, kc = (id % kChunksPerRow) * kChunkK;
+      Pack8<T> a = ra[c];
+      const int64_t m = m0 + r;
+      if (p.mode == kGateIn && m < p.M) {
+L0K_UNROLL
+        for (int j = 0; j < kChunkK; ++j) {
+          const int64_t k = k0 + kc + j;
+          if (k < p.K) {
+            const float z = p.per_row ? gate_value(p, k, m * p.K + k) : z_k[t & 1][kc + j];
+            a.v[j] = from_float<T>(to_float(a.v[j]) * z);
+          }
+        }
+      }
+      *reinterpret_cast<Pack8<T>*>(a_smem + stage * kTileElems + r * kLds + kc) = a;
+    }
+L0K_UNROLL
+    for (int c = 0; c < kChunksB; ++c) {
+      const int id = tid + c * gemm::kThreads, r = id / kChunksPerRow, kc = (id % kChunksPerRow) * kChunkK;
+      Pack8<T> b = rb[c];
+      const int64_t n = n0 + r;
+      if (p.mode == kGateWeight && n < p.N) {
+L0K_UNROLL
+        for (int j = 0; j < kChunkK; ++j) {
+          const int64_t k = k0 + kc + j;
+          if (k < p.K) b.v[j] = from_float<T>(to_float(b.v[j]) * gate_value(p, n * p.K + k, n * p.K + k));
+        }
+      }
+      *reinterpret_cast<Pack8<T>*>(b_smem + stage * kTileElems + r * kLds + kc) = b;
+    }
+  };
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kFM][kFN];
+L0K_UNROLL
+  for (int i = 0; i < kFM; ++i) {
+L0K_UNROLL
+    for (int j = 0; j < kFN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  }
+  auto mma_tile = [&](int stage) {
+    const T* a_s = a_smem + stage * kTileElems + wm * kWarpM * kLds;
+    const T* b_s = b_smem + stage * kTileElems + wn * kWarpN * kLds;
+L0K_UNROLL
+    for (int kk = 0; kk < kBK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[kFM];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[kFN];  // B[k][n] = W[n][k]
+L0K_UNROLL
+      for (int i = 0; i < kFM; ++i) wmma::load_matrix_sync(fa[i], a_s + i * 16 * kLds + kk, kLds);
+L0K_UNROLL
+      for (int j = 0; j < kFN; ++j) wmma::load_matrix_sync(fb[j], b_s + j * 16 * kLds + kk, kLds);
+L0K_UNROLL
+      for (int i = 0; i < kFM; ++i) {
+L0K_UNROLL
+        for (int j = 0; j < kFN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+      }
+    }
+  };
+
+  // Main loop. Stage t % 2 holds tile t. One barrier per tile: the stores of tile t + 1 go to the
+  // stage the previous iteration read, and input gates are drawn two tiles ahead into the slot the
+  // previous iteration read, so every shared write is separated by a barrier from its readers.
+  if (ktiles > 0) {
+    if (tile_gates) {
+      draw_k_gates(0);
+      if (ktiles > 1) draw_k_gates(1);
+    }
+    load_tile(0);
+    __syncthreads();  // z_k (and z_n) visible
+    store_tile(0, 0);
+    __syncthreads();
+    for (int t = 0; t < ktiles; ++t) {
+      if (t + 1 < ktiles) load_tile(t + 1);
+      if (tile_gates && t + 2 < ktiles) draw_k_gates(t + 2);
+      mma_tile(t & 1);
+      if (t + 1 < ktiles) store_tile(t + 1, (t + 1) & 1);
+      __syncthreads();
+    }
+  } else {
+    __syncthreads();  // z_n visible
+  }
+
+  // Epilogue, one 16 x 16 fragment at a time through a per-warp float tile (aliasing the operand
+  // stages, free after the last barrier): + bias, * output gate, one rounding to T.
+  float* const scratch = reinterpret_cast<float*>(smem) + warp * 16 * 16;
+L0K_UNROLL
+  for (int i = 0; i < kFM; ++i) {
+L0K_UNROLL
+    for (int j = 0; j < kFN; ++j) {
+      wmma::store_matrix_sync(scratch, acc[i][j], 16, wmma::mem_row_major);
+      __syncwarp();
+L0K_UNROLL
+      for (int e = 0; e < 8; ++e) {
+        const int idx = e * 32 + lane, r = idx / 16, c = idx % 16;  // two rows of 16 per step: coalesced
+        const int64_t m = m0 + wm * kWarpM + i * 16 + r, n = n0 + wn * kWarpN + j * 16 + c;
+        if (m < p.M && n < p.N) {
+          float v = scratch[idx];
+          if (p.bias != nullptr) v += to_float(p.bias[n]);
+          if (p.mode == kGateOut) v *= p.per_row ? gate_value(p, n, m * p.N + n) : z_n[n - n0];
+          p.y[m * p.ldy + n] = from_float<T>(v);
+        }
+      }
+      __syncwarp();
+    }
+  }
+#endif
+}
+#endif  // __CUDACC__ || L0K_CUDA_EMU
+
+}  // namespace l0k

@@ -1,0 +1,157 @@
+// A thread-level CUDA emulator for host C++ (g++ -std=c++20 -pthread): enough of CUDA to run the
+// device code of csrc/l0_gemm.cuh on the CPU in tests (tests/test_cuda_emu.py).
+//
+// * One OS thread per CUDA thread, one block at a time; threadIdx / blockIdx are thread_local.
+// * __syncthreads() and __syncwarp() are std::barrier waits over the block / the warp, so a missing
+//   barrier shows up as wrong results or, under -fsanitize=thread, as a reported race.
+// * __shared__ is function-static storage: shared by the threads of a block, reused by the next one.
+// * nvcuda::wmma fragments hold the whole 16 x 16 tile. Lane 0 of the warp performs each
+//   warp-collective load / mma / store for the warp (the other lanes' fragments are never read:
+//   stores come from lane 0 too), and loads and stores check the real API's rules: 256-bit aligned
+//   pointers and a leading dimension that is a multiple of 16 bytes.
+// Include this before the device headers; nothing here is used by the extension itself.
+#pragma once
+
+#define L0K_CUDA_EMU 1
+
+#include <barrier>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+// CUDA's host_defines.h (through cuda_fp16.h) gives these attribute meanings for host compilers.
+#undef __global__
+#undef __launch_bounds__
+#undef __shared__
+#undef __align__
+#define __global__
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+struct EmuDim {
+  unsigned x = 1, y = 1, z = 1;
+};
+
+inline thread_local EmuDim threadIdx, blockIdx;
+inline EmuDim blockDim, gridDim;
+inline std::barrier<>* emu_block_barrier = nullptr;
+inline thread_local std::barrier<>* emu_warp_barrier = nullptr;
+
+inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp_barrier->arrive_and_wait(); }
+
+[[noreturn]] inline void emu_fail(const char* what) {
+  std::fprintf(stderr, "cuda_emu: %s\n", what);
+  std::abort();
+}
+
+// kernel(args...) over a 2-D grid of 1-D blocks of `threads` threads.
+template <typename Kernel, typename... Args>
+void emu_launch(unsigned grid_x, unsigned grid_y, unsigned threads, Kernel kernel, const Args&... args) {
+  gridDim = EmuDim{grid_x, grid_y, 1};
+  blockDim = EmuDim{threads, 1, 1};
+  for (unsigned by = 0; by < grid_y; ++by) {
+    for (unsigned bx = 0; bx < grid_x; ++bx) {
+      std::barrier<> block(threads);
+      std::vector<std::unique_ptr<std::barrier<>>> warps;
+      for (unsigned w = 0; w * 32 < threads; ++w) {
+        const unsigned lanes = threads - w * 32 < 32 ? threads - w * 32 : 32;
+        warps.push_back(std::make_unique<std::barrier<>>(lanes));
+      }
+      emu_block_barrier = &block;
+      std::vector<std::thread> pool;
+      pool.reserve(threads);
+      for (unsigned t = 0; t < threads; ++t) {
+        pool.emplace_back([&, t] {
+          threadIdx = EmuDim{t, 0, 0};
+          blockIdx = EmuDim{bx, by, 0};
+          emu_warp_barrier = warps[t / 32].get();
+          kernel(args...);
+        });
+      }
+      for (auto& th : pool) th.join();
+    }
+  }
+}
+
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "cuda_emu: only 16x16x16 fragments");
+  float v[16 * 16];  // a: (m, k), b: (k, n), accumulator: (m, n), row-major
+};
+
+inline bool emu_lane0() { return threadIdx.x % 32 == 0; }
+
+template <typename T>
+inline void emu_check(const T* p, unsigned ldm) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) emu_fail("wmma pointer not 256-bit aligned");
+  if ((ldm * sizeof(T)) % 16 != 0) emu_fail("wmma ldm not a multiple of 16 bytes");
+}
+
+template <typename Use, typename T, typename L>
+inline void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, float value) {
+  for (float& e : f.v) e = value;
+}
+
+template <typename T>
+inline void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
+  if (!emu_lane0()) return;
+  emu_check(p, ldm);
+  for (int i = 0; i < 16; ++i)
+    for (int k = 0; k < 16; ++k) f.v[i * 16 + k] = static_cast<float>(p[i * ldm + k]);
+}
+
+template <typename T>
+inline void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& f, const T* p, unsigned ldm) {
+  if (!emu_lane0()) return;
+  emu_check(p, ldm);
+  for (int k = 0; k < 16; ++k)
+    for (int j = 0; j < 16; ++j) f.v[k * 16 + j] = static_cast<float>(p[k + j * ldm]);
+}
+
+template <typename T>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
+                     const fragment<matrix_a, 16, 16, 16, T, row_major>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, col_major>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
+  if (!emu_lane0()) return;
+  float out[16 * 16];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      float s = c.v[i * 16 + j];
+      for (int k = 0; k < 16; ++k) s += a.v[i * 16 + k] * b.v[k * 16 + j];
+      out[i * 16 + j] = s;
+    }
+  for (int e = 0; e < 16 * 16; ++e) d.v[e] = out[e];
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+                              layout_t layout) {
+  if (!emu_lane0()) return;
+  emu_check(p, ldm);
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      const float v = f.v[i * 16 + j];
+      if (layout == mem_row_major) p[i * ldm + j] = v; else p[i + j * ldm] = v;
+    }
+}
+
+}  // namespace wmma
+}  // namespace nvcuda

@@ -1,0 +1,198 @@
+"""The CUDA single-launch gated GEMM (``csrc/l0_gemm.cuh``) run on the CPU, no GPU needed.
+
+``csrc/tests/gemm_emu.cpp`` compiles the kernel with g++ against ``csrc/tests/cuda_emu.h``, a
+thread-level emulator: one OS thread per CUDA thread, ``__syncthreads``/``__syncwarp`` as barriers,
+WMMA fragments as whole tiles with the real API's alignment rules checked. That runs the kernel's
+own index math, bounds handling, double-buffered pipeline and inline gate draws against the torch
+reference for every gate mode, noise layout, dtype, with odd shapes and strided inputs. It does not
+show tensor-core numerics or speed (those need a GPU: tests/test_cuda_gpu.py). A ThreadSanitizer
+build checks the shared-memory barriers. Skipped without g++ or CUDA's fp16 headers.
+"""
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import l0kernels as l0k
+from l0kernels._gates import GateConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+SRC = os.path.join(CSRC, "tests", "gemm_emu.cpp")
+MODES = {"in": 0, "out": 1, "weight": 2}
+DTYPES = {torch.float16: 0, torch.bfloat16: 1}
+
+
+def _cuda_include():
+    """CUDA's include folder as nvcc finds it (CUDA_HOME first), or None."""
+    home = os.environ.get("CUDA_HOME")
+    cands = [os.path.join(home, "include")] if home else []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        r = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True)
+        for line in r.stderr.splitlines():
+            if line.startswith("#$ INCLUDES="):
+                cands += [t[2:].strip('"') for t in line.split("=", 1)[1].strip('"').split() if t.startswith("-I")]
+    cands.append("/usr/local/cuda/include")
+    return next((c for c in cands if os.path.exists(os.path.join(c, "cuda_fp16.h"))), None)
+
+
+def _build(out_dir, *extra):
+    inc, gxx = _cuda_include(), shutil.which("g++")
+    if inc is None or gxx is None:
+        pytest.skip("g++ or CUDA's cuda_fp16.h not found")
+    lib = os.path.join(out_dir, "gemm_emu.so")
+    cmd = [gxx, "-std=c++20", "-O2", "-pthread", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
+           f"-I{CSRC}", "-isystem", inc, *extra, SRC, "-o", lib]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return lib
+
+
+def _bind(lib_path):
+    lib = ctypes.CDLL(lib_path)
+    fn = lib.l0k_emu_gated_gemm
+    i64, vp, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    fn.argtypes = [ctypes.c_int, vp, i64, vp, i64, vp, vp, vp, i64, i64, i64, i64, ctypes.c_uint64, ctypes.c_int,
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int, f32, f32, f32, f32]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return _bind(_build(str(tmp_path_factory.mktemp("gemm_emu"))))
+
+
+def run_emu(fn, x, w, la, b, seed, gate, noise, training, allow_vec=True, cfg=GateConfig()):
+    """y = the kernel's output for 2-D x (unit column stride), with the path it took (True: 16-byte loads)."""
+    m, k = x.shape
+    n = w.shape[0]
+    assert x.stride(1) == 1 and w.stride(1) == 1
+    y = torch.full((m, n), float("nan"), dtype=x.dtype)
+    ptr = (lambda t: None if t is None else t.data_ptr())
+    vec = fn(DTYPES[x.dtype], ptr(x), x.stride(0), ptr(w), w.stride(0), ptr(la.contiguous()), ptr(b), ptr(y),
+             y.stride(0), m, n, k, seed, MODES[gate], int(training and noise == "sample"), int(training),
+             int(allow_vec), cfg.beta, cfg.gamma, cfg.zeta, cfg.eps)
+    assert vec in (0, 1)
+    return y, bool(vec)
+
+
+def reference(x, w, la, b, seed, gate, noise, training):
+    """The same math in float32 from the torch backend's gates: each gated operand rounded once to
+    x's dtype (as the kernel and the two-pass path do), fp32 products and sums."""
+    m, k = x.shape
+    if not training:
+        z = l0k.deterministic_gates(la.float())
+    elif noise == "sample":
+        z = l0k.sample_gates(la.float(), seed, (m,) + tuple(la.shape))
+    else:
+        z = l0k.sample_gates(la.float(), seed)
+    xf, wf = x.float(), w.float()
+    bf = 0.0 if b is None else b.float()
+    if gate == "in":
+        return (xf * z).to(x.dtype).float() @ wf.T + bf
+    if gate == "weight":
+        return xf @ (wf * z).to(x.dtype).float().T + bf
+    return (xf @ wf.T + bf) * z
+
+
+def make(m, n, k, gate, dtype, bias=True, x_cols=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xfull = torch.randn(m, x_cols or k, generator=g).to(dtype)
+    x = xfull[:, :k]
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    shape = {"in": (k,), "out": (n,), "weight": (n, k)}[gate]
+    la = (torch.randn(shape, generator=g) * 2).to(dtype)  # about a quarter of the gates closed in eval
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    return x, w, la, b
+
+
+def check(y, ref, dtype):
+    # fp32 sums in a different order, then one rounding of y to the storage dtype
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    scale = max(1.0, ref.abs().max().item())
+    torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol * scale)
+
+
+CASES = [("in", "batch", True), ("in", "sample", True), ("in", "batch", False), ("out", "batch", True),
+         ("out", "sample", True), ("out", "batch", False), ("weight", "batch", True), ("weight", "batch", False)]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("gate,noise,training", CASES)
+def test_modes_odd_shape(emu, dtype, gate, noise, training):
+    # 3 k-tiles with a ragged last one, ragged M and N inside one block; scalar loads (K % 8 != 0)
+    x, w, la, b = make(37, 45, 70, gate, dtype)
+    y, vec = run_emu(emu, x, w, la, b, 1234, gate, noise, training)
+    assert not vec
+    check(y, reference(x, w, la, b, 1234, gate, noise, training), dtype)
+
+
+@pytest.mark.parametrize("gate,noise", [("in", "batch"), ("in", "sample"), ("out", "sample"), ("weight", "batch")])
+def test_several_blocks_vector_loads(emu, gate, noise):
+    # 2 x 2 blocks (M, N > 128), K % 8 == 0 and a strided x (row stride 104): the 16-byte load path,
+    # with ragged tiles on every side; 2**40 + 3 exercises the seed's high word
+    dtype = torch.bfloat16
+    x, w, la, b = make(131, 133, 72, gate, dtype, x_cols=104, seed=1)
+    seed = 2 ** 40 + 3
+    y, vec = run_emu(emu, x, w, la, b, seed, gate, noise, True)
+    assert vec
+    check(y, reference(x, w, la, b, seed, gate, noise, True), dtype)
+
+
+def test_vector_and_scalar_paths_agree(emu):
+    x, w, la, b = make(20, 24, 64, "in", torch.float16, seed=2)
+    y_vec, vec = run_emu(emu, x, w, la, b, 5, "in", "sample", True)
+    y_sc, sc = run_emu(emu, x, w, la, b, 5, "in", "sample", True, allow_vec=False)
+    assert vec and not sc
+    assert torch.equal(y_vec, y_sc)
+
+
+@pytest.mark.parametrize("gate", ["in", "out", "weight"])
+def test_no_bias_and_custom_constants(emu, gate):
+    cfg = GateConfig(beta=0.5, gamma=-0.2, zeta=1.2, eps=1e-5)
+    x, w, la, _ = make(9, 17, 33, gate, torch.float16, bias=False, seed=3)
+    y, _ = run_emu(emu, x, w, la, None, 77, gate, "batch", True, cfg=cfg)
+    extra = dict(beta=cfg.beta, gamma=cfg.gamma, zeta=cfg.zeta, eps=cfg.eps)
+    ref = l0k.l0_linear(x.float(), w.float(), la.float(), None, seed=77, gate=gate, noise="batch", backend="torch",
+                        **extra)
+    check(y, ref, torch.float16)  # within float16 rounding of the torch backend itself
+
+
+def test_zero_k_gives_gated_bias(emu):
+    x, w, la, b = make(5, 7, 0, "out", torch.float16, seed=4)
+    y, _ = run_emu(emu, x, w, la, b, 3, "out", "sample", True)
+    check(y, reference(x, w, la, b, 3, "out", "sample", True), torch.float16)
+
+
+def test_same_seed_same_output_different_seed_differs(emu):
+    x, w, la, b = make(12, 10, 40, "in", torch.float16, seed=5)
+    y1, _ = run_emu(emu, x, w, la, b, 9, "in", "sample", True)
+    y2, _ = run_emu(emu, x, w, la, b, 9, "in", "sample", True)
+    y3, _ = run_emu(emu, x, w, la, b, 10, "in", "sample", True)
+    assert torch.equal(y1, y2) and not torch.equal(y1, y3)
+
+
+@pytest.mark.skipif(os.environ.get("L0K_SKIP_TSAN") == "1", reason="L0K_SKIP_TSAN=1")
+def test_thread_sanitizer_finds_no_race(tmp_path):
+    """Built with -fsanitize=thread: every shared-memory write is ordered with its reads by a barrier.
+    (Lanes other than 0 do not touch fragments in the emulator, so races inside a warp's WMMA calls
+    are out of reach; the block-level pipeline is what this checks.)"""
+    libtsan = subprocess.run([shutil.which("g++") or "g++", "-print-file-name=libtsan.so"], capture_output=True,
+                             text=True).stdout.strip()
+    if not os.path.isabs(libtsan) or not os.path.exists(libtsan):
+        pytest.skip("libtsan not found")
+    lib = _build(str(tmp_path), "-fsanitize=thread", "-g", "-O1")
+    code = ("import sys, torch; sys.path.insert(0, %r); import test_cuda_emu as t; fn = t._bind(%r); "
+            "x, w, la, b = t.make(37, 20, 72, 'in', torch.float16); "
+            "print(t.run_emu(fn, x, w, la, b, 1, 'in', 'batch', True)[1])") % (os.path.dirname(__file__), lib)
+    # the library is dlopen'ed by an uninstrumented python: the runtime must be preloaded
+    env = dict(os.environ, LD_PRELOAD=libtsan, TSAN_OPTIONS="halt_on_error=1 exitcode=66")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "WARNING: ThreadSanitizer" not in r.stderr, r.stderr[-4000:]
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr[-4000:]  # the 16-byte load path ran
