@@ -59,6 +59,9 @@ LINEAR_SHAPES = [
     ("lenet300", 100, 300, 100, "float32"),
     ("transformer_mlp", 8192, 4096, 4096, "bfloat16"),
     ("transformer_mlp", 8192, 4096, 14336, "bfloat16"),
+    # small batches, where the CUDA backend's single-launch forward should pay (not a SPEC shape)
+    ("small_m", 16, 4096, 4096, "bfloat16"),
+    ("small_m", 256, 4096, 4096, "float16"),
 ]
 # (suite, B, C_in, C_out, H, W, k, padding, dtype, channels_last)
 CONV_SHAPES = [
@@ -157,6 +160,21 @@ def _measure(ctx, gated: Dict[str, Callable], dense: Callable, inputs, dense_inp
     return rows
 
 
+def _cuda_forward_variants(x, w, la, b, kw) -> Dict[str, Callable]:
+    """Rows ``cuda[fused]`` and ``cuda[two_pass]``: the CUDA backend with each forward forced (the plain
+    ``cuda`` row is its ``auto`` pick); float16 / bfloat16 on sm_80+ only."""
+    from l0kernels.backends import cuda as cb
+    if cb.fused_why_not(x) is not None:
+        return {}
+
+    def forced(impl):
+        def run():
+            with cb.gemm_impl(impl):
+                return l0k.l0_linear(x, w, la, b, backend="cuda", **kw)
+        return run
+    return {f"cuda[{impl}]": forced(impl) for impl in ("fused", "two_pass")}
+
+
 def linear_suite(ctx: BenchContext) -> List[dict]:
     rows = []
     for suite, m, k, n, dts in LINEAR_SHAPES:
@@ -174,6 +192,7 @@ def linear_suite(ctx: BenchContext) -> List[dict]:
             call = linear_call(x, w, la, b, backend="auto", beta=2 / 3, gamma=-0.1, zeta=1.1, **kw)
             gated = {be: (lambda be=be: l0k.l0_linear(x, w, la, b, backend=be, **kw))
                      for be in l0k.available_backends(call)}
+            gated.update(_cuda_forward_variants(x, w, la, b, kw) if "cuda" in gated else {})
             common = dict(op="linear", gate=gate, noise=noise, dtype=dts, shape=f"{m}x{k}->{n}")
             print(f"{suite}: linear {common['shape']} {dts} gate={gate} noise={noise}: {sorted(gated)}")
             rows += _measure(ctx, gated, lambda: F.linear(x, w, b), (x, w, la, b), (x, w, b), common)

@@ -7,6 +7,9 @@ Memory and race checks (run on a GPU machine; both must report 0 errors)::
 
     compute-sanitizer --tool memcheck --leak-check full python -m pytest tests/test_cuda_gpu.py -q -x
     compute-sanitizer --tool racecheck python -m pytest tests/test_cuda_gpu.py -q -x -k "linear and float32"
+    compute-sanitizer --tool racecheck python -m pytest tests/test_cuda_gpu.py -q -x -k "fused and float16"
+
+(``bash scripts/gpu_check.sh`` runs these.)
 """
 import itertools
 
@@ -23,7 +26,7 @@ pytestmark = pytest.mark.gpu
 
 if torch.cuda.is_available():
     pytest.importorskip("l0kernels._C", reason="the CUDA extension l0kernels._C is not built")
-    from l0kernels.backends.cuda import CudaL0Conv2dFunction, CudaL0LinearFunction, cuda_gates
+    from l0kernels.backends.cuda import CudaL0Conv2dFunction, CudaL0LinearFunction, cuda_gates, gemm_impl
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CFG = GateConfig()
@@ -106,6 +109,53 @@ def test_linear_matches_float64_reference(dtype, gate, noise, training, bias, re
     _check_grads(out, ref.cuda(), leaves, refs, TOL[dtype], rel_err)
 
 
+FUSED_SHAPES = [(3, 29, 37, 19), (1, 131, 72, 133), (2, 64, 256, 260), (1, 5, 0, 7)]  # (m0, m1, k, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gate,noise,training", LINEAR_CASES)
+@pytest.mark.parametrize("shape", FUSED_SHAPES)
+def test_linear_fused_forward_matches_two_pass_and_reference(dtype, gate, noise, training, shape, rel_err):
+    """The single-launch forward (csrc/l0_gemm.cuh) against the two-pass one and float64: odd shapes,
+    several blocks, K = 0, strided x (scalar loads) and contiguous x (16-byte loads)."""
+    m0, m1, k, n = shape
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the fused forward needs sm_80+")
+    for x in (_rand(m0, m1, k, dtype=dtype), _rand(m0, m1, k + 3, dtype=dtype)[..., :k]):
+        w = _rand(n, k, dtype=dtype, scale=0.2)
+        la = _rand(*{"in": (k,), "out": (n,), "weight": (n, k)}[gate], dtype=dtype, scale=1.5)
+        b = _rand(n, dtype=dtype)
+        seed = _seed() if training else None
+        with gemm_impl("fused"):
+            y = CudaL0LinearFunction.apply(x, w, la, b, seed, gate, noise, training, CFG)
+        with gemm_impl("two_pass"):
+            y2 = CudaL0LinearFunction.apply(x, w, la, b, seed, gate, noise, training, CFG)
+        ref = L0LinearFunction.apply(x.double().cpu(), w.double().cpu(), la.double().cpu(), b.double().cpu(), seed,
+                                     gate, noise, training, CFG)
+        assert y.shape == y2.shape == ref.shape and y.dtype == dtype
+        assert rel_err(y, ref.cuda()) < TOL[dtype]
+        assert rel_err(y, y2) < TOL[dtype]
+
+
+def test_linear_fused_forward_auto_choice_and_backward(rel_err):
+    """auto times both forwards once per signature and remembers the pick; backward is the same."""
+    from l0kernels.backends import cuda as cb
+    x = _rand(100, 300, dtype=torch.float16).requires_grad_()
+    w = _rand(200, 300, dtype=torch.float16, scale=0.1).requires_grad_()
+    la = _rand(300, dtype=torch.float16).requires_grad_()
+    cb._GEMM_CHOICE.clear()
+    with gemm_impl("auto"):
+        y = CudaL0LinearFunction.apply(x, w, la, None, 11, "in", "batch", True, CFG)
+    assert list(cb._GEMM_CHOICE.values()) in (["fused"], ["two_pass"])
+    gs = torch.autograd.grad(y.float().sum(), (x, w, la))
+    with gemm_impl("two_pass"):
+        y2 = CudaL0LinearFunction.apply(x, w, la, None, 11, "in", "batch", True, CFG)
+    gs2 = torch.autograd.grad(y2.float().sum(), (x, w, la))
+    assert rel_err(y, y2) < TOL[torch.float16]
+    for a, b in zip(gs, gs2):
+        assert torch.equal(a, b)
+
+
 def test_linear_public_api_and_zero_rows(rel_err):
     x, w, la, b = _rand(0, 11, dtype=torch.float32), _rand(5, 11, dtype=torch.float32), _rand(11, dtype=torch.float32), _rand(5, dtype=torch.float32)
     y = l0k.l0_linear(x, w, la, b, seed=5, backend="cuda")
@@ -129,6 +179,10 @@ def test_ops_reject_bad_arguments():
         torch.ops.l0kernels.linear_fwd(x, w.half(), la, None, 1, "in", False, True, cfg)
     with pytest.raises(ValueError, match="gate"):
         torch.ops.l0kernels.linear_fwd(x, w, la, None, 1, "rows", False, True, cfg)
+    with pytest.raises(TypeError, match="float16 and bfloat16"):
+        torch.ops.l0kernels.linear_fwd_fused(x, w, la, None, 1, "in", False, True, cfg)
+    with pytest.raises(ValueError, match="log_alpha"):
+        torch.ops.l0kernels.linear_fwd_fused(x.half(), w.half(), la[:5].half(), None, 1, "in", False, True, cfg)
 
 
 CONV_CASES = list(itertools.product(["batch", "sample"], [True, False], [False, True]))
@@ -159,6 +213,10 @@ def test_opcheck_fake_impls():
     cfg = [CFG.beta, CFG.gamma, CFG.zeta, CFG.eps]
     torch.library.opcheck(torch.ops.l0kernels.linear_fwd.default, (x, w, la, b, 7, "in", True, True, cfg),
                           test_utils=("test_schema", "test_faketensor"))
+    if torch.cuda.get_device_capability()[0] >= 8:
+        torch.library.opcheck(torch.ops.l0kernels.linear_fwd_fused.default,
+                              (x.half(), w.half(), la.half(), b.half(), 7, "out", True, True, cfg),
+                              test_utils=("test_schema", "test_faketensor"))
     g = _rand(4, 5, dtype=torch.float32)
     torch.library.opcheck(torch.ops.l0kernels.linear_bwd.default,
                           (g, x, w, la, b, 7, "in", True, True, cfg, [True, True, True, True]),

@@ -1,9 +1,19 @@
 """The ``cuda`` backend: the compiled extension ``l0kernels._C`` (``csrc/``).
 
-Ops ``torch.ops.l0kernels.{uniform, gates, linear_fwd, linear_bwd, conv2d_fwd, conv2d_bwd}`` are registered
-by the extension (CUDA kernels); their fake (meta) implementations for ``torch.compile`` are
-registered here. Forward: gate sampling kernel, gated copy of ``x`` / ``W`` fused with the cast or an
-in-place bias + gate epilogue, cuBLAS / cuDNN for the GEMM and the convolution. Backward regenerates
+Ops ``torch.ops.l0kernels.{uniform, gates, linear_fwd, linear_fwd_fused, linear_bwd, conv2d_fwd, conv2d_bwd}``
+are registered by the extension (CUDA kernels); their fake (meta) implementations for ``torch.compile``
+are registered here.
+
+Forward of ``l0_linear``, two implementations:
+
+* ``fused``: one launch (``csrc/l0_gemm.cuh``) that draws the gates inside a tensor-core GEMM;
+  float16 / bfloat16 on compute capability 8.0+;
+* ``two_pass``: gate sampling kernel, gated copy of ``x`` / ``W`` fused with the cast or an in-place
+  bias + gate epilogue, and cuBLAS; every dtype.
+
+``L0K_CUDA_GEMM`` (or :func:`gemm_impl`) chooses: ``fused``, ``two_pass`` or ``auto`` (default),
+which times both once per call signature and keeps the faster (a fixed rule while ``torch.compile``
+traces or a CUDA graph is captured). ``l0_conv2d`` runs cuDNN plus the epilogue kernel. Backward regenerates
 the gates from the seed (no stored mask) and forms the ``log_alpha`` gradients with reduction
 kernels, using the identities of :mod:`l0kernels.backends.torch_backend`.
 
@@ -13,7 +23,9 @@ loader registers a placeholder that gives the reason.
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import os
+from typing import Dict, Optional
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -61,6 +73,11 @@ def _linear_fwd_fake(x, weight, log_alpha, bias, seed, gate, sample, training, c
     return x.new_empty(tuple(x.shape[:-1]) + (weight.shape[0],))
 
 
+@torch.library.register_fake("l0kernels::linear_fwd_fused")
+def _linear_fwd_fused_fake(x, weight, log_alpha, bias, seed, gate, sample, training, cfg):
+    return x.new_empty(tuple(x.shape[:-1]) + (weight.shape[0],))
+
+
 @torch.library.register_fake("l0kernels::linear_bwd")
 def _linear_bwd_fake(grad, x, weight, log_alpha, bias, seed, gate, sample, training, cfg, mask):
     return _fake_grads(x, weight, log_alpha, bias, mask)
@@ -85,6 +102,78 @@ def cuda_gates(log_alpha: torch.Tensor, seed: Optional[int], rows: int = -1, tra
     return z, (dz if need_grad else None)
 
 
+GEMM_IMPLS = ("auto", "fused", "two_pass")
+GEMM_IMPL = os.environ.get("L0K_CUDA_GEMM", "auto")
+if GEMM_IMPL not in GEMM_IMPLS:
+    raise ValueError(f"L0K_CUDA_GEMM must be one of {GEMM_IMPLS}, got {GEMM_IMPL!r}")
+FUSED_MAX_ROWS = 65535 * 128  # grid rows of csrc/l0_gemm.cuh's 128-row tiles
+_GEMM_CHOICE: Dict[tuple, str] = {}
+
+
+@contextlib.contextmanager
+def gemm_impl(name: str):
+    """Within the block, the CUDA backend's ``l0_linear`` forward uses ``name`` (see the module doc)."""
+    global GEMM_IMPL
+    if name not in GEMM_IMPLS:
+        raise ValueError(f"gemm_impl must be one of {GEMM_IMPLS}, got {name!r}")
+    old, GEMM_IMPL = GEMM_IMPL, name
+    try:
+        yield
+    finally:
+        GEMM_IMPL = old
+
+
+def fused_why_not(x: torch.Tensor) -> Optional[str]:
+    """Why the single-launch forward cannot take ``x`` (2-D view ``(M, K)``), or None."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"the fused forward runs float16 and bfloat16, got {x.dtype}"
+    if torch.cuda.get_device_capability(x.device)[0] < 8:
+        return "the fused forward needs compute capability 8.0+"
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows > FUSED_MAX_ROWS:
+        return f"the fused forward takes at most {FUSED_MAX_ROWS} rows, got {rows}"
+    return None
+
+
+def _static_choice(x, weight, gate, sample) -> str:
+    """Before anything is measured (tracing, graph capture): the fused kernel where no gate is drawn
+    more than twice and the problem is small enough (M <= 256) that one launch instead of two and no
+    gated copy should matter more than the GEMM's own speed against cuBLAS."""
+    m, n = x.numel() // max(1, x.shape[-1]), weight.shape[0]
+    if m > 256 or (gate == "in" and sample and n > 256):
+        return "two_pass"
+    return "fused"
+
+
+def _time_ms(fn, reps: int = 5) -> float:
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _forward_op(x, weight, log_alpha, bias, seed, gate, sample, training, cfg):
+    """The forward op to run: ``_ops.linear_fwd_fused`` or ``_ops.linear_fwd``."""
+    if GEMM_IMPL == "two_pass" or fused_why_not(x) is not None:
+        return _ops.linear_fwd
+    if GEMM_IMPL == "fused":
+        return _ops.linear_fwd_fused
+    key = (tuple(x.shape), x.dtype, x.device, tuple(weight.shape), gate, sample, training, bias is not None)
+    choice = _GEMM_CHOICE.get(key)
+    if choice is None:
+        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+            choice = _static_choice(x, weight, gate, sample)
+        else:
+            times = {name: _time_ms(lambda op=op: op(x, weight, log_alpha, bias, seed, gate, sample, training, cfg))
+                     for name, op in (("fused", _ops.linear_fwd_fused), ("two_pass", _ops.linear_fwd))}
+            choice = _GEMM_CHOICE[key] = min(times, key=times.get)
+    return _ops.linear_fwd_fused if choice == "fused" else _ops.linear_fwd
+
+
 class CudaL0LinearFunction(torch.autograd.Function):
     """``l0_linear`` on the CUDA extension; same arguments as ``L0LinearFunction.apply``:
     ``apply(x, weight, log_alpha, bias, seed, gate, noise, training, cfg)``."""
@@ -93,8 +182,10 @@ class CudaL0LinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, log_alpha, bias, seed, gate, noise, training, cfg):
         seed = 0 if seed is None else seed
         ctx.save_for_backward(x, weight, log_alpha, bias)
-        ctx.conf = (seed, gate, noise == "sample", training, _cfg(cfg))
-        return _ops.linear_fwd(x, weight, log_alpha, bias, seed, gate, noise == "sample", training, _cfg(cfg))
+        sample = noise == "sample"
+        ctx.conf = (seed, gate, sample, training, _cfg(cfg))
+        op = _forward_op(x, weight, log_alpha, bias, seed, gate, sample, training, _cfg(cfg))
+        return op(x, weight, log_alpha, bias, seed, gate, sample, training, _cfg(cfg))
 
     @staticmethod
     @once_differentiable
@@ -161,4 +252,5 @@ class CudaBackend(Backend):
 
 CUDA_BACKEND = register_backend(CudaBackend())
 
-__all__ = ["CudaBackend", "CudaL0LinearFunction", "CudaL0Conv2dFunction", "cuda_gates", "CUDA_BACKEND"]
+__all__ = ["CudaBackend", "CudaL0LinearFunction", "CudaL0Conv2dFunction", "cuda_gates", "CUDA_BACKEND", "gemm_impl",
+           "fused_why_not"]

@@ -1,0 +1,151 @@
+"""The Python side of the CUDA backend (``l0kernels/backends/cuda.py``) on the CPU, without the extension.
+
+A child process stands in for ``l0kernels._C``: it defines the ``l0kernels`` op schemas (copied from
+``csrc/binding.cpp``, checked against it here) with CPU implementations from the torch backend, then
+imports the backend module. That runs its fake-impl registrations, the autograd Functions' argument
+plumbing (forward and backward, every gate mode) and the forward choice (``fused`` / ``two_pass`` /
+``auto`` and its cache). The kernels themselves are tested in test_cuda_emu.py (CPU) and
+test_cuda_gpu.py (GPU).
+"""
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCHEMAS = ["".join(re.findall(r'"([^"]*)"', d))
+           for d in re.findall(r'm\.def\(((?:"[^"]*"\s*)+)\)', open(os.path.join(ROOT, "csrc", "binding.cpp")).read())]
+
+CHILD = textwrap.dedent(r'''
+    import sys, types
+    import torch
+    import l0kernels as l0k
+    from l0kernels._gates import GateConfig
+    from l0kernels.backends.torch_backend import L0Conv2dFunction, L0LinearFunction
+
+    assert "cuda" not in sys.modules.get("l0kernels.backends", types.ModuleType("x")).__dict__
+    lib = torch.library.Library("l0kernels", "DEF")
+    for schema in SCHEMAS:
+        lib.define(schema)
+    calls = []
+
+    def fwd(name):
+        def impl(x, w, la, b, seed, gate, sample, training, cfg):
+            calls.append(name)
+            with torch.no_grad():
+                return L0LinearFunction.apply(x, w, la, b, seed if training else None, gate,
+                                              "sample" if sample else "batch", training, GateConfig(*cfg))
+        return impl
+
+    def bwd(grad, x, w, la, b, seed, gate, sample, training, cfg, mask):
+        leaves = [t.detach().requires_grad_(m) if t is not None else None for t, m in zip((x, w, la, b), mask)]
+        with torch.enable_grad():
+            y = L0LinearFunction.apply(*leaves, seed if training else None, gate, "sample" if sample else "batch",
+                                       training, GateConfig(*cfg))
+            want = [t for t, m in zip(leaves, mask) if m and t is not None]
+            gs = iter(torch.autograd.grad(y, want, grad))
+        return tuple(next(gs) if (m and t is not None) else x.new_empty((0,)) for t, m in zip(leaves, mask))
+
+    lib.impl("linear_fwd", fwd("two_pass"), "CPU")
+    lib.impl("linear_fwd_fused", fwd("fused"), "CPU")
+    lib.impl("linear_bwd", bwd, "CPU")
+    sys.modules["l0kernels._C"] = types.ModuleType("l0kernels._C")
+    torch.cuda.get_device_capability = lambda device=None: (9, 0)
+    torch.cuda.is_current_stream_capturing = lambda: False
+
+    from l0kernels.backends import cuda as cb
+    assert cb.GEMM_IMPL == "auto"
+    fake_ms = {"fused": 1.0, "two_pass": 2.0}
+    cb._time_ms = lambda fn, reps=5: (fn(), fake_ms[calls[-1]])[1]
+
+    cfg = GateConfig()
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for gate, noise, training in [("in", "batch", True), ("in", "sample", True), ("out", "sample", True),
+                                      ("out", "batch", False), ("weight", "batch", True)]:
+            x = torch.randn(3, 5, 7, generator=g).to(dtype).requires_grad_()
+            w = torch.randn(4, 7, generator=g).to(dtype).requires_grad_()
+            la = torch.randn({"in": (7,), "out": (4,), "weight": (4, 7)}[gate], generator=g).to(dtype).requires_grad_()
+            b = torch.randn(4, generator=g).to(dtype).requires_grad_()
+            seed = 99 if training else None
+            for impl in ("fused", "two_pass", "auto"):
+                calls.clear()
+                with cb.gemm_impl(impl):
+                    y = cb.CudaL0LinearFunction.apply(x, w, la, b, seed, gate, noise, training, cfg)
+                want = "two_pass" if dtype == torch.float32 or impl == "two_pass" else "fused"
+                assert calls[-1] == want, (dtype, gate, impl, calls)
+                ref = L0LinearFunction.apply(x, w, la, b, seed, gate, noise, training, cfg)
+                assert torch.equal(y, ref)
+                gs = torch.autograd.grad(y.float().sum(), (x, w, la, b))
+                gr = torch.autograd.grad(ref.float().sum(), (x, w, la, b))
+                assert all(torch.equal(a, r) for a, r in zip(gs, gr))
+    # auto times each signature once (both ops), then reuses the pick
+    calls.clear()
+    cb.CudaL0LinearFunction.apply(x, w, la, b, 99, "weight", "batch", True, cfg)
+    assert calls == ["two_pass"], calls  # float32: never fused, never timed
+    xh, wh, lah = x.half(), w.half(), la.half()
+    cb.CudaL0LinearFunction.apply(xh, wh, lah, None, 99, "weight", "batch", True, cfg)
+    n_timed = len(calls)
+    cb.CudaL0LinearFunction.apply(xh, wh, lah, None, 99, "weight", "batch", True, cfg)
+    assert n_timed > 1 and len(calls) == n_timed + 1 and calls[-1] == "fused", calls
+    fake_ms.update(fused=3.0)
+    cb._GEMM_CHOICE.clear()
+    cb.CudaL0LinearFunction.apply(xh, wh, lah, None, 99, "weight", "batch", True, cfg)
+    assert calls[-1] == "two_pass" and list(cb._GEMM_CHOICE.values()) == ["two_pass"]
+    # the fixed rule while tracing / capturing: fused only for small M
+    assert cb._static_choice(torch.empty(256, 64), torch.empty(512, 64), "out", True) == "fused"
+    assert cb._static_choice(torch.empty(257, 64), torch.empty(512, 64), "out", True) == "two_pass"
+    assert cb._static_choice(torch.empty(16, 64), torch.empty(512, 64), "in", True) == "two_pass"
+    assert cb._static_choice(torch.empty(16, 64), torch.empty(512, 64), "in", False) == "fused"
+    try:
+        with cb.gemm_impl("cublas"):
+            pass
+    except ValueError as e:
+        assert "gemm_impl" in str(e)
+    else:
+        raise AssertionError("bad gemm_impl accepted")
+    # fake impls (torch.compile): shapes of every op
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        xf, wf, laf = torch.empty(3, 5, 7, dtype=torch.float16), torch.empty(4, 7, dtype=torch.float16), torch.empty(7, dtype=torch.float16)
+        c = [cfg.beta, cfg.gamma, cfg.zeta, cfg.eps]
+        assert torch.ops.l0kernels.linear_fwd_fused(xf, wf, laf, None, 1, "in", False, True, c).shape == (3, 5, 4)
+        assert torch.ops.l0kernels.linear_fwd(xf, wf, laf, None, 1, "in", False, True, c).shape == (3, 5, 4)
+        z, dz = torch.ops.l0kernels.gates(laf, 6, 1, True, c, True)
+        assert z.shape == (6, 7) and dz.shape == (6, 7)
+    print("ok")
+''')
+
+
+def _run():
+    env = {k: v for k, v in os.environ.items() if k != "L0K_CUDA_GEMM"}
+    code = f"SCHEMAS = {SCHEMAS!r}\n" + CHILD
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+
+
+def test_schemas_found():
+    names = [re.match(r'(\w+)\(', s).group(1) for s in SCHEMAS]
+    assert names == ["uniform", "gates", "linear_fwd", "linear_fwd_fused", "linear_bwd", "conv2d_fwd", "conv2d_bwd"]
+
+
+def test_backend_module_with_a_stand_in_extension():
+    try:
+        import l0kernels._C  # noqa: F401
+        pytest.skip("the real extension is built; this test stands one in")
+    except ImportError:
+        pass
+    r = _run()
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_bad_gemm_env_is_named():
+    r = subprocess.run([sys.executable, "-c", "import sys, types; sys.modules['l0kernels._C'] = types.ModuleType('x'); "
+                        "import torch; lib = torch.library.Library('l0kernels', 'DEF'); "
+                        f"[lib.define(s) for s in {SCHEMAS!r}]; import l0kernels.backends.cuda"],
+                       capture_output=True, text=True, env=dict(os.environ, L0K_CUDA_GEMM="cublas"), cwd=ROOT)
+    assert r.returncode != 0 and "L0K_CUDA_GEMM" in r.stderr
