@@ -77,8 +77,9 @@ def inference_suite(ctx) -> List[dict]:
     rows = []
     dev = ctx.device
     # module eval path per backend: "torch" (compact weight, F.linear + index_select/index_copy_), and on
-    # CUDA "triton" (sparse_eval kernels) and "auto" (the faster of the two, timed once per signature)
-    backends = ["torch", "triton", "auto"] if dev.type == "cuda" else ["torch"]
+    # CUDA "triton" (sparse_eval kernels), "cuda" (the extension's sparse_linear; float16/bfloat16, else
+    # the torch path) and "auto" (the fastest, timed once per signature)
+    backends = ["torch", "triton", "cuda", "auto"] if dev.type == "cuda" else ["torch"]
     for suite, k, n, dts in SHAPES:
         if ctx.cpu and suite != "lenet300":
             print(f"{suite}: {k}->{n} skipped on the CPU (inference rows on CPU: small shapes only)")

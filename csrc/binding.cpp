@@ -1,7 +1,8 @@
 // The one PyTorch-facing file of the CUDA extension l0kernels._C: argument checks, current stream,
 // launchers of csrc/*.cu, cuBLAS (at::mm / at::addmm) and cuDNN (at::convolution /
 // at::convolution_backward) for the GEMMs and convolutions, and the op registrations
-// torch.ops.l0kernels.{uniform, gates, linear_fwd, linear_fwd_fused, linear_bwd, conv2d_fwd, conv2d_bwd} (CUDA impls here;
+// torch.ops.l0kernels.{uniform, gates, linear_fwd, linear_fwd_fused, sparse_linear, linear_bwd, conv2d_fwd,
+// conv2d_bwd} (CUDA impls here;
 // fake impls for torch.compile in l0kernels/backends/cuda.py).
 #include <Python.h>
 
@@ -234,15 +235,29 @@ int cc_major(const at::Device& device) {
   return cache[idx];
 }
 
+// x2 (M, K') with unit column stride (or gathered through x_cols), w (N', K') likewise, y (M, N).
 template <typename T>
 void run_gated_gemm(const Tensor& x2, const Tensor& w, const Tensor& la, const Tensor& bias, const Tensor& y,
-                    int64_t seed, int mode, bool per_row, bool training, const l0k::GateConfig& cfg) {
+                    const Tensor& x_cols, const Tensor& y_cols, int64_t seed, int mode, bool per_row, bool training,
+                    const l0k::GateConfig& cfg) {
   const l0k::GatedGemmParams<T> p{ptr<T>(x2), x2.stride(0), ptr<T>(w), w.stride(0), ptr<T>(la), ptr<T>(bias),
-                                  ptr<T>(y), y.stride(0), x2.size(0), w.size(0), w.size(1),
+                                  ptr<T>(y), y.stride(0), ptr<const int64_t>(x_cols), ptr<const int64_t>(y_cols),
+                                  x2.size(0), w.size(0), w.size(1),
                                   static_cast<uint64_t>(seed), mode, per_row, training,
                                   l0k::gemm::vec_loads_ok(x2.data_ptr(), x2.stride(0), w.data_ptr(), w.stride(0)),
                                   cfg};
   check_launch(l0k::launch_gated_gemm<T>(p, c10::cuda::getCurrentCUDAStream()), "gated GEMM");
+}
+
+// The conditions of the csrc/l0_gemm.cuh kernel: float16 / bfloat16, sm_80+, m rows within the grid.
+void check_gemm_kernel(const Tensor& x, int64_t m, const char* op, const char* other) {
+  const at::ScalarType st = x.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16, "l0kernels CUDA: ", op, " runs float16 and bfloat16, got ",
+                   st, " (", other, " runs it)");
+  TORCH_CHECK_VALUE(cc_major(x.device()) >= 8, "l0kernels CUDA: ", op, " needs compute capability 8.0+ (", other,
+                    " runs everywhere)");
+  TORCH_CHECK_VALUE(l0k::gemm::grid_rows(m) <= 65535, "l0kernels CUDA: ", op, " takes at most ",
+                    65535 * static_cast<int64_t>(l0k::gemm::kBM), " rows of x, got ", m, " (", other, " takes any)");
 }
 
 // The same result as linear_fwd from the single-launch gated GEMM (csrc/l0_gemm.cuh): float16 and
@@ -255,16 +270,11 @@ Tensor linear_fwd_fused(const Tensor& x, const Tensor& weight, const Tensor& log
   check_seed(seed);
   const l0k::GateConfig cfg = make_cfg(cfg_v);
   const at::ScalarType st = x.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16,
-                   "l0kernels CUDA: linear_fwd_fused runs float16 and bfloat16, got ", st, " (linear_fwd runs it)");
   const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK_VALUE(cc_major(x.device()) >= 8, "l0kernels CUDA: linear_fwd_fused needs compute capability 8.0+ ",
-                    "(linear_fwd runs everywhere)");
   const int64_t n = weight.size(0), k = weight.size(1);
   Tensor x2 = x.reshape({-1, k});
   const int64_t m = x2.size(0);
-  TORCH_CHECK_VALUE(l0k::gemm::grid_rows(m) <= 65535, "l0kernels CUDA: linear_fwd_fused takes at most ",
-                    65535 * static_cast<int64_t>(l0k::gemm::kBM), " rows of x, got ", m, " (linear_fwd takes any)");
+  check_gemm_kernel(x, m, "linear_fwd_fused", "linear_fwd");
   if (x2.stride(1) != 1) x2 = x2.contiguous();
   const Tensor w = weight.stride(1) == 1 ? weight : weight.contiguous();
   const Tensor la = log_alpha.contiguous();
@@ -272,13 +282,67 @@ Tensor linear_fwd_fused(const Tensor& x, const Tensor& weight, const Tensor& log
   Tensor y = at::empty({m, n}, x.options());
   const bool per_row = training && sample;
   if (st == at::kHalf) {
-    run_gated_gemm<__half>(x2, w, la, bias, y, seed, mode, per_row, training, cfg);
+    run_gated_gemm<__half>(x2, w, la, bias, y, Tensor(), Tensor(), seed, mode, per_row, training, cfg);
   } else {
-    run_gated_gemm<__nv_bfloat16>(x2, w, la, bias, y, seed, mode, per_row, training, cfg);
+    run_gated_gemm<__nv_bfloat16>(x2, w, la, bias, y, Tensor(), Tensor(), seed, mode, per_row, training, cfg);
   }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
   return y.view(out_shape);
+}
+
+// Eval plan of an L0Linear (l0kernels/_inference.py LinearPlan) in one GEMM launch (after a fill):
+// y[:, out_idx] = x[:, in_idx] @ weight.T + bias, other columns fill (zeros when undefined).
+// x (M, K) any row stride; weight (N', K') compact; in_idx (K',) / out_idx (N',) int64 or undefined.
+Tensor sparse_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias_in,
+                     const std::optional<Tensor>& in_idx_in, const std::optional<Tensor>& out_idx_in,
+                     const std::optional<Tensor>& fill_in, int64_t out_features) {
+  TORCH_CHECK_VALUE(x.is_cuda() && x.dim() == 2, "l0kernels CUDA: x must be a 2-D CUDA tensor, got ", x.sizes(),
+                    " on ", x.device());
+  check_tensor(weight, "weight", x, 2);
+  const Tensor bias = opt(bias_in), in_idx = opt(in_idx_in), out_idx = opt(out_idx_in), fill = opt(fill_in);
+  const int64_t m = x.size(0), np = weight.size(0), kp = weight.size(1);
+  if (bias.defined()) {
+    check_tensor(bias, "bias", x, 1);
+    TORCH_CHECK_VALUE(bias.size(0) == np, "l0kernels CUDA: bias must have ", np, " elements, got ", bias.sizes());
+  }
+  for (const auto& [t, name, len] : {std::tuple<const Tensor&, const char*, int64_t>{in_idx, "in_idx", kp},
+                                     std::tuple<const Tensor&, const char*, int64_t>{out_idx, "out_idx", np}}) {
+    if (!t.defined()) continue;
+    TORCH_CHECK_VALUE(t.is_cuda() && t.device() == x.device() && t.scalar_type() == at::kLong && t.dim() == 1 &&
+                          t.size(0) == len,
+                      "l0kernels CUDA: ", name, " must be an int64 (", len, ",) tensor on ", x.device(), ", got ",
+                      t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  }
+  TORCH_CHECK_VALUE(in_idx.defined() || x.size(1) == kp, "l0kernels CUDA: x must have ", kp,
+                    " columns (no in_idx), got ", x.sizes());
+  TORCH_CHECK_VALUE(out_idx.defined() ? out_features >= np : out_features == np,
+                    "l0kernels CUDA: out_features ", out_features, " does not fit weight ", weight.sizes());
+  if (fill.defined()) {
+    check_tensor(fill, "fill", x, 1);
+    TORCH_CHECK_VALUE(fill.size(0) == out_features, "l0kernels CUDA: fill must have ", out_features,
+                      " elements, got ", fill.sizes());
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_gemm_kernel(x, m, "sparse_linear", "the PyTorch plan path");
+  const Tensor x2 = x.stride(1) == 1 || in_idx.defined() ? x : x.contiguous();
+  const Tensor w = weight.is_contiguous() ? weight : weight.contiguous();
+  Tensor y;
+  if (!out_idx.defined()) {
+    y = at::empty({m, out_features}, x.options());
+  } else if (fill.defined()) {
+    y = fill.expand({m, out_features}).contiguous();
+  } else {
+    y = at::zeros({m, out_features}, x.options());
+  }
+  const Tensor b = bias.defined() ? bias.contiguous() : Tensor();
+  const l0k::GateConfig none{1.0f, -0.1f, 1.1f, 1e-6f};  // unused without gates
+  if (x.scalar_type() == at::kHalf) {
+    run_gated_gemm<__half>(x2, w, Tensor(), b, y, in_idx, out_idx, 0, l0k::kGateNone, false, false, none);
+  } else {
+    run_gated_gemm<__nv_bfloat16>(x2, w, Tensor(), b, y, in_idx, out_idx, 0, l0k::kGateNone, false, false, none);
+  }
+  return y;
 }
 
 Tensor empty_result(const Tensor& x) { return at::empty({0}, x.options()); }
@@ -515,6 +579,8 @@ TORCH_LIBRARY(l0kernels, m) {
         "bool training, float[] cfg) -> Tensor");
   m.def("linear_fwd_fused(Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int seed, str gate, bool sample, "
         "bool training, float[] cfg) -> Tensor");
+  m.def("sparse_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? in_idx, Tensor? out_idx, Tensor? fill, "
+        "int out_features) -> Tensor");
   m.def("linear_bwd(Tensor grad, Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int seed, str gate, "
         "bool sample, bool training, float[] cfg, bool[4] mask) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("conv2d_fwd(Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int[] stride, int[] padding, "
@@ -529,6 +595,7 @@ TORCH_LIBRARY_IMPL(l0kernels, CUDA, m) {
   m.impl("gates", &gates_op);
   m.impl("linear_fwd", &linear_fwd);
   m.impl("linear_fwd_fused", &linear_fwd_fused);
+  m.impl("sparse_linear", &sparse_linear);
   m.impl("linear_bwd", &linear_bwd);
   m.impl("conv2d_fwd", &conv2d_fwd);
   m.impl("conv2d_bwd", &conv2d_bwd);

@@ -6,6 +6,9 @@
 //   gate "out":    y = (x @ W^T + b) * z_out     z_out: (N,) batch / eval, (M, N) per example
 //
 // Offsets are the row-major index into the noise tensor (SPEC section 2), as in gates.cu.
+// Eval plans (l0kernels/_inference.py) use it without gates (kGateNone) on the compact,
+// gate-folded weight, gathering the active columns of x in the loads (x_cols) and scattering the
+// active outputs in the epilogue (y_cols).
 // Structure: 128 x 128 x 32 block tiles, 8 warps of 64 x 32 outputs, register-staged double
 // buffering (global -> registers -> gate -> shared memory, so the gate multiplies the operand on its
 // way into shared memory; cp.async cannot do that), fp32 accumulation, one rounding of each gated
@@ -34,7 +37,7 @@
 
 namespace l0k {
 
-enum GateMode : int { kGateIn = 0, kGateOut = 1, kGateWeight = 2 };
+enum GateMode : int { kGateIn = 0, kGateOut = 1, kGateWeight = 2, kGateNone = 3 };
 
 template <typename T>
 struct GatedGemmParams {
@@ -46,9 +49,11 @@ struct GatedGemmParams {
   const T* bias;       // (N,) or nullptr
   T* y;                // (M, N), row stride ldy
   int64_t ldy;
+  const int64_t* x_cols;  // nullptr, or K indices: GEMM column k reads x[:, x_cols[k]] (eval: active inputs)
+  const int64_t* y_cols;  // nullptr, or N indices: GEMM column n is written to y[:, y_cols[n]] (active outputs)
   int64_t M, N, K;
   uint64_t seed;
-  int mode;            // GateMode
+  int mode;            // GateMode; kGateNone: no gates (eval plans, gates folded into w and bias)
   bool per_row;        // training with per-example noise ("in" / "out")
   bool training;       // false: deterministic z_eval, seed unused
   bool vec;            // 16-byte operand loads allowed: x, w 16-byte aligned, ldx, ldw multiples of 8
@@ -91,14 +96,19 @@ struct alignas(16) Pack8 {
   T v[kChunkK];
 };
 
-// Elements [k, k + 8) of row `row` of a (rows, K) matrix with row stride ld; zeros outside.
+// Elements [k, k + 8) of row `row` of a (rows, K) matrix with row stride ld, zeros outside; with
+// `cols`, element k is read from column cols[k] (a gather, scalar loads).
 template <typename T>
-L0K_DEV Pack8<T> load_chunk(const T* p, int64_t ld, int64_t row, int64_t rows, int64_t k, int64_t K, bool vec) {
+L0K_DEV Pack8<T> load_chunk(const T* p, int64_t ld, int64_t row, int64_t rows, int64_t k, int64_t K, bool vec,
+                            const int64_t* cols) {
   Pack8<T> out;
-  if (row < rows && vec && k + kChunkK <= K) return *reinterpret_cast<const Pack8<T>*>(p + row * ld + k);
+  if (row < rows && vec && cols == nullptr && k + kChunkK <= K) {
+    return *reinterpret_cast<const Pack8<T>*>(p + row * ld + k);
+  }
 L0K_UNROLL
   for (int j = 0; j < kChunkK; ++j) {
-    out.v[j] = (row < rows && k + j < K) ? p[row * ld + k + j] : from_float<T>(0.0f);
+    const bool in = row < rows && k + j < K;
+    out.v[j] = in ? p[row * ld + (cols != nullptr ? cols[k + j] : k + j)] : from_float<T>(0.0f);
   }
   return out;
 }
@@ -150,12 +160,12 @@ __global__ void __launch_bounds__(gemm::kThreads) gated_gemm_kernel(const GatedG
 L0K_UNROLL
     for (int c = 0; c < kChunksA; ++c) {
       const int id = tid + c * gemm::kThreads, r = id / kChunksPerRow, kc = (id % kChunksPerRow) * kChunkK;
-      ra[c] = load_chunk(p.x, p.ldx, m0 + r, p.M, k0 + kc, p.K, p.vec);
+      ra[c] = load_chunk(p.x, p.ldx, m0 + r, p.M, k0 + kc, p.K, p.vec, p.x_cols);
     }
 L0K_UNROLL
     for (int c = 0; c < kChunksB; ++c) {
       const int id = tid + c * gemm::kThreads, r = id / kChunksPerRow, kc = (id % kChunksPerRow) * kChunkK;
-      rb[c] = load_chunk(p.w, p.ldw, n0 + r, p.N, k0 + kc, p.K, p.vec);
+      rb[c] = load_chunk(p.w, p.ldw, n0 + r, p.N, k0 + kc, p.K, p.vec, static_cast<const int64_t*>(nullptr));
     }
   };
   auto store_tile = [&](int t, int stage) {  // registers -> gate -> shared
@@ -258,7 +268,7 @@ L0K_UNROLL
           float v = scratch[idx];
           if (p.bias != nullptr) v += to_float(p.bias[n]);
           if (p.mode == kGateOut) v *= p.per_row ? gate_value(p, n, m * p.N + n) : z_n[n - n0];
-          p.y[m * p.ldy + n] = from_float<T>(v);
+          p.y[m * p.ldy + (p.y_cols != nullptr ? p.y_cols[n] : n)] = from_float<T>(v);
         }
       }
       __syncwarp();

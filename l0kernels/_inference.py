@@ -15,11 +15,14 @@ seen by version counters: call :func:`clear_eval_cache` after those.
   (a zero row's output is its ungated bias)
 * conv2d: a convolution with the active output channels only, scattered into a zero output
 
-On CUDA with ``backend="triton"`` the linear plans run the Triton kernels of
-:mod:`l0kernels.backends.triton.sparse_eval` (the gather of ``x``'s columns happens inside the GEMM
-loads; a GEMV kernel serves batches of 1-16 rows); with ``backend="auto"`` those kernels and the PyTorch
-path (cuBLAS on the compact weight) are timed once per call signature and the faster one is kept. On CPU they run in PyTorch, or in the Triton
-interpreter when ``backend="triton"`` and ``TRITON_INTERPRET=1``.
+On CUDA the linear plans have three paths: the Triton kernels of
+:mod:`l0kernels.backends.triton.sparse_eval` (``backend="triton"``; the gather of ``x``'s columns happens
+inside the GEMM loads; a GEMV kernel serves batches of 1-16 rows), the CUDA extension's
+``torch.ops.l0kernels.sparse_linear`` (``backend="cuda"``; the tensor-core GEMM of ``csrc/l0_gemm.cuh``
+with the gather in its loads and the scatter of the active outputs in its epilogue; float16 / bfloat16,
+sm_80+, else cuBLAS on the plan) and PyTorch (cuBLAS on the compact weight). ``backend="auto"`` times
+those that can run once per call signature and keeps the fastest. On CPU the plans run in PyTorch, or
+in the Triton interpreter when ``backend="triton"`` and ``TRITON_INTERPRET=1``.
 
 When autograd is recording and something requires a gradient, the differentiable
 ``l0_linear(..., training=False)`` / ``l0_conv2d`` path runs instead, so eval-mode fine-tuning works.
@@ -223,9 +226,9 @@ def _triton_eval():
 
 
 def _use_triton_linear(backend: str, x: torch.Tensor) -> bool:
-    """Whether the Triton eval kernels run this call; raises when ``backend="triton"`` cannot."""
+    """Whether the Triton eval kernels may run this call; raises when ``backend="triton"`` cannot."""
     if backend not in ("auto", "triton"):
-        return False  # "torch" is the reference; the CUDA extension's eval kernels are not wired here
+        return False
     if backend == "auto" and not x.is_cuda:
         return False
     mod, reason = _triton_eval()
@@ -243,7 +246,45 @@ def _use_triton_linear(backend: str, x: torch.Tensor) -> bool:
     return False
 
 
-_AUTO_CHOICE = {}  # CUDA call signature -> True when the Triton kernels won the timing
+def _cuda_eval_why_not(x: torch.Tensor) -> Optional[str]:
+    """Why the CUDA extension's eval kernel (``torch.ops.l0kernels.sparse_linear``) cannot run ``x``, or None."""
+    if not x.is_cuda:
+        return "the CUDA eval kernel needs a CUDA tensor"
+    try:
+        from .backends import cuda as cuda_backend
+    except ImportError as e:
+        return str(e)
+    return cuda_backend.fused_why_not(x)
+
+
+def _cuda_sparse_linear(x2: torch.Tensor, plan: LinearPlan) -> torch.Tensor:
+    return torch.ops.l0kernels.sparse_linear(x2, plan.weight, plan.bias, plan.in_idx, plan.out_idx, plan.fill,
+                                             plan.out_features)
+
+
+def _triton_sparse_linear(x2: torch.Tensor, plan: LinearPlan) -> torch.Tensor:
+    return _triton_eval()[0].sparse_linear(x2, plan)
+
+
+def _linear_runners(backend: str, x: torch.Tensor) -> dict:
+    """The eval paths that may run this call, by name, in the order ``auto`` prefers untimed.
+
+    ``torch``: the reference (PyTorch on the compact plan, cuBLAS on CUDA); ``triton``: the Triton
+    kernels (``backend="triton"`` raises when they cannot run); ``cuda``: the extension's kernel, which
+    runs float16 / bfloat16 on sm_80+; ``backend="cuda"`` takes the PyTorch path (cuBLAS) otherwise."""
+    if backend == "torch":
+        return {"torch": linear_plan_torch}
+    runners = {}
+    if _use_triton_linear(backend, x):
+        runners["triton"] = _triton_sparse_linear
+    if backend in ("auto", "cuda") and _cuda_eval_why_not(x) is None:
+        runners["cuda"] = _cuda_sparse_linear
+    if backend != "triton":
+        runners["torch"] = linear_plan_torch
+    return runners
+
+
+_AUTO_CHOICE = {}  # CUDA call signature -> name of the eval path that won the timing
 
 
 def _time_ms(fn, x, reps: int = 5) -> float:
@@ -256,18 +297,16 @@ def _time_ms(fn, x, reps: int = 5) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def _auto_prefers_triton(x2: torch.Tensor, plan: LinearPlan) -> bool:
-    """``backend="auto"`` on CUDA: Triton kernels or cuBLAS + index_select, measured once per signature
-    (like the dispatcher's auto: "measured, not guessed"); ``L0K_AUTO_TUNE=0`` takes Triton untimed."""
-    if os.environ.get("L0K_AUTO_TUNE", "1") == "0":
-        return True
+def _auto_pick(x2: torch.Tensor, plan: LinearPlan, runners: dict) -> str:
+    """``backend="auto"`` with more than one path: measured once per signature (like the dispatcher's
+    auto: "measured, not guessed"); ``L0K_AUTO_TUNE=0`` takes the first path untimed."""
+    if os.environ.get("L0K_AUTO_TUNE", "1") == "0" or not x2.is_cuda:
+        return next(iter(runners))
     key = (x2.device, x2.dtype, x2.shape[0], tuple(plan.weight.shape), plan.in_idx is not None,
-           plan.out_idx is not None, plan.fill is not None, plan.out_features)
+           plan.out_idx is not None, plan.fill is not None, plan.out_features, tuple(runners))
     if key not in _AUTO_CHOICE:
-        mod = _triton_eval()[0]
-        t_triton = _time_ms(lambda: mod.sparse_linear(x2, plan), x2)
-        t_torch = _time_ms(lambda: linear_plan_torch(x2, plan), x2)
-        _AUTO_CHOICE[key] = t_triton <= t_torch
+        times = {name: _time_ms(lambda fn=fn: fn(x2, plan), x2) for name, fn in runners.items()}
+        _AUTO_CHOICE[key] = min(times, key=times.get)
     return _AUTO_CHOICE[key]
 
 
@@ -306,11 +345,9 @@ def eval_linear(module, x: torch.Tensor) -> torch.Tensor:
     plan = _cached(module, "linear", lambda mod: _build_checked_linear_plan(mod, x))
     n, k = w.shape
     x2 = x.reshape(math.prod(x.shape[:-1]), k)  # -1 fails when k == 0
-    if _use_triton_linear(module.backend, x) and (module.backend == "triton" or _auto_prefers_triton(x2, plan)):
-        y = _triton_eval()[0].sparse_linear(x2, plan)
-    else:
-        y = linear_plan_torch(x2, plan)
-    return y.reshape(*x.shape[:-1], n)
+    runners = _linear_runners(module.backend, x)
+    name = next(iter(runners)) if len(runners) == 1 else _auto_pick(x2, plan, runners)
+    return runners[name](x2, plan).reshape(*x.shape[:-1], n)
 
 
 def eval_conv2d(module, x: torch.Tensor) -> torch.Tensor:

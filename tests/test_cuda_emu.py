@@ -23,7 +23,7 @@ from l0kernels._gates import GateConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 SRC = os.path.join(CSRC, "tests", "gemm_emu.cpp")
-MODES = {"in": 0, "out": 1, "weight": 2}
+MODES = {"in": 0, "out": 1, "weight": 2, "none": 3}
 DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 
 
@@ -57,7 +57,7 @@ def _bind(lib_path):
     lib = ctypes.CDLL(lib_path)
     fn = lib.l0k_emu_gated_gemm
     i64, vp, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-    fn.argtypes = [ctypes.c_int, vp, i64, vp, i64, vp, vp, vp, i64, i64, i64, i64, ctypes.c_uint64, ctypes.c_int,
+    fn.argtypes = [ctypes.c_int, vp, i64, vp, i64, vp, vp, vp, i64, vp, vp, i64, i64, i64, ctypes.c_uint64, ctypes.c_int,
                    ctypes.c_int, ctypes.c_int, ctypes.c_int, f32, f32, f32, f32]
     fn.restype = ctypes.c_int
     return fn
@@ -68,16 +68,19 @@ def emu(tmp_path_factory):
     return _bind(_build(str(tmp_path_factory.mktemp("gemm_emu"))))
 
 
-def run_emu(fn, x, w, la, b, seed, gate, noise, training, allow_vec=True, cfg=GateConfig()):
-    """y = the kernel's output for 2-D x (unit column stride), with the path it took (True: 16-byte loads)."""
-    m, k = x.shape
-    n = w.shape[0]
+def run_emu(fn, x, w, la, b, seed, gate, noise, training, allow_vec=True, cfg=GateConfig(), x_cols=None,
+            y_cols=None, y=None):
+    """y = the kernel's output for 2-D x (unit column stride), with the path it took (True: 16-byte loads).
+    x_cols / y_cols: the gather of x's columns and scatter of y's (eval plans, gate "none"), into ``y``."""
+    m = x.shape[0]
+    n, k = w.shape
     assert x.stride(1) == 1 and w.stride(1) == 1
-    y = torch.full((m, n), float("nan"), dtype=x.dtype)
+    if y is None:
+        y = torch.full((m, n), float("nan"), dtype=x.dtype)
     ptr = (lambda t: None if t is None else t.data_ptr())
-    vec = fn(DTYPES[x.dtype], ptr(x), x.stride(0), ptr(w), w.stride(0), ptr(la.contiguous()), ptr(b), ptr(y),
-             y.stride(0), m, n, k, seed, MODES[gate], int(training and noise == "sample"), int(training),
-             int(allow_vec), cfg.beta, cfg.gamma, cfg.zeta, cfg.eps)
+    vec = fn(DTYPES[x.dtype], ptr(x), x.stride(0), ptr(w), w.stride(0), ptr(None if la is None else la.contiguous()),
+             ptr(b), ptr(y), y.stride(0), ptr(x_cols), ptr(y_cols), m, n, k, seed, MODES[gate],
+             int(training and noise == "sample"), int(training), int(allow_vec), cfg.beta, cfg.gamma, cfg.zeta, cfg.eps)
     assert vec in (0, 1)
     return y, bool(vec)
 
@@ -176,6 +179,43 @@ def test_same_seed_same_output_different_seed_differs(emu):
     y2, _ = run_emu(emu, x, w, la, b, 9, "in", "sample", True)
     y3, _ = run_emu(emu, x, w, la, b, 10, "in", "sample", True)
     assert torch.equal(y1, y2) and not torch.equal(y1, y3)
+
+
+@pytest.mark.parametrize("gate", ["in", "out", "weight"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_eval_plan_gather_scatter(emu, gate, dtype):
+    """The eval kernel (binding op sparse_linear): the layer's compact plan with the gather of x's
+    active columns and the scatter of the active outputs, against the PyTorch plan path."""
+    from l0kernels._inference import build_linear_plan, linear_plan_torch
+    torch.manual_seed(6)
+    k, n = 75, 140
+    layer = l0k.L0Linear(k, n, gate=gate, backend="torch").to(dtype)
+    with torch.no_grad():
+        layer.log_alpha.copy_(torch.randn_like(layer.log_alpha.float()) * 3)  # about 40 % closed
+        if gate == "weight":
+            layer.log_alpha[:7] = -10.0  # whole rows closed: their output is the bias (fill)
+            layer.log_alpha[:, :5] = -10.0  # and whole columns
+    plan = build_linear_plan(layer)
+    assert plan.in_idx is not None or plan.out_idx is not None
+    x = torch.randn(21, k + 2).to(dtype)[:, 1:-1]  # strided rows
+    if plan.out_idx is None:
+        y, _ = run_emu(emu, x, plan.weight, None, plan.bias, 0, "none", "batch", False, x_cols=plan.in_idx)
+    else:  # as the op: the output starts as the fill (or zeros) and the kernel writes the active columns
+        y = torch.zeros(21, n, dtype=dtype) if plan.fill is None else plan.fill.expand(21, n).contiguous()
+        run_emu(emu, x, plan.weight, None, plan.bias, 0, "none", "batch", False, x_cols=plan.in_idx,
+                y_cols=plan.out_idx, y=y)
+    ref = linear_plan_torch(x.float(), _float_plan(plan))
+    check(y, ref, dtype)
+    if plan.out_idx is not None:
+        idle = torch.ones(n, dtype=torch.bool)
+        idle[plan.out_idx] = False
+        assert torch.equal(y[:, idle].float(), ref[:, idle])  # untouched: exactly the fill / zeros
+
+
+def _float_plan(plan):
+    import dataclasses
+    f = (lambda t: None if t is None or not t.is_floating_point() else t.float())
+    return dataclasses.replace(plan, weight=plan.weight.float(), bias=f(plan.bias), fill=f(plan.fill))
 
 
 @pytest.mark.skipif(os.environ.get("L0K_SKIP_TSAN") == "1", reason="L0K_SKIP_TSAN=1")

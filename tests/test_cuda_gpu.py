@@ -156,6 +156,28 @@ def test_linear_fused_forward_auto_choice_and_backward(rel_err):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gate", ["in", "out", "weight"])
+@pytest.mark.parametrize("rows", [1, 13, 300])
+def test_eval_sparse_linear_kernel(dtype, gate, rows, rel_err):
+    """backend="cuda" eval: the extension's sparse_linear on the layer's compact plan, against the
+    reference eval forward."""
+    from l0kernels._inference import _linear_runners, cached_plan
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the CUDA eval kernel needs sm_80+")
+    layer = l0k.L0Linear(300, 260, gate=gate, backend="cuda").to(device="cuda", dtype=dtype).eval()
+    with torch.no_grad():
+        layer.log_alpha.copy_(torch.randn_like(layer.log_alpha) * 3)
+    x = _rand(rows, 300, dtype=dtype)
+    assert list(_linear_runners("cuda", x)) == ["cuda", "torch"]
+    with torch.no_grad():
+        y = layer(x)
+    assert cached_plan(layer) is not None
+    ref = l0k.l0_linear(x.double().cpu(), layer.weight.double().cpu(), layer.log_alpha.double().cpu(),
+                        layer.bias.double().cpu(), gate=gate, training=False, backend="torch")
+    assert rel_err(y, ref.cuda()) < TOL[dtype]
+
+
 def test_linear_public_api_and_zero_rows(rel_err):
     x, w, la, b = _rand(0, 11, dtype=torch.float32), _rand(5, 11, dtype=torch.float32), _rand(11, dtype=torch.float32), _rand(5, dtype=torch.float32)
     y = l0k.l0_linear(x, w, la, b, seed=5, backend="cuda")

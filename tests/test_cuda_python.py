@@ -53,6 +53,17 @@ CHILD = textwrap.dedent(r'''
     lib.impl("linear_fwd", fwd("two_pass"), "CPU")
     lib.impl("linear_fwd_fused", fwd("fused"), "CPU")
     lib.impl("linear_bwd", bwd, "CPU")
+
+    def sparse(x, w, b, in_idx, out_idx, fill, out_features):  # the op's contract, written out
+        xa = x if in_idx is None else x[:, in_idx]
+        yc = xa @ w.T + (0 if b is None else b)
+        if out_idx is None:
+            return yc
+        y = torch.zeros(x.shape[0], out_features, dtype=x.dtype) if fill is None else fill.expand(x.shape[0], -1).clone()
+        y[:, out_idx] = yc
+        return y
+
+    lib.impl("sparse_linear", sparse, "CPU")
     sys.modules["l0kernels._C"] = types.ModuleType("l0kernels._C")
     torch.cuda.get_device_capability = lambda device=None: (9, 0)
     torch.cuda.is_current_stream_capturing = lambda: False
@@ -108,6 +119,17 @@ CHILD = textwrap.dedent(r'''
         assert "gemm_impl" in str(e)
     else:
         raise AssertionError("bad gemm_impl accepted")
+    # the eval glue: _inference's call of sparse_linear against the PyTorch plan path
+    from l0kernels._inference import _cuda_sparse_linear, build_linear_plan, linear_plan_torch
+    for gate in ("in", "out", "weight"):
+        layer = l0k.L0Linear(9, 8, gate=gate, backend="torch").double()
+        with torch.no_grad():
+            layer.log_alpha.copy_(torch.randn(layer.log_alpha.shape, generator=g, dtype=torch.float64) * 3)
+            if gate == "weight":
+                layer.log_alpha[:2] = -10.0
+        plan = build_linear_plan(layer)
+        xe = torch.randn(5, 9, generator=g, dtype=torch.float64)
+        assert torch.allclose(_cuda_sparse_linear(xe, plan), linear_plan_torch(xe, plan))
     # fake impls (torch.compile): shapes of every op
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
@@ -115,6 +137,7 @@ CHILD = textwrap.dedent(r'''
         c = [cfg.beta, cfg.gamma, cfg.zeta, cfg.eps]
         assert torch.ops.l0kernels.linear_fwd_fused(xf, wf, laf, None, 1, "in", False, True, c).shape == (3, 5, 4)
         assert torch.ops.l0kernels.linear_fwd(xf, wf, laf, None, 1, "in", False, True, c).shape == (3, 5, 4)
+        assert torch.ops.l0kernels.sparse_linear(xf[0], wf, None, None, None, None, 4).shape == (5, 4)
         z, dz = torch.ops.l0kernels.gates(laf, 6, 1, True, c, True)
         assert z.shape == (6, 7) and dz.shape == (6, 7)
     print("ok")
@@ -130,7 +153,8 @@ def _run():
 
 def test_schemas_found():
     names = [re.match(r'(\w+)\(', s).group(1) for s in SCHEMAS]
-    assert names == ["uniform", "gates", "linear_fwd", "linear_fwd_fused", "linear_bwd", "conv2d_fwd", "conv2d_bwd"]
+    assert names == ["uniform", "gates", "linear_fwd", "linear_fwd_fused", "sparse_linear", "linear_bwd", "conv2d_fwd",
+                     "conv2d_bwd"]
 
 
 def test_backend_module_with_a_stand_in_extension():

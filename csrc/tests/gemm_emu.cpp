@@ -9,11 +9,11 @@ namespace {
 
 template <typename T>
 int run(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* log_alpha, const void* bias, void* y,
-        int64_t ldy, int64_t M, int64_t N, int64_t K, uint64_t seed, int mode, bool per_row, bool training,
+        int64_t ldy, const int64_t* x_cols, const int64_t* y_cols, int64_t M, int64_t N, int64_t K, uint64_t seed, int mode, bool per_row, bool training,
         bool allow_vec, const l0k::GateConfig& cfg) {
   l0k::GatedGemmParams<T> p{static_cast<const T*>(x), ldx, static_cast<const T*>(w), ldw,
                             static_cast<const T*>(log_alpha), static_cast<const T*>(bias), static_cast<T*>(y), ldy,
-                            M, N, K, seed, mode, per_row, training,
+                            x_cols, y_cols, M, N, K, seed, mode, per_row, training,
                             allow_vec && l0k::gemm::vec_loads_ok(x, ldx, w, ldw), cfg};
   if (M <= 0 || N <= 0) return 0;
   emu_launch(static_cast<unsigned>(l0k::gemm::grid_cols(N)), static_cast<unsigned>(l0k::gemm::grid_rows(M)),
@@ -23,18 +23,18 @@ int run(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* log_
 
 }  // namespace
 
-// dtype 0: float16, 1: bfloat16. Returns 1 if the 16-byte load path ran, 0 if the scalar one, -1 on a
+// dtype 0: float16, 1: bfloat16; mode 3 (no gates) with x_cols / y_cols (nullable) runs an eval plan. Returns 1 if the 16-byte load path ran, 0 if the scalar one, -1 on a
 // bad dtype.
 extern "C" int l0k_emu_gated_gemm(int dtype, const void* x, int64_t ldx, const void* w, int64_t ldw,
-                                  const void* log_alpha, const void* bias, void* y, int64_t ldy, int64_t M, int64_t N,
-                                  int64_t K, uint64_t seed, int mode, int per_row, int training, int allow_vec,
+                                  const void* log_alpha, const void* bias, void* y, int64_t ldy, const int64_t* x_cols,
+                                  const int64_t* y_cols, int64_t M, int64_t N, int64_t K, uint64_t seed, int mode, int per_row, int training, int allow_vec,
                                   float beta, float gamma, float zeta, float eps) {
   const l0k::GateConfig cfg{beta, gamma, zeta, eps};
   if (dtype == 0) {
-    return run<__half>(x, ldx, w, ldw, log_alpha, bias, y, ldy, M, N, K, seed, mode, per_row, training, allow_vec, cfg);
+    return run<__half>(x, ldx, w, ldw, log_alpha, bias, y, ldy, x_cols, y_cols, M, N, K, seed, mode, per_row, training, allow_vec, cfg);
   }
   if (dtype == 1) {
-    return run<__nv_bfloat16>(x, ldx, w, ldw, log_alpha, bias, y, ldy, M, N, K, seed, mode, per_row, training,
+    return run<__nv_bfloat16>(x, ldx, w, ldw, log_alpha, bias, y, ldy, x_cols, y_cols, M, N, K, seed, mode, per_row, training,
                               allow_vec, cfg);
   }
   return -1;

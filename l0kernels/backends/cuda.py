@@ -1,7 +1,7 @@
 """The ``cuda`` backend: the compiled extension ``l0kernels._C`` (``csrc/``).
 
-Ops ``torch.ops.l0kernels.{uniform, gates, linear_fwd, linear_fwd_fused, linear_bwd, conv2d_fwd, conv2d_bwd}``
-are registered by the extension (CUDA kernels); their fake (meta) implementations for ``torch.compile``
+Ops ``torch.ops.l0kernels.{uniform, gates, linear_fwd, linear_fwd_fused, sparse_linear, linear_bwd, conv2d_fwd,
+conv2d_bwd}`` are registered by the extension (CUDA kernels); their fake (meta) implementations for ``torch.compile``
 are registered here.
 
 Forward of ``l0_linear``, two implementations:
@@ -13,7 +13,9 @@ Forward of ``l0_linear``, two implementations:
 
 ``L0K_CUDA_GEMM`` (or :func:`gemm_impl`) chooses: ``fused``, ``two_pass`` or ``auto`` (default),
 which times both once per call signature and keeps the faster (a fixed rule while ``torch.compile``
-traces or a CUDA graph is captured). ``l0_conv2d`` runs cuDNN plus the epilogue kernel. Backward regenerates
+traces or a CUDA graph is captured). ``l0_conv2d`` runs cuDNN plus the epilogue kernel.
+``sparse_linear`` runs an eval plan of :mod:`l0kernels._inference` (the same GEMM, no gates, gathering
+the active inputs and scattering the active outputs). Backward regenerates
 the gates from the seed (no stored mask) and forms the ``log_alpha`` gradients with reduction
 kernels, using the identities of :mod:`l0kernels.backends.torch_backend`.
 
@@ -76,6 +78,11 @@ def _linear_fwd_fake(x, weight, log_alpha, bias, seed, gate, sample, training, c
 @torch.library.register_fake("l0kernels::linear_fwd_fused")
 def _linear_fwd_fused_fake(x, weight, log_alpha, bias, seed, gate, sample, training, cfg):
     return x.new_empty(tuple(x.shape[:-1]) + (weight.shape[0],))
+
+
+@torch.library.register_fake("l0kernels::sparse_linear")
+def _sparse_linear_fake(x, weight, bias, in_idx, out_idx, fill, out_features):
+    return x.new_empty((x.shape[0], out_features))
 
 
 @torch.library.register_fake("l0kernels::linear_bwd")
