@@ -249,19 +249,27 @@ void run_gated_gemm(const Tensor& x2, const Tensor& w, const Tensor& la, const T
   check_launch(l0k::launch_gated_gemm<T>(p, c10::cuda::getCurrentCUDAStream()), "gated GEMM");
 }
 
-// The conditions of the csrc/l0_gemm.cuh kernel: float16 / bfloat16, sm_80+, m rows within the grid.
+// The conditions of the single-launch kernels: 1-16 rows take the GEMV (csrc/l0_gemv.cuh; float32,
+// float16, bfloat16); more rows the tensor-core GEMM (csrc/l0_gemm.cuh; float16 / bfloat16, sm_80+,
+// at most 65535 * 128 rows).
 void check_gemm_kernel(const Tensor& x, int64_t m, const char* op, const char* other) {
   const at::ScalarType st = x.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16, "l0kernels CUDA: ", op, " runs float16 and bfloat16, got ",
-                   st, " (", other, " runs it)");
-  TORCH_CHECK_VALUE(cc_major(x.device()) >= 8, "l0kernels CUDA: ", op, " needs compute capability 8.0+ (", other,
-                    " runs everywhere)");
+  if (m <= l0k::gemv::kMaxRows) {
+    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "l0kernels CUDA: ", op,
+                     " runs float32, float16 and bfloat16, got ", st);
+    return;
+  }
+  TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16, "l0kernels CUDA: ", op,
+                   " runs float16 and bfloat16 for more than ", l0k::gemv::kMaxRows, " rows of x, got ", st, " (",
+                   other, " runs it)");
+  TORCH_CHECK_VALUE(cc_major(x.device()) >= 8, "l0kernels CUDA: ", op, " needs compute capability 8.0+ for more than ",
+                    l0k::gemv::kMaxRows, " rows of x (", other, " runs everywhere)");
   TORCH_CHECK_VALUE(l0k::gemm::grid_rows(m) <= 65535, "l0kernels CUDA: ", op, " takes at most ",
                     65535 * static_cast<int64_t>(l0k::gemm::kBM), " rows of x, got ", m, " (", other, " takes any)");
 }
 
-// The same result as linear_fwd from the single-launch gated GEMM (csrc/l0_gemm.cuh): float16 and
-// bfloat16 on compute capability 8.0+, at most 65535 * 128 rows.
+// The same result as linear_fwd in one launch: the GEMV (csrc/l0_gemv.cuh) for 1-16 rows of x, else
+// the tensor-core GEMM (csrc/l0_gemm.cuh); conditions in check_gemm_kernel.
 Tensor linear_fwd_fused(const Tensor& x, const Tensor& weight, const Tensor& log_alpha,
                         const std::optional<Tensor>& bias_in, int64_t seed, std::string gate, bool sample,
                         bool training, at::ArrayRef<double> cfg_v) {
@@ -269,7 +277,6 @@ Tensor linear_fwd_fused(const Tensor& x, const Tensor& weight, const Tensor& log
   check_linear(x, weight, log_alpha, bias_in, mode, sample);
   check_seed(seed);
   const l0k::GateConfig cfg = make_cfg(cfg_v);
-  const at::ScalarType st = x.scalar_type();
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = weight.size(0), k = weight.size(1);
   Tensor x2 = x.reshape({-1, k});
@@ -281,17 +288,17 @@ Tensor linear_fwd_fused(const Tensor& x, const Tensor& weight, const Tensor& log
   const Tensor bias = bias_in.has_value() && bias_in->defined() ? bias_in->contiguous() : Tensor();
   Tensor y = at::empty({m, n}, x.options());
   const bool per_row = training && sample;
-  if (st == at::kHalf) {
-    run_gated_gemm<__half>(x2, w, la, bias, y, Tensor(), Tensor(), seed, mode, per_row, training, cfg);
-  } else {
-    run_gated_gemm<__nv_bfloat16>(x2, w, la, bias, y, Tensor(), Tensor(), seed, mode, per_row, training, cfg);
-  }
+  dispatch_type(x.scalar_type(), "x", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    run_gated_gemm<T>(x2, w, la, bias, y, Tensor(), Tensor(), seed, mode, per_row, training, cfg);
+  });
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
   return y.view(out_shape);
 }
 
-// Eval plan of an L0Linear (l0kernels/_inference.py LinearPlan) in one GEMM launch (after a fill):
+// Eval plan of an L0Linear (l0kernels/_inference.py LinearPlan) in one launch (after a fill; the GEMV
+// for 1-16 rows, else the tensor-core GEMM; conditions in check_gemm_kernel):
 // y[:, out_idx] = x[:, in_idx] @ weight.T + bias, other columns fill (zeros when undefined).
 // x (M, K) any row stride; weight (N', K') compact; in_idx (K',) / out_idx (N',) int64 or undefined.
 Tensor sparse_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias_in,
@@ -337,11 +344,10 @@ Tensor sparse_linear(const Tensor& x, const Tensor& weight, const std::optional<
   }
   const Tensor b = bias.defined() ? bias.contiguous() : Tensor();
   const l0k::GateConfig none{1.0f, -0.1f, 1.1f, 1e-6f};  // unused without gates
-  if (x.scalar_type() == at::kHalf) {
-    run_gated_gemm<__half>(x2, w, Tensor(), b, y, in_idx, out_idx, 0, l0k::kGateNone, false, false, none);
-  } else {
-    run_gated_gemm<__nv_bfloat16>(x2, w, Tensor(), b, y, in_idx, out_idx, 0, l0k::kGateNone, false, false, none);
-  }
+  dispatch_type(x.scalar_type(), "x", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    run_gated_gemm<T>(x2, w, Tensor(), b, y, in_idx, out_idx, 0, l0k::kGateNone, false, false, none);
+  });
   return y;
 }
 

@@ -31,8 +31,10 @@
 #if defined(__CUDACC__)
 #include <mma.h>
 #define L0K_UNROLL _Pragma("unroll")
+#define L0K_NO_UNROLL _Pragma("unroll 1")
 #else
 #define L0K_UNROLL
+#define L0K_NO_UNROLL
 #endif
 
 namespace l0k {

@@ -12,6 +12,7 @@
 
 #include "l0_gate.cuh"
 #include "l0_gemm.cuh"
+#include "l0_gemv.cuh"
 
 namespace l0k {
 
@@ -64,9 +65,10 @@ cudaError_t launch_plane_reduce(const T* a, const T* b, const float* dz, int64_t
 template <typename T>
 cudaError_t launch_row_dot(const T* a, const T* b, int64_t R, int64_t C, float* out, cudaStream_t stream);
 
-// The single-launch gated GEMM (l0_gemm.cuh) for T in {__half, __nv_bfloat16}; needs sm_80+.
-// Returns cudaErrorInvalidConfiguration when M needs more than 65535 block rows (M > 8388480):
-// the caller then takes the two-pass path.
+// The single-launch gated GEMM. M <= gemv::kMaxRows (16): the GEMV of l0_gemv.cuh, any T. Larger M:
+// the tensor-core kernel of l0_gemm.cuh, T in {__half, __nv_bfloat16} only (float returns
+// cudaErrorInvalidValue), sm_80+; cudaErrorInvalidConfiguration when M needs more than 65535 block
+// rows (M > 8388480). The caller checks these first (binding.cpp check_gemm_kernel).
 template <typename T>
 cudaError_t launch_gated_gemm(const GatedGemmParams<T>& p, cudaStream_t stream);
 

@@ -1,4 +1,5 @@
-"""The CUDA single-launch gated GEMM (``csrc/l0_gemm.cuh``) run on the CPU, no GPU needed.
+"""The CUDA single-launch gated GEMM (``csrc/l0_gemm.cuh``, tensor cores) and GEMV (``csrc/l0_gemv.cuh``,
+1-16 rows) run on the CPU, no GPU needed.
 
 ``csrc/tests/gemm_emu.cpp`` compiles the kernel with g++ against ``csrc/tests/cuda_emu.h``, a
 thread-level emulator: one OS thread per CUDA thread, ``__syncthreads``/``__syncwarp`` as barriers,
@@ -24,7 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 SRC = os.path.join(CSRC, "tests", "gemm_emu.cpp")
 MODES = {"in": 0, "out": 1, "weight": 2, "none": 3}
-DTYPES = {torch.float16: 0, torch.bfloat16: 1}
+DTYPES = {torch.float16: 0, torch.bfloat16: 1}  # the tensor-core kernel's
+GEMV_DTYPES = {**DTYPES, torch.float32: 2}
+IMPLS = {"auto": 0, "gemm": 1, "gemv": 2}  # auto: as the launcher, the GEMV for M <= 16
 
 
 def _cuda_include():
@@ -57,7 +60,7 @@ def _bind(lib_path):
     lib = ctypes.CDLL(lib_path)
     fn = lib.l0k_emu_gated_gemm
     i64, vp, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-    fn.argtypes = [ctypes.c_int, vp, i64, vp, i64, vp, vp, vp, i64, vp, vp, i64, i64, i64, ctypes.c_uint64, ctypes.c_int,
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, vp, i64, vp, i64, vp, vp, vp, i64, vp, vp, i64, i64, i64, ctypes.c_uint64, ctypes.c_int,
                    ctypes.c_int, ctypes.c_int, ctypes.c_int, f32, f32, f32, f32]
     fn.restype = ctypes.c_int
     return fn
@@ -69,16 +72,17 @@ def emu(tmp_path_factory):
 
 
 def run_emu(fn, x, w, la, b, seed, gate, noise, training, allow_vec=True, cfg=GateConfig(), x_cols=None,
-            y_cols=None, y=None):
+            y_cols=None, y=None, impl="auto"):
     """y = the kernel's output for 2-D x (unit column stride), with the path it took (True: 16-byte loads).
-    x_cols / y_cols: the gather of x's columns and scatter of y's (eval plans, gate "none"), into ``y``."""
+    x_cols / y_cols: the gather of x's columns and scatter of y's (eval plans, gate "none"), into ``y``.
+    impl: "gemm" (tensor cores), "gemv" (M <= 16) or "auto" (as the launcher)."""
     m = x.shape[0]
     n, k = w.shape
     assert x.stride(1) == 1 and w.stride(1) == 1
     if y is None:
         y = torch.full((m, n), float("nan"), dtype=x.dtype)
     ptr = (lambda t: None if t is None else t.data_ptr())
-    vec = fn(DTYPES[x.dtype], ptr(x), x.stride(0), ptr(w), w.stride(0), ptr(None if la is None else la.contiguous()),
+    vec = fn(GEMV_DTYPES[x.dtype], IMPLS[impl], ptr(x), x.stride(0), ptr(w), w.stride(0), ptr(None if la is None else la.contiguous()),
              ptr(b), ptr(y), y.stride(0), ptr(x_cols), ptr(y_cols), m, n, k, seed, MODES[gate],
              int(training and noise == "sample"), int(training), int(allow_vec), cfg.beta, cfg.gamma, cfg.zeta, cfg.eps)
     assert vec in (0, 1)
@@ -117,7 +121,7 @@ def make(m, n, k, gate, dtype, bias=True, x_cols=None, seed=0):
 
 def check(y, ref, dtype):
     # fp32 sums in a different order, then one rounding of y to the storage dtype
-    tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 2e-5}[dtype]
     scale = max(1.0, ref.abs().max().item())
     torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol * scale)
 
@@ -156,36 +160,41 @@ def test_vector_and_scalar_paths_agree(emu):
     assert torch.equal(y_vec, y_sc)
 
 
+@pytest.mark.parametrize("impl", ["gemm", "gemv"])
 @pytest.mark.parametrize("gate", ["in", "out", "weight"])
-def test_no_bias_and_custom_constants(emu, gate):
+def test_no_bias_and_custom_constants(emu, gate, impl):
     cfg = GateConfig(beta=0.5, gamma=-0.2, zeta=1.2, eps=1e-5)
     x, w, la, _ = make(9, 17, 33, gate, torch.float16, bias=False, seed=3)
-    y, _ = run_emu(emu, x, w, la, None, 77, gate, "batch", True, cfg=cfg)
+    y, _ = run_emu(emu, x, w, la, None, 77, gate, "batch", True, cfg=cfg, impl=impl)
     extra = dict(beta=cfg.beta, gamma=cfg.gamma, zeta=cfg.zeta, eps=cfg.eps)
     ref = l0k.l0_linear(x.float(), w.float(), la.float(), None, seed=77, gate=gate, noise="batch", backend="torch",
                         **extra)
     check(y, ref, torch.float16)  # within float16 rounding of the torch backend itself
 
 
-def test_zero_k_gives_gated_bias(emu):
+@pytest.mark.parametrize("impl", ["gemm", "gemv"])
+def test_zero_k_gives_gated_bias(emu, impl):
     x, w, la, b = make(5, 7, 0, "out", torch.float16, seed=4)
-    y, _ = run_emu(emu, x, w, la, b, 3, "out", "sample", True)
+    y, _ = run_emu(emu, x, w, la, b, 3, "out", "sample", True, impl=impl)
     check(y, reference(x, w, la, b, 3, "out", "sample", True), torch.float16)
 
 
-def test_same_seed_same_output_different_seed_differs(emu):
+@pytest.mark.parametrize("impl", ["gemm", "gemv"])
+def test_same_seed_same_output_different_seed_differs(emu, impl):
     x, w, la, b = make(12, 10, 40, "in", torch.float16, seed=5)
-    y1, _ = run_emu(emu, x, w, la, b, 9, "in", "sample", True)
-    y2, _ = run_emu(emu, x, w, la, b, 9, "in", "sample", True)
-    y3, _ = run_emu(emu, x, w, la, b, 10, "in", "sample", True)
+    y1, _ = run_emu(emu, x, w, la, b, 9, "in", "sample", True, impl=impl)
+    y2, _ = run_emu(emu, x, w, la, b, 9, "in", "sample", True, impl=impl)
+    y3, _ = run_emu(emu, x, w, la, b, 10, "in", "sample", True, impl=impl)
     assert torch.equal(y1, y2) and not torch.equal(y1, y3)
 
 
+@pytest.mark.parametrize("rows", [21, 5])
 @pytest.mark.parametrize("gate", ["in", "out", "weight"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_eval_plan_gather_scatter(emu, gate, dtype):
+def test_eval_plan_gather_scatter(emu, gate, dtype, rows):
     """The eval kernel (binding op sparse_linear): the layer's compact plan with the gather of x's
-    active columns and the scatter of the active outputs, against the PyTorch plan path."""
+    active columns and the scatter of the active outputs, against the PyTorch plan path; 21 rows run
+    the tensor-core kernel, 5 the GEMV."""
     from l0kernels._inference import build_linear_plan, linear_plan_torch
     torch.manual_seed(6)
     k, n = 75, 140
@@ -197,11 +206,11 @@ def test_eval_plan_gather_scatter(emu, gate, dtype):
             layer.log_alpha[:, :5] = -10.0  # and whole columns
     plan = build_linear_plan(layer)
     assert plan.in_idx is not None or plan.out_idx is not None
-    x = torch.randn(21, k + 2).to(dtype)[:, 1:-1]  # strided rows
+    x = torch.randn(rows, k + 2).to(dtype)[:, 1:-1]  # strided rows
     if plan.out_idx is None:
         y, _ = run_emu(emu, x, plan.weight, None, plan.bias, 0, "none", "batch", False, x_cols=plan.in_idx)
     else:  # as the op: the output starts as the fill (or zeros) and the kernel writes the active columns
-        y = torch.zeros(21, n, dtype=dtype) if plan.fill is None else plan.fill.expand(21, n).contiguous()
+        y = torch.zeros(rows, n, dtype=dtype) if plan.fill is None else plan.fill.expand(rows, n).contiguous()
         run_emu(emu, x, plan.weight, None, plan.bias, 0, "none", "batch", False, x_cols=plan.in_idx,
                 y_cols=plan.out_idx, y=y)
     ref = linear_plan_torch(x.float(), _float_plan(plan))
@@ -220,7 +229,8 @@ def _float_plan(plan):
 
 @pytest.mark.skipif(os.environ.get("L0K_SKIP_TSAN") == "1", reason="L0K_SKIP_TSAN=1")
 def test_thread_sanitizer_finds_no_race(tmp_path):
-    """Built with -fsanitize=thread: every shared-memory write is ordered with its reads by a barrier.
+    """Built with -fsanitize=thread: every shared-memory write is ordered with its reads by a barrier
+    (the tensor-core kernel's pipeline and the GEMV's staging of x).
     (Lanes other than 0 do not touch fragments in the emulator, so races inside a warp's WMMA calls
     are out of reach; the block-level pipeline is what this checks.)"""
     libtsan = subprocess.run([shutil.which("g++") or "g++", "-print-file-name=libtsan.so"], capture_output=True,
@@ -230,9 +240,92 @@ def test_thread_sanitizer_finds_no_race(tmp_path):
     lib = _build(str(tmp_path), "-fsanitize=thread", "-g", "-O1")
     code = ("import sys, torch; sys.path.insert(0, %r); import test_cuda_emu as t; fn = t._bind(%r); "
             "x, w, la, b = t.make(37, 20, 72, 'in', torch.float16); "
-            "print(t.run_emu(fn, x, w, la, b, 1, 'in', 'batch', True)[1])") % (os.path.dirname(__file__), lib)
+            "print(t.run_emu(fn, x, w, la, b, 1, 'in', 'batch', True)[1]); "
+            "x, w, la, b = t.make(3, 20, 300, 'weight', torch.float16); "
+            "print(t.run_emu(fn, x, w, la, b, 1, 'weight', 'batch', True, impl='gemv')[1])") % (
+        os.path.dirname(__file__), lib)
     # the library is dlopen'ed by an uninstrumented python: the runtime must be preloaded
     env = dict(os.environ, LD_PRELOAD=libtsan, TSAN_OPTIONS="halt_on_error=1 exitcode=66")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert "WARNING: ThreadSanitizer" not in r.stderr, r.stderr[-4000:]
-    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr[-4000:]  # the 16-byte load path ran
+    assert r.returncode == 0 and r.stdout.split() == ["True", "False"], r.stderr[-4000:]  # load paths as expected
+
+
+# -- the GEMV (csrc/l0_gemv.cuh): 1-16 rows, every dtype ------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", list(GEMV_DTYPES))
+@pytest.mark.parametrize("gate,noise,training", CASES)
+def test_gemv_modes(emu, dtype, gate, noise, training):
+    # 3 rows (the 4-row kernel), K = 300: two chunks, the second ragged; N = 37: three blocks, the last
+    # ragged; K % 8 != 0: scalar W loads
+    x, w, la, b = make(3, 37, 300, gate, dtype, seed=7)
+    y, vec = run_emu(emu, x, w, la, b, 4321, gate, noise, training, impl="gemv")
+    assert not vec
+    check(y, reference(x, w, la, b, 4321, gate, noise, training), dtype)
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 16])
+@pytest.mark.parametrize("gate,noise", [("in", "sample"), ("out", "sample"), ("weight", "batch")])
+def test_gemv_row_counts_vector_loads(emu, m, gate, noise):
+    # every compiled row count (1, 2, 4, 8, 16; 5 runs the 8-row kernel with 3 idle rows), 16-byte W
+    # loads (K % 8 == 0), a strided x, a seed above 2**32
+    dtype = torch.float16
+    x, w, la, b = make(m, 19, 264, gate, dtype, x_cols=280, seed=m)
+    seed = 2 ** 33 + 11
+    y, vec = run_emu(emu, x, w, la, b, seed, gate, noise, True, impl="gemv")
+    assert vec
+    check(y, reference(x, w, la, b, seed, gate, noise, True), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_vector_and_scalar_paths_agree(emu, dtype):
+    x, w, la, b = make(4, 33, 512, "weight", dtype, seed=8)
+    y_vec, vec = run_emu(emu, x, w, la, b, 6, "weight", "batch", True, impl="gemv")
+    y_sc, sc = run_emu(emu, x, w, la, b, 6, "weight", "batch", True, allow_vec=False, impl="gemv")
+    assert vec and not sc
+    assert torch.equal(y_vec, y_sc)
+
+
+def test_gemv_and_tensor_core_kernel_agree(emu):
+    # the same call through both kernels: equal up to fp32 summation order and one rounding
+    x, w, la, b = make(11, 70, 200, "in", torch.bfloat16, seed=9)
+    y_gemv, _ = run_emu(emu, x, w, la, b, 12, "in", "batch", True, impl="gemv")
+    y_gemm, _ = run_emu(emu, x, w, la, b, 12, "in", "batch", True, impl="gemm")
+    check(y_gemv, y_gemm.float(), torch.bfloat16)
+
+
+def test_launcher_choice(emu):
+    # auto takes the GEMV up to 16 rows; float32 has no tensor-core kernel; the GEMV refuses 17 rows
+    x, w, la, b = make(16, 9, 24, "out", torch.float32, seed=10)
+    y, _ = run_emu(emu, x, w, la, b, 1, "out", "batch", True)
+    check(y, reference(x, w, la, b, 1, "out", "batch", True), torch.float32)
+    x17 = torch.randn(17, 24)
+    out = torch.empty(17, 9)
+    assert emu(2, IMPLS["auto"], x17.data_ptr(), 24, w.data_ptr(), 24, la.data_ptr(), b.data_ptr(), out.data_ptr(), 9,
+               None, None, 17, 9, 24, 1, MODES["out"], 0, 1, 1, 2 / 3, -0.1, 1.1, 1e-6) == -2
+    xh, wh = x17.half(), w.half()
+    assert emu(0, IMPLS["gemv"], xh.data_ptr(), 24, wh.data_ptr(), 24, la.half().data_ptr(), None,
+               out.half().data_ptr(), 9, None, None, 17, 9, 24, 1, MODES["out"], 0, 1, 1, 2 / 3, -0.1, 1.1, 1e-6) == -2
+
+
+@pytest.mark.parametrize("gate", ["in", "out", "weight"])
+def test_gemv_eval_plan_float32(emu, gate):
+    """sparse_linear's float32 path (the GEMV) on a compact plan: gather, scatter, fill."""
+    from l0kernels._inference import build_linear_plan, linear_plan_torch
+    torch.manual_seed(11)
+    k, n = 90, 50
+    layer = l0k.L0Linear(k, n, gate=gate, backend="torch")
+    with torch.no_grad():
+        layer.log_alpha.copy_(torch.randn_like(layer.log_alpha) * 3)
+        if gate == "weight":
+            layer.log_alpha[:4] = -10.0
+    plan = build_linear_plan(layer)
+    assert plan.in_idx is not None or plan.out_idx is not None
+    x = torch.randn(7, k)
+    y = None  # no scatter: the kernel writes every column
+    if plan.out_idx is not None:  # as the op: the output starts as the fill (or zeros)
+        y = torch.zeros(7, n) if plan.fill is None else plan.fill.expand(7, n).contiguous()
+    y, _ = run_emu(emu, x, plan.weight, None, plan.bias, 0, "none", "batch", False, x_cols=plan.in_idx,
+                   y_cols=plan.out_idx, y=y)
+    check(y, linear_plan_torch(x, plan), torch.float32)

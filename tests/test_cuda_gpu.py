@@ -109,18 +109,21 @@ def test_linear_matches_float64_reference(dtype, gate, noise, training, bias, re
     _check_grads(out, ref.cuda(), leaves, refs, TOL[dtype], rel_err)
 
 
-FUSED_SHAPES = [(3, 29, 37, 19), (1, 131, 72, 133), (2, 64, 256, 260), (1, 5, 0, 7)]  # (m0, m1, k, n)
+# (m0, m1, k, n): tensor-core GEMM (> 16 rows) and GEMV (<= 16 rows: 1, 5, 7, 16) shapes
+FUSED_SHAPES = [(3, 29, 37, 19), (1, 131, 72, 133), (2, 64, 256, 260), (1, 5, 0, 7), (1, 1, 300, 77),
+                (7, 1, 264, 1030), (2, 8, 520, 45)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("gate,noise,training", LINEAR_CASES)
 @pytest.mark.parametrize("shape", FUSED_SHAPES)
 def test_linear_fused_forward_matches_two_pass_and_reference(dtype, gate, noise, training, shape, rel_err):
-    """The single-launch forward (csrc/l0_gemm.cuh) against the two-pass one and float64: odd shapes,
-    several blocks, K = 0, strided x (scalar loads) and contiguous x (16-byte loads)."""
+    """The single-launch forward (csrc/l0_gemm.cuh for > 16 rows, csrc/l0_gemv.cuh for 1-16) against
+    the two-pass one and float64: odd shapes, several blocks, K = 0, strided x (scalar loads) and
+    contiguous x (16-byte loads)."""
     m0, m1, k, n = shape
-    if torch.cuda.get_device_capability()[0] < 8:
-        pytest.skip("the fused forward needs sm_80+")
+    if m0 * m1 > 16 and (dtype == torch.float32 or torch.cuda.get_device_capability()[0] < 8):
+        pytest.skip("the tensor-core forward runs float16 / bfloat16 on sm_80+")
     for x in (_rand(m0, m1, k, dtype=dtype), _rand(m0, m1, k + 3, dtype=dtype)[..., :k]):
         w = _rand(n, k, dtype=dtype, scale=0.2)
         la = _rand(*{"in": (k,), "out": (n,), "weight": (n, k)}[gate], dtype=dtype, scale=1.5)
@@ -156,15 +159,16 @@ def test_linear_fused_forward_auto_choice_and_backward(rel_err):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("gate", ["in", "out", "weight"])
 @pytest.mark.parametrize("rows", [1, 13, 300])
 def test_eval_sparse_linear_kernel(dtype, gate, rows, rel_err):
-    """backend="cuda" eval: the extension's sparse_linear on the layer's compact plan, against the
-    reference eval forward."""
+    """backend="cuda" eval: the extension's sparse_linear on the layer's compact plan (the GEMV for
+    1 and 13 rows, the tensor-core GEMM for 300), against the reference eval forward."""
     from l0kernels._inference import _linear_runners, cached_plan
-    if torch.cuda.get_device_capability()[0] < 8:
-        pytest.skip("the CUDA eval kernel needs sm_80+")
+    tensor_cores = rows > 16
+    if tensor_cores and (dtype == torch.float32 or torch.cuda.get_device_capability()[0] < 8):
+        pytest.skip("the tensor-core eval kernel runs float16 / bfloat16 on sm_80+")
     layer = l0k.L0Linear(300, 260, gate=gate, backend="cuda").to(device="cuda", dtype=dtype).eval()
     with torch.no_grad():
         layer.log_alpha.copy_(torch.randn_like(layer.log_alpha) * 3)
@@ -201,8 +205,10 @@ def test_ops_reject_bad_arguments():
         torch.ops.l0kernels.linear_fwd(x, w.half(), la, None, 1, "in", False, True, cfg)
     with pytest.raises(ValueError, match="gate"):
         torch.ops.l0kernels.linear_fwd(x, w, la, None, 1, "rows", False, True, cfg)
-    with pytest.raises(TypeError, match="float16 and bfloat16"):
-        torch.ops.l0kernels.linear_fwd_fused(x, w, la, None, 1, "in", False, True, cfg)
+    with pytest.raises(TypeError, match="float16 and bfloat16"):  # float32: the GEMV only (<= 16 rows)
+        torch.ops.l0kernels.linear_fwd_fused(_rand(17, 11, dtype=torch.float32), w, la, None, 1, "in", False, True, cfg)
+    with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
+        torch.ops.l0kernels.linear_fwd_fused(x.double(), w.double(), la.double(), None, 1, "in", False, True, cfg)
     with pytest.raises(ValueError, match="log_alpha"):
         torch.ops.l0kernels.linear_fwd_fused(x.half(), w.half(), la[:5].half(), None, 1, "in", False, True, cfg)
 
@@ -235,6 +241,8 @@ def test_opcheck_fake_impls():
     cfg = [CFG.beta, CFG.gamma, CFG.zeta, CFG.eps]
     torch.library.opcheck(torch.ops.l0kernels.linear_fwd.default, (x, w, la, b, 7, "in", True, True, cfg),
                           test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.l0kernels.linear_fwd_fused.default, (x, w, la, b, 7, "weight", False, True, cfg),
+                          test_utils=("test_schema", "test_faketensor"))  # 4 rows: the GEMV, float32
     if torch.cuda.get_device_capability()[0] >= 8:
         torch.library.opcheck(torch.ops.l0kernels.linear_fwd_fused.default,
                               (x.half(), w.half(), la.half(), b.half(), 7, "out", True, True, cfg),

@@ -87,7 +87,7 @@ CHILD = textwrap.dedent(r'''
                 calls.clear()
                 with cb.gemm_impl(impl):
                     y = cb.CudaL0LinearFunction.apply(x, w, la, b, seed, gate, noise, training, cfg)
-                want = "two_pass" if dtype == torch.float32 or impl == "two_pass" else "fused"
+                want = "two_pass" if impl == "two_pass" else "fused"  # 15 rows: the GEMV takes every dtype
                 assert calls[-1] == want, (dtype, gate, impl, calls)
                 ref = L0LinearFunction.apply(x, w, la, b, seed, gate, noise, training, cfg)
                 assert torch.equal(y, ref)
@@ -96,8 +96,12 @@ CHILD = textwrap.dedent(r'''
                 assert all(torch.equal(a, r) for a, r in zip(gs, gr))
     # auto times each signature once (both ops), then reuses the pick
     calls.clear()
-    cb.CudaL0LinearFunction.apply(x, w, la, b, 99, "weight", "batch", True, cfg)
-    assert calls == ["two_pass"], calls  # float32: never fused, never timed
+    x17 = torch.randn(17, 7, generator=g)
+    cb.CudaL0LinearFunction.apply(x17, w, la, b, 99, "weight", "batch", True, cfg)
+    assert calls == ["two_pass"], calls  # float32 above 16 rows: never fused, never timed
+    assert "float32 up to 16" in cb.fused_why_not(x17) and cb.fused_why_not(x17[:16]) is None
+    assert cb.fused_why_not(x17[:16].half()) is None and cb.fused_why_not(x17.half()) is None
+    assert "does not run" in cb.fused_why_not(x17[:3].double())
     xh, wh, lah = x.half(), w.half(), la.half()
     cb.CudaL0LinearFunction.apply(xh, wh, lah, None, 99, "weight", "batch", True, cfg)
     n_timed = len(calls)

@@ -1,10 +1,11 @@
 // A thread-level CUDA emulator for host C++ (g++ -std=c++20 -pthread): enough of CUDA to run the
-// device code of csrc/l0_gemm.cuh on the CPU in tests (tests/test_cuda_emu.py).
+// device code of csrc/l0_gemm.cuh and csrc/l0_gemv.cuh on the CPU in tests (tests/test_cuda_emu.py).
 //
 // * One OS thread per CUDA thread, one block at a time; threadIdx / blockIdx are thread_local.
 // * __syncthreads() and __syncwarp() are std::barrier waits over the block / the warp, so a missing
 //   barrier shows up as wrong results or, under -fsanitize=thread, as a reported race.
 // * __shared__ is function-static storage: shared by the threads of a block, reused by the next one.
+// * __shfl_xor_sync goes through a per-warp exchange array between two warp barriers.
 // * nvcuda::wmma fragments hold the whole 16 x 16 tile. Lane 0 of the warp performs each
 //   warp-collective load / mma / store for the warp (the other lanes' fragments are never read:
 //   stores come from lane 0 too), and loads and stores check the real API's rules: 256-bit aligned
@@ -14,8 +15,10 @@
 
 #define L0K_CUDA_EMU 1
 
+#include <array>
 #include <barrier>
 #include <cstdint>
+#include <cstring>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -44,12 +47,31 @@ inline EmuDim blockDim, gridDim;
 inline std::barrier<>* emu_block_barrier = nullptr;
 inline thread_local std::barrier<>* emu_warp_barrier = nullptr;
 
+inline thread_local std::array<uint64_t, 32>* emu_warp_slots = nullptr;
+inline thread_local unsigned emu_warp_lanes = 32;
+
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp_barrier->arrive_and_wait(); }
 
 [[noreturn]] inline void emu_fail(const char* what) {
   std::fprintf(stderr, "cuda_emu: %s\n", what);
   std::abort();
+}
+
+// The value of `v` held by lane (this lane ^ lane_mask); every lane of the warp must call it.
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "cuda_emu: shuffles of at most 8 bytes");
+  const unsigned lane = threadIdx.x % 32, src = lane ^ static_cast<unsigned>(lane_mask);
+  if (mask != 0xffffffffu || width != 32 || emu_warp_lanes != 32 || src >= 32) {
+    emu_fail("__shfl_xor_sync: only full warps, full masks and width 32");
+  }
+  std::memcpy(&(*emu_warp_slots)[lane], &v, sizeof(T));
+  __syncwarp();
+  T out;
+  std::memcpy(&out, &(*emu_warp_slots)[src], sizeof(T));
+  __syncwarp();  // the slots are reused by the next shuffle
+  return out;
 }
 
 // kernel(args...) over a 2-D grid of 1-D blocks of `threads` threads.
@@ -61,6 +83,7 @@ void emu_launch(unsigned grid_x, unsigned grid_y, unsigned threads, Kernel kerne
     for (unsigned bx = 0; bx < grid_x; ++bx) {
       std::barrier<> block(threads);
       std::vector<std::unique_ptr<std::barrier<>>> warps;
+      std::vector<std::array<uint64_t, 32>> slots((threads + 31) / 32);
       for (unsigned w = 0; w * 32 < threads; ++w) {
         const unsigned lanes = threads - w * 32 < 32 ? threads - w * 32 : 32;
         warps.push_back(std::make_unique<std::barrier<>>(lanes));
@@ -73,6 +96,8 @@ void emu_launch(unsigned grid_x, unsigned grid_y, unsigned threads, Kernel kerne
           threadIdx = EmuDim{t, 0, 0};
           blockIdx = EmuDim{bx, by, 0};
           emu_warp_barrier = warps[t / 32].get();
+          emu_warp_slots = &slots[t / 32];
+          emu_warp_lanes = threads - (t / 32) * 32 < 32 ? threads - (t / 32) * 32 : 32;
           kernel(args...);
         });
       }

@@ -6,8 +6,9 @@ are registered here.
 
 Forward of ``l0_linear``, two implementations:
 
-* ``fused``: one launch (``csrc/l0_gemm.cuh``) that draws the gates inside a tensor-core GEMM;
-  float16 / bfloat16 on compute capability 8.0+;
+* ``fused``: one launch that draws the gates inside the GEMM: for 1-16 rows of ``x`` a GEMV
+  (``csrc/l0_gemv.cuh``; float32, float16, bfloat16), for more a tensor-core GEMM
+  (``csrc/l0_gemm.cuh``; float16 / bfloat16 on compute capability 8.0+);
 * ``two_pass``: gate sampling kernel, gated copy of ``x`` / ``W`` fused with the cast or an in-place
   bias + gate epilogue, and cuBLAS; every dtype.
 
@@ -114,6 +115,7 @@ GEMM_IMPL = os.environ.get("L0K_CUDA_GEMM", "auto")
 if GEMM_IMPL not in GEMM_IMPLS:
     raise ValueError(f"L0K_CUDA_GEMM must be one of {GEMM_IMPLS}, got {GEMM_IMPL!r}")
 FUSED_MAX_ROWS = 65535 * 128  # grid rows of csrc/l0_gemm.cuh's 128-row tiles
+GEMV_MAX_ROWS = 16  # csrc/l0_gemv.cuh: gemv::kMaxRows
 _GEMM_CHOICE: Dict[tuple, str] = {}
 
 
@@ -132,20 +134,24 @@ def gemm_impl(name: str):
 
 def fused_why_not(x: torch.Tensor) -> Optional[str]:
     """Why the single-launch forward cannot take ``x`` (2-D view ``(M, K)``), or None."""
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        return f"the fused forward runs float16 and bfloat16, got {x.dtype}"
-    if torch.cuda.get_device_capability(x.device)[0] < 8:
-        return "the fused forward needs compute capability 8.0+"
     rows = x.numel() // max(1, x.shape[-1])
+    if rows <= GEMV_MAX_ROWS:  # the GEMV: every supported dtype, any architecture the build targets
+        return None if x.dtype in SUPPORTED_DTYPES else f"the fused forward does not run {x.dtype}"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return (f"the fused forward runs float16 and bfloat16 for more than {GEMV_MAX_ROWS} rows of x "
+                f"(float32 up to {GEMV_MAX_ROWS}), got {x.dtype} with {rows} rows")
+    if torch.cuda.get_device_capability(x.device)[0] < 8:
+        return f"the fused forward needs compute capability 8.0+ for more than {GEMV_MAX_ROWS} rows of x"
     if rows > FUSED_MAX_ROWS:
         return f"the fused forward takes at most {FUSED_MAX_ROWS} rows, got {rows}"
     return None
 
 
 def _static_choice(x, weight, gate, sample) -> str:
-    """Before anything is measured (tracing, graph capture): the fused kernel where no gate is drawn
-    more than twice and the problem is small enough (M <= 256) that one launch instead of two and no
-    gated copy should matter more than the GEMM's own speed against cuBLAS."""
+    """Before anything is measured (tracing, graph capture): the fused kernels where the problem is
+    small enough (M <= 256; M <= 16 is the GEMV) that one launch instead of two and no gated copy
+    should matter more than the GEMM's own speed against cuBLAS, except per-example input gates with
+    N > 256, which both fused kernels redraw once per block column."""
     m, n = x.numel() // max(1, x.shape[-1]), weight.shape[0]
     if m > 256 or (gate == "in" and sample and n > 256):
         return "two_pass"
