@@ -137,7 +137,7 @@ def _cpu_gates(log_alpha: torch.Tensor, seed: int, shape: Tuple[int, ...], train
     if la.dtype != torch.float32 or not la.is_contiguous():
         la = la.detach().to(torch.float32).contiguous()
     n = math.prod(shape)
-    zz = torch.empty((2 if need_grad else 1,) + shape, dtype=torch.float32)  # z and dz in one allocation
+    zz = torch.empty((2 if need_grad else 1,) + shape, dtype=torch.float32, device="cpu")  # z and dz in one allocation
     z, dz = zz[0], (zz[1] if need_grad else None)
     if n:
         _cpu.gates(seed, training, la.data_ptr(), max(la.numel(), 1), n, z.data_ptr(),

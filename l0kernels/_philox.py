@@ -126,7 +126,7 @@ def philox_range(seed: int, n: int, device=None) -> torch.Tensor:
     """``u_raw(seed, i)`` for ``i = 0..n-1`` (a noise tensor's offsets); no offsets tensor is built on CPU."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cpu" and _cpu is not None:
-        out = torch.empty(n, dtype=torch.float32)
+        out = torch.empty(n, dtype=torch.float32, device="cpu")
         if n:
             _cpu.uniform_range(seed, 0, out.data_ptr(), n)
         return out
@@ -154,7 +154,7 @@ def philox_uniform(seed: int, offsets, *, device=None, _force_torch: bool = Fals
         raise ValueError("offsets must be >= 0")
     if off.device.type == "cpu" and _cpu is not None and not (_force_torch or _force_numpy):
         off = off.contiguous()
-        out = torch.empty(off.shape, dtype=torch.float32)
+        out = torch.empty(off.shape, dtype=torch.float32, device="cpu")
         if off.numel():
             _cpu.uniform(seed, off.data_ptr(), out.data_ptr(), off.numel())
         return out

@@ -24,6 +24,12 @@ model input stay; in grouped convs in a row, groups sharing a group of the produ
 The model's input and output keep their sizes (so the first layer keeps zero columns for closed input
 gates). ``L0Linear`` becomes ``nn.Linear``, ``L0Conv2d`` becomes ``nn.Conv2d``; BatchNorm layers are
 sliced; everything else is copied. The result matches the eval model up to float rounding.
+
+Devices and dtypes: every tensor compact() and summary() make is on the device of the parameters it meets
+(nothing comes from the default device), the gates are the eval path's (``eval_gates_and_grad`` on
+``log_alpha`` as it is, folded into the weights in its compute dtype and rounded to the weight dtype, as
+the eval forward does), the analysis runs in float64 on that device (float32 where the device has no
+float64), and the compacted layers have the dtype and device of the layers they replace.
 """
 from __future__ import annotations
 
@@ -242,26 +248,43 @@ class _Dense:
         return padded and getattr(self.src, "padding_mode", "zeros") == "zeros"
 
 
+def _work_dtype(device: torch.device) -> torch.dtype:
+    """The analysis dtype on ``device``: float64, or float32 where the device has no float64 (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _z_eval(m) -> torch.Tensor:
+    """``z_eval`` of an L0 layer as its eval forward computes it (``_inference``): ``log_alpha`` as it is, in
+    the gate compute dtype (float32 for half types and float32, float64 for float64), on its device. The
+    gate helpers are run with ``log_alpha``'s device as the default device so that none of their
+    allocations can come from the caller's default device."""
+    la = m.log_alpha.detach()
+    with torch.device(la.device):
+        return eval_gates_and_grad(la, m.cfg, need_grad=False)[0]
+
+
 def _dense(m) -> _Dense:
     L0Linear, L0Conv2d = _l0_types()
-    w = m.weight.detach().to(torch.float64)
-    has_bias = m.bias is not None
-    b = m.bias.detach().to(torch.float64) if has_bias else w.new_zeros(w.shape[0])
+    w = m.weight.detach()
+    b = m.bias.detach() if m.bias is not None else None
     kind = "conv" if isinstance(m, (nn.Conv2d, L0Conv2d)) else "linear"
     if isinstance(m, (L0Linear, L0Conv2d)):
-        z = eval_gates_and_grad(m.log_alpha.detach().to(torch.float64), m.cfg, need_grad=False)[0]
-        gate = getattr(m, "gate", "out")
-        if kind == "conv":
-            w = w * z[:, None, None, None]
-            b = b * z
+        # the eval path's folding: (w * z) in the gate compute dtype, rounded to the weight dtype
+        z = _z_eval(m)
+        cd = z.dtype
+        gate = "out" if kind == "conv" else getattr(m, "gate", "out")
+        if gate == "out":
+            zw = z.view((-1,) + (1,) * (w.dim() - 1))
+            w = (w.to(cd) * zw).to(w.dtype)
+            b = (b.to(cd) * z).to(b.dtype) if b is not None else None
         elif gate == "in":
-            w = w * z[None, :]
-        elif gate == "out":
-            w = w * z[:, None]
-            b = b * z
-        else:
-            w = w * z
-    return _Dense(kind, w, b, has_bias, m)
+            w = (w.to(cd) * z[None, :]).to(w.dtype)
+        else:  # "weight": the bias is not gated
+            w = (w.to(cd) * z).to(w.dtype)
+    work = _work_dtype(w.device)
+    w = w.to(work)
+    b = b.to(work) if b is not None else w.new_zeros(w.shape[0])
+    return _Dense(kind, w, b, m.bias is not None, m)
 
 
 # -- unit states -------------------------------------------------------------------------------------------
@@ -281,7 +304,7 @@ class _State:
 
 
 def _apply_elementwise(m: nn.Module, const: torch.Tensor) -> torch.Tensor:
-    mm = copy.deepcopy(m).to(torch.float64).eval()
+    mm = copy.deepcopy(m).to(device=const.device, dtype=const.dtype).eval()
     with torch.no_grad():
         return mm(const.view(1, -1)).view(-1)
 
@@ -290,10 +313,11 @@ def _bn_const(bn, const: torch.Tensor, name: str) -> torch.Tensor:
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(f"compact: BatchNorm {name!r} has no running statistics (track_running_stats=False); "
                          f"its eval output depends on the batch")
-    rm, rv = bn.running_mean.detach().double(), bn.running_var.detach().double()
+    as_const = lambda t: t.detach().to(device=const.device, dtype=const.dtype)
+    rm, rv = as_const(bn.running_mean), as_const(bn.running_var)
     out = (const - rm) / torch.sqrt(rv + bn.eps)
     if bn.affine:
-        out = out * bn.weight.detach().double() + bn.bias.detach().double()
+        out = out * as_const(bn.weight) + as_const(bn.bias)
     return out
 
 
@@ -330,7 +354,10 @@ def _forward_op(leaf: _Leaf, st: Optional[_State]) -> Optional[_State]:
 
 
 def _resolve_input(st: Optional[_State], d: _Dense, name: str) -> Tuple[Optional[_State], int]:
-    """The state at the input of weight layer ``d`` in its own unit space, and H*W of a flatten (else 1)."""
+    """The state at the input of weight layer ``d`` in its own unit space (and on its device), and H*W of a
+    flatten (else 1)."""
+    if st is not None and st.dead.device != d.weight.device:
+        st = _State(st.kind, st.dead.to(d.weight.device), st.const.to(d.weight.device))
     if d.kind == "conv":
         cin = d.n_in
         if st is not None and st.kind != "chan":
@@ -377,7 +404,7 @@ def _through(d: _Dense, c: torch.Tensor) -> torch.Tensor:
 def _passes_const(d: _Dense, st: Optional[_State]) -> torch.Tensor:
     """Inputs of ``d`` that are constants it sees unchanged everywhere (zero padding only keeps 0)."""
     if st is None:
-        return torch.zeros(d.n_in, dtype=torch.bool)
+        return torch.zeros(d.n_in, dtype=torch.bool, device=d.weight.device)
     return st.dead & ((st.const == 0) | (not d.pads_with_zeros()))
 
 
@@ -397,13 +424,14 @@ def _output_ties(d: _Dense, ties_in: torch.Tensor) -> torch.Tensor:
     grouped conv removes a group only with its input block, so groups whose blocks share a tie-set go
     together (one tie-set), and groups reading tie-set 0 stay (tie-set 0)."""
     n, g = d.weight.shape[0], d.groups
+    dev = ties_in.device
     if g == 1:
-        return torch.arange(1, n + 1)
+        return torch.arange(1, n + 1, dtype=torch.long, device=dev)
     blocks = ties_in.view(g, -1)
-    label = torch.arange(1, g + 1)
+    label = torch.arange(1, g + 1, dtype=torch.long, device=dev)
     label[(blocks == 0).any(1)] = 0
     while True:  # each group takes the smallest label of the groups it shares a tie-set with
-        low = torch.full((int(ties_in.max()) + 1,), g + 1, dtype=torch.long)
+        low = torch.full((int(ties_in.max()) + 1,), g + 1, dtype=torch.long, device=dev)
         low.scatter_reduce_(0, blocks.flatten(), label.repeat_interleave(blocks.shape[1]), "amin")
         new = torch.minimum(label, low[blocks].min(1).values)
         if torch.equal(new, label):
@@ -413,7 +441,7 @@ def _output_ties(d: _Dense, ties_in: torch.Tensor) -> torch.Tensor:
 
 def _whole_ties(removable: torch.Tensor, ties: torch.Tensor) -> torch.Tensor:
     """``removable`` where its whole tie-set is removable (tie-set 0: never)."""
-    stays = torch.zeros(int(ties.max()) + 1 if ties.numel() else 1, dtype=torch.bool)
+    stays = torch.zeros(int(ties.max()) + 1 if ties.numel() else 1, dtype=torch.bool, device=ties.device)
     stays[ties[~removable]] = True
     stays[0] = True
     return ~stays[ties]
@@ -473,15 +501,17 @@ def _slice_op(m: nn.Module, keep: Optional[torch.Tensor]) -> nn.Module:
     new = copy.deepcopy(m)
     if keep is None or not isinstance(m, BATCHNORM) or bool(keep.all()):
         return new
-    idx = keep.nonzero().flatten().to(m.running_mean.device)
+    idx = keep.nonzero().flatten()
     new.num_features = int(idx.numel())
     with torch.no_grad():
         for pname in ("weight", "bias"):
             p = getattr(m, pname)
             if p is not None:
-                setattr(new, pname, nn.Parameter(p.detach().index_select(0, idx).clone(), p.requires_grad))
+                sel = p.detach().index_select(0, idx.to(p.device))
+                setattr(new, pname, nn.Parameter(sel, p.requires_grad))
         for bname in ("running_mean", "running_var"):
-            setattr(new, bname, getattr(m, bname).index_select(0, idx).clone())
+            t = getattr(m, bname)
+            setattr(new, bname, t.index_select(0, idx.to(t.device)))
     return new
 
 
@@ -511,8 +541,8 @@ def _compact_plan(model: nn.Module) -> _Plan:
                 ins[i] = _resolve_input(st, d, lf.name)
                 st = _out_state(d, ins[i][0])
                 if ties_now is None:  # the model input keeps its size
-                    ties_now = torch.zeros(d.n_in, dtype=torch.long)
-                ties[i] = ties_now = _output_ties(d, ties_now)
+                    ties_now = torch.zeros(d.n_in, dtype=torch.long, device=d.weight.device)
+                ties[i] = ties_now = _output_ties(d, ties_now.to(d.weight.device))
             else:
                 st = _forward_op(lf, st)
         # backward: units the next layer does not need
@@ -523,10 +553,10 @@ def _compact_plan(model: nn.Module) -> _Plan:
             r = widx[j]
             d = dense[r]
             if j == len(widx) - 1:
-                out_keep[r] = torch.ones(d.weight.shape[0], dtype=torch.bool)
+                out_keep[r] = torch.ones(d.weight.shape[0], dtype=torch.bool, device=d.weight.device)
             st_in, hw = ins[r]
             if j == 0:
-                in_keep[r] = torch.ones(d.n_in, dtype=torch.bool)
+                in_keep[r] = torch.ones(d.n_in, dtype=torch.bool, device=d.weight.device)
             else:
                 p = widx[j - 1]
                 if d.groups > 1:  # a grouped conv reads the input blocks of the groups it keeps
@@ -537,12 +567,12 @@ def _compact_plan(model: nn.Module) -> _Plan:
                     removable = ~used | _passes_const(d, st_in)
                     if hw > 1:  # a flattened channel goes only when all its H*W features can
                         removable = removable.view(-1, hw).all(1)
-                removable = _whole_ties(removable, ties[p])
+                removable = _whole_ties(removable.to(ties[p].device), ties[p])
                 if dense[p].kind == "conv" and bool(removable.all()):
                     # nn.Conv2d needs at least one output channel (its whole tie-set: a grouped conv's group)
                     removable &= ties[p] != ties[p][0]
                 out_keep[p] = ~removable
-                in_keep[r] = (~removable).repeat_interleave(hw)
+                in_keep[r] = (~removable).repeat_interleave(hw).to(d.weight.device)
             removed = ~in_keep[r]
             if bool(removed.any()):
                 c = torch.where(removed & st_in.dead, st_in.const, torch.zeros_like(st_in.const))
@@ -655,13 +685,15 @@ def _record_conv_hw(model: nn.Module, input_shape) -> Dict[int, Tuple[int, int]]
         if _is_weight_layer(m) and getattr(m, "weight", None) is not None and m.weight.dim() == 4:
             hooks.append(m.register_forward_pre_hook(
                 lambda mod, args: seen.__setitem__(id(mod), tuple(args[0].shape[2:]))))
-    p = next(model.parameters(), None)
-    x = torch.zeros(tuple(input_shape), device=p.device if p is not None else None,
-                    dtype=p.dtype if p is not None else None)
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    device = p.device if p is not None else torch.device("cpu")
+    x = torch.zeros(tuple(input_shape), device=device, dtype=p.dtype if p is not None else torch.float32)
     was = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        # the model's own forward runs with its device as the default device (summary() makes no
+        # tensor from the caller's default device, and neither should the eval path it runs)
+        with torch.no_grad(), torch.device(device):
             model(x)
     finally:
         model.train(was)
@@ -708,7 +740,7 @@ def summary(model: nn.Module, input_shape: Optional[Sequence[int]] = None) -> Mo
         is_conv = isinstance(m, (nn.Conv2d, L0Conv2d))
         d = _dense(m)
         gate = (getattr(m, "gate", "out") if not is_conv else "channel") if is_l0 else "-"
-        z = m.deterministic_gates() if is_l0 else None
+        z = _z_eval(m) if is_l0 else None  # the eval path's gates (open: z > 0)
         groups = getattr(m, "groups", 1)
         n, kk = d.weight.shape[0], d.weight.shape[1] * groups
         hw_in = hw_seen.get(id(m)) or (getattr(m, "input_hw", None) if is_conv else None)

@@ -1,4 +1,5 @@
 """compact(model) and summary(model): plain torch.nn models with the zero-gated groups removed."""
+import copy
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import l0kernels as l0k
+from l0kernels._gates import eval_gates_and_grad
 from l0kernels.compact import compact, summary
 
 from conftest import TOL
@@ -455,3 +457,217 @@ def test_random_sparsity_grouped_convs(rel_err):
                 assert new.out_channels == new.groups * (m.out_channels // m.groups)
                 removed_groups += m.groups - new.groups
     assert removed_groups > 0
+
+
+# -- device and dtype: every tensor compact()/summary() create follows the model's parameters --------------
+#
+# Without a GPU, ``with torch.device("meta"):`` stands in for one: a tensor made without an explicit device
+# lands on ``meta`` and fails when combined with the (CPU) model's tensors, or shows up as a meta tensor in
+# the result. A device-correct compact() gives the same result with or without the context.
+
+def _mixed_model():
+    """Convs (padded, unpadded, grouped with a closed group, a plain one with an unread output), BatchNorm2d,
+    padded AvgPool, PReLU, MaxPool, Flatten, Linear out/weight/in gates, sigmoid constants, BatchNorm1d,
+    GELU, Dropout: the forward constants, backward folds, tie-sets and BatchNorm slicing of compact()."""
+    model = nn.Sequential(
+        l0k.L0Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        l0k.L0Conv2d(8, 8, 3, groups=4), nn.Sigmoid(), nn.AvgPool2d(3, 1, padding=1),
+        nn.Conv2d(8, 6, 1), nn.PReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        l0k.L0Linear(6 * 9, 12, gate="out"), nn.Sigmoid(), nn.BatchNorm1d(12),
+        l0k.L0Linear(12, 10, gate="weight"), nn.GELU(), nn.Dropout(0.2),
+        l0k.L0Linear(10, 4, gate="in"))
+    randomize_bn(model[1])
+    randomize_bn(model[12])
+    for m in model.modules():
+        if isinstance(m, (l0k.L0Linear, l0k.L0Conv2d)):
+            random_closed(m, 0.4)
+    with torch.no_grad():
+        model[3].log_alpha[2:4] = CLOSED  # a whole group of the grouped conv
+        model[6].weight[:, 5] = 0  # an unread grouped-conv output
+    return model.eval()
+
+
+def _mixed_input(dtype=torch.float32, device="cpu", batch=3):
+    return torch.randn(batch, 3, 8, 8, dtype=dtype, device=device)
+
+
+def _assert_on(model, device, dtype):
+    device = torch.device(device)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        assert t.device.type == device.type and (device.index is None or t.device.index == device.index), \
+            (name, t.device)
+        if t.is_floating_point():
+            assert t.dtype == dtype, (name, t.dtype)
+
+
+def _assert_same_modules(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert sa[k].device == sb[k].device and sa[k].dtype == sb[k].dtype, k
+        assert torch.equal(sa[k], sb[k]), k
+    assert [repr(m) for m in a.modules()] == [repr(m) for m in b.modules()]
+
+
+def test_compact_under_meta_default_device_is_unchanged(rel_err):
+    """Every tensor compact() makes is on the model's device: a default device of ``meta`` changes nothing."""
+    torch.manual_seed(40)
+    model = _mixed_model()
+    x = _mixed_input()
+    with torch.no_grad():
+        ref = model(x)
+    c_ref = compact(model)
+    with torch.device("meta"):
+        c_meta = compact(model)
+    _assert_on(c_meta, "cpu", torch.float32)
+    _assert_same_modules(c_meta, c_ref)
+    with torch.no_grad():
+        y = c_meta(x)
+    assert rel_err(y, ref) < TOL[torch.float32]
+    # the compact result really removed something (else the check above proves little)
+    n_before = sum(m.weight.numel() for m in model.modules() if hasattr(m, "weight") and m.weight is not None)
+    n_after = sum(m.weight.numel() for m in c_meta.modules() if hasattr(m, "weight") and m.weight is not None)
+    assert n_after < n_before
+
+
+@pytest.mark.parametrize("build", ["lenet", "grouped", "mlp"])
+def test_compact_under_meta_default_device_other_models(build, rel_err):
+    torch.manual_seed(41)
+    if build == "lenet":
+        model = LeNet5()
+        x = torch.randn(2, 1, 28, 28)
+    elif build == "grouped":
+        model = nn.Sequential(l0k.L0Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1, groups=2), nn.ReLU(),
+                              nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.Tanh(), nn.Conv2d(8, 3, 1))
+        with torch.no_grad():
+            model[6].weight[:, :4] = 0
+        x = torch.randn(2, 3, 6, 6)
+    else:
+        model = nn.Sequential(l0k.L0Linear(7, 5, gate="out"), nn.Sigmoid(), l0k.L0Linear(5, 3, gate="in"))
+        x = torch.randn(4, 7)
+    for m in model.modules():
+        if isinstance(m, (l0k.L0Linear, l0k.L0Conv2d)):
+            random_closed(m, 0.5)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    c_ref = compact(model)
+    with torch.device("meta"):
+        c_meta = compact(model)
+    _assert_on(c_meta, "cpu", torch.float32)
+    _assert_same_modules(c_meta, c_ref)
+    with torch.no_grad():
+        assert rel_err(c_meta(x), ref) < TOL[torch.float32]
+
+
+def test_summary_under_meta_default_device_is_unchanged():
+    """summary() first under meta, on a model that has not run in eval mode yet: its recording forward (the
+    eval path, gates not cached) must not take tensors from the default device either."""
+    torch.manual_seed(42)
+    model = _mixed_model()
+    with torch.device("meta"):
+        s_meta = summary(model, input_shape=(1, 3, 8, 8))
+        s_meta_no_shape = summary(model)
+    s_ref = summary(model, input_shape=(1, 3, 8, 8))
+    assert s_meta.compacted and s_meta.layers == s_ref.layers
+    assert str(s_meta) == str(s_ref)
+    assert s_meta.totals()["flops_after"] is not None
+    assert s_meta_no_shape.compacted
+    assert [l.params_after for l in s_meta_no_shape.layers] == [l.params_after for l in s_ref.layers]
+    # the unsupported-graph fallback too
+    model2 = nn.Sequential(l0k.L0Linear(4, 4, gate="out"), Residual())
+    random_closed(model2[0], 0.5)
+    with torch.device("meta"):
+        s2 = summary(model2)
+    assert not s2.compacted and s2.layers == summary(model2).layers
+
+
+def _check_outputs(c, model, x, rel_err):
+    """The compacted model against a float64 CPU copy of ``model`` (SPEC section 6: TOL of x's dtype) and
+    against the eval model itself in x's dtype and on its device (both are within TOL of the float64 one:
+    2 * TOL)."""
+    dtype = x.dtype
+    with torch.no_grad():
+        ref = model(x)
+        ref64 = copy.deepcopy(model).to(device="cpu", dtype=torch.float64)(x.cpu().double())
+        y = c(x)
+    assert y.dtype == dtype and y.device == x.device
+    assert rel_err(y.cpu(), ref64) < TOL[dtype]
+    assert rel_err(y, ref) < 2 * TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_compact_keeps_model_dtype(dtype, rel_err):
+    """float64, float32 and bfloat16 models compact to models of the same dtype whose output matches the eval
+    model within the dtype's tolerance; the default device is meta, so nothing may come from it."""
+    torch.manual_seed(43)
+    model = _mixed_model().to(dtype)
+    x = _mixed_input(dtype, batch=16)
+    with torch.device("meta"):
+        c = compact(model)
+    _assert_on(c, "cpu", dtype)
+    _check_outputs(c, model, x, rel_err)
+    s = summary(model, input_shape=(1, 3, 8, 8))
+    assert s.totals()["params_after"] == sum(p.numel() for m in weight_layers(c) for p in m.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_compact_gates_match_eval_path_at_threshold(dtype, rel_err):
+    """Gates come from the eval path's computation (its dtype, its kernel): a log_alpha right at the closed
+    threshold is open or closed in compact() exactly as in the eval forward."""
+    torch.manual_seed(44)
+    layer = l0k.L0Linear(64, 6, gate="in").to(dtype)
+    thr = layer.cfg.closed_threshold
+    with torch.no_grad():
+        # values straddling the threshold by a few ulps of the model dtype
+        ulp = torch.finfo(dtype).eps * abs(thr)
+        la = thr + ulp * torch.arange(-32, 32, dtype=torch.float64)
+        layer.log_alpha.copy_(la.to(dtype))
+    model = nn.Sequential(layer).eval()
+    # the eval forward's gates: z_eval in the gate compute dtype, not rounded to the model dtype
+    z = eval_gates_and_grad(layer.log_alpha.detach(), layer.cfg, need_grad=False)[0]
+    assert 0 < int((z > 0).sum()) < 64  # the set straddles the threshold
+    x = torch.randn(5, 64, dtype=dtype)
+    with torch.no_grad():
+        ref = model(x)
+    with torch.device("meta"):
+        c = compact(model)
+    open_ = z > 0
+    # a lone layer keeps the model input; its columns are the eval model's folded weights exactly
+    w = c[0].weight
+    assert torch.equal(w[:, ~open_], torch.zeros_like(w[:, ~open_]))
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    assert z.dtype == cd
+    want = (layer.weight.detach().to(cd) * z).to(dtype)
+    assert torch.equal(w, want)
+    with torch.no_grad():
+        assert rel_err(c(x), ref) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_compact_on_cuda(dtype, rel_err):
+    """A model on the GPU compacts to a model on the GPU in its dtype, with the structure the same model gets
+    on the CPU, and outputs matching the eval model (TF32 off: float32 tolerances)."""
+    torch.manual_seed(45)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    cpu_model = _mixed_model()
+    model = copy.deepcopy(cpu_model).to(device=dev, dtype=dtype)
+    x = _mixed_input(dtype, dev, batch=16)
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        c = compact(model)
+        _assert_on(c, dev, dtype)
+        _check_outputs(c, model, x, rel_err)
+        c_cpu = compact(cpu_model.to(dtype))
+        assert [repr(m) for m in c.modules()] == [repr(m) for m in c_cpu.modules()]
+        with torch.device("meta"):
+            c_meta = compact(model)
+        _assert_on(c_meta, dev, dtype)
+        s = summary(model, input_shape=(1, 3, 8, 8))
+        assert s.compacted
+        assert s.totals()["params_after"] == sum(p.numel() for m in weight_layers(c) for p in m.parameters())
+        assert [l.params_after for l in s.layers] == [l.params_after for l in summary(cpu_model).layers]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

@@ -48,13 +48,13 @@ _WS = _Workspace()
 
 def _scratch(m: int, k: int) -> torch.Tensor:
     if m * k > _WORKSPACE_MAX:
-        return torch.empty((m, k), dtype=torch.float32)
+        return torch.empty((m, k), dtype=torch.float32, device="cpu")
     bufs = _WS.bufs
     buf = bufs.get((m, k))
     if buf is None:
         if len(bufs) >= 8:
             bufs.clear()
-        buf = bufs[(m, k)] = torch.empty((m, k), dtype=torch.float32)
+        buf = bufs[(m, k)] = torch.empty((m, k), dtype=torch.float32, device="cpu")
     return buf
 
 
@@ -80,8 +80,8 @@ def gate_backward(axis: int, p: torch.Tensor, weight: torch.Tensor, log_alpha: t
     p = p.contiguous()
     n, k = p.shape
     g = k if axis == 1 else n
-    out = torch.empty(g, dtype=torch.float32)  # every element is written
-    z = torch.empty(g, dtype=torch.float32)
+    out = torch.empty(g, dtype=torch.float32, device="cpu")  # every element is written
+    z = torch.empty(g, dtype=torch.float32, device="cpu")
     extra = extra.contiguous() if extra is not None else None
     _cpu.gate_backward(axis, seed or 0, training, log_alpha.data_ptr(), p.data_ptr(), weight.data_ptr(),
                        extra.data_ptr() if extra is not None else 0, out.data_ptr(), z.data_ptr(), n, k,
