@@ -60,6 +60,7 @@ LINEAR_SHAPES = [
     ("transformer_mlp", 8192, 4096, 4096, "bfloat16"),
     ("transformer_mlp", 8192, 4096, 14336, "bfloat16"),
     # small batches, where the CUDA backend's single-launch forward should pay (not a SPEC shape)
+    ("small_m", 1, 4096, 4096, "bfloat16"),
     ("small_m", 16, 4096, 4096, "bfloat16"),
     ("small_m", 256, 4096, 4096, "float16"),
 ]
@@ -162,7 +163,8 @@ def _measure(ctx, gated: Dict[str, Callable], dense: Callable, inputs, dense_inp
 
 def _cuda_forward_variants(x, w, la, b, kw) -> Dict[str, Callable]:
     """Rows ``cuda[fused]`` and ``cuda[two_pass]``: the CUDA backend with each forward forced (the plain
-    ``cuda`` row is its ``auto`` pick); float16 / bfloat16 on sm_80+ only."""
+    ``cuda`` row is its ``auto`` pick), where the fused forward can run: the GEMV for 1-16 rows (every
+    dtype), the tensor-core GEMM for more (float16 / bfloat16 on sm_80+)."""
     from l0kernels.backends import cuda as cb
     if cb.fused_why_not(x) is not None:
         return {}

@@ -190,20 +190,41 @@ void check_linear(const Tensor& x, const Tensor& weight, const Tensor& log_alpha
 
 Tensor opt(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 
+// The checked arguments of linear_fwd, linear_fwd_fused and linear_bwd.
+struct LinearArgs {
+  int mode;            // 0 in, 1 out, 2 weight
+  l0k::GateConfig cfg;
+  Tensor bias;         // undefined without one
+  Tensor x2;           // x as (M, K)
+  int64_t m, n, k;
+  bool per_row;        // per-example noise: training with sample
+};
+
+LinearArgs linear_args(const Tensor& x, const Tensor& weight, const Tensor& log_alpha,
+                       const std::optional<Tensor>& bias, int64_t seed, const std::string& gate, bool sample,
+                       bool training, at::ArrayRef<double> cfg_v) {
+  const int mode = gate_mode(gate);
+  check_linear(x, weight, log_alpha, bias, mode, sample);
+  check_seed(seed);
+  const c10::cuda::CUDAGuard guard(x.device());  // a reshape that copies runs on x's device
+  const int64_t n = weight.size(0), k = weight.size(1);
+  Tensor x2 = x.reshape({-1, k});
+  const int64_t m = x2.size(0);
+  return LinearArgs{mode, make_cfg(cfg_v), opt(bias), std::move(x2), m, n, k, training && sample};
+}
+
+std::vector<int64_t> linear_out_shape(const Tensor& x, int64_t n) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return shape;
+}
+
 Tensor linear_fwd(const Tensor& x, const Tensor& weight, const Tensor& log_alpha, const std::optional<Tensor>& bias_in,
                   int64_t seed, std::string gate, bool sample, bool training, at::ArrayRef<double> cfg_v) {
-  const int mode = gate_mode(gate);
-  check_linear(x, weight, log_alpha, bias_in, mode, sample);
-  check_seed(seed);
-  const l0k::GateConfig cfg = make_cfg(cfg_v);
+  const auto [mode, cfg, bias, x2, m, n, k, per_row] =
+      linear_args(x, weight, log_alpha, bias_in, seed, gate, sample, training, cfg_v);
   const c10::cuda::CUDAGuard guard(x.device());
-  const Tensor bias = opt(bias_in);
-  const int64_t n = weight.size(0), k = weight.size(1);
-  const Tensor x2 = x.reshape({-1, k});
-  const int64_t m = x2.size(0);
-  const bool per_row = training && sample;
-  const int64_t groups = log_alpha.numel();
-  const int64_t zs_r = per_row ? groups : 0;
+  const int64_t zs_r = per_row ? log_alpha.numel() : 0;
   Tensor z = std::get<0>(flat_gates(log_alpha, per_row ? m : 1, seed, training, cfg, false));
   Tensor y;
   if (mode == 0) {  // y = (x * z) @ W^T + b: gated copy of x written once, then cuBLAS
@@ -217,9 +238,7 @@ Tensor linear_fwd(const Tensor& x, const Tensor& weight, const Tensor& log_alpha
     const Tensor wz = scale(weight, Tensor(), z, k, 1);
     y = bias.defined() ? at::addmm(bias, x2, wz.t()) : at::mm(x2, wz.t());
   }
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = n;
-  return y.reshape(out_shape);
+  return y.reshape(linear_out_shape(x, n));
 }
 
 // Compute capability major of `device` (cached per device index).
@@ -273,28 +292,19 @@ void check_gemm_kernel(const Tensor& x, int64_t m, const char* op, const char* o
 Tensor linear_fwd_fused(const Tensor& x, const Tensor& weight, const Tensor& log_alpha,
                         const std::optional<Tensor>& bias_in, int64_t seed, std::string gate, bool sample,
                         bool training, at::ArrayRef<double> cfg_v) {
-  const int mode = gate_mode(gate);
-  check_linear(x, weight, log_alpha, bias_in, mode, sample);
-  check_seed(seed);
-  const l0k::GateConfig cfg = make_cfg(cfg_v);
+  const LinearArgs a = linear_args(x, weight, log_alpha, bias_in, seed, gate, sample, training, cfg_v);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t n = weight.size(0), k = weight.size(1);
-  Tensor x2 = x.reshape({-1, k});
-  const int64_t m = x2.size(0);
-  check_gemm_kernel(x, m, "linear_fwd_fused", "linear_fwd");
-  if (x2.stride(1) != 1) x2 = x2.contiguous();
+  check_gemm_kernel(x, a.m, "linear_fwd_fused", "linear_fwd");
+  const Tensor x2 = a.x2.stride(1) == 1 ? a.x2 : a.x2.contiguous();
   const Tensor w = weight.stride(1) == 1 ? weight : weight.contiguous();
   const Tensor la = log_alpha.contiguous();
-  const Tensor bias = bias_in.has_value() && bias_in->defined() ? bias_in->contiguous() : Tensor();
-  Tensor y = at::empty({m, n}, x.options());
-  const bool per_row = training && sample;
+  const Tensor bias = a.bias.defined() ? a.bias.contiguous() : Tensor();
+  Tensor y = at::empty({a.m, a.n}, x.options());
   dispatch_type(x.scalar_type(), "x", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    run_gated_gemm<T>(x2, w, la, bias, y, Tensor(), Tensor(), seed, mode, per_row, training, cfg);
+    run_gated_gemm<T>(x2, w, la, bias, y, Tensor(), Tensor(), seed, a.mode, a.per_row, training, a.cfg);
   });
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = n;
-  return y.view(out_shape);
+  return y.view(linear_out_shape(x, a.n));
 }
 
 // Eval plan of an L0Linear (l0kernels/_inference.py LinearPlan) in one launch (after a fill; the GEMV
@@ -357,23 +367,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad, const 
                                                       const Tensor& log_alpha, const std::optional<Tensor>& bias_in,
                                                       int64_t seed, std::string gate, bool sample, bool training,
                                                       at::ArrayRef<double> cfg_v, std::array<bool, 4> mask) {
-  const int mode = gate_mode(gate);
-  check_linear(x, weight, log_alpha, bias_in, mode, sample);
+  const auto [mode, cfg, bias, x2, m, n, k, per_row] =
+      linear_args(x, weight, log_alpha, bias_in, seed, gate, sample, training, cfg_v);
   check_tensor(grad, "grad", x, -1);
-  check_seed(seed);
-  const l0k::GateConfig cfg = make_cfg(cfg_v);
   const c10::cuda::CUDAGuard guard(x.device());
-  const Tensor bias = opt(bias_in);
-  const int64_t n = weight.size(0), k = weight.size(1);
-  const Tensor x2 = x.reshape({-1, k});
-  const int64_t m = x2.size(0);
   TORCH_CHECK_VALUE(grad.numel() == m * n, "l0kernels CUDA: grad must have ", m * n, " elements (x rows x ", n,
                     "), got shape ", grad.sizes());
   const Tensor dy = grad.reshape({m, n});
   const bool need_x = mask[0], need_w = mask[1], need_la = mask[2], need_b = mask[3] && bias.defined();
-  const bool per_row = training && sample;
-  const int64_t groups = log_alpha.numel();
-  const int64_t zs_r = per_row ? groups : 0;
+  const int64_t zs_r = per_row ? log_alpha.numel() : 0;
   Tensor z, dz;
   std::tie(z, dz) = flat_gates(log_alpha, per_row ? m : 1, seed, training, cfg, need_la);
   Tensor dx, dw, dla, db;

@@ -35,7 +35,8 @@ $PY -m pytest -q -rs --durations=15 tests 2>&1 | tee "$LOG-pytest-all.txt"
 
 if command -v compute-sanitizer >/dev/null 2>&1 && [ "${L0K_SKIP_SANITIZER:-0}" != "1" ]; then
     step "compute-sanitizer memcheck + racecheck over the CUDA tests (L0K_SKIP_SANITIZER=1 skips)"
-    for args in "memcheck -k linear and float16" "racecheck -k linear and float32" "racecheck -k fused and float16"; do
+    for args in "memcheck -k linear and float16" "memcheck -k sparse_linear" "racecheck -k linear and float32" \
+                "racecheck -k fused and float16"; do
         tool=${args%% *}; sel=${args#* -k }
         compute-sanitizer --tool "$tool" --error-exitcode 9 $PY -m pytest -q -x tests/test_cuda_gpu.py -k "$sel" \
             2>&1 | tail -n 5 | tee -a "$LOG-sanitizer.txt"
