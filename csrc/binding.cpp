@@ -6,7 +6,10 @@
 // fake impls for torch.compile in l0kernels/backends/cuda.py).
 #include <Python.h>
 
+#include <algorithm>
 #include <array>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -254,18 +257,73 @@ int cc_major(const at::Device& device) {
   return cache[idx];
 }
 
+// Multiprocessor count of `device` (cached per device index).
+int sm_count(const at::Device& device) {
+  static std::array<int, 64> cache{};
+  const int idx = device.index();
+  if (idx < 0 || idx >= static_cast<int>(cache.size())) return 1;
+  if (cache[idx] == 0) {
+    int n = 0;
+    check_launch(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, idx), "cudaDeviceGetAttribute");
+    cache[idx] = n > 0 ? n : 1;
+  }
+  return cache[idx];
+}
+
+// The GEMV's split-K workspace on (device, stream): `sums` floats and `counters` ints, zero. Kept per
+// stream (kernels on one stream run in order, and each leaves it zero again) and grown on demand;
+// never used while a CUDA graph is captured (a graph would keep a pointer the next growth frees).
+std::pair<float*, int*> split_workspace(const Tensor& like, int64_t sums, int64_t counters, cudaStream_t stream) {
+  static std::mutex mu;
+  static auto* cache = new std::map<std::pair<int, cudaStream_t>, std::pair<Tensor, Tensor>>();  // never freed:
+  // the tensors must not outlive the CUDA context at exit
+  const std::lock_guard<std::mutex> lock(mu);
+  auto& [ws, count] = (*cache)[{like.device().index(), stream}];
+  if (!ws.defined() || ws.numel() < sums) {
+    ws = at::zeros({std::max<int64_t>(sums, ws.defined() ? 2 * ws.numel() : 0)}, like.options().dtype(at::kFloat));
+  }
+  if (!count.defined() || count.numel() < counters) {
+    count = at::zeros({std::max<int64_t>(counters, count.defined() ? 2 * count.numel() : 0)},
+                      like.options().dtype(at::kInt));
+  }
+  return {ws.data_ptr<float>(), count.data_ptr<int>()};
+}
+
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  check_launch(cudaStreamIsCapturing(stream, &status), "cudaStreamIsCapturing");
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// Optional pieces of a single-launch GEMM call: eval gather / scatter / idle outputs.
+struct GemmExtras {
+  Tensor x_cols, y_cols, idle_cols, fill;
+};
+
 // x2 (M, K') with unit column stride (or gathered through x_cols), w (N', K') likewise, y (M, N).
+// 1-16 rows: the GEMV, split over K when N' alone gives too few blocks (gemv::choose_splits).
 template <typename T>
 void run_gated_gemm(const Tensor& x2, const Tensor& w, const Tensor& la, const Tensor& bias, const Tensor& y,
-                    const Tensor& x_cols, const Tensor& y_cols, int64_t seed, int mode, bool per_row, bool training,
+                    const GemmExtras& e, int64_t seed, int mode, bool per_row, bool training,
                     const l0k::GateConfig& cfg) {
-  const l0k::GatedGemmParams<T> p{ptr<T>(x2), x2.stride(0), ptr<T>(w), w.stride(0), ptr<T>(la), ptr<T>(bias),
-                                  ptr<T>(y), y.stride(0), ptr<const int64_t>(x_cols), ptr<const int64_t>(y_cols),
-                                  x2.size(0), w.size(0), w.size(1),
-                                  static_cast<uint64_t>(seed), mode, per_row, training,
-                                  l0k::gemm::vec_loads_ok(x2.data_ptr(), x2.stride(0), w.data_ptr(), w.stride(0)),
-                                  cfg};
-  check_launch(l0k::launch_gated_gemm<T>(p, c10::cuda::getCurrentCUDAStream()), "gated GEMM");
+  l0k::GatedGemmParams<T> p{ptr<T>(x2), x2.stride(0), ptr<T>(w), w.stride(0), ptr<T>(la), ptr<T>(bias),
+                            ptr<T>(y), y.stride(0), ptr<const int64_t>(e.x_cols), ptr<const int64_t>(e.y_cols),
+                            x2.size(0), w.size(0), w.size(1),
+                            static_cast<uint64_t>(seed), mode, per_row, training,
+                            l0k::gemm::vec_loads_ok(x2.data_ptr(), x2.stride(0), w.data_ptr(), w.stride(0)),
+                            cfg};
+  p.idle_cols = ptr<const int64_t>(e.idle_cols);
+  p.n_idle = e.idle_cols.defined() ? e.idle_cols.numel() : 0;
+  p.fill = ptr<T>(e.fill);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (p.M <= l0k::gemv::kMaxRows && p.N > 0) {
+    const int splits = l0k::gemv::choose_splits(p.N, p.K, sm_count(x2.device()));
+    if (splits > 1 && !capturing(stream)) {
+      std::tie(p.ws, p.ws_count) = split_workspace(x2, p.M * p.N, l0k::gemv::grid_cols(p.N), stream);
+      p.splits = splits;
+    }
+  }
+  check_launch(l0k::launch_gated_gemm<T>(p, stream), "gated GEMM");
 }
 
 // The conditions of the single-launch kernels: 1-16 rows take the GEMV (csrc/l0_gemv.cuh; float32,
@@ -302,29 +360,36 @@ Tensor linear_fwd_fused(const Tensor& x, const Tensor& weight, const Tensor& log
   Tensor y = at::empty({a.m, a.n}, x.options());
   dispatch_type(x.scalar_type(), "x", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    run_gated_gemm<T>(x2, w, la, bias, y, Tensor(), Tensor(), seed, a.mode, a.per_row, training, a.cfg);
+    run_gated_gemm<T>(x2, w, la, bias, y, GemmExtras{}, seed, a.mode, a.per_row, training, a.cfg);
   });
   return y.view(linear_out_shape(x, a.n));
 }
 
-// Eval plan of an L0Linear (l0kernels/_inference.py LinearPlan) in one launch (after a fill; the GEMV
-// for 1-16 rows, else the tensor-core GEMM; conditions in check_gemm_kernel):
-// y[:, out_idx] = x[:, in_idx] @ weight.T + bias, other columns fill (zeros when undefined).
-// x (M, K) any row stride; weight (N', K') compact; in_idx (K',) / out_idx (N',) int64 or undefined.
+// Eval plan of an L0Linear (l0kernels/_inference.py LinearPlan) in one launch (the GEMV for 1-16 rows,
+// else the tensor-core GEMM; conditions in check_gemm_kernel):
+// y[:, out_idx] = x[:, in_idx] @ weight.T + bias, the other columns fill (zeros when undefined).
+// x (M, K) any row stride; weight (N', K') compact; in_idx (K',) / out_idx (N',) int64 or undefined;
+// idle_idx: the outputs not in out_idx (out_features - N' of them), written by the same launch; without
+// it (and with out_idx) y is filled first (one more launch).
 Tensor sparse_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias_in,
                      const std::optional<Tensor>& in_idx_in, const std::optional<Tensor>& out_idx_in,
-                     const std::optional<Tensor>& fill_in, int64_t out_features) {
+                     const std::optional<Tensor>& idle_idx_in, const std::optional<Tensor>& fill_in,
+                     int64_t out_features) {
   TORCH_CHECK_VALUE(x.is_cuda() && x.dim() == 2, "l0kernels CUDA: x must be a 2-D CUDA tensor, got ", x.sizes(),
                     " on ", x.device());
   check_tensor(weight, "weight", x, 2);
-  const Tensor bias = opt(bias_in), in_idx = opt(in_idx_in), out_idx = opt(out_idx_in), fill = opt(fill_in);
+  const Tensor bias = opt(bias_in), in_idx = opt(in_idx_in), out_idx = opt(out_idx_in), idle_idx = opt(idle_idx_in);
+  const Tensor fill = opt(fill_in);
   const int64_t m = x.size(0), np = weight.size(0), kp = weight.size(1);
   if (bias.defined()) {
     check_tensor(bias, "bias", x, 1);
     TORCH_CHECK_VALUE(bias.size(0) == np, "l0kernels CUDA: bias must have ", np, " elements, got ", bias.sizes());
   }
-  for (const auto& [t, name, len] : {std::tuple<const Tensor&, const char*, int64_t>{in_idx, "in_idx", kp},
-                                     std::tuple<const Tensor&, const char*, int64_t>{out_idx, "out_idx", np}}) {
+  TORCH_CHECK_VALUE(!idle_idx.defined() || out_idx.defined(), "l0kernels CUDA: idle_idx needs out_idx");
+  for (const auto& [t, name, len] :
+       {std::tuple<const Tensor&, const char*, int64_t>{in_idx, "in_idx", kp},
+        std::tuple<const Tensor&, const char*, int64_t>{out_idx, "out_idx", np},
+        std::tuple<const Tensor&, const char*, int64_t>{idle_idx, "idle_idx", out_features - np}}) {
     if (!t.defined()) continue;
     TORCH_CHECK_VALUE(t.is_cuda() && t.device() == x.device() && t.scalar_type() == at::kLong && t.dim() == 1 &&
                           t.size(0) == len,
@@ -345,18 +410,19 @@ Tensor sparse_linear(const Tensor& x, const Tensor& weight, const std::optional<
   const Tensor x2 = x.stride(1) == 1 || in_idx.defined() ? x : x.contiguous();
   const Tensor w = weight.is_contiguous() ? weight : weight.contiguous();
   Tensor y;
-  if (!out_idx.defined()) {
-    y = at::empty({m, out_features}, x.options());
+  if (!out_idx.defined() || idle_idx.defined()) {
+    y = at::empty({m, out_features}, x.options());  // every column written by the launch
   } else if (fill.defined()) {
     y = fill.expand({m, out_features}).contiguous();
   } else {
     y = at::zeros({m, out_features}, x.options());
   }
   const Tensor b = bias.defined() ? bias.contiguous() : Tensor();
+  const GemmExtras extras{in_idx, out_idx, idle_idx, idle_idx.defined() && fill.defined() ? fill.contiguous() : Tensor()};
   const l0k::GateConfig none{1.0f, -0.1f, 1.1f, 1e-6f};  // unused without gates
   dispatch_type(x.scalar_type(), "x", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    run_gated_gemm<T>(x2, w, Tensor(), b, y, in_idx, out_idx, 0, l0k::kGateNone, false, false, none);
+    run_gated_gemm<T>(x2, w, Tensor(), b, y, extras, 0, l0k::kGateNone, false, false, none);
   });
   return y;
 }
@@ -587,8 +653,8 @@ TORCH_LIBRARY(l0kernels, m) {
         "bool training, float[] cfg) -> Tensor");
   m.def("linear_fwd_fused(Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int seed, str gate, bool sample, "
         "bool training, float[] cfg) -> Tensor");
-  m.def("sparse_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? in_idx, Tensor? out_idx, Tensor? fill, "
-        "int out_features) -> Tensor");
+  m.def("sparse_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? in_idx, Tensor? out_idx, Tensor? idle_idx, "
+        "Tensor? fill, int out_features) -> Tensor");
   m.def("linear_bwd(Tensor grad, Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int seed, str gate, "
         "bool sample, bool training, float[] cfg, bool[4] mask) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("conv2d_fwd(Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int[] stride, int[] padding, "

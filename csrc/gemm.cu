@@ -13,7 +13,8 @@ namespace l0k {
 
 template <typename T, int MR>
 cudaError_t launch_gemv_rows(const GatedGemmParams<T>& p, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned int>(gemv::grid_cols(p.N)));
+  const dim3 grid(static_cast<unsigned int>(gemv::grid_cols(p.N) + gemv::grid_idle_cols(p.n_idle)),
+                  static_cast<unsigned int>(p.splits));
   if (p.mode == kGateIn || p.mode == kGateWeight) {
     gated_gemv_kernel<T, MR, true><<<grid, gemv::kThreads, 0, stream>>>(p);
   } else {
@@ -24,9 +25,12 @@ cudaError_t launch_gemv_rows(const GatedGemmParams<T>& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_gated_gemm(const GatedGemmParams<T>& p, cudaStream_t stream) {
-  if (p.M <= 0 || p.N <= 0) return cudaSuccess;
+  if (p.M <= 0 || (p.N <= 0 && p.n_idle <= 0)) return cudaSuccess;
   if (p.M <= gemv::kMaxRows) {
-    if (gemv::grid_cols(p.N) > 0x7fffffff) return cudaErrorInvalidConfiguration;
+    if (gemv::grid_cols(p.N) + gemv::grid_idle_cols(p.n_idle) > 0x7fffffff || p.splits < 1 ||
+        p.splits > gemv::kMaxSplits || (p.splits > 1 && (p.ws == nullptr || p.ws_count == nullptr))) {
+      return cudaErrorInvalidConfiguration;
+    }
     switch (gemv::row_bucket(p.M)) {
       case 1: return launch_gemv_rows<T, 1>(p, stream);
       case 2: return launch_gemv_rows<T, 2>(p, stream);
@@ -38,7 +42,7 @@ cudaError_t launch_gated_gemm(const GatedGemmParams<T>& p, cudaStream_t stream) 
   if constexpr (std::is_same_v<T, float>) {
     return cudaErrorInvalidValue;  // no float32 tensor-core kernel: the caller checks M first
   } else {
-    const int64_t grid_n = gemm::grid_cols(p.N), grid_m = gemm::grid_rows(p.M);
+    const int64_t grid_n = gemm::grid_cols(p.N) + gemm::grid_idle_cols(p.n_idle), grid_m = gemm::grid_rows(p.M);
     if (grid_m > 65535 || grid_n > 0x7fffffff) return cudaErrorInvalidConfiguration;
     gated_gemm_kernel<T><<<dim3(static_cast<unsigned int>(grid_n), static_cast<unsigned int>(grid_m)),
                            gemm::kThreads, 0, stream>>>(p);

@@ -60,6 +60,16 @@ struct GatedGemmParams {
   bool training;       // false: deterministic z_eval, seed unused
   bool vec;            // 16-byte operand loads allowed: x, w 16-byte aligned, ldx, ldw multiples of 8
   GateConfig cfg;
+  // Eval plans: the outputs that are not computed, y[:, idle_cols[i]] = fill ? fill[idle_cols[i]] : 0 for
+  // i < n_idle, written by extra blocks of the same launch (grid columns after the GEMM's).
+  const int64_t* idle_cols = nullptr;
+  int64_t n_idle = 0;
+  const T* fill = nullptr;     // (ldy-wide output row) fill values, or nullptr for zeros
+  // GEMV split-K (l0_gemv.cuh): splits > 1 partitions K over grid.y; ws (M x N floats) and ws_count
+  // (one int per block column) are zero on entry and left zero by the kernel.
+  int splits = 1;
+  float* ws = nullptr;
+  int* ws_count = nullptr;
 };
 
 namespace gemm {
@@ -82,9 +92,10 @@ static_assert(kChunksA * kThreads == kBM * kChunksPerRow && kChunksB * kThreads 
               "tile loads must divide evenly among the threads");
 static_assert(kBK % 16 == 0 && kBM <= kThreads && kBN <= kThreads && kBK <= kThreads, "tile shape");
 
-// Grid of the kernel: (x: block columns over N, y: block rows over M).
-inline int64_t grid_cols(int64_t N) { return (N + kBN - 1) / kBN; }
-inline int64_t grid_rows(int64_t M) { return (M + kBM - 1) / kBM; }
+// Grid of the kernel: (x: block columns over N, then over the idle outputs; y: block rows over M).
+L0K_HD int64_t grid_cols(int64_t N) { return (N + kBN - 1) / kBN; }
+L0K_HD int64_t grid_idle_cols(int64_t n_idle) { return (n_idle + kBN - 1) / kBN; }
+L0K_HD int64_t grid_rows(int64_t M) { return (M + kBM - 1) / kBM; }
 
 // Whether GatedGemmParams::vec may be set: 16-byte aligned x and w with row strides multiple of 8.
 inline bool vec_loads_ok(const void* x, int64_t ldx, const void* w, int64_t ldw) {
@@ -115,6 +126,19 @@ L0K_UNROLL
   return out;
 }
 
+// Idle outputs idle_cols[c0, c0 + cols) of rows [r0, r0 + rows) (clipped to n_idle and M): the fill
+// value or zero. Consecutive threads take consecutive idle columns of a row.
+template <typename T>
+L0K_DEV void write_idle(const GatedGemmParams<T>& p, int64_t c0, int cols, int64_t r0, int64_t rows, int tid,
+                        int threads) {
+  const int64_t nc = p.n_idle - c0 < cols ? p.n_idle - c0 : cols;
+  const int64_t nr = p.M - r0 < rows ? p.M - r0 : rows;
+  for (int64_t i = tid; i < nc * nr; i += threads) {
+    const int64_t col = p.idle_cols[c0 + i % nc], m = r0 + i / nc;
+    p.y[m * p.ldy + col] = p.fill != nullptr ? p.fill[col] : from_float<T>(0.0f);
+  }
+}
+
 // Gate of noise element `offset` with parameter log_alpha[g].
 template <typename T>
 L0K_DEV float gate_value(const GatedGemmParams<T>& p, int64_t g, int64_t offset) {
@@ -137,9 +161,14 @@ __global__ void __launch_bounds__(gemm::kThreads) gated_gemm_kernel(const GatedG
   __shared__ float z_k[2][kBK];  // batch / eval input gates of k-tiles t (slot t % 2)
   __shared__ float z_n[kBN];     // batch / eval output gates of this block's columns
 
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  if (static_cast<int64_t>(blockIdx.x) >= grid_cols(p.N)) {  // a block of idle outputs
+    write_idle(p, (blockIdx.x - grid_cols(p.N)) * kBN, kBN, static_cast<int64_t>(blockIdx.y) * kBM, kBM, tid,
+               kThreads);
+    return;
+  }
   T* const a_smem = reinterpret_cast<T*>(smem);  // [stage][kBM][kLds]
   T* const b_smem = a_smem + 2 * kTileElems;     // [stage][kBN][kLds]
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wm = warp / kWarpsN, wn = warp % kWarpsN;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, n0 = static_cast<int64_t>(blockIdx.x) * kBN;
   const int ktiles = static_cast<int>((p.K + kBK - 1) / kBK);

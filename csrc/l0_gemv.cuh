@@ -12,9 +12,14 @@
 // K loop, warp shuffles reduce the lanes' partial sums; lane r writes row r (bias, output gate,
 // y_cols scatter, one rounding to T). Works for float, __half and __nv_bfloat16 (fp32 FMAs, no tensor
 // cores: float32 keeps full precision).
-// Costs to know: per-example input gates are drawn once per block (N / 16 times each), which makes
-// that mode compute-bound for large N (the caller's choice between this and the two-pass path sees
-// it in its timing); there is no split-K, so N below ~2000 leaves SMs idle.
+// Split-K (grid.y = splits > 1, chosen by the host with choose_splits when N alone gives too few
+// blocks): each split walks its own chunks and adds its sums into an fp32 workspace with atomics; the
+// last split of a block column to arrive (a counter per column, CUDA's threadfence-reduction pattern)
+// reads the totals back, leaves workspace and counter zero, and runs the epilogue: still one launch.
+// Idle outputs of eval plans (idle_cols) are written by extra blocks of the same launch.
+// Costs to know: per-example input gates are drawn once per block column (N / 16 times each), which
+// makes that mode compute-bound for large N (the caller's choice between this and the two-pass path
+// sees it in its timing).
 //
 // Device code without PyTorch headers; runs under csrc/tests/cuda_emu.h on the CPU.
 // Launcher: csrc/gemm.cu (launch_gated_gemm picks it for M <= kMaxRows).
@@ -36,9 +41,32 @@ constexpr int kVec = gemm::kChunkK;          // elements of W per lane per chunk
 constexpr int kKC = 32 * kVec;               // K per chunk
 static_assert(kKC == kThreads, "one staged column of x per thread");
 
-// Grid of the kernel (1-D over N) and the compiled row count (1, 2, 4, 8, 16) that serves M rows.
-inline int64_t grid_cols(int64_t N) { return (N + kBN - 1) / kBN; }
+// Grid of the kernel: x over the block columns of N, then over the idle outputs (kThreads per block);
+// y over the K splits. And the compiled row count (1, 2, 4, 8, 16) that serves M rows.
+L0K_HD int64_t grid_cols(int64_t N) { return (N + kBN - 1) / kBN; }
+L0K_HD int64_t grid_idle_cols(int64_t n_idle) { return (n_idle + kThreads - 1) / kThreads; }
 inline int row_bucket(int64_t M) { return M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : M <= 8 ? 8 : 16; }
+
+constexpr int kMaxSplits = 32;
+constexpr int kMinChunksPerSplit = 2;
+
+// K splits for an (M <= 16) x K x N call on a GPU with `sms` multiprocessors: enough blocks for about
+// two per multiprocessor (the kernel is latency-bound with fewer: each block keeps only 8 KB of W in
+// flight), at least kMinChunksPerSplit chunks of K each.
+inline int choose_splits(int64_t N, int64_t K, int sms) {
+  const int64_t blocks = grid_cols(N), chunks = (K + kKC - 1) / kKC;
+  if (blocks == 0) return 1;
+  int64_t s = (2 * static_cast<int64_t>(sms) + blocks - 1) / blocks;
+  const int64_t by_k = chunks / kMinChunksPerSplit;
+  if (s > by_k) s = by_k;
+  if (s > kMaxSplits) s = kMaxSplits;
+  return s < 1 ? 1 : static_cast<int>(s);
+}
+// K elements per split (a whole number of chunks, so each chunk lies in one split).
+L0K_HD int64_t split_span(int64_t K, int splits) {
+  const int64_t chunks = (K + kKC - 1) / kKC;
+  return (chunks + splits - 1) / splits * kKC;
+}
 
 }  // namespace gemv
 
@@ -60,8 +88,16 @@ __global__ void __launch_bounds__(gemv::kThreads) gated_gemv_kernel(const GatedG
   using namespace gemv;
   using gemm::Pack8;
   __shared__ __align__(16) T xs[MR][kKC];  // the chunk of x, gated and rounded to T
+  __shared__ int last_split;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  if (static_cast<int64_t>(blockIdx.x) >= grid_cols(p.N)) {  // a block of idle outputs (split 0 writes them)
+    if (blockIdx.y == 0) gemm::write_idle(p, (blockIdx.x - grid_cols(p.N)) * kThreads, kThreads, 0, p.M, tid, kThreads);
+    return;
+  }
   const int64_t n_first = static_cast<int64_t>(blockIdx.x) * kBN + warp * kOutPerWarp;
+  const int64_t span = split_span(p.K, p.splits);
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * span;
+  const int64_t k_end = k_begin + span < p.K ? k_begin + span : p.K;
 
   float acc[kOutPerWarp][MR];
 L0K_UNROLL
@@ -70,7 +106,7 @@ L0K_UNROLL
     for (int r = 0; r < MR; ++r) acc[i][r] = 0.0f;
   }
 
-  for (int64_t k0 = 0; k0 < p.K; k0 += kKC) {
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kKC) {  // chunks past k_end belong to the next split
     // this chunk's W, issued first (rows past N read zeros)
     const int64_t kl = k0 + lane * kVec;
     Pack8<T> w[kOutPerWarp];
@@ -120,23 +156,47 @@ L0K_UNROLL
     __syncthreads();  // xs is rewritten by the next chunk
   }
 
-  // reduce over the lanes; lane r writes row r
+  // reduce over the lanes: lane r keeps row r's sums
+  float mine[kOutPerWarp];
 L0K_UNROLL
   for (int i = 0; i < kOutPerWarp; ++i) {
-    const int64_t n = n_first + i;
-    float bias = 0.0f, z = 1.0f;
-    if (n < p.N) {
-      if (p.bias != nullptr) bias = to_float(p.bias[n]);
-      if (p.mode == kGateOut && !p.per_row) z = gemm::gate_value(p, n, n);
-    }
+    mine[i] = 0.0f;
 L0K_UNROLL
     for (int r = 0; r < MR; ++r) {
       const float total = gemv::warp_sum(acc[i][r]);
-      if (lane == r && r < p.M && n < p.N) {
-        float v = total + bias;
-        if (p.mode == kGateOut) v *= p.per_row ? gemm::gate_value(p, n, r * p.N + n) : z;
-        p.y[r * p.ldy + (p.y_cols != nullptr ? p.y_cols[n] : n)] = from_float<T>(v);
-      }
+      if (lane == r) mine[i] = total;
+    }
+  }
+  const bool row_lane = lane < p.M;  // M <= MR <= 16: one lane per row
+  if (p.splits > 1) {
+    // split-K: partial sums into ws; the last split of this block column to arrive finishes it
+L0K_UNROLL
+    for (int i = 0; i < kOutPerWarp; ++i) {
+      const int64_t n = n_first + i;
+      if (row_lane && n < p.N) atomicAdd(&p.ws[lane * p.N + n], mine[i]);
+    }
+    __threadfence();  // the partial sums are visible before the arrival is counted
+    __syncthreads();
+    if (tid == 0) last_split = atomicAdd(&p.ws_count[blockIdx.x], 1) == p.splits - 1;
+    __syncthreads();
+    if (!last_split) return;
+    __threadfence();
+L0K_UNROLL
+    for (int i = 0; i < kOutPerWarp; ++i) {
+      const int64_t n = n_first + i;
+      if (row_lane && n < p.N) mine[i] = atomicExch(&p.ws[lane * p.N + n], 0.0f);  // read and leave zero
+    }
+    if (tid == 0) p.ws_count[blockIdx.x] = 0;
+  }
+  // epilogue: bias, output gate, scatter, one rounding to T
+L0K_UNROLL
+  for (int i = 0; i < kOutPerWarp; ++i) {
+    const int64_t n = n_first + i;
+    if (row_lane && n < p.N) {
+      float v = mine[i];
+      if (p.bias != nullptr) v += to_float(p.bias[n]);
+      if (p.mode == kGateOut) v *= gemm::gate_value(p, n, p.per_row ? lane * p.N + n : n);
+      p.y[lane * p.ldy + (p.y_cols != nullptr ? p.y_cols[n] : n)] = from_float<T>(v);
     }
   }
 }

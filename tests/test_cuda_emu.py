@@ -60,9 +60,13 @@ def _bind(lib_path):
     lib = ctypes.CDLL(lib_path)
     fn = lib.l0k_emu_gated_gemm
     i64, vp, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, vp, i64, vp, i64, vp, vp, vp, i64, vp, vp, i64, i64, i64, ctypes.c_uint64, ctypes.c_int,
-                   ctypes.c_int, ctypes.c_int, ctypes.c_int, f32, f32, f32, f32]
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, vp, i64, vp, i64, vp, vp, vp, i64, vp, vp, vp, i64, vp, ctypes.c_int,
+                   i64, i64, i64, ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, f32, f32, f32,
+                   f32]
     fn.restype = ctypes.c_int
+    fn.splits = lib.l0k_emu_gemv_splits
+    fn.splits.argtypes = [i64, i64, ctypes.c_int]
+    fn.splits.restype = ctypes.c_int
     return fn
 
 
@@ -72,10 +76,11 @@ def emu(tmp_path_factory):
 
 
 def run_emu(fn, x, w, la, b, seed, gate, noise, training, allow_vec=True, cfg=GateConfig(), x_cols=None,
-            y_cols=None, y=None, impl="auto"):
+            y_cols=None, y=None, impl="auto", idle_cols=None, fill=None, splits=1):
     """y = the kernel's output for 2-D x (unit column stride), with the path it took (True: 16-byte loads).
-    x_cols / y_cols: the gather of x's columns and scatter of y's (eval plans, gate "none"), into ``y``.
-    impl: "gemm" (tensor cores), "gemv" (M <= 16) or "auto" (as the launcher)."""
+    x_cols / y_cols: the gather of x's columns and scatter of y's (eval plans, gate "none"), into ``y``;
+    idle_cols: the outputs the kernel fills with ``fill`` (or zeros). impl: "gemm" (tensor cores),
+    "gemv" (M <= 16) or "auto" (as the launcher); splits: the GEMV's K splits."""
     m = x.shape[0]
     n, k = w.shape
     assert x.stride(1) == 1 and w.stride(1) == 1
@@ -83,9 +88,10 @@ def run_emu(fn, x, w, la, b, seed, gate, noise, training, allow_vec=True, cfg=Ga
         y = torch.full((m, n), float("nan"), dtype=x.dtype)
     ptr = (lambda t: None if t is None else t.data_ptr())
     vec = fn(GEMV_DTYPES[x.dtype], IMPLS[impl], ptr(x), x.stride(0), ptr(w), w.stride(0), ptr(None if la is None else la.contiguous()),
-             ptr(b), ptr(y), y.stride(0), ptr(x_cols), ptr(y_cols), m, n, k, seed, MODES[gate],
+             ptr(b), ptr(y), y.stride(0), ptr(x_cols), ptr(y_cols), ptr(idle_cols),
+             0 if idle_cols is None else idle_cols.numel(), ptr(fill), splits, m, n, k, seed, MODES[gate],
              int(training and noise == "sample"), int(training), int(allow_vec), cfg.beta, cfg.gamma, cfg.zeta, cfg.eps)
-    assert vec in (0, 1)
+    assert vec in (0, 1), vec  # -3: the split-K workspace was not left zero
     return y, bool(vec)
 
 
@@ -230,7 +236,7 @@ def _float_plan(plan):
 @pytest.mark.skipif(os.environ.get("L0K_SKIP_TSAN") == "1", reason="L0K_SKIP_TSAN=1")
 def test_thread_sanitizer_finds_no_race(tmp_path):
     """Built with -fsanitize=thread: every shared-memory write is ordered with its reads by a barrier
-    (the tensor-core kernel's pipeline and the GEMV's staging of x).
+    (the tensor-core kernel's pipeline, the GEMV's staging of x and its split-K arrival counter).
     (Lanes other than 0 do not touch fragments in the emulator, so races inside a warp's WMMA calls
     are out of reach; the block-level pipeline is what this checks.)"""
     libtsan = subprocess.run([shutil.which("g++") or "g++", "-print-file-name=libtsan.so"], capture_output=True,
@@ -242,13 +248,15 @@ def test_thread_sanitizer_finds_no_race(tmp_path):
             "x, w, la, b = t.make(37, 20, 72, 'in', torch.float16); "
             "print(t.run_emu(fn, x, w, la, b, 1, 'in', 'batch', True)[1]); "
             "x, w, la, b = t.make(3, 20, 300, 'weight', torch.float16); "
-            "print(t.run_emu(fn, x, w, la, b, 1, 'weight', 'batch', True, impl='gemv')[1])") % (
+            "print(t.run_emu(fn, x, w, la, b, 1, 'weight', 'batch', True, impl='gemv')[1]); "
+            "x, w, la, b = t.make(3, 20, 1296, 'in', torch.float32); "
+            "print(t.run_emu(fn, x, w, la, b, 1, 'in', 'sample', True, impl='gemv', splits=3)[1])") % (
         os.path.dirname(__file__), lib)
     # the library is dlopen'ed by an uninstrumented python: the runtime must be preloaded
     env = dict(os.environ, LD_PRELOAD=libtsan, TSAN_OPTIONS="halt_on_error=1 exitcode=66")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert "WARNING: ThreadSanitizer" not in r.stderr, r.stderr[-4000:]
-    assert r.returncode == 0 and r.stdout.split() == ["True", "False"], r.stderr[-4000:]  # load paths as expected
+    assert r.returncode == 0 and r.stdout.split() == ["True", "False", "True"], r.stderr[-4000:]  # load paths as expected
 
 
 # -- the GEMV (csrc/l0_gemv.cuh): 1-16 rows, every dtype ------------------------------------------------------
@@ -302,11 +310,15 @@ def test_launcher_choice(emu):
     check(y, reference(x, w, la, b, 1, "out", "batch", True), torch.float32)
     x17 = torch.randn(17, 24)
     out = torch.empty(17, 9)
+    cfg = (2 / 3, -0.1, 1.1, 1e-6)
     assert emu(2, IMPLS["auto"], x17.data_ptr(), 24, w.data_ptr(), 24, la.data_ptr(), b.data_ptr(), out.data_ptr(), 9,
-               None, None, 17, 9, 24, 1, MODES["out"], 0, 1, 1, 2 / 3, -0.1, 1.1, 1e-6) == -2
+               None, None, None, 0, None, 1, 17, 9, 24, 1, MODES["out"], 0, 1, 1, *cfg) == -2
     xh, wh = x17.half(), w.half()
     assert emu(0, IMPLS["gemv"], xh.data_ptr(), 24, wh.data_ptr(), 24, la.half().data_ptr(), None,
-               out.half().data_ptr(), 9, None, None, 17, 9, 24, 1, MODES["out"], 0, 1, 1, 2 / 3, -0.1, 1.1, 1e-6) == -2
+               out.half().data_ptr(), 9, None, None, None, 0, None, 1, 17, 9, 24, 1, MODES["out"], 0, 1, 1, *cfg) == -2
+    # split-K is the GEMV's only
+    assert emu(0, IMPLS["gemm"], xh.data_ptr(), 24, wh.data_ptr(), 24, la.half().data_ptr(), None,
+               out.half().data_ptr(), 9, None, None, None, 0, None, 2, 17, 9, 24, 1, MODES["out"], 0, 1, 1, *cfg) == -2
 
 
 @pytest.mark.parametrize("gate", ["in", "out", "weight"])
@@ -329,3 +341,66 @@ def test_gemv_eval_plan_float32(emu, gate):
     y, _ = run_emu(emu, x, plan.weight, None, plan.bias, 0, "none", "batch", False, x_cols=plan.in_idx,
                    y_cols=plan.out_idx, y=y)
     check(y, linear_plan_torch(x, plan), torch.float32)
+
+
+# -- split-K (GEMV) and idle outputs written in the same launch (both kernels) ----------------------------------
+
+
+@pytest.mark.parametrize("splits", [2, 3, 5])
+@pytest.mark.parametrize("gate,noise,training", CASES)
+def test_gemv_split_k(emu, gate, noise, training, splits):
+    # K = 1300: 6 chunks (the last ragged) over 2, 3 or 5 splits (5: spans of 2 chunks, the last split
+    # idle); 16 rows; N = 37 (3 block columns, the last ragged). The workspace must come back zero.
+    dtype = torch.float32
+    x, w, la, b = make(16, 37, 1300, gate, dtype, seed=12)
+    y, _ = run_emu(emu, x, w, la, b, 77, gate, noise, training, impl="gemv", splits=splits)
+    ref = reference(x, w, la, b, 77, gate, noise, training)
+    check(y, ref, dtype)
+    y1, _ = run_emu(emu, x, w, la, b, 77, gate, noise, training, impl="gemv")
+    check(y, y1, dtype)  # the same sums in another order
+
+
+def test_gemv_split_rule(emu):
+    # about two blocks per multiprocessor, at least 2 chunks of 256 per split, at most 32 splits
+    assert emu.splits(4096, 4096, 132) == 2   # 256 block columns: ceil(264 / 256)
+    assert emu.splits(410, 4096, 132) == 8    # 26 columns: 11 wanted, K allows 8
+    assert emu.splits(64, 65536, 132) == 32   # 4 columns: capped
+    assert emu.splits(16, 300, 132) == 1      # 2 chunks: no split
+    assert emu.splits(0, 4096, 132) == 1 and emu.splits(100, 0, 132) == 1
+    for n, k, sms in [(5000, 4096, 132), (1, 1, 1), (999, 10000, 108)]:
+        s = emu.splits(n, k, sms)
+        assert 1 <= s <= 32 and (s == 1 or -(-k // 256) >= 2 * s)
+
+
+@pytest.mark.parametrize("impl,rows", [("gemm", 21), ("gemv", 5), ("gemv", 1)])
+@pytest.mark.parametrize("with_fill", [False, True])
+def test_idle_outputs_written_in_the_launch(emu, impl, rows, with_fill):
+    """Eval plans with output scatter: the outputs that are not computed get the fill (or zeros) from
+    extra blocks of the same launch; y starts as NaN, so every column must be written."""
+    dtype = torch.bfloat16 if impl == "gemm" else torch.float32
+    g = torch.Generator().manual_seed(13)
+    n, k, n_act = 300, 40, 70
+    perm = torch.randperm(n, generator=g)
+    out_idx, idle = perm[:n_act].sort().values, perm[n_act:].sort().values
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    w = torch.randn(n_act, k, generator=g).to(dtype)
+    b = torch.randn(n_act, generator=g).to(dtype)
+    fill = torch.randn(n, generator=g).to(dtype) if with_fill else None
+    y = torch.full((rows, n), float("nan"), dtype=dtype)
+    run_emu(emu, x, w, None, b, 0, "none", "batch", False, y_cols=out_idx, idle_cols=idle, fill=fill, y=y, impl=impl)
+    ref = torch.zeros(rows, n) if fill is None else fill.float().expand(rows, n).clone()
+    ref[:, out_idx] = x.float() @ w.float().T + b.float()
+    check(y, ref, dtype)
+    assert torch.equal(y[:, idle].float(), ref[:, idle])
+
+
+@pytest.mark.parametrize("impl,rows", [("gemm", 20), ("gemv", 3)])
+def test_every_output_idle(emu, impl, rows):
+    # a plan with no active output: the launch only writes the fill
+    dtype = torch.float16
+    x, w = torch.randn(rows, 8).to(dtype), torch.zeros(0, 8, dtype=dtype)
+    fill = torch.randn(45).to(dtype)
+    y = torch.full((rows, 45), float("nan"), dtype=dtype)
+    run_emu(emu, x, w, None, None, 0, "none", "batch", False, y_cols=torch.zeros(0, dtype=torch.long),
+            idle_cols=torch.arange(45), fill=fill, y=y, impl=impl)
+    assert torch.equal(y, fill.expand(rows, 45))

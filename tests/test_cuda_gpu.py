@@ -111,7 +111,7 @@ def test_linear_matches_float64_reference(dtype, gate, noise, training, bias, re
 
 # (m0, m1, k, n): tensor-core GEMM (> 16 rows) and GEMV (<= 16 rows: 1, 5, 7, 16) shapes
 FUSED_SHAPES = [(3, 29, 37, 19), (1, 131, 72, 133), (2, 64, 256, 260), (1, 5, 0, 7), (1, 1, 300, 77),
-                (7, 1, 264, 1030), (2, 8, 520, 45)]
+                (7, 1, 264, 1030), (2, 8, 520, 45), (1, 3, 2000, 45)]  # the last: GEMV split over K
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -180,6 +180,42 @@ def test_eval_sparse_linear_kernel(dtype, gate, rows, rel_err):
     ref = l0k.l0_linear(x.double().cpu(), layer.weight.double().cpu(), layer.log_alpha.double().cpu(),
                         layer.bias.double().cpu(), gate=gate, training=False, backend="torch")
     assert rel_err(y, ref.cuda()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_split_k_workspace_left_zero(dtype, rel_err):
+    """Few outputs and a long K: the GEMV splits K over blocks and sums through a workspace that each
+    launch leaves zero; calls in a row (and on a second stream) agree with the two-pass path."""
+    x, w, la = _rand(3, 5000, dtype=dtype), _rand(40, 5000, dtype=dtype, scale=0.05), _rand(40, dtype=dtype)
+    with gemm_impl("two_pass"):
+        ref = CudaL0LinearFunction.apply(x, w, la, None, 5, "out", "sample", True, CFG)
+    outs = []
+    with gemm_impl("fused"):
+        for _ in range(3):
+            outs.append(CudaL0LinearFunction.apply(x, w, la, None, 5, "out", "sample", True, CFG))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            outs.append(CudaL0LinearFunction.apply(x, w, la, None, 5, "out", "sample", True, CFG))
+        torch.cuda.current_stream().wait_stream(side)
+    for y in outs:
+        assert rel_err(y, ref) < TOL[dtype]
+
+
+def test_eval_idle_outputs_in_one_launch(rel_err):
+    """An output-gated layer at batch 1 in eval: the plan's idle outputs are written by the kernel's own
+    blocks (no pre-fill), a wide K takes the split GEMV."""
+    layer = l0k.L0Linear(3000, 90, gate="out", backend="cuda").to("cuda").eval()
+    with torch.no_grad():
+        layer.log_alpha.copy_(torch.randn_like(layer.log_alpha) * 3)
+        layer.log_alpha[:10] = -10.0
+    x = _rand(1, 3000, dtype=torch.float32)
+    with torch.no_grad():
+        y = layer(x)
+    ref = l0k.l0_linear(x.double().cpu(), layer.weight.double().cpu(), layer.log_alpha.double().cpu(),
+                        layer.bias.double().cpu(), gate="out", training=False, backend="torch")
+    assert rel_err(y, ref.cuda()) < TOL[torch.float32]
+    assert torch.equal(y[:, :10], torch.zeros_like(y[:, :10]))
 
 
 def test_linear_public_api_and_zero_rows(rel_err):

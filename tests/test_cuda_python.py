@@ -54,7 +54,9 @@ CHILD = textwrap.dedent(r'''
     lib.impl("linear_fwd_fused", fwd("fused"), "CPU")
     lib.impl("linear_bwd", bwd, "CPU")
 
-    def sparse(x, w, b, in_idx, out_idx, fill, out_features):  # the op's contract, written out
+    def sparse(x, w, b, in_idx, out_idx, idle_idx, fill, out_features):  # the op's contract, written out
+        if idle_idx is not None:  # the outputs the launch fills: exactly those not in out_idx
+            assert out_idx is not None and sorted(out_idx.tolist() + idle_idx.tolist()) == list(range(out_features))
         xa = x if in_idx is None else x[:, in_idx]
         yc = xa @ w.T + (0 if b is None else b)
         if out_idx is None:
@@ -132,6 +134,7 @@ CHILD = textwrap.dedent(r'''
             if gate == "weight":
                 layer.log_alpha[:2] = -10.0
         plan = build_linear_plan(layer)
+        assert (plan.idle_idx is not None) == (plan.out_idx is not None) == (gate != "in")
         xe = torch.randn(5, 9, generator=g, dtype=torch.float64)
         assert torch.allclose(_cuda_sparse_linear(xe, plan), linear_plan_torch(xe, plan))
     # fake impls (torch.compile): shapes of every op
@@ -141,7 +144,7 @@ CHILD = textwrap.dedent(r'''
         c = [cfg.beta, cfg.gamma, cfg.zeta, cfg.eps]
         assert torch.ops.l0kernels.linear_fwd_fused(xf, wf, laf, None, 1, "in", False, True, c).shape == (3, 5, 4)
         assert torch.ops.l0kernels.linear_fwd(xf, wf, laf, None, 1, "in", False, True, c).shape == (3, 5, 4)
-        assert torch.ops.l0kernels.sparse_linear(xf[0], wf, None, None, None, None, 4).shape == (5, 4)
+        assert torch.ops.l0kernels.sparse_linear(xf[0], wf, None, None, None, None, None, 4).shape == (5, 4)
         z, dz = torch.ops.l0kernels.gates(laf, 6, 1, True, c, True)
         assert z.shape == (6, 7) and dz.shape == (6, 7)
     print("ok")

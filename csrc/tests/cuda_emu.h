@@ -5,7 +5,8 @@
 // * __syncthreads() and __syncwarp() are std::barrier waits over the block / the warp, so a missing
 //   barrier shows up as wrong results or, under -fsanitize=thread, as a reported race.
 // * __shared__ is function-static storage: shared by the threads of a block, reused by the next one.
-// * __shfl_xor_sync goes through a per-warp exchange array between two warp barriers.
+// * __shfl_xor_sync goes through a per-warp exchange array between two warp barriers; atomicAdd /
+//   atomicExch are std::atomic_ref operations; __threadfence is a no-op (blocks run one at a time).
 // * nvcuda::wmma fragments hold the whole 16 x 16 tile. Lane 0 of the warp performs each
 //   warp-collective load / mma / store for the warp (the other lanes' fragments are never read:
 //   stores come from lane 0 too), and loads and stores check the real API's rules: 256-bit aligned
@@ -16,6 +17,7 @@
 #define L0K_CUDA_EMU 1
 
 #include <array>
+#include <atomic>
 #include <barrier>
 #include <cstdint>
 #include <cstring>
@@ -57,6 +59,19 @@ inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp_barrier->arrive_and_wa
   std::fprintf(stderr, "cuda_emu: %s\n", what);
   std::abort();
 }
+
+// Device-scope atomics and fences (blocks run one at a time here; threads of a block do race).
+template <typename T>
+T atomicAdd(T* address, T v) {
+  return std::atomic_ref<T>(*address).fetch_add(v);
+}
+template <typename T>
+T atomicExch(T* address, T v) {
+  return std::atomic_ref<T>(*address).exchange(v);
+}
+// Orders a thread's writes for other blocks; blocks run one after the other here, and inside a block
+// the barriers order the threads (and ThreadSanitizer does not support fences), so: nothing.
+inline void __threadfence() {}
 
 // The value of `v` held by lane (this lane ^ lane_mask); every lane of the warp must call it.
 template <typename T>

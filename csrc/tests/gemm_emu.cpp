@@ -4,6 +4,7 @@
 #include "cuda_emu.h"  // first: defines the CUDA names the kernels use
 
 #include <type_traits>
+#include <vector>
 
 #include "l0_gemm.cuh"
 #include "l0_gemv.cuh"
@@ -12,32 +13,44 @@ namespace {
 
 template <typename T, int MR>
 void launch_gemv(const l0k::GatedGemmParams<T>& p) {
-  const unsigned grid = static_cast<unsigned>(l0k::gemv::grid_cols(p.N));
+  const unsigned gx = static_cast<unsigned>(l0k::gemv::grid_cols(p.N) + l0k::gemv::grid_idle_cols(p.n_idle));
+  const unsigned gy = static_cast<unsigned>(p.splits);
   if (p.mode == l0k::kGateIn || p.mode == l0k::kGateWeight) {
-    emu_launch(grid, 1, l0k::gemv::kThreads, l0k::gated_gemv_kernel<T, MR, true>, p);
+    emu_launch(gx, gy, l0k::gemv::kThreads, l0k::gated_gemv_kernel<T, MR, true>, p);
   } else {
-    emu_launch(grid, 1, l0k::gemv::kThreads, l0k::gated_gemv_kernel<T, MR, false>, p);
+    emu_launch(gx, gy, l0k::gemv::kThreads, l0k::gated_gemv_kernel<T, MR, false>, p);
   }
 }
 
 // impl 0: as csrc/gemm.cu's launch_gated_gemm (GEMV for M <= 16), 1: the tensor-core kernel, 2: the GEMV.
+// splits: the GEMV's K splits (the workspace is allocated here, zeroed, and checked to be left zero).
 template <typename T>
 int run(int impl, const void* x, int64_t ldx, const void* w, int64_t ldw, const void* log_alpha, const void* bias,
-        void* y, int64_t ldy, const int64_t* x_cols, const int64_t* y_cols, int64_t M, int64_t N, int64_t K,
-        uint64_t seed, int mode, bool per_row, bool training, bool allow_vec, const l0k::GateConfig& cfg) {
+        void* y, int64_t ldy, const int64_t* x_cols, const int64_t* y_cols, const int64_t* idle_cols, int64_t n_idle,
+        const void* fill, int splits, int64_t M, int64_t N, int64_t K, uint64_t seed, int mode, bool per_row,
+        bool training, bool allow_vec, const l0k::GateConfig& cfg) {
   l0k::GatedGemmParams<T> p{static_cast<const T*>(x), ldx, static_cast<const T*>(w), ldw,
                             static_cast<const T*>(log_alpha), static_cast<const T*>(bias), static_cast<T*>(y), ldy,
                             x_cols, y_cols, M, N, K, seed, mode, per_row, training,
                             allow_vec && l0k::gemm::vec_loads_ok(x, ldx, w, ldw), cfg};
+  p.idle_cols = idle_cols;
+  p.n_idle = n_idle;
+  p.fill = static_cast<const T*>(fill);
   if (impl == 0) impl = M <= l0k::gemv::kMaxRows ? 2 : 1;
   if (impl == 2 && M > l0k::gemv::kMaxRows) return -2;
-  if (M <= 0 || N <= 0) return p.vec ? 1 : 0;
+  if (splits != 1 && (impl != 2 || splits < 1 || splits > l0k::gemv::kMaxSplits)) return -2;
+  if (M <= 0 || (N <= 0 && n_idle <= 0)) return p.vec ? 1 : 0;
+  std::vector<float> ws(splits > 1 ? static_cast<size_t>(M * N) : 0, 0.0f);
+  std::vector<int> ws_count(splits > 1 ? static_cast<size_t>(l0k::gemv::grid_cols(N)) : 0, 0);
+  p.splits = splits;
+  p.ws = ws.data();
+  p.ws_count = ws_count.data();
   if (impl == 1) {
     if constexpr (std::is_same_v<T, float>) {
       return -2;
     } else {
-      emu_launch(static_cast<unsigned>(l0k::gemm::grid_cols(N)), static_cast<unsigned>(l0k::gemm::grid_rows(M)),
-                 l0k::gemm::kThreads, l0k::gated_gemm_kernel<T>, p);
+      emu_launch(static_cast<unsigned>(l0k::gemm::grid_cols(N) + l0k::gemm::grid_idle_cols(n_idle)),
+                 static_cast<unsigned>(l0k::gemm::grid_rows(M)), l0k::gemm::kThreads, l0k::gated_gemm_kernel<T>, p);
     }
   } else {
     switch (l0k::gemv::row_bucket(M)) {
@@ -48,31 +61,38 @@ int run(int impl, const void* x, int64_t ldx, const void* w, int64_t ldw, const 
       default: launch_gemv<T, 16>(p); break;
     }
   }
+  for (float v : ws) {
+    if (v != 0.0f) return -3;  // the workspace must be left zero
+  }
+  for (int c : ws_count) {
+    if (c != 0) return -3;
+  }
   return p.vec ? 1 : 0;
 }
 
 }  // namespace
 
 // dtype 0: float16, 1: bfloat16, 2: float32 (GEMV only); impl as run() above; mode 3 (no gates) with
-// x_cols / y_cols (nullable) runs an eval plan. Returns 1 if the 16-byte load path ran, 0 if the
-// scalar one, -1 on a bad dtype, -2 when the chosen kernel cannot take the call.
+// x_cols / y_cols / idle_cols (nullable) runs an eval plan. Returns 1 if the 16-byte load path ran, 0 if
+// the scalar one, -1 on a bad dtype, -2 when the chosen kernel cannot take the call, -3 when the split-K
+// workspace was not left zero.
 extern "C" int l0k_emu_gated_gemm(int dtype, int impl, const void* x, int64_t ldx, const void* w, int64_t ldw,
                                   const void* log_alpha, const void* bias, void* y, int64_t ldy, const int64_t* x_cols,
-                                  const int64_t* y_cols, int64_t M, int64_t N, int64_t K, uint64_t seed, int mode,
-                                  int per_row, int training, int allow_vec, float beta, float gamma, float zeta,
-                                  float eps) {
+                                  const int64_t* y_cols, const int64_t* idle_cols, int64_t n_idle, const void* fill,
+                                  int splits, int64_t M, int64_t N, int64_t K, uint64_t seed, int mode, int per_row,
+                                  int training, int allow_vec, float beta, float gamma, float zeta, float eps) {
   const l0k::GateConfig cfg{beta, gamma, zeta, eps};
+#define L0K_EMU_RUN(T)                                                                                              \
+  run<T>(impl, x, ldx, w, ldw, log_alpha, bias, y, ldy, x_cols, y_cols, idle_cols, n_idle, fill, splits, M, N, K, seed, \
+         mode, per_row, training, allow_vec, cfg)
   switch (dtype) {
-    case 0:
-      return run<__half>(impl, x, ldx, w, ldw, log_alpha, bias, y, ldy, x_cols, y_cols, M, N, K, seed, mode, per_row,
-                         training, allow_vec, cfg);
-    case 1:
-      return run<__nv_bfloat16>(impl, x, ldx, w, ldw, log_alpha, bias, y, ldy, x_cols, y_cols, M, N, K, seed, mode,
-                                per_row, training, allow_vec, cfg);
-    case 2:
-      return run<float>(impl, x, ldx, w, ldw, log_alpha, bias, y, ldy, x_cols, y_cols, M, N, K, seed, mode, per_row,
-                        training, allow_vec, cfg);
-    default:
-      return -1;
+    case 0: return L0K_EMU_RUN(__half);
+    case 1: return L0K_EMU_RUN(__nv_bfloat16);
+    case 2: return L0K_EMU_RUN(float);
+    default: return -1;
   }
+#undef L0K_EMU_RUN
 }
+
+// gemv::choose_splits, for the tests of the host-side rule.
+extern "C" int l0k_emu_gemv_splits(int64_t N, int64_t K, int sms) { return l0k::gemv::choose_splits(N, K, sms); }

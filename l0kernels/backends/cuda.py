@@ -82,7 +82,7 @@ def _linear_fwd_fused_fake(x, weight, log_alpha, bias, seed, gate, sample, train
 
 
 @torch.library.register_fake("l0kernels::sparse_linear")
-def _sparse_linear_fake(x, weight, bias, in_idx, out_idx, fill, out_features):
+def _sparse_linear_fake(x, weight, bias, in_idx, out_idx, idle_idx, fill, out_features):
     return x.new_empty((x.shape[0], out_features))
 
 
