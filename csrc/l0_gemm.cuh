@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(gemm::kThreads) gated_gemm_kernel(const GatedG
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   if (static_cast<int64_t>(blockIdx.x) >= grid_cols(p.N)) {  // a block of idle outputs
     write_idle(p, (blockIdx.x - grid_cols(p.N)) * kBN, kBN, static_cast<int64_t>(blockIdx.y) * kBM, kBM, tid,
-               kThreads);
+               gemm::kThreads);
     return;
   }
   T* const a_smem = reinterpret_cast<T*>(smem);  // [stage][kBM][kLds]

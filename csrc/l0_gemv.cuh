@@ -91,7 +91,10 @@ __global__ void __launch_bounds__(gemv::kThreads) gated_gemv_kernel(const GatedG
   __shared__ int last_split;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   if (static_cast<int64_t>(blockIdx.x) >= grid_cols(p.N)) {  // a block of idle outputs (split 0 writes them)
-    if (blockIdx.y == 0) gemm::write_idle(p, (blockIdx.x - grid_cols(p.N)) * kThreads, kThreads, 0, p.M, tid, kThreads);
+    if (blockIdx.y == 0) {
+      gemm::write_idle(p, (blockIdx.x - grid_cols(p.N)) * gemv::kThreads, gemv::kThreads, 0, p.M, tid,
+                       gemv::kThreads);
+    }
     return;
   }
   const int64_t n_first = static_cast<int64_t>(blockIdx.x) * kBN + warp * kOutPerWarp;
