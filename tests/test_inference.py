@@ -286,14 +286,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from l0kernels.backends.triton import sparse_eval as S
-args = ["x_ptr", "w_ptr", "b_ptr", "y_ptr", "in_idx_ptr", "out_idx_ptr", "M", "N", "K", "stride_xm", "stride_xk",
-        "stride_wn", "stride_wk", "stride_ym", "stride_yn"]
+args = ["x_ptr", "w_ptr", "b_ptr", "y_ptr", "in_idx_ptr", "out_idx_ptr", "idle_ptr", "fill_ptr", "M", "N", "K",
+        "N_IDLE", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_ym", "stride_yn"]
 for dt, kern, consts in [
         ("bf16", S._sparse_gemm_kernel, dict(UPCAST=False, IEEE=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)),
         ("fp32", S._sparse_gemm_kernel, dict(UPCAST=False, IEEE=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)),
         ("fp16", S._sparse_gemv_kernel, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32))]:
-    consts.update(HAS_BIAS=True, GATHER_IN=True, SCATTER_OUT=True)
-    sig = {a: ("*i64" if "idx" in a else f"*{dt}") if a.endswith("_ptr") else "i32" for a in args}
+    consts.update(HAS_BIAS=True, GATHER_IN=True, SCATTER_OUT=True, HAS_IDLE=True, HAS_FILL=True)
+    sig = {a: ("*i64" if "idx" in a or "idle" in a else f"*{dt}") if a.endswith("_ptr") else "i32" for a in args}
     sig.update({k: "constexpr" for k in consts})
     k = triton.compile(ASTSource(fn=kern, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
     assert k.asm["cubin"]

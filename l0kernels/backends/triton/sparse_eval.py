@@ -10,8 +10,9 @@ active-column list ``in_idx`` and active-row list ``out_idx``):
   most of the tile): each program keeps all rows and a block of output features, so every weight element
   is read once per call.
 
-Rows that are not computed are pre-filled by :func:`sparse_linear` (zeros for closed output gates, the
-ungated bias for all-zero rows of weight gates). Accumulation is in float32; float32 inputs use
+Outputs that are not computed (zeros for closed output gates, the ungated bias for all-zero rows of
+weight gates) are written by extra programs of the same launch, from the plan's ``idle_idx``
+(:func:`sparse_linear` pre-fills instead for a plan without it). Accumulation is in float32; float32 inputs use
 ``input_precision="ieee"`` (SPEC section 6 asks 1e-5 against float64). Under ``TRITON_INTERPRET=1``
 the dot inputs are upcast to float32 (the interpreter's bfloat16 ``tl.dot`` is wrong).
 """
@@ -30,16 +31,38 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _sparse_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, in_idx_ptr, out_idx_ptr, M, N, K,
+def _store_idle(y_ptr, idle_ptr, fill_ptr, rm, m_ok, blk, N_IDLE, stride_ym, stride_yn,
+                HAS_FILL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Idle outputs ``idle_ptr[blk * BLOCK_N + i]`` of rows ``rm``: the fill value, or zero."""
+    ri = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    i_ok = ri < N_IDLE
+    col = tl.load(idle_ptr + ri, mask=i_ok, other=0)
+    if HAS_FILL:
+        v = tl.load(fill_ptr + col, mask=i_ok, other=0.0)
+    else:
+        v = tl.zeros((BLOCK_N,), dtype=y_ptr.dtype.element_ty)
+    tile = tl.zeros((rm.shape[0], BLOCK_N), dtype=y_ptr.dtype.element_ty) + v[None, :].to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + col[None, :].to(tl.int64) * stride_yn, tile,
+             mask=m_ok[:, None] & i_ok[None, :])
+
+
+@triton.jit
+def _sparse_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, in_idx_ptr, out_idx_ptr, idle_ptr, fill_ptr, M, N, K, N_IDLE,
                         stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
                         HAS_BIAS: tl.constexpr, GATHER_IN: tl.constexpr, SCATTER_OUT: tl.constexpr,
-                        UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                        HAS_IDLE: tl.constexpr, HAS_FILL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
+    nb = tl.cdiv(N, BLOCK_N)
+    if HAS_IDLE:
+        if pid_n >= nb:  # programs after the computed columns write the idle outputs
+            _store_idle(y_ptr, idle_ptr, fill_ptr, rm, m_ok, pid_n - nb, N_IDLE, stride_ym, stride_yn, HAS_FILL,
+                        BLOCK_N)
+            return
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -71,14 +94,21 @@ def _sparse_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, in_idx_ptr, out_idx_ptr, M, 
 
 
 @triton.jit
-def _sparse_gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, in_idx_ptr, out_idx_ptr, M, N, K,
+def _sparse_gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, in_idx_ptr, out_idx_ptr, idle_ptr, fill_ptr, M, N, K, N_IDLE,
                         stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
                         HAS_BIAS: tl.constexpr, GATHER_IN: tl.constexpr, SCATTER_OUT: tl.constexpr,
+                        HAS_IDLE: tl.constexpr, HAS_FILL: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
+    nb = tl.cdiv(N, BLOCK_N)
+    if HAS_IDLE:
+        if pid_n >= nb:  # programs after the computed columns write the idle outputs
+            _store_idle(y_ptr, idle_ptr, fill_ptr, rm, m_ok, pid_n - nb, N_IDLE, stride_ym, stride_yn, HAS_FILL,
+                        BLOCK_N)
+            return
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -117,7 +147,9 @@ def sparse_linear(x2: torch.Tensor, plan, force: str = "auto") -> torch.Tensor:
     wc = plan.weight
     nc, kc = wc.shape
     scatter = plan.out_idx is not None
-    if scatter:
+    idle = getattr(plan, "idle_idx", None) if scatter else None
+    in_launch = idle is not None and m > 0 and nc > 0 and kc > 0  # the kernel writes the idle outputs
+    if scatter and not in_launch:
         y = x2.new_zeros(m, n_out) if plan.fill is None else x2.new_empty(m, n_out).copy_(plan.fill)
     else:
         y = x2.new_empty(m, n_out)
@@ -129,25 +161,26 @@ def sparse_linear(x2: torch.Tensor, plan, force: str = "auto") -> torch.Tensor:
         return y
     gather = plan.in_idx is not None
     has_bias = plan.bias is not None
+    has_fill = in_launch and plan.fill is not None
+    n_idle = idle.numel() if in_launch else 0
     dummy = wc  # never read when the matching flag is off
     args = (x2, wc, plan.bias if has_bias else dummy, y, plan.in_idx if gather else dummy,
-            plan.out_idx if scatter else dummy, m, nc, kc, x2.stride(0), x2.stride(1), wc.stride(0), wc.stride(1),
-            y.stride(0), y.stride(1))
+            plan.out_idx if scatter else dummy, idle if in_launch else dummy, plan.fill if has_fill else dummy,
+            m, nc, kc, n_idle, x2.stride(0), x2.stride(1), wc.stride(0), wc.stride(1), y.stride(0), y.stride(1))
+    flags = dict(HAS_BIAS=has_bias, GATHER_IN=gather, SCATTER_OUT=scatter, HAS_IDLE=in_launch, HAS_FILL=has_fill)
     kind = force if force != "auto" else ("gemv" if m <= GEMV_MAX_ROWS else "gemm")
     if kind == "gemv" and m > GEMV_MAX_ROWS:
         raise ValueError(f"the GEMV kernel takes at most {GEMV_MAX_ROWS} rows, got {m}")
     if kind == "gemv":
         bm = max(1, triton.next_power_of_2(m))
         bn, bk = (32, 32) if bm <= 4 else (16, 32)
-        grid = (triton.cdiv(nc, bn),)
-        _sparse_gemv_kernel[grid](*args, HAS_BIAS=has_bias, GATHER_IN=gather, SCATTER_OUT=scatter,
-                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        grid = (triton.cdiv(nc, bn) + triton.cdiv(n_idle, bn),)
+        _sparse_gemv_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     else:
         interp = INTERPRET
         bm, bn, bk = (16, 16, 16) if interp else (64, 64, 32)
-        grid = (triton.cdiv(m, bm), triton.cdiv(nc, bn))
-        _sparse_gemm_kernel[grid](*args, HAS_BIAS=has_bias, GATHER_IN=gather, SCATTER_OUT=scatter,
-                                  UPCAST=interp, IEEE=(x2.dtype == torch.float32),
+        grid = (triton.cdiv(m, bm), triton.cdiv(nc, bn) + triton.cdiv(n_idle, bn))
+        _sparse_gemm_kernel[grid](*args, **flags, UPCAST=interp, IEEE=(x2.dtype == torch.float32),
                                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     return y
 
