@@ -119,7 +119,7 @@ def inference_suite(ctx) -> List[dict]:
                                             dense_fwd_bwd_ms=None, peak_mib=peak, dense_peak_mib=dpeak,
                                             density=density, batch=m, compact_shape=f"{kc}->{nc}",
                                             compact_dense_fwd_ms=dense_c))
-                del layer
+                layer = None  # free the layer before the next one (not del: the lambdas above read it)
     return rows
 
 
