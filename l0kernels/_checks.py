@@ -33,9 +33,45 @@ def check_bool(value, name: str) -> bool:
     return value
 
 
-def _same(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
-    if t.dtype != ref.dtype:
-        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+def autocast_dtype(x) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` runs ``x``'s device type in, or None where autocast is off (or ``x`` is
+    no tensor, or its device type has no autocast)."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    dev = x.device.type
+    try:
+        if not torch.is_autocast_enabled(dev):
+            return None
+    except RuntimeError:  # a device type autocast does not know (meta, ...)
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
+def run_dtype(t: torch.Tensor, autocast: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype ``t`` runs in: under autocast (``autocast`` is its dtype) floating tensors other than
+    float64 are cast to it, as autocast's lower-precision ops (``F.linear``, ``F.conv2d``) cast them."""
+    if autocast is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t.dtype
+    return autocast
+
+
+def autocast_cast(t: Optional[torch.Tensor], autocast: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    """``t`` in :func:`run_dtype` (differentiable: gradients reach ``t`` in its own dtype)."""
+    if t is None:
+        return None
+    dt = run_dtype(t, autocast)
+    return t if dt == t.dtype else t.to(dt)
+
+
+def _same(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str,
+          autocast: Optional[torch.dtype] = None) -> None:
+    if autocast is None:
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+    elif run_dtype(t, autocast) != run_dtype(ref, autocast):
+        raise TypeError(f"{name} must have the dtype of {ref_name} once torch.autocast casts them, got {name} "
+                        f"{t.dtype} and {ref_name} {ref.dtype} (under autocast float16, bfloat16 and float32 "
+                        f"tensors run in {autocast}, float64 tensors are not cast)")
     if t.device != ref.device:
         raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
 
@@ -63,7 +99,7 @@ def draw_seed() -> int:
     (``random_`` on an int64 tensor draws from [0, 2**63); the 0-d tensor is reused per thread.)"""
     t = _SEED_BUF.t
     if t is None:
-        t = _SEED_BUF.t = torch.empty((), dtype=torch.int64)
+        t = _SEED_BUF.t = torch.empty((), dtype=torch.int64, device="cpu")
     return int(t.random_().item())
 
 
@@ -86,7 +122,10 @@ def make_config(beta, gamma, zeta, eps=1e-6) -> GateConfig:
 
 
 def linear_call(x, weight, log_alpha, bias, *, seed, gate, noise, training, backend, beta, gamma, zeta,
-                eps=1e-6) -> LinearCall:
+                eps=1e-6, autocast: Optional[torch.dtype] = None) -> LinearCall:
+    """The checked call. ``autocast``: the dtype of an enclosing ``torch.autocast`` (see
+    :func:`autocast_dtype`); the dtypes then must agree once cast (:func:`run_dtype`), and the call
+    still holds the tensors as given."""
     check_choice(gate, "gate", LINEAR_GATES)
     check_choice(noise, "noise", NOISE_KINDS)
     check_choice(backend, "backend", backend_names())
@@ -104,15 +143,15 @@ def linear_call(x, weight, log_alpha, bias, *, seed, gate, noise, training, back
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"x must have shape (..., in_features={k}) to match weight {tuple(weight.shape)}, "
                          f"got {tuple(x.shape)}")
-    _same(weight, "weight", x, "x")
-    _same(log_alpha, "log_alpha", x, "x")
+    _same(weight, "weight", x, "x", autocast)
+    _same(log_alpha, "log_alpha", x, "x", autocast)
     want = {"in": (k,), "out": (n,), "weight": (n, k)}[gate]
     if tuple(log_alpha.shape) != want:
         raise ValueError(f"log_alpha must have shape {want} for gate={gate!r} with weight "
                          f"{tuple(weight.shape)}, got {tuple(log_alpha.shape)}")
     if bias is not None:
         check_tensor(bias, "bias")
-        _same(bias, "bias", x, "x")
+        _same(bias, "bias", x, "x", autocast)
         if tuple(bias.shape) != (n,):
             raise ValueError(f"bias must have shape ({n},) (out_features), got {tuple(bias.shape)}")
     seed = resolve_seed(seed, training)
@@ -132,7 +171,8 @@ def _pair(v, name: str, minimum: int) -> Tuple[int, int]:
 
 
 def conv2d_call(x, weight, log_alpha, bias, stride, padding, dilation, groups, *, seed, noise, training,
-                backend, beta, gamma, zeta, eps=1e-6) -> Conv2dCall:
+                backend, beta, gamma, zeta, eps=1e-6, autocast: Optional[torch.dtype] = None) -> Conv2dCall:
+    """The checked call; ``autocast`` as in :func:`linear_call`."""
     check_choice(noise, "noise", NOISE_KINDS)
     check_choice(backend, "backend", backend_names())
     check_bool(training, "training")
@@ -152,8 +192,8 @@ def conv2d_call(x, weight, log_alpha, bias, stride, padding, dilation, groups, *
     if weight.dim() != 4:
         raise ValueError(f"weight must be 4-D (out_channels, in_channels/groups, kh, kw), got shape "
                          f"{tuple(weight.shape)}")
-    _same(weight, "weight", x, "x")
-    _same(log_alpha, "log_alpha", x, "x")
+    _same(weight, "weight", x, "x", autocast)
+    _same(log_alpha, "log_alpha", x, "x", autocast)
     c_out, c_in_g, kh, kw = weight.shape
     if c_out % groups:
         raise ValueError(f"weight's out_channels ({c_out}) must be divisible by groups ({groups})")
@@ -165,7 +205,7 @@ def conv2d_call(x, weight, log_alpha, bias, stride, padding, dilation, groups, *
                          f"{tuple(log_alpha.shape)}")
     if bias is not None:
         check_tensor(bias, "bias")
-        _same(bias, "bias", x, "x")
+        _same(bias, "bias", x, "x", autocast)
         if tuple(bias.shape) != (c_out,):
             raise ValueError(f"bias must have shape ({c_out},) (out_channels), got {tuple(bias.shape)}")
     for d, size in enumerate(x.shape[2:]):

@@ -26,6 +26,10 @@ in the Triton interpreter when ``backend="triton"`` and ``TRITON_INTERPRET=1``.
 
 When autograd is recording and something requires a gradient, the differentiable
 ``l0_linear(..., training=False)`` / ``l0_conv2d`` path runs instead, so eval-mode fine-tuning works.
+
+Under ``torch.autocast`` a plan is built in the autocast dtype (gates from the float32 ``log_alpha``,
+folded into the float32 weight, rounded once) and cached beside the plan of the parameters' own dtype,
+keyed by that dtype; ``x`` is cast like ``F.linear``'s input and the output has the autocast dtype.
 """
 from __future__ import annotations
 
@@ -40,11 +44,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._checks import conv2d_call, linear_call
+from ._checks import autocast_dtype, conv2d_call, linear_call, run_dtype
 from ._gates import eval_gates_and_grad
 from .functional import l0_conv2d, l0_linear
 
-# module -> (key, plan); kept outside the module so that torch.save / deepcopy of a model never carry it
+# module -> {plan dtype: (key, plan)}, the latest used last; kept outside the module so that torch.save /
+# deepcopy of a model never carry it
 _CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -63,6 +68,7 @@ class LinearPlan:
     fill: Optional[torch.Tensor]  # (N,) value of the rows that are not computed; None = 0
     out_features: int
     in_features: int
+    idle_idx: Optional[torch.Tensor] = None  # the outputs not in out_idx (given with out_idx), for one-launch kernels
 
     @property
     def density(self) -> float:
@@ -96,20 +102,33 @@ def clear_eval_cache(module) -> None:
         _CACHES.pop(m, None)
 
 
-def _cached(module, kind: str, build):
+def _cached(module, kind: str, build, dtype: torch.dtype):
+    """The plan of ``module`` in ``dtype`` (the parameters' own, or the autocast dtype), built by ``build``
+    when missing or stale. Plans in other dtypes stay cached while the parameters do not change, so
+    calls that alternate autocast on and off do not rebuild."""
     key = _cache_key(module, kind)
-    entry = _CACHES.get(module)
-    if entry is not None and entry[0] == key:
-        return entry[1]
-    with torch.no_grad():
-        plan = build(module)
-    _CACHES[module] = (key, plan)
-    return plan
+    plans = _CACHES.get(module)
+    if plans is None:
+        plans = _CACHES[module] = {}
+    entry = plans.pop(dtype, None)
+    if entry is None or entry[0] != key:
+        with torch.no_grad():
+            entry = (key, build(module))
+        for d in [d for d, e in plans.items() if e[0] != key]:  # stale: built from other parameters
+            del plans[d]
+    plans[dtype] = entry  # last: the latest used
+    return entry[1]
 
 
-def cached_plan(module):
-    """The plan cached for ``module`` (None before its first eval call or after a change)."""
-    entry = _CACHES.get(module)
+def cached_plan(module, dtype: Optional[torch.dtype] = None):
+    """The plan cached for ``module`` in ``dtype`` (default: the one used last); None before its first
+    eval call in that dtype or after a change."""
+    plans = _CACHES.get(module)
+    if not plans:
+        return None
+    if dtype is None:
+        return next(reversed(plans.values()))[1]
+    entry = plans.get(dtype)
     return None if entry is None else entry[1]
 
 
@@ -117,10 +136,14 @@ def _z_eval(module) -> torch.Tensor:
     return eval_gates_and_grad(module.log_alpha.detach(), module.cfg, need_grad=False)[0]
 
 
-def build_linear_plan(module) -> LinearPlan:
-    """The compact eval form of an ``L0Linear`` (see :class:`LinearPlan`). Synchronises once (``nonzero``)."""
+def build_linear_plan(module, dtype: Optional[torch.dtype] = None) -> LinearPlan:
+    """The compact eval form of an ``L0Linear`` (see :class:`LinearPlan`). Synchronises once (``nonzero``).
+
+    ``dtype``: the plan's dtype (default the weight's; under autocast the autocast dtype). The gates come
+    from ``log_alpha`` as it is and are folded into the weight in the gate compute dtype, then rounded once."""
     w = module.weight.detach()
     b = module.bias.detach() if module.bias is not None else None
+    out = w.dtype if dtype is None else dtype
     n, k = w.shape
     z = _z_eval(module)  # float32/float64 gate math
     cd = z.dtype
@@ -128,17 +151,17 @@ def build_linear_plan(module) -> LinearPlan:
     in_idx = out_idx = fill = None
     if gate == "in":
         keep = z > 0
-        wz = (w.to(cd) * z).to(w.dtype)
+        wz = (w.to(cd) * z).to(out)
         if bool(keep.all()):
             wc = wz
         else:
             in_idx = keep.nonzero().flatten()
             wc = wz.index_select(1, in_idx)
-        bc = b
+        bc = b.to(out) if b is not None else None
     elif gate == "out":
         keep = z > 0
-        wz = (w.to(cd) * z[:, None]).to(w.dtype)
-        bz = (b.to(cd) * z).to(b.dtype) if b is not None else None
+        wz = (w.to(cd) * z[:, None]).to(out)
+        bz = (b.to(cd) * z).to(out) if b is not None else None
         if bool(keep.all()):
             wc, bc = wz, bz
         else:
@@ -147,7 +170,8 @@ def build_linear_plan(module) -> LinearPlan:
             bc = bz.index_select(0, out_idx) if bz is not None else None
     else:
         nz = z > 0
-        wz = (w.to(cd) * z).to(w.dtype)
+        wz = (w.to(cd) * z).to(out)
+        b = b.to(out) if b is not None else None
         rows, cols = nz.any(1), nz.any(0)
         wc, bc = wz, b
         if not bool(cols.all()):
@@ -158,17 +182,25 @@ def build_linear_plan(module) -> LinearPlan:
             wc = wc.index_select(0, out_idx)
             bc = b.index_select(0, out_idx) if b is not None else None
             fill = b  # a row without any open weight outputs its (ungated) bias
-    return LinearPlan(in_idx, out_idx, wc.contiguous(), None if bc is None else bc.contiguous(), fill, n, k)
+    idle_idx = None
+    if out_idx is not None:
+        idle = torch.ones(n, dtype=torch.bool, device=w.device)
+        idle[out_idx] = False
+        idle_idx = idle.nonzero().flatten()
+    return LinearPlan(in_idx, out_idx, wc.contiguous(), None if bc is None else bc.contiguous(), fill, n, k,
+                      idle_idx)
 
 
-def build_conv_plan(module) -> ConvPlan:
-    """The compact eval form of an ``L0Conv2d``: active output channels, gates folded into weight and bias."""
+def build_conv_plan(module, dtype: Optional[torch.dtype] = None) -> ConvPlan:
+    """The compact eval form of an ``L0Conv2d``: active output channels, gates folded into weight and bias
+    (``dtype`` as in :func:`build_linear_plan`)."""
     w = module.weight.detach()
     b = module.bias.detach() if module.bias is not None else None
+    out = w.dtype if dtype is None else dtype
     z = _z_eval(module)
     cd = z.dtype
-    wz = (w.to(cd) * z[:, None, None, None]).to(w.dtype)
-    bz = (b.to(cd) * z).to(b.dtype) if b is not None else None
+    wz = (w.to(cd) * z[:, None, None, None]).to(out)
+    bz = (b.to(cd) * z).to(out) if b is not None else None
     keep = z > 0
     out_idx = None
     if module.groups == 1 and not bool(keep.all()):
@@ -258,8 +290,8 @@ def _cuda_eval_why_not(x: torch.Tensor) -> Optional[str]:
 
 
 def _cuda_sparse_linear(x2: torch.Tensor, plan: LinearPlan) -> torch.Tensor:
-    return torch.ops.l0kernels.sparse_linear(x2, plan.weight, plan.bias, plan.in_idx, plan.out_idx, plan.fill,
-                                             plan.out_features)
+    return torch.ops.l0kernels.sparse_linear(x2, plan.weight, plan.bias, plan.in_idx, plan.out_idx, plan.idle_idx,
+                                             plan.fill, plan.out_features)
 
 
 def _triton_sparse_linear(x2: torch.Tensor, plan: LinearPlan) -> torch.Tensor:
@@ -317,33 +349,49 @@ def _needs_autograd(x, module) -> bool:
                                   for p in (module.weight, module.bias, module.log_alpha))
 
 
-def _validate_linear(module, x):
+def _validate_linear(module, x, autocast: Optional[torch.dtype] = None):
     c = module.cfg
     return linear_call(x, module.weight, module.log_alpha, module.bias, seed=None, gate=module.gate,
                        noise=module.noise, training=False, backend=module.backend, beta=c.beta, gamma=c.gamma,
-                       zeta=c.zeta, eps=c.eps)
+                       zeta=c.zeta, eps=c.eps, autocast=autocast)
 
 
-def _build_checked_linear_plan(module, x):
-    _validate_linear(module, x)  # the full check of the layer's tensors, once per plan
-    return build_linear_plan(module)
+def _build_checked_linear_plan(module, x, autocast: Optional[torch.dtype] = None):
+    _validate_linear(module, x, autocast)  # the full check of the layer's tensors, once per plan
+    if autocast is None:
+        return build_linear_plan(module)
+    return build_linear_plan(module, run_dtype(module.weight, autocast))
 
 
 def eval_linear(module, x: torch.Tensor) -> torch.Tensor:
     """Eval-mode ``L0Linear`` forward; equals ``l0_linear(..., training=False)`` up to rounding."""
     w = module.weight
+    ac = autocast_dtype(x)
     # per-call checks of x (the layer's own tensors are checked when its plan is built); the full check
     # runs, and raises with its message, when one fails
-    if not (isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == w.shape[1] and x.dtype == w.dtype
-            and x.device == w.device):
-        _validate_linear(module, x)
+    if ac is None:
+        pdt = w.dtype
+        if not (isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == w.shape[1] and x.dtype == pdt
+                and x.device == w.device):
+            _validate_linear(module, x)
+    else:  # torch.autocast: x and the plan in the dtype autocast runs them in
+        pdt = run_dtype(w, ac)
+        if not (x.dim() >= 1 and x.shape[-1] == w.shape[1] and run_dtype(x, ac) == pdt and x.device == w.device):
+            _validate_linear(module, x, ac)
     if _needs_autograd(x, module):
         c = module.cfg
         return l0_linear(x, module.weight, module.log_alpha, module.bias, gate=module.gate, noise=module.noise,
                          training=False, backend=module.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta,
                          eps=c.eps)
-    plan = _cached(module, "linear", lambda mod: _build_checked_linear_plan(mod, x))
-    n, k = w.shape
+    plan = _cached(module, "linear", lambda mod: _build_checked_linear_plan(mod, x, ac), pdt)
+    if ac is None:
+        return _run_linear_plan(module, x, plan)
+    with torch.autocast(x.device.type, enabled=False):
+        return _run_linear_plan(module, x.to(pdt), plan)
+
+
+def _run_linear_plan(module, x: torch.Tensor, plan: LinearPlan) -> torch.Tensor:
+    n, k = module.weight.shape
     x2 = x.reshape(math.prod(x.shape[:-1]), k)  # -1 fails when k == 0
     runners = _linear_runners(module.backend, x)
     name = next(iter(runners)) if len(runners) == 1 else _auto_pick(x2, plan, runners)
@@ -353,15 +401,21 @@ def eval_linear(module, x: torch.Tensor) -> torch.Tensor:
 def eval_conv2d(module, x: torch.Tensor) -> torch.Tensor:
     """Eval-mode ``L0Conv2d`` forward: a convolution over the active output channels only."""
     c = module.cfg
+    ac = autocast_dtype(x)
     call = conv2d_call(x, module.weight, module.log_alpha, module.bias, module.stride, module.padding,
                        module.dilation, module.groups, seed=None, noise=module.noise, training=False,
-                       backend=module.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta, eps=c.eps)
+                       backend=module.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta, eps=c.eps, autocast=ac)
     if _needs_autograd(x, module):
         return l0_conv2d(x, module.weight, module.log_alpha, module.bias, module.stride, module.padding,
                          module.dilation, module.groups, noise=module.noise, training=False,
                          backend=module.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta, eps=c.eps)
-    plan = _cached(module, "conv2d", build_conv_plan)
-    return conv_plan_torch(x, plan, call.stride, call.padding, call.dilation, call.groups)
+    if ac is None:
+        plan = _cached(module, "conv2d", build_conv_plan, module.weight.dtype)
+        return conv_plan_torch(x, plan, call.stride, call.padding, call.dilation, call.groups)
+    pdt = run_dtype(module.weight, ac)
+    plan = _cached(module, "conv2d", lambda mod: build_conv_plan(mod, pdt), pdt)
+    with torch.autocast(x.device.type, enabled=False):
+        return conv_plan_torch(x.to(pdt), plan, call.stride, call.padding, call.dilation, call.groups)
 
 
 __all__ = ["eval_linear", "eval_conv2d", "clear_eval_cache", "cached_plan", "build_linear_plan", "build_conv_plan",

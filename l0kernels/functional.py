@@ -1,12 +1,13 @@
 """Public functional API of SPEC section 4: gates, penalties and the gated ops."""
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import Optional, Sequence
 
 import torch
 
-from ._checks import check_tensor, conv2d_call, linear_call, make_config
+from ._checks import autocast_cast, autocast_dtype, check_tensor, conv2d_call, linear_call, make_config
 from ._dispatch import dispatch
 from ._gates import (compute_dtype, eval_gates_and_grad, gates_from_uniform, noise_uniform, prob_open_t)
 from ._philox import check_seed
@@ -107,9 +108,14 @@ def l0_linear(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bi
     ``noise="batch"`` draws one gate vector per call, ``"sample"`` one per row of ``x.reshape(-1, K)``.
     In training with ``seed=None`` a seed is drawn from PyTorch's default generator.
     With ``training=False`` the deterministic gates are used and ``seed`` is ignored.
+    Under ``torch.autocast`` the op casts like ``F.linear``: float16/bfloat16/float32 ``x``, ``weight``,
+    ``bias`` and ``log_alpha`` run in the autocast dtype (float64 is not cast), and so does the output.
     """
+    ac = autocast_dtype(x)
     call = linear_call(x, weight, log_alpha, bias, seed=seed, gate=gate, noise=noise, training=training,
-                       backend=backend, beta=beta, gamma=gamma, zeta=zeta, eps=eps)
+                       backend=backend, beta=beta, gamma=gamma, zeta=zeta, eps=eps, autocast=ac)
+    if ac is not None:
+        return _dispatch_autocast(call, backend, ac)
     return dispatch(call, backend)
 
 
@@ -120,10 +126,26 @@ def l0_conv2d(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bi
     """``conv2d(x, W, b, ...) * z[..., c, None, None]`` with one gate per output channel (SPEC section 3).
 
     ``x`` is ``(B, C_in, H, W)`` (NCHW or channels_last); ``noise="sample"`` draws gates ``(B, C_out)``.
+    Under ``torch.autocast`` the op casts like ``F.conv2d`` (see :func:`l0_linear`).
     """
+    ac = autocast_dtype(x)
     call = conv2d_call(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed=seed, noise=noise,
-                       training=training, backend=backend, beta=beta, gamma=gamma, zeta=zeta, eps=eps)
+                       training=training, backend=backend, beta=beta, gamma=gamma, zeta=zeta, eps=eps, autocast=ac)
+    if ac is not None:
+        return _dispatch_autocast(call, backend, ac)
     return dispatch(call, backend)
+
+
+def _dispatch_autocast(call, backend: str, dtype: torch.dtype) -> torch.Tensor:
+    """Run a checked call under ``torch.autocast``: as ``F.linear`` / ``F.conv2d`` do (autocast's
+    lower-precision list), floating inputs other than float64 -- ``x``, ``weight``, ``bias`` and
+    ``log_alpha`` -- are cast to the autocast dtype (every backend takes them in one dtype; the gate math
+    still runs in float32), and the op runs with autocast off. The casts are differentiable, so the
+    gradients reach float32 parameters in float32."""
+    call = dataclasses.replace(call, x=autocast_cast(call.x, dtype), weight=autocast_cast(call.weight, dtype),
+                               log_alpha=autocast_cast(call.log_alpha, dtype), bias=autocast_cast(call.bias, dtype))
+    with torch.autocast(call.x.device.type, enabled=False):
+        return dispatch(call, backend)
 
 
 def gate_derivative_eval(log_alpha: torch.Tensor, *, gamma: float = _GAMMA, zeta: float = _ZETA) -> torch.Tensor:
