@@ -509,11 +509,8 @@ def _assert_same_modules(a, b):
     assert [repr(m) for m in a.modules()] == [repr(m) for m in b.modules()]
 
 
-def test_compact_under_meta_default_device_is_unchanged(rel_err):
-    """Every tensor compact() makes is on the model's device: a default device of ``meta`` changes nothing."""
-    torch.manual_seed(40)
-    model = _mixed_model()
-    x = _mixed_input()
+def _compact_under_meta(model, x, rel_err):
+    """compact() under a ``meta`` default device equals compact() without it, on the CPU, same outputs."""
     with torch.no_grad():
         ref = model(x)
     c_ref = compact(model)
@@ -522,8 +519,15 @@ def test_compact_under_meta_default_device_is_unchanged(rel_err):
     _assert_on(c_meta, "cpu", torch.float32)
     _assert_same_modules(c_meta, c_ref)
     with torch.no_grad():
-        y = c_meta(x)
-    assert rel_err(y, ref) < TOL[torch.float32]
+        assert rel_err(c_meta(x), ref) < TOL[torch.float32]
+    return c_meta
+
+
+def test_compact_under_meta_default_device_is_unchanged(rel_err):
+    """Every tensor compact() makes is on the model's device: a default device of ``meta`` changes nothing."""
+    torch.manual_seed(40)
+    model = _mixed_model()
+    c_meta = _compact_under_meta(model, _mixed_input(), rel_err)
     # the compact result really removed something (else the check above proves little)
     n_before = sum(m.weight.numel() for m in model.modules() if hasattr(m, "weight") and m.weight is not None)
     n_after = sum(m.weight.numel() for m in c_meta.modules() if hasattr(m, "weight") and m.weight is not None)
@@ -549,15 +553,7 @@ def test_compact_under_meta_default_device_other_models(build, rel_err):
         if isinstance(m, (l0k.L0Linear, l0k.L0Conv2d)):
             random_closed(m, 0.5)
     model.eval()
-    with torch.no_grad():
-        ref = model(x)
-    c_ref = compact(model)
-    with torch.device("meta"):
-        c_meta = compact(model)
-    _assert_on(c_meta, "cpu", torch.float32)
-    _assert_same_modules(c_meta, c_ref)
-    with torch.no_grad():
-        assert rel_err(c_meta(x), ref) < TOL[torch.float32]
+    _compact_under_meta(model, x, rel_err)
 
 
 def test_summary_under_meta_default_device_is_unchanged():
