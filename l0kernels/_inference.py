@@ -92,8 +92,12 @@ def _tensor_key(t: Optional[torch.Tensor]) -> Tuple:
 
 
 def _cache_key(module, kind: str) -> Tuple:
-    return (kind, getattr(module, "gate", "out"), module.cfg, getattr(module, "groups", 1),
-            _tensor_key(module.weight), _tensor_key(module.bias), _tensor_key(module.log_alpha))
+    # straight from the instance dicts: nn.Module.__getattr__ (and getattr with a default, which raises
+    # inside) cost microseconds per call, which a batch-1 eval call cannot spare
+    d = module.__dict__
+    p = d["_parameters"]
+    return (kind, d.get("gate", "out"), d["cfg"], d.get("groups", 1),
+            _tensor_key(p["weight"]), _tensor_key(p.get("bias")), _tensor_key(p["log_alpha"]))
 
 
 def clear_eval_cache(module) -> None:
@@ -365,7 +369,7 @@ def _build_checked_linear_plan(module, x, autocast: Optional[torch.dtype] = None
 
 def eval_linear(module, x: torch.Tensor) -> torch.Tensor:
     """Eval-mode ``L0Linear`` forward; equals ``l0_linear(..., training=False)`` up to rounding."""
-    w = module.weight
+    w = module.__dict__["_parameters"]["weight"]
     ac = autocast_dtype(x)
     # per-call checks of x (the layer's own tensors are checked when its plan is built); the full check
     # runs, and raises with its message, when one fails
@@ -391,11 +395,13 @@ def eval_linear(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _run_linear_plan(module, x: torch.Tensor, plan: LinearPlan) -> torch.Tensor:
-    n, k = module.weight.shape
-    x2 = x.reshape(math.prod(x.shape[:-1]), k)  # -1 fails when k == 0
-    runners = _linear_runners(module.backend, x)
+    runners = _linear_runners(module.__dict__["backend"], x)
+    if x.dim() == 2:  # the common case, without reshapes
+        name = next(iter(runners)) if len(runners) == 1 else _auto_pick(x, plan, runners)
+        return runners[name](x, plan)
+    x2 = x.reshape(math.prod(x.shape[:-1]), plan.in_features)  # -1 fails when k == 0
     name = next(iter(runners)) if len(runners) == 1 else _auto_pick(x2, plan, runners)
-    return runners[name](x2, plan).reshape(*x.shape[:-1], n)
+    return runners[name](x2, plan).reshape(*x.shape[:-1], plan.out_features)
 
 
 def eval_conv2d(module, x: torch.Tensor) -> torch.Tensor:

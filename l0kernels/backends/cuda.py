@@ -132,6 +132,20 @@ def gemm_impl(name: str):
         GEMM_IMPL = old
 
 
+_CAPABILITY: Dict[int, tuple] = {}
+
+
+def _capability(device: torch.device) -> tuple:
+    """Compute capability of a CUDA device, cached by index (the eval path asks on every call; a CUDA
+    tensor's device always has its index)."""
+    if device.index is None:
+        return torch.cuda.get_device_capability(device)
+    cc = _CAPABILITY.get(device.index)
+    if cc is None:
+        cc = _CAPABILITY[device.index] = torch.cuda.get_device_capability(device)
+    return cc
+
+
 def fused_why_not(x: torch.Tensor) -> Optional[str]:
     """Why the single-launch forward cannot take ``x`` (2-D view ``(M, K)``), or None."""
     rows = x.numel() // max(1, x.shape[-1])
@@ -140,7 +154,7 @@ def fused_why_not(x: torch.Tensor) -> Optional[str]:
     if x.dtype not in (torch.float16, torch.bfloat16):
         return (f"the fused forward runs float16 and bfloat16 for more than {GEMV_MAX_ROWS} rows of x "
                 f"(float32 up to {GEMV_MAX_ROWS}), got {x.dtype} with {rows} rows")
-    if torch.cuda.get_device_capability(x.device)[0] < 8:
+    if _capability(x.device)[0] < 8:
         return f"the fused forward needs compute capability 8.0+ for more than {GEMV_MAX_ROWS} rows of x"
     if rows > FUSED_MAX_ROWS:
         return f"the fused forward takes at most {FUSED_MAX_ROWS} rows, got {rows}"
