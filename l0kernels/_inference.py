@@ -306,8 +306,11 @@ def _linear_runners(backend: str, x: torch.Tensor) -> dict:
     """The eval paths that may run this call, by name, in the order ``auto`` prefers untimed.
 
     ``torch``: the reference (PyTorch on the compact plan, cuBLAS on CUDA); ``triton``: the Triton
-    kernels (``backend="triton"`` raises when they cannot run); ``cuda``: the extension's kernel, which
-    runs float16 / bfloat16 on sm_80+; ``backend="cuda"`` takes the PyTorch path (cuBLAS) otherwise."""
+    kernels (``backend="triton"`` raises when they cannot run); ``cuda``: the extension's kernel (the
+    GEMV for 1-16 rows in any dtype, the tensor-core GEMM above for float16 / bfloat16 on sm_80+).
+    ``backend="cuda"`` is the extension plus cuBLAS, as in training: the CUDA backend's forward choice
+    (``L0K_CUDA_GEMM`` / ``gemm_impl``) applies, ``fused`` taking the kernel where it can run,
+    ``two_pass`` the cuBLAS plan path, ``auto`` the faster of the two (timed once)."""
     if backend == "torch":
         return {"torch": linear_plan_torch}
     runners = {}
@@ -315,6 +318,12 @@ def _linear_runners(backend: str, x: torch.Tensor) -> dict:
         runners["triton"] = _triton_sparse_linear
     if backend in ("auto", "cuda") and _cuda_eval_why_not(x) is None:
         runners["cuda"] = _cuda_sparse_linear
+        if backend == "cuda":
+            from .backends import cuda as cuda_backend
+            if cuda_backend.GEMM_IMPL == "fused":
+                return runners
+            if cuda_backend.GEMM_IMPL == "two_pass":
+                return {"torch": linear_plan_torch}
     if backend != "triton":
         runners["torch"] = linear_plan_torch
     return runners

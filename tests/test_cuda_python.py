@@ -137,6 +137,15 @@ CHILD = textwrap.dedent(r'''
         assert (plan.idle_idx is not None) == (plan.out_idx is not None) == (gate != "in")
         xe = torch.randn(5, 9, generator=g, dtype=torch.float64)
         assert torch.allclose(_cuda_sparse_linear(xe, plan), linear_plan_torch(xe, plan))
+    # backend="cuda" eval: the forward choice of the CUDA backend picks between its kernel and cuBLAS
+    import l0kernels._inference as inf
+    inf._cuda_eval_why_not = lambda x: None  # as on a GPU that can run the kernel
+    assert list(inf._linear_runners("cuda", xe)) == ["cuda", "torch"]
+    with cb.gemm_impl("fused"):
+        assert list(inf._linear_runners("cuda", xe)) == ["cuda"]
+    with cb.gemm_impl("two_pass"):
+        assert list(inf._linear_runners("cuda", xe)) == ["torch"]
+    assert list(inf._linear_runners("torch", xe)) == ["torch"]
     # fake impls (torch.compile): shapes of every op
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
