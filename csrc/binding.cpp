@@ -270,7 +270,7 @@ int sm_count(const at::Device& device) {
   return cache[idx];
 }
 
-// The GEMV's split-K workspace on (device, stream): `sums` floats and `counters` ints, zero. Kept per
+// The split-K workspace on (device, stream): `sums` floats and `counters` ints, zero. Kept per
 // stream (kernels on one stream run in order, and each leaves it zero again) and grown on demand;
 // never used while a CUDA graph is captured (a graph would keep a pointer the next growth frees).
 std::pair<float*, int*> split_workspace(const Tensor& like, int64_t sums, int64_t counters, cudaStream_t stream) {
@@ -301,7 +301,8 @@ struct GemmExtras {
 };
 
 // x2 (M, K') with unit column stride (or gathered through x_cols), w (N', K') likewise, y (M, N).
-// 1-16 rows: the GEMV, split over K when N' alone gives too few blocks (gemv::choose_splits).
+// 1-16 rows: the GEMV, else the tensor-core GEMM; either split over K when the outputs alone give too
+// few blocks (gemv::choose_splits, gemm::choose_splits).
 template <typename T>
 void run_gated_gemm(const Tensor& x2, const Tensor& w, const Tensor& la, const Tensor& bias, const Tensor& y,
                     const GemmExtras& e, int64_t seed, int mode, bool per_row, bool training,
@@ -316,10 +317,13 @@ void run_gated_gemm(const Tensor& x2, const Tensor& w, const Tensor& la, const T
   p.n_idle = e.idle_cols.defined() ? e.idle_cols.numel() : 0;
   p.fill = ptr<T>(e.fill);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (p.M <= l0k::gemv::kMaxRows && p.N > 0) {
-    const int splits = l0k::gemv::choose_splits(p.N, p.K, sm_count(x2.device()));
+  if (p.M > 0 && p.N > 0) {
+    const bool gemv = p.M <= l0k::gemv::kMaxRows;
+    const int sms = sm_count(x2.device());
+    const int splits = gemv ? l0k::gemv::choose_splits(p.N, p.K, sms) : l0k::gemm::choose_splits(p.M, p.N, p.K, sms);
     if (splits > 1 && !capturing(stream)) {
-      std::tie(p.ws, p.ws_count) = split_workspace(x2, p.M * p.N, l0k::gemv::grid_cols(p.N), stream);
+      const int64_t tiles = gemv ? l0k::gemv::grid_cols(p.N) : l0k::gemm::grid_cols(p.N) * l0k::gemm::grid_rows(p.M);
+      std::tie(p.ws, p.ws_count) = split_workspace(x2, p.M * p.N, tiles, stream);
       p.splits = splits;
     }
   }

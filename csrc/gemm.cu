@@ -43,8 +43,12 @@ cudaError_t launch_gated_gemm(const GatedGemmParams<T>& p, cudaStream_t stream) 
     return cudaErrorInvalidValue;  // no float32 tensor-core kernel: the caller checks M first
   } else {
     const int64_t grid_n = gemm::grid_cols(p.N) + gemm::grid_idle_cols(p.n_idle), grid_m = gemm::grid_rows(p.M);
-    if (grid_m > 65535 || grid_n > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    gated_gemm_kernel<T><<<dim3(static_cast<unsigned int>(grid_n), static_cast<unsigned int>(grid_m)),
+    if (grid_m > 65535 || grid_n > 0x7fffffff || p.splits < 1 || p.splits > gemm::kMaxSplits ||
+        (p.splits > 1 && (p.ws == nullptr || p.ws_count == nullptr))) {
+      return cudaErrorInvalidConfiguration;
+    }
+    gated_gemm_kernel<T><<<dim3(static_cast<unsigned int>(grid_n), static_cast<unsigned int>(grid_m),
+                                static_cast<unsigned int>(p.splits)),
                            gemm::kThreads, 0, stream>>>(p);
     return cudaGetLastError();
   }

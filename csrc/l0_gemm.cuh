@@ -17,6 +17,12 @@
 // element on load, so each is drawn once per block column (N / 128 times) or block row (M / 128
 // times): cheap for small M or N, expensive for large ones (the caller picks between this kernel and
 // the two-pass path). Output gates are applied in the epilogue with the bias.
+// Split-K (grid.z = splits > 1, chosen by the host with choose_splits when the output tiles alone
+// leave multiprocessors idle, e.g. M <= 256 with N = 4096): each split runs its share of the k-tiles
+// and adds its partial sums into an fp32 workspace with atomics; the last split of an output tile to
+// arrive (a counter per tile) reads the sums back, leaves workspace and counter zero, and finishes the
+// tile with bias, output gate and scatter. Idle outputs of eval plans are written by extra block
+// columns of the same launch.
 //
 // Device code without PyTorch headers. It uses only threadIdx/blockIdx, __syncthreads/__syncwarp,
 // static shared memory and nvcuda::wmma, so csrc/tests/cuda_emu.h can run it on the CPU.
@@ -65,8 +71,9 @@ struct GatedGemmParams {
   const int64_t* idle_cols = nullptr;
   int64_t n_idle = 0;
   const T* fill = nullptr;     // (ldy-wide output row) fill values, or nullptr for zeros
-  // GEMV split-K (l0_gemv.cuh): splits > 1 partitions K over grid.y; ws (M x N floats) and ws_count
-  // (one int per block column) are zero on entry and left zero by the kernel.
+  // Split-K: splits > 1 partitions K (GEMV: grid.y, tensor-core GEMM: grid.z); ws (M x N floats) and
+  // ws_count (one int per output tile: block columns of the GEMV, block rows x columns of the GEMM) are
+  // zero on entry and left zero by the kernel.
   int splits = 1;
   float* ws = nullptr;
   int* ws_count = nullptr;
@@ -96,6 +103,25 @@ static_assert(kBK % 16 == 0 && kBM <= kThreads && kBN <= kThreads && kBK <= kThr
 L0K_HD int64_t grid_cols(int64_t N) { return (N + kBN - 1) / kBN; }
 L0K_HD int64_t grid_idle_cols(int64_t n_idle) { return (n_idle + kBN - 1) / kBN; }
 L0K_HD int64_t grid_rows(int64_t M) { return (M + kBM - 1) / kBM; }
+
+constexpr int kMaxSplits = 16;
+constexpr int kMinTilesPerSplit = 4;  // k-tiles of kBK per split at least
+
+// K splits (grid.z) for an M x K x N call on `sms` multiprocessors: about one block per multiprocessor
+// (one 200-register, 41 KB block fits per SM), at least kMinTilesPerSplit k-tiles each.
+inline int choose_splits(int64_t M, int64_t N, int64_t K, int sms) {
+  const int64_t blocks = grid_cols(N) * grid_rows(M), tiles = (K + kBK - 1) / kBK;
+  if (blocks == 0) return 1;
+  int64_t s = (sms + blocks - 1) / blocks;
+  if (s > tiles / kMinTilesPerSplit) s = tiles / kMinTilesPerSplit;
+  if (s > kMaxSplits) s = kMaxSplits;
+  return s < 1 ? 1 : static_cast<int>(s);
+}
+// k-tiles per split.
+L0K_HD int split_tiles(int64_t K, int splits) {
+  const int64_t tiles = (K + kBK - 1) / kBK;
+  return static_cast<int>((tiles + splits - 1) / splits);
+}
 
 // Whether GatedGemmParams::vec may be set: 16-byte aligned x and w with row strides multiple of 8.
 inline bool vec_loads_ok(const void* x, int64_t ldx, const void* w, int64_t ldw) {
@@ -162,16 +188,22 @@ __global__ void __launch_bounds__(gemm::kThreads) gated_gemm_kernel(const GatedG
   __shared__ float z_n[kBN];     // batch / eval output gates of this block's columns
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  if (static_cast<int64_t>(blockIdx.x) >= grid_cols(p.N)) {  // a block of idle outputs
-    write_idle(p, (blockIdx.x - grid_cols(p.N)) * kBN, kBN, static_cast<int64_t>(blockIdx.y) * kBM, kBM, tid,
-               gemm::kThreads);
+  if (static_cast<int64_t>(blockIdx.x) >= grid_cols(p.N)) {  // a block of idle outputs (split 0 writes them)
+    if (blockIdx.z == 0) {
+      write_idle(p, (blockIdx.x - grid_cols(p.N)) * kBN, kBN, static_cast<int64_t>(blockIdx.y) * kBM, kBM, tid,
+                 gemm::kThreads);
+    }
     return;
   }
   T* const a_smem = reinterpret_cast<T*>(smem);  // [stage][kBM][kLds]
   T* const b_smem = a_smem + 2 * kTileElems;     // [stage][kBN][kLds]
   const int wm = warp / kWarpsN, wn = warp % kWarpsN;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, n0 = static_cast<int64_t>(blockIdx.x) * kBN;
+  // this block's k-tiles [t_begin, t_end): all of them, or its split's share (grid.z)
   const int ktiles = static_cast<int>((p.K + kBK - 1) / kBK);
+  const int span = p.splits > 1 ? split_tiles(p.K, p.splits) : ktiles;
+  const int t_begin = static_cast<int>(blockIdx.z) * span;
+  const int t_end = t_begin + span < ktiles ? t_begin + span : ktiles;
   const bool tile_gates = p.mode == kGateIn && !p.per_row;
 
   if (p.mode == kGateOut && !p.per_row && tid < kBN) {
@@ -262,28 +294,36 @@ L0K_UNROLL
   // Main loop. Stage t % 2 holds tile t. One barrier per tile: the stores of tile t + 1 go to the
   // stage the previous iteration read, and input gates are drawn two tiles ahead into the slot the
   // previous iteration read, so every shared write is separated by a barrier from its readers.
-  if (ktiles > 0) {
+  if (t_begin < t_end) {
     if (tile_gates) {
-      draw_k_gates(0);
-      if (ktiles > 1) draw_k_gates(1);
+      draw_k_gates(t_begin);
+      if (t_begin + 1 < t_end) draw_k_gates(t_begin + 1);
     }
-    load_tile(0);
+    load_tile(t_begin);
     __syncthreads();  // z_k (and z_n) visible
-    store_tile(0, 0);
+    store_tile(t_begin, t_begin & 1);
     __syncthreads();
-    for (int t = 0; t < ktiles; ++t) {
-      if (t + 1 < ktiles) load_tile(t + 1);
-      if (tile_gates && t + 2 < ktiles) draw_k_gates(t + 2);
+    for (int t = t_begin; t < t_end; ++t) {
+      if (t + 1 < t_end) load_tile(t + 1);
+      if (tile_gates && t + 2 < t_end) draw_k_gates(t + 2);
       mma_tile(t & 1);
-      if (t + 1 < ktiles) store_tile(t + 1, (t + 1) & 1);
+      if (t + 1 < t_end) store_tile(t + 1, (t + 1) & 1);
       __syncthreads();
     }
   } else {
     __syncthreads();  // z_n visible
   }
 
+  // output (m, n) from its sum: + bias, * output gate, scatter, one rounding to T
+  auto finish = [&](int64_t m, int64_t n, float v) {
+    if (p.bias != nullptr) v += to_float(p.bias[n]);
+    if (p.mode == kGateOut) v *= p.per_row ? gate_value(p, n, m * p.N + n) : z_n[n - n0];
+    p.y[m * p.ldy + (p.y_cols != nullptr ? p.y_cols[n] : n)] = from_float<T>(v);
+  };
+  const bool split = p.splits > 1;
+
   // Epilogue, one 16 x 16 fragment at a time through a per-warp float tile (aliasing the operand
-  // stages, free after the last barrier): + bias, * output gate, one rounding to T.
+  // stages, free after the last barrier); with split-K the partial sums go to the workspace instead.
   float* const scratch = reinterpret_cast<float*>(smem) + warp * 16 * 16;
 L0K_UNROLL
   for (int i = 0; i < kFM; ++i) {
@@ -296,14 +336,32 @@ L0K_UNROLL
         const int idx = e * 32 + lane, r = idx / 16, c = idx % 16;  // two rows of 16 per step: coalesced
         const int64_t m = m0 + wm * kWarpM + i * 16 + r, n = n0 + wn * kWarpN + j * 16 + c;
         if (m < p.M && n < p.N) {
-          float v = scratch[idx];
-          if (p.bias != nullptr) v += to_float(p.bias[n]);
-          if (p.mode == kGateOut) v *= p.per_row ? gate_value(p, n, m * p.N + n) : z_n[n - n0];
-          p.y[m * p.ldy + (p.y_cols != nullptr ? p.y_cols[n] : n)] = from_float<T>(v);
+          if (split) {
+            atomicAdd(&p.ws[m * p.N + n], scratch[idx]);
+          } else {
+            finish(m, n, scratch[idx]);
+          }
         }
       }
       __syncwarp();
     }
+  }
+  if (split) {
+    // the last split of this output tile to arrive reads the sums back (leaving the workspace and
+    // the counter zero) and finishes the tile (CUDA's threadfence-reduction pattern)
+    __shared__ int last_split;
+    __threadfence();
+    __syncthreads();
+    const int64_t tile = static_cast<int64_t>(blockIdx.y) * grid_cols(p.N) + blockIdx.x;
+    if (tid == 0) last_split = atomicAdd(&p.ws_count[tile], 1) == p.splits - 1;
+    __syncthreads();
+    if (!last_split) return;
+    __threadfence();
+    for (int idx = tid; idx < kBM * kBN; idx += gemm::kThreads) {
+      const int64_t m = m0 + idx / kBN, n = n0 + idx % kBN;
+      if (m < p.M && n < p.N) finish(m, n, atomicExch(&p.ws[m * p.N + n], 0.0f));
+    }
+    if (tid == 0) p.ws_count[tile] = 0;
   }
 #endif
 }

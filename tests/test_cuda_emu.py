@@ -67,6 +67,9 @@ def _bind(lib_path):
     fn.splits = lib.l0k_emu_gemv_splits
     fn.splits.argtypes = [i64, i64, ctypes.c_int]
     fn.splits.restype = ctypes.c_int
+    fn.gemm_splits = lib.l0k_emu_gemm_splits
+    fn.gemm_splits.argtypes = [i64, i64, i64, ctypes.c_int]
+    fn.gemm_splits.restype = ctypes.c_int
     return fn
 
 
@@ -236,7 +239,7 @@ def _float_plan(plan):
 @pytest.mark.skipif(os.environ.get("L0K_SKIP_TSAN") == "1", reason="L0K_SKIP_TSAN=1")
 def test_thread_sanitizer_finds_no_race(tmp_path):
     """Built with -fsanitize=thread: every shared-memory write is ordered with its reads by a barrier
-    (the tensor-core kernel's pipeline, the GEMV's staging of x and its split-K arrival counter).
+    (the tensor-core kernel's pipeline, the GEMV's staging of x, both kernels' split-K arrival counters).
     (Lanes other than 0 do not touch fragments in the emulator, so races inside a warp's WMMA calls
     are out of reach; the block-level pipeline is what this checks.)"""
     libtsan = subprocess.run([shutil.which("g++") or "g++", "-print-file-name=libtsan.so"], capture_output=True,
@@ -250,13 +253,15 @@ def test_thread_sanitizer_finds_no_race(tmp_path):
             "x, w, la, b = t.make(3, 20, 300, 'weight', torch.float16); "
             "print(t.run_emu(fn, x, w, la, b, 1, 'weight', 'batch', True, impl='gemv')[1]); "
             "x, w, la, b = t.make(3, 20, 1296, 'in', torch.float32); "
-            "print(t.run_emu(fn, x, w, la, b, 1, 'in', 'sample', True, impl='gemv', splits=3)[1])") % (
+            "print(t.run_emu(fn, x, w, la, b, 1, 'in', 'sample', True, impl='gemv', splits=3)[1]); "
+            "x, w, la, b = t.make(20, 30, 200, 'out', torch.float16); "
+            "print(t.run_emu(fn, x, w, la, b, 1, 'out', 'batch', True, impl='gemm', splits=3)[1])") % (
         os.path.dirname(__file__), lib)
     # the library is dlopen'ed by an uninstrumented python: the runtime must be preloaded
     env = dict(os.environ, LD_PRELOAD=libtsan, TSAN_OPTIONS="halt_on_error=1 exitcode=66")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert "WARNING: ThreadSanitizer" not in r.stderr, r.stderr[-4000:]
-    assert r.returncode == 0 and r.stdout.split() == ["True", "False", "True"], r.stderr[-4000:]  # load paths as expected
+    assert r.returncode == 0 and r.stdout.split() == ["True", "False", "True", "True"], r.stderr[-4000:]  # load paths as expected
 
 
 # -- the GEMV (csrc/l0_gemv.cuh): 1-16 rows, every dtype ------------------------------------------------------
@@ -316,9 +321,11 @@ def test_launcher_choice(emu):
     xh, wh = x17.half(), w.half()
     assert emu(0, IMPLS["gemv"], xh.data_ptr(), 24, wh.data_ptr(), 24, la.half().data_ptr(), None,
                out.half().data_ptr(), 9, None, None, None, 0, None, 1, 17, 9, 24, 1, MODES["out"], 0, 1, 1, *cfg) == -2
-    # split-K is the GEMV's only
+    # at most 16 splits of the tensor-core kernel, 32 of the GEMV
     assert emu(0, IMPLS["gemm"], xh.data_ptr(), 24, wh.data_ptr(), 24, la.half().data_ptr(), None,
-               out.half().data_ptr(), 9, None, None, None, 0, None, 2, 17, 9, 24, 1, MODES["out"], 0, 1, 1, *cfg) == -2
+               out.half().data_ptr(), 9, None, None, None, 0, None, 17, 17, 9, 24, 1, MODES["out"], 0, 1, 1, *cfg) == -2
+    assert emu(0, IMPLS["gemv"], xh.data_ptr(), 24, wh.data_ptr(), 24, la.half().data_ptr(), None,
+               out.half().data_ptr(), 9, None, None, None, 0, None, 33, 3, 9, 24, 1, MODES["out"], 0, 1, 1, *cfg) == -2
 
 
 @pytest.mark.parametrize("gate", ["in", "out", "weight"])
@@ -404,3 +411,54 @@ def test_every_output_idle(emu, impl, rows):
     run_emu(emu, x, w, None, None, 0, "none", "batch", False, y_cols=torch.zeros(0, dtype=torch.long),
             idle_cols=torch.arange(45), fill=fill, y=y, impl=impl)
     assert torch.equal(y, fill.expand(rows, 45))
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("gate,noise,training", CASES)
+def test_gemm_split_k(emu, gate, noise, training, splits):
+    # the tensor-core kernel with K = 300 (10 k-tiles, the last ragged) over 2 or 3 splits (4, 4, 2);
+    # ragged M and N in one output tile; the workspace must come back zero
+    dtype = torch.bfloat16
+    x, w, la, b = make(37, 45, 300, gate, dtype, seed=14)
+    y, _ = run_emu(emu, x, w, la, b, 91, gate, noise, training, impl="gemm", splits=splits)
+    check(y, reference(x, w, la, b, 91, gate, noise, training), dtype)
+
+
+@pytest.mark.parametrize("gate,noise", [("in", "batch"), ("in", "sample"), ("out", "batch"), ("weight", "batch")])
+def test_gemm_split_k_tiles_vector_loads_empty_splits(emu, gate, noise):
+    # 2 x 2 output tiles (each with its own arrival counter), 16-byte loads, and 5 splits of K = 72
+    # (3 k-tiles: splits 3 and 4 have no tiles and add zeros, but still count as arrivals)
+    dtype = torch.float16
+    x, w, la, b = make(131, 133, 72, gate, dtype, x_cols=80, seed=15)
+    y, vec = run_emu(emu, x, w, la, b, 2 ** 35 + 1, gate, noise, True, impl="gemm", splits=5)
+    assert vec
+    check(y, reference(x, w, la, b, 2 ** 35 + 1, gate, noise, True), dtype)
+
+
+def test_gemm_split_rule(emu):
+    # about one block per multiprocessor, at least 4 k-tiles of 32 per split, at most 16 splits
+    assert emu.gemm_splits(8192, 4096, 4096, 132) == 1    # 2048 tiles
+    assert emu.gemm_splits(256, 4096, 4096, 132) == 3     # 64 tiles: ceil(132 / 64)
+    assert emu.gemm_splits(64, 4096, 4096, 132) == 5      # 32 tiles
+    assert emu.gemm_splits(32, 128, 4096, 132) == 16      # 1 tile: capped
+    assert emu.gemm_splits(32, 128, 200, 132) == 1        # 7 k-tiles: no split
+    assert emu.gemm_splits(0, 128, 4096, 132) == 1 and emu.gemm_splits(64, 128, 0, 132) == 1
+
+
+def test_gemm_split_k_eval_plan_with_idle_outputs(emu):
+    # eval plan through the split tensor-core kernel: gather, scatter and idle fill in one launch
+    g = torch.Generator().manual_seed(16)
+    n, k, n_act, rows = 90, 200, 30, 40
+    perm = torch.randperm(n, generator=g)
+    out_idx, idle = perm[:n_act].sort().values, perm[n_act:].sort().values
+    in_idx = torch.randperm(k + 20, generator=g)[:k].sort().values
+    x = torch.randn(rows, k + 20, generator=g).half()
+    w = torch.randn(n_act, k, generator=g).half()
+    b = torch.randn(n_act, generator=g).half()
+    fill = torch.randn(n, generator=g).half()
+    y = torch.full((rows, n), float("nan"), dtype=torch.float16)
+    run_emu(emu, x, w, None, b, 0, "none", "batch", False, x_cols=in_idx, y_cols=out_idx, idle_cols=idle, fill=fill,
+            y=y, impl="gemm", splits=3)
+    ref = fill.float().expand(rows, n).clone()
+    ref[:, out_idx] = x.float()[:, in_idx] @ w.float().T + b.float()
+    check(y, ref, torch.float16)

@@ -111,7 +111,8 @@ def test_linear_matches_float64_reference(dtype, gate, noise, training, bias, re
 
 # (m0, m1, k, n): tensor-core GEMM (> 16 rows) and GEMV (<= 16 rows: 1, 5, 7, 16) shapes
 FUSED_SHAPES = [(3, 29, 37, 19), (1, 131, 72, 133), (2, 64, 256, 260), (1, 5, 0, 7), (1, 1, 300, 77),
-                (7, 1, 264, 1030), (2, 8, 520, 45), (1, 3, 2000, 45)]  # the last: GEMV split over K
+                (7, 1, 264, 1030), (2, 8, 520, 45), (1, 3, 2000, 45),  # the last: GEMV split over K
+                (1, 40, 2000, 300)]  # tensor-core GEMM split over K (3 output tiles)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -89,11 +89,13 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   return out;
 }
 
-// kernel(args...) over a 2-D grid of 1-D blocks of `threads` threads.
+// kernel(args...) over a 3-D grid of 1-D blocks of `threads` threads, one block at a time (x fastest).
 template <typename Kernel, typename... Args>
-void emu_launch(unsigned grid_x, unsigned grid_y, unsigned threads, Kernel kernel, const Args&... args) {
-  gridDim = EmuDim{grid_x, grid_y, 1};
+void emu_launch3(unsigned grid_x, unsigned grid_y, unsigned grid_z, unsigned threads, Kernel kernel,
+                 const Args&... args) {
+  gridDim = EmuDim{grid_x, grid_y, grid_z};
   blockDim = EmuDim{threads, 1, 1};
+  for (unsigned bz = 0; bz < grid_z; ++bz)
   for (unsigned by = 0; by < grid_y; ++by) {
     for (unsigned bx = 0; bx < grid_x; ++bx) {
       std::barrier<> block(threads);
@@ -109,7 +111,7 @@ void emu_launch(unsigned grid_x, unsigned grid_y, unsigned threads, Kernel kerne
       for (unsigned t = 0; t < threads; ++t) {
         pool.emplace_back([&, t] {
           threadIdx = EmuDim{t, 0, 0};
-          blockIdx = EmuDim{bx, by, 0};
+          blockIdx = EmuDim{bx, by, bz};
           emu_warp_barrier = warps[t / 32].get();
           emu_warp_slots = &slots[t / 32];
           emu_warp_lanes = threads - (t / 32) * 32 < 32 ? threads - (t / 32) * 32 : 32;
@@ -119,6 +121,12 @@ void emu_launch(unsigned grid_x, unsigned grid_y, unsigned threads, Kernel kerne
       for (auto& th : pool) th.join();
     }
   }
+}
+
+// kernel(args...) over a 2-D grid.
+template <typename Kernel, typename... Args>
+void emu_launch(unsigned grid_x, unsigned grid_y, unsigned threads, Kernel kernel, const Args&... args) {
+  emu_launch3(grid_x, grid_y, 1, threads, kernel, args...);
 }
 
 namespace nvcuda {

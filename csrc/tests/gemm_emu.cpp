@@ -23,7 +23,7 @@ void launch_gemv(const l0k::GatedGemmParams<T>& p) {
 }
 
 // impl 0: as csrc/gemm.cu's launch_gated_gemm (GEMV for M <= 16), 1: the tensor-core kernel, 2: the GEMV.
-// splits: the GEMV's K splits (the workspace is allocated here, zeroed, and checked to be left zero).
+// splits: K splits of either kernel (the workspace is allocated here, zeroed, and checked to be left zero).
 template <typename T>
 int run(int impl, const void* x, int64_t ldx, const void* w, int64_t ldw, const void* log_alpha, const void* bias,
         void* y, int64_t ldy, const int64_t* x_cols, const int64_t* y_cols, const int64_t* idle_cols, int64_t n_idle,
@@ -38,10 +38,11 @@ int run(int impl, const void* x, int64_t ldx, const void* w, int64_t ldw, const 
   p.fill = static_cast<const T*>(fill);
   if (impl == 0) impl = M <= l0k::gemv::kMaxRows ? 2 : 1;
   if (impl == 2 && M > l0k::gemv::kMaxRows) return -2;
-  if (splits != 1 && (impl != 2 || splits < 1 || splits > l0k::gemv::kMaxSplits)) return -2;
+  if (splits < 1 || splits > (impl == 2 ? l0k::gemv::kMaxSplits : l0k::gemm::kMaxSplits)) return -2;
   if (M <= 0 || (N <= 0 && n_idle <= 0)) return p.vec ? 1 : 0;
+  const int64_t tiles = impl == 2 ? l0k::gemv::grid_cols(N) : l0k::gemm::grid_cols(N) * l0k::gemm::grid_rows(M);
   std::vector<float> ws(splits > 1 ? static_cast<size_t>(M * N) : 0, 0.0f);
-  std::vector<int> ws_count(splits > 1 ? static_cast<size_t>(l0k::gemv::grid_cols(N)) : 0, 0);
+  std::vector<int> ws_count(splits > 1 ? static_cast<size_t>(tiles) : 0, 0);
   p.splits = splits;
   p.ws = ws.data();
   p.ws_count = ws_count.data();
@@ -49,8 +50,9 @@ int run(int impl, const void* x, int64_t ldx, const void* w, int64_t ldw, const 
     if constexpr (std::is_same_v<T, float>) {
       return -2;
     } else {
-      emu_launch(static_cast<unsigned>(l0k::gemm::grid_cols(N) + l0k::gemm::grid_idle_cols(n_idle)),
-                 static_cast<unsigned>(l0k::gemm::grid_rows(M)), l0k::gemm::kThreads, l0k::gated_gemm_kernel<T>, p);
+      emu_launch3(static_cast<unsigned>(l0k::gemm::grid_cols(N) + l0k::gemm::grid_idle_cols(n_idle)),
+                  static_cast<unsigned>(l0k::gemm::grid_rows(M)), static_cast<unsigned>(splits), l0k::gemm::kThreads,
+                  l0k::gated_gemm_kernel<T>, p);
     }
   } else {
     switch (l0k::gemv::row_bucket(M)) {
@@ -94,5 +96,8 @@ extern "C" int l0k_emu_gated_gemm(int dtype, int impl, const void* x, int64_t ld
 #undef L0K_EMU_RUN
 }
 
-// gemv::choose_splits, for the tests of the host-side rule.
+// gemv::choose_splits and gemm::choose_splits, for the tests of the host-side rules.
 extern "C" int l0k_emu_gemv_splits(int64_t N, int64_t K, int sms) { return l0k::gemv::choose_splits(N, K, sms); }
+extern "C" int l0k_emu_gemm_splits(int64_t M, int64_t N, int64_t K, int sms) {
+  return l0k::gemm::choose_splits(M, N, K, sms);
+}
