@@ -244,30 +244,24 @@ Tensor linear_fwd(const Tensor& x, const Tensor& weight, const Tensor& log_alpha
   return y.reshape(linear_out_shape(x, n));
 }
 
-// Compute capability major of `device` (cached per device index).
-int cc_major(const at::Device& device) {
+// Attribute `Attr` of `device`, read once per device index (0 for an index out of range).
+template <cudaDeviceAttr Attr>
+int device_attribute(const at::Device& device) {
   static std::array<int, 64> cache{};
   const int idx = device.index();
   if (idx < 0 || idx >= static_cast<int>(cache.size())) return 0;
   if (cache[idx] == 0) {
-    int major = 0;
-    check_launch(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, idx), "cudaDeviceGetAttribute");
-    cache[idx] = major;
+    int value = 0;
+    check_launch(cudaDeviceGetAttribute(&value, Attr, idx), "cudaDeviceGetAttribute");
+    cache[idx] = value;
   }
   return cache[idx];
 }
 
-// Multiprocessor count of `device` (cached per device index).
+int cc_major(const at::Device& device) { return device_attribute<cudaDevAttrComputeCapabilityMajor>(device); }
+
 int sm_count(const at::Device& device) {
-  static std::array<int, 64> cache{};
-  const int idx = device.index();
-  if (idx < 0 || idx >= static_cast<int>(cache.size())) return 1;
-  if (cache[idx] == 0) {
-    int n = 0;
-    check_launch(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, idx), "cudaDeviceGetAttribute");
-    cache[idx] = n > 0 ? n : 1;
-  }
-  return cache[idx];
+  return std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(device));
 }
 
 // The split-K workspace on (device, stream): `sums` floats and `counters` ints, zero. Kept per
