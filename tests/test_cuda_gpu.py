@@ -293,3 +293,10 @@ def test_opcheck_fake_impls():
     torch.library.opcheck(torch.ops.l0kernels.conv2d_fwd.default,
                           (xc, wc, lac, None, [1, 1], [1, 1], [1, 1], 1, 7, False, True, cfg),
                           test_utils=("test_schema", "test_faketensor"))
+    # sparse_linear: 4 rows (the GEMV), 3 of 5 outputs computed, the other 2 idle (filled in the launch)
+    out_idx = torch.tensor([0, 2, 3], device="cuda")
+    idle_idx = torch.tensor([1, 4], device="cuda")
+    in_idx = torch.tensor([0, 1, 2, 5, 7, 8, 10], device="cuda")
+    torch.library.opcheck(torch.ops.l0kernels.sparse_linear.default,
+                          (x, _rand(3, 7, dtype=torch.float32), b[:3], in_idx, out_idx, idle_idx, b, 5),
+                          test_utils=("test_schema", "test_faketensor"))
