@@ -220,6 +220,28 @@ def test_eval_idle_outputs_in_one_launch(rel_err):
     assert torch.equal(y[:, :10], torch.zeros_like(y[:, :10]))
 
 
+@pytest.mark.parametrize("backend", ["cuda", "auto", "torch"])
+@pytest.mark.parametrize("gate", ["in", "out", "weight"])
+def test_eval_calls_after_the_first_never_synchronise(backend, gate):
+    """SPEC/issue: the eval path builds (and times) its plan once; later calls make no host-device
+    synchronisation. torch.cuda's sync debug mode raises on any synchronising call."""
+    layer = l0k.L0Linear(300, 200, gate=gate, backend=backend).to("cuda", torch.bfloat16).eval()
+    with torch.no_grad():
+        layer.log_alpha.copy_(torch.randn_like(layer.log_alpha) * 3)
+        layer.log_alpha[:5] = -10.0
+        xs = [_rand(rows, 300, dtype=torch.bfloat16) for rows in (1, 16, 300)]
+        for x in xs:
+            layer(x)  # first calls: plan built, paths timed
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                for x in xs:
+                    layer(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 def test_linear_public_api_and_zero_rows(rel_err):
     x, w, la, b = _rand(0, 11, dtype=torch.float32), _rand(5, 11, dtype=torch.float32), _rand(11, dtype=torch.float32), _rand(5, dtype=torch.float32)
     y = l0k.l0_linear(x, w, la, b, seed=5, backend="cuda")
