@@ -282,22 +282,30 @@ def test_cache_not_shared_by_copies(rel_err):
 _AOT_SCRIPT = r"""
 import os
 os.environ.pop("TRITON_INTERPRET", None)
+os.environ.pop("L0K_TRITON_AUTOTUNE", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from l0kernels.backends.triton import sparse_eval as S
+assert S.AUTOTUNE
 args = ["x_ptr", "w_ptr", "b_ptr", "y_ptr", "in_idx_ptr", "out_idx_ptr", "idle_ptr", "fill_ptr", "M", "N", "K",
         "N_IDLE", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_ym", "stride_yn"]
-for dt, kern, consts in [
-        ("bf16", S._sparse_gemm_kernel, dict(UPCAST=False, IEEE=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)),
-        ("fp32", S._sparse_gemm_kernel, dict(UPCAST=False, IEEE=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)),
-        ("fp16", S._sparse_gemv_kernel, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32))]:
+jobs = []  # every autotune config the launcher can pick: GEMM configs, and GEMV configs kept for 1 and 16 rows
+for cfg in S.GEMM_CONFIGS:
+    for dt, ieee in (("bf16", False), ("fp32", True)):
+        jobs.append((dt, S._sparse_gemm_kernel.fn, dict(UPCAST=False, IEEE=ieee, **cfg.kwargs), cfg))
+for bm in (1, 16):
+    for cfg in S._prune_gemv(S.GEMV_CONFIGS, {}, BLOCK_M=bm):
+        jobs.append(("fp16", S._sparse_gemv_kernel.fn, dict(BLOCK_M=bm, **cfg.kwargs), cfg))
+assert len(jobs) > 10
+for dt, fn, consts, cfg in jobs:
     consts.update(HAS_BIAS=True, GATHER_IN=True, SCATTER_OUT=True, HAS_IDLE=True, HAS_FILL=True)
     sig = {a: ("*i64" if "idx" in a or "idle" in a else f"*{dt}") if a.endswith("_ptr") else "i32" for a in args}
     sig.update({k: "constexpr" for k in consts})
-    k = triton.compile(ASTSource(fn=kern, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     assert k.asm["cubin"]
-print("compiled")
+print("compiled", len(jobs))
 """
 
 

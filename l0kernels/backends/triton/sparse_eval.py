@@ -10,6 +10,8 @@ active-column list ``in_idx`` and active-row list ``out_idx``):
   most of the tile): each program keeps all rows and a block of output features, so every weight element
   is read once per call.
 
+On a GPU both kernels' tiles are autotuned once per shape (``L0K_TRITON_AUTOTUNE=0``: fixed tiles), the
+GEMV's among configurations pruned to what its row count fits in registers.
 Outputs that are not computed (zeros for closed output gates, the ungated bias for all-zero rows of
 weight gates) are written by extra programs of the same launch, from the plan's ``idle_idx``
 (:func:`sparse_linear` pre-fills instead for a plan without it). Accumulation is in float32; float32 inputs use
@@ -28,6 +30,39 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GEMV_MAX_ROWS = 16
 # the kernels below are interpreted when TRITON_INTERPRET=1 was set before this module was imported
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# On a GPU the tiles are autotuned once per shape (L0K_TRITON_AUTOTUNE=0: the fixed tiles below).
+AUTOTUNE = not INTERPRET and os.environ.get("L0K_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _gemv_cfg(bn, bk, warps):
+    return triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=warps)
+
+
+# GEMV tiles (BLOCK_N outputs x BLOCK_K of K per step): wider K steps keep more of W in flight per
+# program, narrower N gives more programs for small N. Pruned per call so that the (rows, BLOCK_N,
+# BLOCK_K) product tile stays within about 128 floats per thread.
+GEMV_CONFIGS = [_gemv_cfg(32, 32, 4), _gemv_cfg(16, 32, 4), _gemv_cfg(16, 64, 4), _gemv_cfg(32, 64, 4),
+                _gemv_cfg(8, 128, 4), _gemv_cfg(16, 128, 8), _gemv_cfg(32, 128, 8), _gemv_cfg(8, 256, 8)]
+GEMM_CONFIGS = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st)
+                for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                                          (64, 64, 32, 4, 4)]]
+
+
+def _gemv_tile_fits(cfg, block_m) -> bool:
+    return block_m * cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"] <= 128 * 32 * cfg.num_warps
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    fits = [c for c in configs if _gemv_tile_fits(c, kwargs["BLOCK_M"])]
+    return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+
+
+def _tuned(configs, key, prune=None):
+    def wrap(fn):
+        if not AUTOTUNE:
+            return fn
+        return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)(fn)
+    return wrap
 
 
 @triton.jit
@@ -46,6 +81,7 @@ def _store_idle(y_ptr, idle_ptr, fill_ptr, rm, m_ok, blk, N_IDLE, stride_ym, str
              mask=m_ok[:, None] & i_ok[None, :])
 
 
+@_tuned(GEMM_CONFIGS, key=["M", "N", "K", "N_IDLE"])
 @triton.jit
 def _sparse_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, in_idx_ptr, out_idx_ptr, idle_ptr, fill_ptr, M, N, K, N_IDLE,
                         stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
@@ -93,6 +129,7 @@ def _sparse_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, in_idx_ptr, out_idx_ptr, idl
              acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@_tuned(GEMV_CONFIGS, key=["N", "K", "N_IDLE", "BLOCK_M"], prune=_prune_gemv)
 @triton.jit
 def _sparse_gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, in_idx_ptr, out_idx_ptr, idle_ptr, fill_ptr, M, N, K, N_IDLE,
                         stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
@@ -173,15 +210,16 @@ def sparse_linear(x2: torch.Tensor, plan, force: str = "auto") -> torch.Tensor:
         raise ValueError(f"the GEMV kernel takes at most {GEMV_MAX_ROWS} rows, got {m}")
     if kind == "gemv":
         bm = max(1, triton.next_power_of_2(m))
-        bn, bk = (32, 32) if bm <= 4 else (16, 32)
-        grid = (triton.cdiv(nc, bn) + triton.cdiv(n_idle, bn),)
-        _sparse_gemv_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        meta = {} if AUTOTUNE else dict(BLOCK_N=32, BLOCK_K=32) if bm <= 4 else dict(BLOCK_N=16, BLOCK_K=32)
+        grid = lambda META: (triton.cdiv(nc, META["BLOCK_N"]) + triton.cdiv(n_idle, META["BLOCK_N"]),)  # noqa: E731
+        _sparse_gemv_kernel[grid](*args, **flags, BLOCK_M=bm, **meta)
     else:
         interp = INTERPRET
-        bm, bn, bk = (16, 16, 16) if interp else (64, 64, 32)
-        grid = (triton.cdiv(m, bm), triton.cdiv(nc, bn) + triton.cdiv(n_idle, bn))
-        _sparse_gemm_kernel[grid](*args, **flags, UPCAST=interp, IEEE=(x2.dtype == torch.float32),
-                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        meta = {} if AUTOTUNE else dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16) if interp else dict(
+            BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
+        grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),  # noqa: E731
+                             triton.cdiv(nc, META["BLOCK_N"]) + triton.cdiv(n_idle, META["BLOCK_N"]))
+        _sparse_gemm_kernel[grid](*args, **flags, UPCAST=interp, IEEE=(x2.dtype == torch.float32), **meta)
     return y
 
 
