@@ -66,6 +66,18 @@ def _tuned(configs, key, prune=None):
 
 
 @triton.jit
+def _idle_program(y_ptr, idle_ptr, fill_ptr, rm, m_ok, pid_n, N, N_IDLE, stride_ym, stride_yn,
+                  HAS_FILL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Whether program column ``pid_n`` is past the computed outputs; such a program writes the idle
+    outputs ``idle_ptr[(pid_n - cdiv(N, BLOCK_N)) * BLOCK_N + i]`` of rows ``rm`` (the fill value, or zero)."""
+    nb = tl.cdiv(N, BLOCK_N)
+    if pid_n >= nb:
+        _store_idle(y_ptr, idle_ptr, fill_ptr, rm, m_ok, pid_n - nb, N_IDLE, stride_ym, stride_yn, HAS_FILL,
+                    BLOCK_N)
+    return pid_n >= nb
+
+
+@triton.jit
 def _store_idle(y_ptr, idle_ptr, fill_ptr, rm, m_ok, blk, N_IDLE, stride_ym, stride_yn,
                 HAS_FILL: tl.constexpr, BLOCK_N: tl.constexpr):
     """Idle outputs ``idle_ptr[blk * BLOCK_N + i]`` of rows ``rm``: the fill value, or zero."""
@@ -92,11 +104,9 @@ def _sparse_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, in_idx_ptr, out_idx_ptr, idl
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = rm < M
-    nb = tl.cdiv(N, BLOCK_N)
-    if HAS_IDLE:
-        if pid_n >= nb:  # programs after the computed columns write the idle outputs
-            _store_idle(y_ptr, idle_ptr, fill_ptr, rm, m_ok, pid_n - nb, N_IDLE, stride_ym, stride_yn, HAS_FILL,
-                        BLOCK_N)
+    if HAS_IDLE:  # programs after the computed columns write the idle outputs
+        if _idle_program(y_ptr, idle_ptr, fill_ptr, rm, m_ok, pid_n, N, N_IDLE, stride_ym, stride_yn, HAS_FILL,
+                         BLOCK_N):
             return
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
@@ -139,11 +149,9 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, in_idx_ptr, out_idx_ptr, idl
     pid_n = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     m_ok = rm < M
-    nb = tl.cdiv(N, BLOCK_N)
-    if HAS_IDLE:
-        if pid_n >= nb:  # programs after the computed columns write the idle outputs
-            _store_idle(y_ptr, idle_ptr, fill_ptr, rm, m_ok, pid_n - nb, N_IDLE, stride_ym, stride_yn, HAS_FILL,
-                        BLOCK_N)
+    if HAS_IDLE:  # programs after the computed columns write the idle outputs
+        if _idle_program(y_ptr, idle_ptr, fill_ptr, rm, m_ok, pid_n, N, N_IDLE, stride_ym, stride_yn, HAS_FILL,
+                         BLOCK_N):
             return
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
