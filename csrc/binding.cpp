@@ -267,7 +267,10 @@ int sm_count(const at::Device& device) {
 // The split-K workspace on (device, stream): `sums` floats and `counters` ints, zero. Kept per
 // stream (kernels on one stream run in order, and each leaves it zero again) and grown on demand;
 // never used while a CUDA graph is captured (a graph would keep a pointer the next growth frees).
-std::pair<float*, int*> split_workspace(const Tensor& like, int64_t sums, int64_t counters, cudaStream_t stream) {
+// Returns the tensors, not their pointers: the caller holds them until its kernel is queued, so a
+// growth by another host thread on the same stream cannot free them before (the caching allocator
+// then frees them in stream order, after that kernel).
+std::pair<Tensor, Tensor> split_workspace(const Tensor& like, int64_t sums, int64_t counters, cudaStream_t stream) {
   static std::mutex mu;
   static auto* cache = new std::map<std::pair<int, cudaStream_t>, std::pair<Tensor, Tensor>>();  // never freed:
   // the tensors must not outlive the CUDA context at exit
@@ -280,7 +283,7 @@ std::pair<float*, int*> split_workspace(const Tensor& like, int64_t sums, int64_
     count = at::zeros({std::max<int64_t>(counters, count.defined() ? 2 * count.numel() : 0)},
                       like.options().dtype(at::kInt));
   }
-  return {ws.data_ptr<float>(), count.data_ptr<int>()};
+  return {ws, count};
 }
 
 bool capturing(cudaStream_t stream) {
@@ -311,13 +314,16 @@ void run_gated_gemm(const Tensor& x2, const Tensor& w, const Tensor& la, const T
   p.n_idle = e.idle_cols.defined() ? e.idle_cols.numel() : 0;
   p.fill = ptr<T>(e.fill);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  std::pair<Tensor, Tensor> ws;  // held until the kernel is queued
   if (p.M > 0 && p.N > 0) {
     const bool gemv = p.M <= l0k::gemv::kMaxRows;
     const int sms = sm_count(x2.device());
     const int splits = gemv ? l0k::gemv::choose_splits(p.N, p.K, sms) : l0k::gemm::choose_splits(p.M, p.N, p.K, sms);
     if (splits > 1 && !capturing(stream)) {
       const int64_t tiles = gemv ? l0k::gemv::grid_cols(p.N) : l0k::gemm::grid_cols(p.N) * l0k::gemm::grid_rows(p.M);
-      std::tie(p.ws, p.ws_count) = split_workspace(x2, p.M * p.N, tiles, stream);
+      ws = split_workspace(x2, p.M * p.N, tiles, stream);
+      p.ws = ws.first.data_ptr<float>();
+      p.ws_count = ws.second.data_ptr<int>();
       p.splits = splits;
     }
   }
@@ -405,7 +411,8 @@ Tensor sparse_linear(const Tensor& x, const Tensor& weight, const std::optional<
   }
   const c10::cuda::CUDAGuard guard(x.device());
   check_gemm_kernel(x, m, "sparse_linear", "the PyTorch plan path");
-  const Tensor x2 = x.stride(1) == 1 || in_idx.defined() ? x : x.contiguous();
+  // unit column stride also for the gather: the kernels read x[m, in_idx[k]] at m * ldx + in_idx[k]
+  const Tensor x2 = x.stride(1) == 1 || x.size(1) <= 1 ? x : x.contiguous();
   const Tensor w = weight.is_contiguous() ? weight : weight.contiguous();
   Tensor y;
   if (!out_idx.defined() || idle_idx.defined()) {

@@ -107,15 +107,18 @@ L0K_HD int64_t grid_rows(int64_t M) { return (M + kBM - 1) / kBM; }
 constexpr int kMaxSplits = 16;
 constexpr int kMinTilesPerSplit = 4;  // k-tiles of kBK per split at least
 
-// K splits (grid.z) for an M x K x N call on `sms` multiprocessors: about one block per multiprocessor
-// (one 200-register, 41 KB block fits per SM), at least kMinTilesPerSplit k-tiles each.
+// K splits (grid.z) for an M x K x N call on `sms` multiprocessors: as many as fit in one wave (one
+// 160-register, 41 KB block per SM: rounding up would start a second, mostly idle wave), at least
+// kMinTilesPerSplit k-tiles each, and no split left without tiles.
 inline int choose_splits(int64_t M, int64_t N, int64_t K, int sms) {
   const int64_t blocks = grid_cols(N) * grid_rows(M), tiles = (K + kBK - 1) / kBK;
   if (blocks == 0) return 1;
-  int64_t s = (sms + blocks - 1) / blocks;
+  int64_t s = sms / blocks;
   if (s > tiles / kMinTilesPerSplit) s = tiles / kMinTilesPerSplit;
   if (s > kMaxSplits) s = kMaxSplits;
-  return s < 1 ? 1 : static_cast<int>(s);
+  if (s <= 1) return 1;
+  const int64_t span = (tiles + s - 1) / s;
+  return static_cast<int>((tiles + span - 1) / span);
 }
 // k-tiles per split.
 L0K_HD int split_tiles(int64_t K, int splits) {
@@ -363,6 +366,8 @@ L0K_UNROLL
     }
     if (tid == 0) p.ws_count[tile] = 0;
   }
+#else
+  __trap();  // built for an architecture without bf16 WMMA: fail loudly (the host checks sm_80+ first)
 #endif
 }
 #endif  // __CUDACC__ || L0K_CUDA_EMU

@@ -52,7 +52,7 @@ constexpr int kMinChunksPerSplit = 2;
 
 // K splits for an (M <= 16) x K x N call on a GPU with `sms` multiprocessors: enough blocks for about
 // two per multiprocessor (the kernel is latency-bound with fewer: each block keeps only 8 KB of W in
-// flight), at least kMinChunksPerSplit chunks of K each.
+// flight), at least kMinChunksPerSplit chunks of K each, and no split left without chunks.
 inline int choose_splits(int64_t N, int64_t K, int sms) {
   const int64_t blocks = grid_cols(N), chunks = (K + kKC - 1) / kKC;
   if (blocks == 0) return 1;
@@ -60,7 +60,9 @@ inline int choose_splits(int64_t N, int64_t K, int sms) {
   const int64_t by_k = chunks / kMinChunksPerSplit;
   if (s > by_k) s = by_k;
   if (s > kMaxSplits) s = kMaxSplits;
-  return s < 1 ? 1 : static_cast<int>(s);
+  if (s <= 1) return 1;
+  const int64_t span = (chunks + s - 1) / s;  // no split left without chunks
+  return static_cast<int>((chunks + span - 1) / span);
 }
 // K elements per split (a whole number of chunks, so each chunk lies in one split).
 L0K_HD int64_t split_span(int64_t K, int splits) {

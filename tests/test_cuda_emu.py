@@ -374,9 +374,11 @@ def test_gemv_split_rule(emu):
     assert emu.splits(64, 65536, 132) == 32   # 4 columns: capped
     assert emu.splits(16, 300, 132) == 1      # 2 chunks: no split
     assert emu.splits(0, 4096, 132) == 1 and emu.splits(100, 0, 132) == 1
-    for n, k, sms in [(5000, 4096, 132), (1, 1, 1), (999, 10000, 108)]:
+    for n, k, sms in [(5000, 4096, 132), (1, 1, 1), (999, 10000, 108), (100, 9 * 256, 132), (16, 23 * 256, 80)]:
         s = emu.splits(n, k, sms)
-        assert 1 <= s <= 32 and (s == 1 or -(-k // 256) >= 2 * s)
+        chunks = -(-k // 256)
+        assert 1 <= s <= 32 and (s == 1 or chunks >= 2 * s)
+        assert (s - 1) * -(-chunks // s) < chunks  # the last split has chunks
 
 
 @pytest.mark.parametrize("impl,rows", [("gemm", 21), ("gemv", 5), ("gemv", 1)])
@@ -436,12 +438,14 @@ def test_gemm_split_k_tiles_vector_loads_empty_splits(emu, gate, noise):
 
 
 def test_gemm_split_rule(emu):
-    # about one block per multiprocessor, at least 4 k-tiles of 32 per split, at most 16 splits
+    # as many splits as fit one wave of one block per multiprocessor, at least 4 k-tiles of 32 per split,
+    # at most 16 splits, none without tiles
     assert emu.gemm_splits(8192, 4096, 4096, 132) == 1    # 2048 tiles
-    assert emu.gemm_splits(256, 4096, 4096, 132) == 3     # 64 tiles: ceil(132 / 64)
-    assert emu.gemm_splits(64, 4096, 4096, 132) == 5      # 32 tiles
+    assert emu.gemm_splits(256, 4096, 4096, 132) == 2     # 64 tiles: 132 // 64 (3 would need a second wave)
+    assert emu.gemm_splits(64, 4096, 4096, 132) == 4      # 32 tiles
     assert emu.gemm_splits(32, 128, 4096, 132) == 16      # 1 tile: capped
     assert emu.gemm_splits(32, 128, 200, 132) == 1        # 7 k-tiles: no split
+    assert emu.gemm_splits(32, 128, 65 * 32, 132) == 13   # 65 k-tiles: 16 splits of 5 would leave 3 empty
     assert emu.gemm_splits(0, 128, 4096, 132) == 1 and emu.gemm_splits(64, 128, 0, 132) == 1
 
 

@@ -204,6 +204,27 @@ def test_gemv_split_k_workspace_left_zero(dtype, rel_err):
         assert rel_err(y, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("rows", [3, 40])
+@pytest.mark.parametrize("gate", ["in", "weight"])
+def test_eval_gather_from_a_column_strided_x(gate, rows, rel_err):
+    """An eval plan that gathers inputs, called with a transposed x (column stride != 1): the kernels
+    gather at m * ldx + in_idx[k], so the op must make the columns unit-stride first."""
+    layer = l0k.L0Linear(90, 70, gate=gate, backend="cuda").to("cuda", torch.float16).eval()
+    with torch.no_grad():
+        layer.log_alpha.copy_(torch.randn_like(layer.log_alpha) * 3)
+        if gate == "weight":
+            layer.log_alpha[:, :9] = -10.0  # whole input columns closed: the plan gathers
+    x = _rand(90, rows, dtype=torch.float16).t()  # strides (1, rows)
+    assert x.stride(1) != 1
+    with gemm_impl("fused"), torch.no_grad():
+        y = layer(x)
+    from l0kernels._inference import cached_plan
+    assert cached_plan(layer).in_idx is not None
+    ref = l0k.l0_linear(x.double().cpu(), layer.weight.double().cpu(), layer.log_alpha.double().cpu(),
+                        layer.bias.double().cpu(), gate=gate, training=False, backend="torch")
+    assert rel_err(y, ref.cuda()) < TOL[torch.float16]
+
+
 def test_eval_idle_outputs_in_one_launch(rel_err):
     """An output-gated layer at batch 1 in eval: the plan's idle outputs are written by the kernel's own
     blocks (no pre-fill), a wide K takes the split GEMV."""
