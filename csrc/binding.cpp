@@ -308,8 +308,8 @@ void run_gated_gemm(const Tensor& x2, const Tensor& w, const Tensor& la, const T
                             ptr<T>(y), y.stride(0), ptr<const int64_t>(e.x_cols), ptr<const int64_t>(e.y_cols),
                             x2.size(0), w.size(0), w.size(1),
                             static_cast<uint64_t>(seed), mode, per_row, training,
-                            l0k::gemm::vec_loads_ok(x2.data_ptr(), x2.stride(0), w.data_ptr(), w.stride(0)),
-                            cfg};
+                            l0k::gemm::vec_loads_ok(x2.data_ptr(), x2.stride(0)), cfg};
+  p.vec_w = l0k::gemm::vec_loads_ok(w.data_ptr(), w.stride(0));
   p.idle_cols = ptr<const int64_t>(e.idle_cols);
   p.n_idle = e.idle_cols.defined() ? e.idle_cols.numel() : 0;
   p.fill = ptr<T>(e.fill);

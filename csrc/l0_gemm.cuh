@@ -64,7 +64,7 @@ struct GatedGemmParams {
   int mode;            // GateMode; kGateNone: no gates (eval plans, gates folded into w and bias)
   bool per_row;        // training with per-example noise ("in" / "out")
   bool training;       // false: deterministic z_eval, seed unused
-  bool vec;            // 16-byte operand loads allowed: x, w 16-byte aligned, ldx, ldw multiples of 8
+  bool vec_x;          // 16-byte loads of x allowed: x 16-byte aligned, ldx a multiple of 8 (vec_loads_ok)
   GateConfig cfg;
   // Eval plans: the outputs that are not computed, y[:, idle_cols[i]] = fill ? fill[idle_cols[i]] : 0 for
   // i < n_idle, written by extra blocks of the same launch (grid columns after the GEMM's).
@@ -77,6 +77,7 @@ struct GatedGemmParams {
   int splits = 1;
   float* ws = nullptr;
   int* ws_count = nullptr;
+  bool vec_w = false;  // the same for w (its own flag: a gathered or oddly strided x keeps W's fast loads)
 };
 
 namespace gemm {
@@ -126,10 +127,10 @@ L0K_HD int split_tiles(int64_t K, int splits) {
   return static_cast<int>((tiles + splits - 1) / splits);
 }
 
-// Whether GatedGemmParams::vec may be set: 16-byte aligned x and w with row strides multiple of 8.
-inline bool vec_loads_ok(const void* x, int64_t ldx, const void* w, int64_t ldw) {
-  return reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 && ldx % kChunkK == 0 &&
-         ldw % kChunkK == 0;
+// Whether GatedGemmParams::vec_x / vec_w may be set for an operand: 16-byte aligned, row stride a
+// multiple of 8 elements.
+inline bool vec_loads_ok(const void* p, int64_t ld) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % kChunkK == 0;
 }
 
 // Eight consecutive elements, one 16-byte access.
@@ -226,12 +227,12 @@ __global__ void __launch_bounds__(gemm::kThreads) gated_gemm_kernel(const GatedG
 L0K_UNROLL
     for (int c = 0; c < kChunksA; ++c) {
       const int id = tid + c * gemm::kThreads, r = id / kChunksPerRow, kc = (id % kChunksPerRow) * kChunkK;
-      ra[c] = load_chunk(p.x, p.ldx, m0 + r, p.M, k0 + kc, p.K, p.vec, p.x_cols);
+      ra[c] = load_chunk(p.x, p.ldx, m0 + r, p.M, k0 + kc, p.K, p.vec_x, p.x_cols);
     }
 L0K_UNROLL
     for (int c = 0; c < kChunksB; ++c) {
       const int id = tid + c * gemm::kThreads, r = id / kChunksPerRow, kc = (id % kChunksPerRow) * kChunkK;
-      rb[c] = load_chunk(p.w, p.ldw, n0 + r, p.N, k0 + kc, p.K, p.vec, static_cast<const int64_t*>(nullptr));
+      rb[c] = load_chunk(p.w, p.ldw, n0 + r, p.N, k0 + kc, p.K, p.vec_w, static_cast<const int64_t*>(nullptr));
     }
   };
   auto store_tile = [&](int t, int stage) {  // registers -> gate -> shared

@@ -117,7 +117,7 @@ L0K_UNROLL
     Pack8<T> w[kOutPerWarp];
 L0K_UNROLL
     for (int i = 0; i < kOutPerWarp; ++i) {
-      w[i] = gemm::load_chunk(p.w, p.ldw, n_first + i, p.N, kl, p.K, p.vec, static_cast<const int64_t*>(nullptr));
+      w[i] = gemm::load_chunk(p.w, p.ldw, n_first + i, p.N, kl, p.K, p.vec_w, static_cast<const int64_t*>(nullptr));
     }
     // stage x[:, k0 + tid] (gathered through x_cols), input gates applied
     {

@@ -80,7 +80,8 @@ def emu(tmp_path_factory):
 
 def run_emu(fn, x, w, la, b, seed, gate, noise, training, allow_vec=True, cfg=GateConfig(), x_cols=None,
             y_cols=None, y=None, impl="auto", idle_cols=None, fill=None, splits=1):
-    """y = the kernel's output for 2-D x (unit column stride), with the path it took (True: 16-byte loads).
+    """y = the kernel's output for 2-D x (unit column stride), with the path it took (True: 16-byte loads
+    of x and w).
     x_cols / y_cols: the gather of x's columns and scatter of y's (eval plans, gate "none"), into ``y``;
     idle_cols: the outputs the kernel fills with ``fill`` (or zeros). impl: "gemm" (tensor cores),
     "gemv" (M <= 16) or "auto" (as the launcher); splits: the GEMV's K splits."""
@@ -94,8 +95,8 @@ def run_emu(fn, x, w, la, b, seed, gate, noise, training, allow_vec=True, cfg=Ga
              ptr(b), ptr(y), y.stride(0), ptr(x_cols), ptr(y_cols), ptr(idle_cols),
              0 if idle_cols is None else idle_cols.numel(), ptr(fill), splits, m, n, k, seed, MODES[gate],
              int(training and noise == "sample"), int(training), int(allow_vec), cfg.beta, cfg.gamma, cfg.zeta, cfg.eps)
-    assert vec in (0, 1), vec  # -3: the split-K workspace was not left zero
-    return y, bool(vec)
+    assert vec in (0, 1, 2, 3), vec  # -3: the split-K workspace was not left zero
+    return y, vec == 3
 
 
 def reference(x, w, la, b, seed, gate, noise, training):
@@ -466,3 +467,20 @@ def test_gemm_split_k_eval_plan_with_idle_outputs(emu):
     ref = fill.float().expand(rows, n).clone()
     ref[:, out_idx] = x.float()[:, in_idx] @ w.float().T + b.float()
     check(y, ref, torch.float16)
+
+
+@pytest.mark.parametrize("impl,rows", [("gemv", 5), ("gemm", 40)])
+def test_w_keeps_vector_loads_when_x_cannot(emu, impl, rows):
+    # x's row stride 301 is not a multiple of 8: x takes scalar loads, W (K = 264) keeps 16-byte ones;
+    # the result equals the all-scalar run bit for bit
+    dtype = torch.float16
+    x, w, la, b = make(rows, 50, 264, "weight", dtype, x_cols=301, seed=17)
+    ptr = lambda t: t.data_ptr()  # noqa: E731
+    out = torch.empty(rows, 50, dtype=dtype)
+    code = emu(GEMV_DTYPES[dtype], IMPLS[impl], ptr(x), x.stride(0), ptr(w), w.stride(0), ptr(la.contiguous()), ptr(b),
+               ptr(out), 50, None, None, None, 0, None, 1, rows, 50, 264, 5, MODES["weight"], 0, 1, 1, 2 / 3, -0.1,
+               1.1, 1e-6)
+    assert code == 2  # bit 1: W's 16-byte loads only
+    y_sc, _ = run_emu(emu, x, w, la, b, 5, "weight", "batch", True, allow_vec=False, impl=impl)
+    assert torch.equal(out, y_sc)
+    check(out, reference(x, w, la, b, 5, "weight", "batch", True), dtype)

@@ -32,14 +32,16 @@ int run(int impl, const void* x, int64_t ldx, const void* w, int64_t ldw, const 
   l0k::GatedGemmParams<T> p{static_cast<const T*>(x), ldx, static_cast<const T*>(w), ldw,
                             static_cast<const T*>(log_alpha), static_cast<const T*>(bias), static_cast<T*>(y), ldy,
                             x_cols, y_cols, M, N, K, seed, mode, per_row, training,
-                            allow_vec && l0k::gemm::vec_loads_ok(x, ldx, w, ldw), cfg};
+                            allow_vec && l0k::gemm::vec_loads_ok(x, ldx), cfg};
+  p.vec_w = allow_vec && l0k::gemm::vec_loads_ok(w, ldw);
+  const int paths = (p.vec_x ? 1 : 0) | (p.vec_w ? 2 : 0);
   p.idle_cols = idle_cols;
   p.n_idle = n_idle;
   p.fill = static_cast<const T*>(fill);
   if (impl == 0) impl = M <= l0k::gemv::kMaxRows ? 2 : 1;
   if (impl == 2 && M > l0k::gemv::kMaxRows) return -2;
   if (splits < 1 || splits > (impl == 2 ? l0k::gemv::kMaxSplits : l0k::gemm::kMaxSplits)) return -2;
-  if (M <= 0 || (N <= 0 && n_idle <= 0)) return p.vec ? 1 : 0;
+  if (M <= 0 || (N <= 0 && n_idle <= 0)) return paths;
   const int64_t tiles = impl == 2 ? l0k::gemv::grid_cols(N) : l0k::gemm::grid_cols(N) * l0k::gemm::grid_rows(M);
   std::vector<float> ws(splits > 1 ? static_cast<size_t>(M * N) : 0, 0.0f);
   std::vector<int> ws_count(splits > 1 ? static_cast<size_t>(tiles) : 0, 0);
@@ -69,14 +71,14 @@ int run(int impl, const void* x, int64_t ldx, const void* w, int64_t ldw, const 
   for (int c : ws_count) {
     if (c != 0) return -3;
   }
-  return p.vec ? 1 : 0;
+  return paths;
 }
 
 }  // namespace
 
 // dtype 0: float16, 1: bfloat16, 2: float32 (GEMV only); impl as run() above; mode 3 (no gates) with
-// x_cols / y_cols / idle_cols (nullable) runs an eval plan. Returns 1 if the 16-byte load path ran, 0 if
-// the scalar one, -1 on a bad dtype, -2 when the chosen kernel cannot take the call, -3 when the split-K
+// x_cols / y_cols / idle_cols (nullable) runs an eval plan. Returns the 16-byte load paths taken (bit 0:
+// x, bit 1: w), -1 on a bad dtype, -2 when the chosen kernel cannot take the call, -3 when the split-K
 // workspace was not left zero.
 extern "C" int l0k_emu_gated_gemm(int dtype, int impl, const void* x, int64_t ldx, const void* w, int64_t ldw,
                                   const void* log_alpha, const void* bias, void* y, int64_t ldy, const int64_t* x_cols,
