@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -247,15 +248,15 @@ Tensor linear_fwd(const Tensor& x, const Tensor& weight, const Tensor& log_alpha
 // Attribute `Attr` of `device`, read once per device index (0 for an index out of range).
 template <cudaDeviceAttr Attr>
 int device_attribute(const at::Device& device) {
-  static std::array<int, 64> cache{};
+  static std::array<std::atomic<int>, 64> cache{};  // atomic: host threads may fill it concurrently
   const int idx = device.index();
   if (idx < 0 || idx >= static_cast<int>(cache.size())) return 0;
-  if (cache[idx] == 0) {
-    int value = 0;
+  int value = cache[idx].load(std::memory_order_relaxed);
+  if (value == 0) {
     check_launch(cudaDeviceGetAttribute(&value, Attr, idx), "cudaDeviceGetAttribute");
-    cache[idx] = value;
+    cache[idx].store(value, std::memory_order_relaxed);
   }
-  return cache[idx];
+  return value;
 }
 
 int cc_major(const at::Device& device) { return device_attribute<cudaDevAttrComputeCapabilityMajor>(device); }
