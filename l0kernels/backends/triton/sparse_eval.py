@@ -93,6 +93,31 @@ def _store_idle(y_ptr, idle_ptr, fill_ptr, rm, m_ok, blk, N_IDLE, stride_ym, str
              mask=m_ok[:, None] & i_ok[None, :])
 
 
+@triton.jit
+def _load_x_tile(x_ptr, in_idx_ptr, rm, m_ok, rk, k_ok, stride_xm, stride_xk, GATHER_IN: tl.constexpr):
+    """Rows ``rm`` of x at GEMM columns ``rk``: x's columns ``in_idx[rk]`` with the gather, else ``rk``."""
+    if GATHER_IN:
+        xcol = tl.load(in_idx_ptr + rk, mask=k_ok, other=0)
+    else:
+        xcol = rk
+    return tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + xcol[None, :].to(tl.int64) * stride_xk,
+                   mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _store_out(y_ptr, b_ptr, out_idx_ptr, acc, rm, m_ok, rn, n_ok, stride_ym, stride_yn, HAS_BIAS: tl.constexpr,
+               SCATTER_OUT: tl.constexpr):
+    """``acc`` (+ bias) into rows ``rm`` of y at columns ``out_idx[rn]`` with the scatter, else ``rn``."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if SCATTER_OUT:
+        ycol = tl.load(out_idx_ptr + rn, mask=n_ok, other=0)
+    else:
+        ycol = rn
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + ycol[None, :].to(tl.int64) * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
 @_tuned(GEMM_CONFIGS, key=["M", "N", "K", "N_IDLE"])
 @triton.jit
 def _sparse_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, in_idx_ptr, out_idx_ptr, idle_ptr, fill_ptr, M, N, K, N_IDLE,
@@ -114,12 +139,7 @@ def _sparse_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, in_idx_ptr, out_idx_ptr, idl
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
-        if GATHER_IN:
-            xcol = tl.load(in_idx_ptr + rk, mask=k_ok, other=0)
-        else:
-            xcol = rk
-        a = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + xcol[None, :].to(tl.int64) * stride_xk,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        a = _load_x_tile(x_ptr, in_idx_ptr, rm, m_ok, rk, k_ok, stride_xm, stride_xk, GATHER_IN)
         b = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None].to(tl.int64) * stride_wk,
                     mask=n_ok[None, :] & k_ok[:, None], other=0.0)
         if UPCAST:
@@ -129,14 +149,7 @@ def _sparse_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, in_idx_ptr, out_idx_ptr, idl
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if SCATTER_OUT:
-        ycol = tl.load(out_idx_ptr + rn, mask=n_ok, other=0)
-    else:
-        ycol = rn
-    tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + ycol[None, :].to(tl.int64) * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    _store_out(y_ptr, b_ptr, out_idx_ptr, acc, rm, m_ok, rn, n_ok, stride_ym, stride_yn, HAS_BIAS, SCATTER_OUT)
 
 
 @_tuned(GEMV_CONFIGS, key=["N", "K", "N_IDLE", "BLOCK_M"], prune=_prune_gemv)
@@ -159,23 +172,11 @@ def _sparse_gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, in_idx_ptr, out_idx_ptr, idl
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
-        if GATHER_IN:
-            xcol = tl.load(in_idx_ptr + rk, mask=k_ok, other=0)
-        else:
-            xcol = rk
-        a = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + xcol[None, :].to(tl.int64) * stride_xk,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        a = _load_x_tile(x_ptr, in_idx_ptr, rm, m_ok, rk, k_ok, stride_xm, stride_xk, GATHER_IN).to(tl.float32)
         w = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :].to(tl.int64) * stride_wk,
                     mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if SCATTER_OUT:
-        ycol = tl.load(out_idx_ptr + rn, mask=n_ok, other=0)
-    else:
-        ycol = rn
-    tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + ycol[None, :].to(tl.int64) * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    _store_out(y_ptr, b_ptr, out_idx_ptr, acc, rm, m_ok, rn, n_ok, stride_ym, stride_yn, HAS_BIAS, SCATTER_OUT)
 
 
 def sparse_linear(x2: torch.Tensor, plan, force: str = "auto") -> torch.Tensor:
