@@ -4,7 +4,8 @@ from ``csrc/`` only where PyTorch has CUDA and nvcc is found (see ``_cuda_ext_mo
 The CUDA build must see the installed CUDA PyTorch, so install without build isolation:
 ``pip install --no-build-isolation .`` (or ``-e .``). That path does not install the build requirements, so
 this script checks the setuptools floor itself (``license = "MIT"`` in pyproject.toml needs setuptools >= 77).
-Every source and include path is absolute: torch's ninja builder compiles from a temporary folder.
+Include paths are absolute (torch's ninja builder compiles from a temporary folder); source paths are relative
+to this file's folder, as setuptools requires, and this script changes into that folder first.
 Environment switches:
 
 - ``L0K_SKIP_CUDA=1``: never build the extension.
@@ -27,7 +28,8 @@ from setuptools import Extension, setup
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))
 _CSRC = os.path.join(_ROOT, "csrc")
-_SOURCES = [os.path.join(_CSRC, f) for f in ("binding.cpp", "gates.cu", "elementwise.cu", "reduce.cu", "gemm.cu")]
+# relative to _ROOT: setuptools refuses absolute source paths ("setup script specifies an absolute path")
+_SOURCES = ["csrc/binding.cpp", "csrc/gates.cu", "csrc/elementwise.cu", "csrc/reduce.cu", "csrc/gemm.cu"]
 _MIN_SETUPTOOLS = 77  # PEP 639 license expressions (pyproject.toml: license = "MIT")
 _DEFAULT_GENCODE = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
 
@@ -92,7 +94,7 @@ def _cuda_home():
 
 
 def _cuda_ext_kwargs():
-    """The arguments of the ``l0kernels._C`` extension (all paths absolute)."""
+    """The arguments of the ``l0kernels._C`` extension (include paths absolute, sources relative to _ROOT)."""
     # TORCH_CUDA_ARCH_LIST, when set, is turned into -gencode flags by BuildExtension itself.
     gencode = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else _DEFAULT_GENCODE
     return dict(name="l0kernels._C", sources=list(_SOURCES), include_dirs=[_CSRC],
@@ -141,11 +143,12 @@ def _cpu_ext_modules():
             and os.environ.get("L0K_CPU_SIMD", "1") != "0"):
         args += ["-fno-math-errno", "-fno-trapping-math", "-ffinite-math-only", "-fno-signed-zeros"]
         libs, macros = ["mvec"], [("L0K_LIBMVEC", "1")]
-    return [Extension("l0kernels._cpu", [os.path.join(_CSRC, "host", "cpu_kernels.cpp")], include_dirs=[_CSRC],
+    return [Extension("l0kernels._cpu", ["csrc/host/cpu_kernels.cpp"], include_dirs=[_CSRC],
                       define_macros=macros, extra_compile_args=args, libraries=libs, language="c++", optional=True)]
 
 
 if __name__ == "__main__":  # also under pip: setuptools runs this file as __main__; tests import the builders
     _check_setuptools()
+    os.chdir(_ROOT)  # the relative source paths (and pyproject.toml) are read from here, wherever we start
     ext_modules, cmdclass = _cuda_ext_modules()
     setup(ext_modules=_cpu_ext_modules() + ext_modules, cmdclass=cmdclass)

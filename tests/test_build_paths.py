@@ -1,6 +1,7 @@
 """setup.py's build inputs: no path may depend on the working directory (torch's ninja builder compiles
-from a temporary folder), the CUDA toolkit is resolved through wrappers and links, and a setuptools
-older than pyproject.toml needs stops the build with one clear line. CPU only, no compiler runs."""
+from a temporary folder; setup.py may be run from anywhere), the CUDA toolkit is resolved through wrappers
+and links, and a setuptools older than pyproject.toml needs stops the build with one clear line. CPU only;
+two tests compile the small ``_cpu`` extension into a temporary folder."""
 import importlib.util
 import json
 import os
@@ -31,7 +32,9 @@ def _load_setup():
     return mod
 
 
-def test_extension_paths_are_absolute_from_any_working_directory(tmp_path):
+def test_extension_paths_do_not_depend_on_the_working_directory(tmp_path):
+    """Include paths absolute (the compiler may run anywhere); sources relative to setup.py's folder, which
+    setuptools requires (it rejects absolute ones in egg_info) and setup.py changes into."""
     env = {k: v for k, v in os.environ.items() if k not in ("L0K_SKIP_CPU_EXT", "TORCH_CUDA_ARCH_LIST")}
     r = subprocess.run([sys.executable, "-c", _DUMP, SETUP], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=120)
@@ -40,12 +43,56 @@ def test_extension_paths_are_absolute_from_any_working_directory(tmp_path):
     assert sorted(e["name"] for e in exts) == ["l0kernels._C", "l0kernels._cpu"]
     for e in exts:
         assert e["sources"] and e["include_dirs"], e
-        for p in e["sources"] + e["include_dirs"]:
-            assert os.path.isabs(p), (e["name"], p)
-            assert os.path.exists(p), (e["name"], p)
+        for p in e["include_dirs"]:
+            assert os.path.isabs(p) and os.path.isdir(p), (e["name"], p)
             assert os.path.commonpath([p, ROOT]) == ROOT, (e["name"], p)
+        for p in e["sources"]:
+            assert not os.path.isabs(p) and "\\" not in p, (e["name"], p)
+            assert os.path.isfile(os.path.join(ROOT, p)), (e["name"], p)
         # the headers every source includes are found through the include path alone
         assert any(os.path.isfile(os.path.join(d, "l0_gate.cuh")) for d in e["include_dirs"]), e
+
+
+def _built(lib):
+    return [f for _, _, fs in os.walk(lib) for f in fs if f.startswith("_cpu") and f.endswith(".so")]
+
+
+def test_setup_py_builds_from_another_working_directory(tmp_path):
+    """``python /path/to/setup.py build_ext`` started elsewhere finds its sources (``_cpu`` is optional:
+    a missing source would only be a warning, so the test looks for the built file)."""
+    env = dict(os.environ, L0K_SKIP_CUDA="1", L0K_CPU_SIMD="0")
+    env.pop("L0K_SKIP_CPU_EXT", None)
+    r = subprocess.run([sys.executable, SETUP, "-q", "build_ext", "--build-temp", str(tmp_path / "t"), "--build-lib",
+                        str(tmp_path / "lib")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _built(tmp_path / "lib"), r.stdout + r.stderr
+
+
+_NINJA_BUILD = """
+import importlib.util, sys
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension
+spec = importlib.util.spec_from_file_location("l0k_setup", sys.argv[1])
+m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)
+setup(name="l0k_ninja_check", ext_modules=m._cpu_ext_modules(), cmdclass={"build_ext": BuildExtension},
+      script_args=["-q", "build_ext", "--build-temp", sys.argv[2], "--build-lib", sys.argv[3]])
+"""
+
+
+def test_cpu_extension_builds_with_torchs_ninja_builder(tmp_path):
+    """With the CUDA build on, torch's BuildExtension compiles ``_cpu`` too, with ninja running in the build
+    folder: a relative include path (``csrc``) then misses l0_gate.cuh and fails the whole install."""
+    from torch.utils.cpp_extension import is_ninja_available
+    if not is_ninja_available():
+        pytest.skip("ninja is not installed")
+    env = dict(os.environ, L0K_CPU_SIMD="0")
+    env.pop("L0K_SKIP_CPU_EXT", None)
+    r = subprocess.run([sys.executable, "-c", _NINJA_BUILD, SETUP, str(tmp_path / "t"), str(tmp_path / "lib")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _built(tmp_path / "lib"), r.stdout + r.stderr
+    assert os.path.isfile(tmp_path / "t" / "build.ninja")  # it really was the ninja path
 
 
 @pytest.mark.parametrize("version,ok", [("76.1.0", False), ("61.0", False), ("abc", False), ("77.0.3", True),
