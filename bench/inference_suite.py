@@ -84,16 +84,21 @@ def inference_suite(ctx) -> List[dict]:
         if ctx.cpu and suite != "lenet300":
             print(f"{suite}: {k}->{n} skipped on the CPU (inference rows on CPU: small shapes only)")
             continue
+        if not ctx.wants(suite=suite, shape=f"{k}->{n}"):
+            continue
         dt = run_bench.DT[dts]
         g = torch.Generator(device=dev).manual_seed(0)
         for gate in GATES:
             for density in DENSITIES:
+                if not ctx.wants(gate=gate, density=density) or not any(
+                        ctx.wants(batch=m) for m in BATCHES) or not any(ctx.wants(backend=b) for b in backends):
+                    continue
                 layer, kept = _layer(k, n, gate, density, dt, dev, g)
                 kc, nc = (kept, n) if gate == "in" else (k, kept)
                 wc = torch.randn(nc, kc, device=dev, generator=g).to(dt)
                 bc = torch.randn(nc, device=dev, generator=g).to(dt)
                 for m in BATCHES:
-                    if ctx.quick and m > 16:
+                    if (ctx.quick and m > 16) or not ctx.wants(batch=m):
                         continue
                     x = torch.randn(m, k, device=dev, generator=g).to(dt)
                     xc = torch.randn(m, kc, device=dev, generator=g).to(dt)
@@ -103,6 +108,8 @@ def inference_suite(ctx) -> List[dict]:
                         dpeak = ctx.peak_mib(lambda: F.linear(x, layer.weight, layer.bias))
                     shape = f"{m}x{k}->{n},density={density}"
                     for backend in backends:
+                        if not ctx.wants(backend=backend):
+                            continue
                         layer.backend = backend
                         try:
                             with torch.no_grad():
@@ -113,7 +120,7 @@ def inference_suite(ctx) -> List[dict]:
                             print(f"  {backend}: FAILED ({type(e).__name__}: {e})", file=sys.stderr)
                             continue
                         print(f"{suite}: eval linear {shape} {dts} gate={gate} backend={backend}: {fwd:.3f} ms, "
-                              f"dense {dense:.3f} ms, compacted dense {dense_c:.3f} ms")
+                              f"dense {dense:.3f} ms, compacted dense {dense_c:.3f} ms", flush=True)
                         rows.append(ctx.row(op="linear_eval", gate=gate, noise=None, dtype=dts, shape=shape,
                                             backend=backend, fwd_ms=fwd, fwd_bwd_ms=None, dense_fwd_ms=dense,
                                             dense_fwd_bwd_ms=None, peak_mib=peak, dense_peak_mib=dpeak,

@@ -3,6 +3,12 @@
 
     python bench/run_bench.py                 # CUDA: all SPEC shapes, triton.testing.do_bench medians
     python bench/run_bench.py --cpu --quick   # no GPU: LeNet shapes only, time.perf_counter medians
+    python bench/run_bench.py --only 'shape=*x4096->4096' --only 'backend=cuda[fused],cuda[two_pass]'
+
+``--only KEY=PATTERN[,PATTERN...]`` (repeatable, all must hold) keeps the rows whose KEY (suite, shape, gate,
+noise, backend; the inference rows also density, batch, with shapes K->N) matches one of the fnmatch
+patterns; rows without that key are not filtered by it. The dense baselines are always measured. Each row
+is printed as it is measured, so a run cut off by a time limit still leaves its numbers in the log.
 
 Writes ``bench/results/<device>-<date>.json`` (a list of rows with the fields of SPEC section 7:
 op, gate, noise, dtype, shape, backend, fwd_ms, fwd_bwd_ms, dense_fwd_ms, dense_fwd_bwd_ms, peak_mib,
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import fnmatch
 import json
 import os
 import statistics
@@ -98,6 +105,13 @@ class BenchContext:
     quick: bool
     reps: int
     meta: Dict[str, Optional[str]]
+    only: Optional[Dict[str, List[str]]] = None  # --only: key -> fnmatch patterns
+
+    def wants(self, **fields) -> bool:
+        """True if every ``--only`` key among ``fields`` equals or matches one of its patterns (``cuda[fused]``
+        is taken literally: in fnmatch its brackets would be a character class)."""
+        return all(any(str(v) == p or fnmatch.fnmatchcase(str(v), p) for p in (self.only or {})[k])
+                   for k, v in fields.items() if k in (self.only or {}))
 
     def sync(self):
         if self.device.type == "cuda":
@@ -151,9 +165,14 @@ def _measure(ctx, gated: Dict[str, Callable], dense: Callable, inputs, dense_inp
     rows = []
     for name, f in gated.items():
         fb = _grad_fn(f, inputs, dy)
+        if not ctx.wants(backend=name):
+            continue
         try:
             rows.append(ctx.row(backend=name, fwd_ms=ctx.time_ms(f), fwd_bwd_ms=ctx.time_ms(fb),
                                 peak_mib=ctx.peak_mib(fb), **dense_t, **common))
+            r = rows[-1]
+            print(f"  {name}: fwd {r['fwd_ms']:.4f} ms, fwd+bwd {r['fwd_bwd_ms']:.4f} ms; dense fwd "
+                  f"{r['dense_fwd_ms']:.4f} ms, fwd+bwd {r['dense_fwd_bwd_ms']:.4f} ms", flush=True)
         except Exception as e:  # a backend failing one shape must not lose the others' rows
             print(f"  {name}: FAILED ({type(e).__name__}: {e})", file=sys.stderr)
         if ctx.device.type == "cuda":
@@ -180,7 +199,7 @@ def _cuda_forward_variants(x, w, la, b, kw) -> Dict[str, Callable]:
 def linear_suite(ctx: BenchContext) -> List[dict]:
     rows = []
     for suite, m, k, n, dts in LINEAR_SHAPES:
-        if ctx.quick and suite not in QUICK_SUITES:
+        if (ctx.quick and suite not in QUICK_SUITES) or not ctx.wants(suite=suite, shape=f"{m}x{k}->{n}"):
             continue
         dt = DT[dts]
         g = torch.Generator(device=ctx.device).manual_seed(0)
@@ -188,6 +207,8 @@ def linear_suite(ctx: BenchContext) -> List[dict]:
         w = (torch.randn(n, k, device=ctx.device, generator=g) / k ** 0.5).to(dt).requires_grad_()
         b = torch.randn(n, device=ctx.device, dtype=dt, generator=g).requires_grad_()
         for gate, noise in LINEAR_MODES:
+            if not ctx.wants(gate=gate, noise=noise):
+                continue
             la_shape = {"in": (k,), "out": (n,), "weight": (n, k)}[gate]
             la = (torch.randn(la_shape, device=ctx.device, generator=g) + 1.0).to(dt).requires_grad_()
             kw = dict(seed=1234, gate=gate, noise=noise, training=True)
@@ -196,7 +217,8 @@ def linear_suite(ctx: BenchContext) -> List[dict]:
                      for be in l0k.available_backends(call)}
             gated.update(_cuda_forward_variants(x, w, la, b, kw) if "cuda" in gated else {})
             common = dict(op="linear", gate=gate, noise=noise, dtype=dts, shape=f"{m}x{k}->{n}")
-            print(f"{suite}: linear {common['shape']} {dts} gate={gate} noise={noise}: {sorted(gated)}")
+            print(f"{suite}: linear {common['shape']} {dts} gate={gate} noise={noise}: "
+                  f"{sorted(b for b in gated if ctx.wants(backend=b))}", flush=True)
             rows += _measure(ctx, gated, lambda: F.linear(x, w, b), (x, w, la, b), (x, w, b), common)
     return rows
 
@@ -204,7 +226,9 @@ def linear_suite(ctx: BenchContext) -> List[dict]:
 def conv_suite(ctx: BenchContext) -> List[dict]:
     rows = []
     for suite, bsz, cin, cout, h, wd, ks, pad, dts, cl in CONV_SHAPES:
-        if ctx.quick and suite not in QUICK_SUITES:
+        fmt = "channels_last" if cl else "nchw"
+        shape = f"{bsz}x{cin}x{h}x{wd},{cin}->{cout},k{ks},{fmt}"
+        if (ctx.quick and suite not in QUICK_SUITES) or not ctx.wants(suite=suite, shape=shape):
             continue
         dt = DT[dts]
         g = torch.Generator(device=ctx.device).manual_seed(0)
@@ -217,16 +241,17 @@ def conv_suite(ctx: BenchContext) -> List[dict]:
         w.requires_grad_()
         b = torch.randn(cout, device=ctx.device, dtype=dt, generator=g).requires_grad_()
         la = (torch.randn(cout, device=ctx.device, generator=g) + 1.0).to(dt).requires_grad_()
-        fmt = "channels_last" if cl else "nchw"
         for noise in ("batch", "sample"):
+            if not ctx.wants(gate="channel", noise=noise):
+                continue
             kw = dict(padding=pad, seed=1234, noise=noise, training=True)
             call = conv2d_call(x, w, la, b, 1, pad, 1, 1, seed=1234, noise=noise, training=True, backend="auto",
                                beta=2 / 3, gamma=-0.1, zeta=1.1)
             gated = {be: (lambda be=be: l0k.l0_conv2d(x, w, la, b, backend=be, **kw))
                      for be in l0k.available_backends(call)}
-            shape = f"{bsz}x{cin}x{h}x{wd},{cin}->{cout},k{ks},{fmt}"
             common = dict(op="conv2d", gate="channel", noise=noise, dtype=dts, shape=shape)
-            print(f"{suite}: conv2d {shape} {dts} noise={noise}: {sorted(gated)}")
+            print(f"{suite}: conv2d {shape} {dts} noise={noise}: {sorted(b for b in gated if ctx.wants(backend=b))}",
+                  flush=True)
             rows += _measure(ctx, gated, lambda: F.conv2d(x, w, b, padding=pad), (x, w, la, b), (x, w, b), common)
     return rows
 
@@ -272,15 +297,18 @@ def main(argv=None) -> int:
     ap.add_argument("--no-extra", action="store_true", help="skip EXTRA_SUITES (bench/inference_suite.py)")
     ap.add_argument("--reps", type=int, default=20, help="CPU timing repetitions (median)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--only", action="append", default=[], metavar="KEY=PATTERN[,PATTERN]",
+                    help="keep only rows whose KEY matches a pattern (repeatable; see the module docstring)")
     a = ap.parse_args(argv)
+    only = parse_only(a.only, ap.error)
     if not a.cpu and not torch.cuda.is_available():
         print("no CUDA device: use --cpu (with --quick for the small shapes only)", file=sys.stderr)
         return 2
     dev = torch.device("cpu" if a.cpu else "cuda")
     now = _dt.datetime.now(_dt.timezone.utc)
     meta = dict(device=device_name(dev), torch=torch.__version__, triton=_triton_version(), commit=_git_commit(),
-                date=now.isoformat(timespec="seconds"))
-    ctx = BenchContext(dev, dev.type == "cpu", a.quick, a.reps, meta)
+                date=now.isoformat(timespec="seconds"), triton_autotune=triton_autotune())
+    ctx = BenchContext(dev, dev.type == "cpu", a.quick, a.reps, meta, only)
     if not a.no_extra:
         try:
             import inference_suite  # noqa: F401  (appends to EXTRA_SUITES)
@@ -297,6 +325,28 @@ def main(argv=None) -> int:
             rows += list(suite(ctx))
     write_results(rows, a.out, meta["device"], now, "", to_markdown)
     return 0
+
+
+ONLY_KEYS = ("suite", "shape", "gate", "noise", "backend", "density", "batch")
+
+
+def parse_only(specs, error) -> Optional[Dict[str, List[str]]]:
+    """``["backend=cuda*,torch", "shape=*->4096"]`` -> ``{"backend": ["cuda*", "torch"], ...}``."""
+    only: Dict[str, List[str]] = {}
+    for spec in specs:
+        key, sep, pats = spec.partition("=")
+        if not sep or key not in ONLY_KEYS or not pats:
+            error(f"--only {spec!r}: expected KEY=PATTERN[,PATTERN...] with KEY one of {', '.join(ONLY_KEYS)}")
+        if key in only:
+            error(f"--only: {key} given twice")
+        only[key] = pats.split(",")
+    return only or None
+
+
+def triton_autotune() -> bool:
+    """Whether the Triton kernels autotune (``L0K_TRITON_AUTOTUNE=0``: one fixed configuration); recorded in
+    every row, since fixed tiles make the Triton rows slower than a tuned run."""
+    return os.environ.get("L0K_TRITON_AUTOTUNE", "1") != "0"
 
 
 def write_results(rows, out_dir, device, now, kind, markdown):
