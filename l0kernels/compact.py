@@ -635,8 +635,14 @@ def _rule_layout(ctx, node):
                 u.dead.reshape(-1)[flat].reshape(idx.shape), u.const.reshape(-1)[flat].reshape(idx.shape), r)
     if len(udims) > 1:
         ctx.multi.append(res)
-    ctx.resize[node] = res
+    if node.op != "call_module" and node.target not in _SIZE_FREE:  # sizes in its arguments may need rewriting
+        ctx.resize[node] = res
     return res
+
+
+_SIZE_FREE = {"transpose", "permute", "flatten", "contiguous", "unsqueeze", "squeeze", "movedim", "swapaxes",
+              "repeat_interleave", torch.flatten, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze,
+              torch.repeat_interleave, torch.movedim, torch.swapaxes, operator.getitem}
 
 
 def _rule_shape(ctx, node):
