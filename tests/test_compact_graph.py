@@ -361,3 +361,26 @@ def test_errors_name_the_op_or_module():
         compact(nn.Sequential(l0k.L0Linear(3, 4), bn).eval())
     with pytest.raises(TypeError, match="model"):
         compact(3)
+
+
+def test_summary_of_residual_cnn_and_attention():
+    model = _resnet(20)
+    set_gates(model.b1.conv1, torch.tensor([1, 0, 0, 1, 0, 0, 0, 0], dtype=torch.bool))
+    x = torch.randn(1, 3, 8, 8)
+    s = l0k.summary(model, example_inputs=x)
+    c = compact(model.eval(), x)
+    assert s.compacted
+    convs = [m for m in c.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert s.totals()["params_after"] == sum(p.numel() for m in convs for p in m.parameters())
+    row = next(l for l in s.layers if l.name == "b1.conv1")
+    assert row.shape_after == tuple(c.b1.conv1.weight.shape)
+    assert row.flops_after == c.b1.conv1.out_channels * 64 * (2 * 8 * 9 - 1)
+    assert s.totals()["flops_after"] < s.totals()["flops_before"]
+    blk = Block(h=4, hk=2)
+    close_heads(blk.o, [0, 1], 4)
+    xb = torch.randn(1, 3, 16)
+    s = l0k.summary(blk, example_inputs=xb)
+    cb = compact(blk.eval(), xb)
+    assert s.compacted and "o" in [l.name for l in s.layers]
+    lin = [m for m in cb.modules() if isinstance(m, nn.Linear)]
+    assert s.totals()["params_after"] == sum(p.numel() for m in lin for p in m.parameters())
