@@ -722,8 +722,7 @@ def _builtin_rules():
     r[getattr] = _rule_shape
     r[torch.mean] = _rule_mean
     # methods
-    for m in ("relu", "sigmoid", "tanh", "exp", "abs", "neg", "clamp", "square", "float", "double", "half",
-              "bfloat16", "type_as"):
+    for m in ("relu", "sigmoid", "tanh", "exp", "abs", "neg", "clamp", "square"):
         r[m] = "elementwise"
     for m in ("view", "reshape", "flatten", "transpose", "permute", "unsqueeze", "squeeze", "expand",
               "repeat_interleave", "contiguous", "movedim", "swapaxes", "unflatten"):
@@ -1014,9 +1013,7 @@ def _rewrite_sizes(node, new_sizes: Dict[int, int], old_shape) -> Tuple[tuple, d
     for d, s in new_sizes.items():
         a = sizes[d]
         if isinstance(a, int) and a != -1:
-            sizes[d] = s
-        elif isinstance(a, torch.fx.Node):
-            raise ValueError(f"compact: {node.name!r} sizes a dim that loses units with a traced value")
+            sizes[d] = s  # (-1 and traced sizes, read from tensor shapes at run time, follow by themselves)
     if node.op == "call_method":
         args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
     else:

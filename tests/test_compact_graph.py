@@ -223,9 +223,9 @@ def test_torch_export_of_compacted_graphs(rel_err):
 class Block(nn.Module):
     """Pre-norm transformer block: attention (q/k/v/o, SDPA, optional GQA) and a SwiGLU FFN."""
 
-    def __init__(self, d=16, h=4, hk=4, hd=4, ff=12, norm=nn.LayerNorm):
+    def __init__(self, d=16, h=4, hk=4, hd=4, ff=12, norm=nn.LayerNorm, repeat_kv=False):
         super().__init__()
-        self.h, self.hk, self.hd = h, hk, hd
+        self.h, self.hk, self.hd, self.repeat_kv = h, hk, hd, repeat_kv
         self.ln1, self.ln2 = norm(d), norm(d)
         self.q = nn.Linear(d, h * hd)
         self.k = nn.Linear(d, hk * hd)
@@ -241,7 +241,13 @@ class Block(nn.Module):
         q = self.q(y).view(b, t, self.h, self.hd).transpose(1, 2)
         k = self.k(y).view(b, t, self.hk, self.hd).transpose(1, 2)
         v = self.v(y).view(b, t, self.hk, self.hd).transpose(1, 2)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.h != self.hk)
+        if self.repeat_kv:  # grouped-query attention written out, as Hugging Face's repeat_kv does
+            r = self.h // self.hk
+            k = k[:, :, None].expand(b, self.hk, r, t, self.hd).reshape(b, self.h, t, self.hd)
+            v = v.repeat_interleave(r, dim=1)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.h != self.hk)
         x = x + self.o(a.transpose(1, 2).reshape(b, t, self.h * self.hd))
         y = self.ln2(x)
         return x + self.down(F.silu(self.gate(y)) * self.up(y))
@@ -258,15 +264,16 @@ def close_heads(layer, heads, hd):
         layer.log_alpha.copy_(la)
 
 
-@pytest.mark.parametrize("h,hk,closed,kept_q,kept_kv", [
-    (4, 4, [1, 2], 2, 2),          # MHA: closed heads go
-    (4, 2, [0, 1, 2], 2, 1),       # GQA: group 0 (heads 0, 1) goes; head 2 stays as zeros beside open head 3
-    (6, 2, [3, 4, 5, 1], 3, 1),    # GQA 3 query heads per kv head
+@pytest.mark.parametrize("h,hk,closed,kept_q,kept_kv,repeat", [
+    (4, 4, [1, 2], 2, 2, False),          # MHA: closed heads go
+    (4, 2, [0, 1, 2], 2, 1, False),       # GQA: group 0 (heads 0, 1) goes; head 2 stays as zeros beside head 3
+    (6, 2, [3, 4, 5, 1], 3, 1, False),    # GQA 3 query heads per kv head
+    (6, 2, [3, 4, 5, 1], 3, 1, True),     # the same with key/value heads repeated by expand / repeat_interleave
 ])
-def test_attention_heads_and_swiglu(h, hk, closed, kept_q, kept_kv, rel_err):
+def test_attention_heads_and_swiglu(h, hk, closed, kept_q, kept_kv, repeat, rel_err):
     torch.manual_seed(6 + h + hk)
     hd, d, ff = 4, 16, 12
-    model = Block(d, h, hk, hd, ff)
+    model = Block(d, h, hk, hd, ff, repeat_kv=repeat)
     close_heads(model.o, closed, hd)
     ffc = torch.zeros(ff, dtype=torch.bool)
     ffc[[0, 5, 6, 11]] = True
