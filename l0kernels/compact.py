@@ -120,9 +120,7 @@ def _feature_gates(m) -> torch.Tensor:
     gate = getattr(m, "gate", "out")
     if gate == "weight" or z.dim() != 1:
         return z
-    n = m.weight.shape[1] * getattr(m, "groups", 1) if gate == "in" else m.weight.shape[0]
-    if gate == "in" and isinstance(m, _l0_types()[1]):
-        n = m.weight.shape[0]
+    n = m.weight.shape[1] if gate == "in" else m.weight.shape[0]  # (conv: output channels)
     if z.numel() != n:
         if z.numel() == 0 or n % z.numel():
             raise ValueError(f"compact: {type(m).__name__} has {z.numel()} gates for {n} features")

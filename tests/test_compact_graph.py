@@ -391,3 +391,25 @@ def test_summary_of_residual_cnn_and_attention():
     assert s.compacted and "o" in [l.name for l in s.layers]
     lin = [m for m in cb.modules() if isinstance(m, nn.Linear)]
     assert s.totals()["params_after"] == sum(p.numel() for m in lin for p in m.parameters())
+
+
+def test_grouped_gates_expand_to_their_features(rel_err):
+    """A layer with one gate per g features (``log_alpha`` of features // g, set by hand here: the grouped
+    eval forward is another change) compacts with each gate repeated over its g features."""
+    torch.manual_seed(30)
+    first = l0k.L0Linear(6, 8, gate="out")
+    lin = l0k.L0Linear(8, 3, gate="in")
+    conv = l0k.L0Conv2d(2, 6, 3)
+    with torch.no_grad():
+        lin.log_alpha = nn.Parameter(torch.tensor([3.0, CLOSED, 0.5, CLOSED]))  # 4 gates of 2 inputs
+        conv.log_alpha = nn.Parameter(torch.tensor([CLOSED, 3.0, 1.0]))  # 3 gates of 2 channels
+    model = nn.Sequential(first, nn.ReLU(), lin).eval()
+    c = compact(model)
+    assert c[0].out_features == 4 and c[2].in_features == 4
+    zf = l0k.deterministic_gates(lin.log_alpha.detach()).repeat_interleave(2)
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        ref = F.linear(F.relu(first(x)), lin.weight * zf, lin.bias)
+        assert rel_err(c(x), ref) < 1e-6
+    cm = compact(nn.Sequential(conv, nn.ReLU(), nn.Conv2d(6, 2, 1)).eval())
+    assert cm[0].out_channels == 4 and cm[2].in_channels == 4
