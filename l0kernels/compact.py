@@ -796,13 +796,14 @@ def _record_values(gm: torch.fx.GraphModule, example_inputs: tuple) -> Dict[Any,
             vals[n] = torch.empty(out.shape, dtype=out.dtype, device="meta") if isinstance(out, torch.Tensor) else out
             return out
 
-    was = gm.training
+    flags = [(m, m.training) for m in gm.modules()]  # the model's own modules: restored one by one
     gm.eval()
     try:
         with torch.no_grad():
             Rec(gm).run(*example_inputs)
     finally:
-        gm.train(was)
+        for m, t in flags:
+            m.training = t
     return vals
 
 

@@ -413,3 +413,35 @@ def test_grouped_gates_expand_to_their_features(rel_err):
         assert rel_err(c(x), ref) < 1e-6
     cm = compact(nn.Sequential(conv, nn.ReLU(), nn.Conv2d(6, 2, 1)).eval())
     assert cm[0].out_channels == 4 and cm[2].in_channels == 4
+
+
+def test_attention_graph_loads_without_l0kernels(tmp_path, rel_err):
+    torch.manual_seed(31)
+    model = Block(h=4, hk=2, repeat_kv=True).eval()
+    close_heads(model.o, [2, 3], 4)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        ref = model(x)
+    c = compact(model, x)
+    assert c.q.out_features == 8
+    torch.save(c, tmp_path / "m.pt")
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, torch\n"
+            "sys.modules['l0kernels'] = None\n"
+            f"m = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False)\n"
+            f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+            "with torch.no_grad():\n"
+            f"    torch.save(m(x), {str(tmp_path / 'y.pt')!r})\n")
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env, timeout=120)
+    assert rel_err(torch.load(tmp_path / "y.pt"), ref) < 1e-5
+
+
+def test_compact_leaves_the_model_modes_alone():
+    model = _resnet(32)
+    model.eval()
+    model.b1.train()
+    flags = [m.training for m in model.modules()]
+    compact(model, torch.randn(1, 3, 8, 8))
+    assert [m.training for m in model.modules()] == flags
