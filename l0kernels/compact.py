@@ -414,7 +414,16 @@ def _rule_weight(ctx, node):
         blocks = out.ids.view(d.groups, -1)
         for g in range(d.groups):
             ctx.tie(blocks[g, :1].expand(blocks.shape[1]), blocks[g])
-    ctx.weights.append(_WeightUse(node, d, Units(u.ids.flatten(), dims, dead, const, u.rank), out))
+    use = _WeightUse(node, d, Units(u.ids.flatten(), dims, dead, const, u.rank), out)
+    for prev in ctx.weights:  # a layer called twice keeps the same units at both calls
+        if prev.node.target == node.target:
+            ctx.tie(prev.inp.ids, use.inp.ids)
+            ctx.tie(prev.out.ids, use.out.ids)
+            # one compacted layer folds one constant per removed input: fold only where the calls agree
+            same = (prev.inp.dead == use.inp.dead) & (~use.inp.dead | (prev.inp.const == use.inp.const))
+            prev.inp.dead = prev.inp.dead & same
+            use.inp.dead = use.inp.dead & same
+    ctx.weights.append(use)
     return out
 
 
@@ -436,6 +445,9 @@ def _rule_batchnorm(ctx, node):
     if m.running_mean is None or m.running_var is None:
         raise ValueError(f"compact: BatchNorm {node.target!r} has no running statistics (track_running_stats="
                          f"False); its eval output depends on the batch")
+    for prev, pu in ctx.bns.items():  # a BatchNorm called twice keeps the same units at both calls
+        if prev.target == node.target:
+            ctx.tie(pu.ids, u.ids)
     ctx.bns[node] = u
     c = u.const
     as_c = lambda t: t.detach().to(device=_CPU, dtype=torch.float64)
@@ -1050,6 +1062,13 @@ def _compact_graph(model: nn.Module, example_inputs) -> _Plan:
                 fold = d.bias.new_zeros(int(out_keep.sum()))
             make = _new_linear if d.kind == "linear" else _new_conv
             new = make(d, out_keep, in_keep, fold)
+            if w.node.target in root:  # a shared layer: its calls must fold the same constants
+                old = root[w.node.target]
+                if not (torch.equal(old.weight, new.weight) and (old.bias is None) == (new.bias is None) and
+                        (old.bias is None or torch.equal(old.bias, new.bias))):
+                    raise ValueError(f"compact: layer {w.node.target!r} is called more than once with different "
+                                     f"removed constants at its inputs; it cannot be compacted to one layer")
+                continue
             root[w.node.target] = new
             info[w.node.target] = {"in_keep": in_keep, "out_keep": out_keep, "new": new}
         for node, u in ctx.bns.items():

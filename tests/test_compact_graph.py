@@ -445,3 +445,26 @@ def test_compact_leaves_the_model_modes_alone():
     flags = [m.training for m in model.modules()]
     compact(model, torch.randn(1, 3, 8, 8))
     assert [m.training for m in model.modules()] == flags
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = l0k.L0Linear(6, 8, gate="out")
+        self.b = l0k.L0Linear(8, 8, gate="in")
+        self.c = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        return self.c(self.b(h) + self.b(torch.sigmoid(h)))
+
+
+def test_layer_called_twice(rel_err):
+    torch.manual_seed(33)
+    model = Shared()
+    set_gates(model.a, torch.tensor([1, 0, 0, 1, 0, 0, 0, 1], dtype=torch.bool))
+    set_gates(model.b, torch.tensor([0, 1, 0, 0, 0, 0, 1, 0], dtype=torch.bool))
+    c = check_same(model, torch.randn(4, 6), rel_err)
+    # closed units of a are 0 at one call and sigmoid(0) = 0.5 at the other: kept (one layer, one fold);
+    # the closed inputs of b go
+    assert c.b.in_features == 6 and c.a.out_features == 6
