@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import l0kernels as l0k
 from l0kernels.data import load_mnist
-from l0kernels.models import (PAPER_TABLE1, LeNet300100, LeNet5Caffe, architecture, arch_str, compact_models,
+from l0kernels.models import (PAPER_TABLE1, LeNet300100, LeNet5Caffe, architecture, arch_str,
                               count_flops, count_params, dense_copy, expected_cost, time_inference)
 
 try:
@@ -138,7 +138,7 @@ def report(a, model_eval, history: List[Dict], dense_arch, input_shape, device, 
     """Final numbers of the evaluated (EMA) model: error, architecture, costs, compaction and speed."""
     last = history[-1]
     cost = expected_cost(model_eval, input_shape)
-    compacts = compact_models(model_eval)
+    compacts = [("l0kernels.compact", l0k.compact(model_eval))]
     dense = dense_copy(model_eval)
     model_eval.eval()
     speed: Dict = {}
@@ -206,8 +206,8 @@ def write_results(a, r: Dict) -> None:
         f"| expected (sum of p_open x group size) | {r['expected_params']:,.0f} | {r['expected_flops']:,.0f} |",
         f"| compacted network (actual, non-zero) | {r['compact_params']:,d} | {r['compact_flops']:,d} |",
         "",
-        f"Max |compacted - L0 model| = {r['compact_max_abs_diff']:.1e}. `l0kernels.compact` keeps the input size "
-        "(closed input gates of the first layer stay as zero columns); `compact_sequential` also drops them.",
+        f"Max |compacted - L0 model| = {r['compact_max_abs_diff']:.1e}. `l0kernels.compact` removes the closed "
+        "input gates of the first layer with an input-selection step.",
         "",
         "| inference, median ms (speed-up vs dense) | dense nn | L0 model, eval gates | "
         + " | ".join(f"compacted: {h}" for h in r["compacted_with"]) + " |",

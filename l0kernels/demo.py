@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import constrain_, l0_layers, l0_regularizer
+from .compact import compact
 from .data import load_mnist, teacher_task
-from .models import (LeNet300100, architecture, arch_str, compact_models, count_flops, count_params, dense_copy,
+from .models import (LeNet300100, architecture, arch_str, count_flops, count_params, dense_copy,
                      expected_cost, time_inference)
 from .modules import L0Linear
 
@@ -144,7 +145,7 @@ def cost_report(model: nn.Module, input_shape, batch: int, device: str) -> List[
         na, ng = m.num_active(), m.num_gates()
         lines.append(f"  {name:>4} {type(m).__name__}(gate={m.gate!r}) {na:5d}/{ng:<5d} ({100.0 * na / ng:5.1f}% open)")
     cost = expected_cost(model, tuple(input_shape))
-    compacts = compact_models(model)
+    compacts = [("l0kernels.compact", compact(model))]
     dense = dense_copy(model)
     cp = count_params(compacts[0][1], nonzero=True)
     cf = count_flops(compacts[0][1], tuple(input_shape))

@@ -49,7 +49,7 @@ def check_same(model, x, rel_err, tol=None):
     assert y.shape == ref.shape
     assert rel_err(y, ref) < (tol or TOL[x.dtype])
     for m in c.modules():
-        assert type(m).__module__.startswith("torch.nn"), type(m)
+        assert type(m).__module__.startswith(("torch.nn", "torch.fx")), type(m)
     return c
 
 
@@ -70,10 +70,11 @@ def test_mlp_in_gates_structure(rel_err):
         set_gates(layer, cl)
     c = check_same(model, torch.randn(5, 12), rel_err)
     shapes = [tuple(m.weight.shape) for m in weight_layers(c)]
-    # the model input keeps its size; a layer's rows go where the next layer's input gate is closed
-    assert shapes == [(6, 12), (6, 6), (3, 6)]
-    assert torch.count_nonzero(c[0].weight[:, [0, 5]]) == 0  # closed input gates of layer 1: zero columns
-    assert [type(m) for m in c] == [nn.Linear, nn.ReLU, nn.Linear, nn.Tanh, nn.Linear]
+    # closed inputs of the model go through an input-selection step; a layer's rows go where the next layer's
+    # input gate is closed
+    assert shapes == [(6, 10), (6, 6), (3, 6)]
+    assert c[0].index.tolist() == [i for i in range(12) if i not in (0, 5)]
+    assert [type(m) for m in c][1:] == [nn.Linear, nn.ReLU, nn.Linear, nn.Tanh, nn.Linear]
 
 
 def test_mlp_out_gates_and_sigmoid_constant(rel_err):
@@ -245,9 +246,20 @@ class Flip(nn.Module):
         return torch.flip(x, (1,))
 
 
+class RawLinear(nn.Module):
+    """Reads its own parameter through F.linear: no rule follows a weight that is not a layer."""
+    def __init__(self):
+        super().__init__()
+        self.fc = l0k.L0Linear(4, 4)
+        self.w = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return F.linear(self.fc(x), self.w)
+
+
 def test_unsupported_models_raise():
-    with pytest.raises(ValueError, match="add"):
-        compact(nn.Sequential(l0k.L0Linear(4, 4), Residual()))
+    with pytest.raises(ValueError, match="linear"):
+        compact(nn.Sequential(l0k.L0Linear(4, 4), RawLinear()))
     with pytest.raises(ValueError, match="flip"):
         compact(nn.Sequential(l0k.L0Linear(4, 4), Flip(), l0k.L0Linear(4, 2)))
     with pytest.raises(ValueError, match="LSTM"):
@@ -292,12 +304,12 @@ def test_grouped_conv_and_padded_avgpool(rel_err):
 
 def test_summary_of_unsupported_graph_counts_own_gates():
     torch.manual_seed(11)
-    model = nn.Sequential(l0k.L0Linear(4, 4, gate="out"), Residual())
+    model = nn.Sequential(l0k.L0Linear(4, 4, gate="out"), Flip(), Residual())
     random_closed(model[0], 0.5)
-    random_closed(model[1].fc, 0.5)
+    random_closed(model[2].fc, 0.5)
     s = summary(model)
-    assert not s.compacted and "add" in s.note
-    fc = model[1].fc
+    assert not s.compacted and "flip" in s.note
+    fc = model[2].fc
     k_active = int((fc.deterministic_gates() > 0).sum())
     assert s.layers[1].params_after == 4 * k_active + 4
 
@@ -405,15 +417,17 @@ def test_grouped_convs_in_a_row_remove_groups_together(rel_err):
     assert conv_shapes(chain(4, 2, [0, 1, 2])) == [(3, 8, 1), (8, 8, 4), (8, 8, 2), (8, 3, 1)]
 
 
-def test_grouped_first_layer_keeps_its_groups(rel_err):
-    """The model input keeps its size, so a grouped first layer cannot drop a group (it reads every input)."""
+def test_grouped_first_layer_drops_groups_through_input_selection(rel_err):
+    """A grouped first layer drops an unneeded group with its input block: the model input loses those
+    channels through the input-selection step."""
     torch.manual_seed(31)
     model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), l0k.L0Conv2d(8, 3, 1))
     set_gates(model[2], closed_at(3, []))
     with torch.no_grad():
         model[2].weight[:, :4] = 0
     c = check_same(model, torch.randn(2, 4, 6, 6), rel_err)
-    assert conv_shapes(c) == [(4, 8, 2), (8, 3, 1)]
+    assert conv_shapes(c) == [(2, 4, 1), (4, 3, 1)]
+    assert c[0].index.tolist() == [2, 3]
 
 
 def test_random_sparsity_grouped_convs(rel_err):
@@ -571,7 +585,7 @@ def test_summary_under_meta_default_device_is_unchanged():
     assert s_meta_no_shape.compacted
     assert [l.params_after for l in s_meta_no_shape.layers] == [l.params_after for l in s_ref.layers]
     # the unsupported-graph fallback too
-    model2 = nn.Sequential(l0k.L0Linear(4, 4, gate="out"), Residual())
+    model2 = nn.Sequential(l0k.L0Linear(4, 4, gate="out"), Flip(), Residual())
     random_closed(model2[0], 0.5)
     with torch.device("meta"):
         s2 = summary(model2)
@@ -629,13 +643,13 @@ def test_compact_gates_match_eval_path_at_threshold(dtype, rel_err):
     with torch.device("meta"):
         c = compact(model)
     open_ = z > 0
-    # a lone layer keeps the model input; its columns are the eval model's folded weights exactly
-    w = c[0].weight
-    assert torch.equal(w[:, ~open_], torch.zeros_like(w[:, ~open_]))
+    # the closed inputs go through the input selection; the columns are the eval model's folded weights exactly
+    assert c[0].index.tolist() == open_.nonzero().flatten().tolist()
+    w = c[1].weight
     cd = torch.float64 if dtype == torch.float64 else torch.float32
     assert z.dtype == cd
     want = (layer.weight.detach().to(cd) * z).to(dtype)
-    assert torch.equal(w, want)
+    assert torch.equal(w, want[:, open_])
     with torch.no_grad():
         assert rel_err(c(x), ref) < TOL[dtype]
 

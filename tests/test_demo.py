@@ -9,7 +9,7 @@ import torch
 import l0kernels as l0k
 from l0kernels import demo
 from l0kernels.data import read_idx, teacher_task
-from l0kernels.models import LeNet300100, LeNet5Caffe, compact_sequential, count_params
+from l0kernels.models import LeNet300100, LeNet5Caffe, count_params
 
 
 @pytest.fixture
@@ -79,14 +79,14 @@ def test_read_idx_roundtrip(tmp_path, compress):
 
 
 @pytest.mark.parametrize("model_cls,shape", [(LeNet300100, (784,)), (LeNet5Caffe, (1, 28, 28))])
-def test_compact_sequential_matches_eval_model(model_cls, shape):
+def test_compact_of_paper_models_matches_eval_model(model_cls, shape):
     torch.manual_seed(0)
     m = model_cls()
     with torch.no_grad():
         for _, layer in l0k.l0_layers(m):
             layer.log_alpha.normal_(0.0, 3.0)  # a mix of closed, partial and fully open gates
     m.eval()
-    c = compact_sequential(m)
+    c = l0k.compact(m)
     x = torch.randn(5, *shape)
     with torch.no_grad():
         ref, out = m(x), c(x)
