@@ -209,9 +209,11 @@ def device_str(device) -> str:
 
 
 def common_fields(a, history: List[Dict], n_train: int, device) -> Dict:
+    cpu = [e["train_cpu_seconds"] for e in history if "train_cpu_seconds" in e]  # absent in older histories
     return {"N": n_train, "epochs_done": history[-1]["epoch"], "epochs_planned": a.epochs,
             "train_seconds_total": sum(e.get("train_seconds", e["seconds"]) for e in history),
             "seconds_total": sum(e["seconds"] for e in history),
+            "train_cpu_seconds_total": sum(cpu), "train_cpu_epochs": len(cpu),
             "weight_decay_passed": a.weight_decay * wd_scale(a, n_train),
             "settings": {k: v for k, v in vars(a).items() if k not in ("data", "out", "results")},
             "device": device_str(device), "torch": torch.__version__,
@@ -268,7 +270,10 @@ def settings_line(a, r: Dict) -> str:
             f"{wd:g} passed to the regularizer = (1/N) * 0.5 * {wd:g} * p_g * ||theta_g||^2 per group; "
             f"EMA: {a.ema or 'off'}. Training time: {r['train_seconds_total'] / 60:.1f} min for {r['epochs_done']} "
             f"epochs ({r['train_seconds_total'] / r['epochs_done']:.1f} s per epoch; with evaluation and "
-            f"reporting {r['seconds_total'] / 60:.1f} min).")
+            f"reporting {r['seconds_total'] / 60:.1f} min)" + (
+                f"; CPU time {r['train_cpu_seconds_total'] / r['train_cpu_epochs']:.1f} s per epoch (mean of "
+                f"{r['train_cpu_epochs']} epochs; the machine is shared, so compare CPU times)."
+                if r["train_cpu_epochs"] else "."))
 
 
 def write_results(a, r: Dict) -> None:
@@ -414,7 +419,7 @@ def main(argv=None) -> int:
     model_eval = model
     for epoch in range(start, a.epochs):
         model.train()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         perm = torch.randperm(n, generator=gen).to(device)
         bar = None if (a.quiet or tqdm is None) else tqdm(total=per_epoch, desc=f"epoch {epoch + 1}/{a.epochs}",
                                                           leave=False, dynamic_ncols=True, file=sys.stderr)
@@ -439,14 +444,15 @@ def main(argv=None) -> int:
                     bar.set_postfix(ce=f"{float(ce.detach()):.3f}", arch=arch_str(architecture(model)))
         if bar is not None:
             bar.close()
-        t_train = time.perf_counter() - t0
+        t_train, c_train = time.perf_counter() - t0, time.process_time() - c0
         model_eval = ema.averaged(model) if ema is not None else model
         err = test_error(model_eval, xte, yte)
         with torch.no_grad():
             el0 = [float(m.expected_l0()) for _, m in l0k.l0_layers(model_eval)]
         history.append({"epoch": epoch + 1, "train_ce": tot / per_epoch, "train_loss": tot_loss / per_epoch,
                         "test_error": err, "arch": list(dense_arch) if a.dense else architecture(model_eval),
-                        "expected_l0": el0, "train_seconds": t_train, "seconds": time.perf_counter() - t0})
+                        "expected_l0": el0, "train_seconds": t_train, "train_cpu_seconds": c_train,
+                        "seconds": time.perf_counter() - t0})
         msg = (f"epoch {epoch + 1:3d}  ce {tot / per_epoch:.4f}  test error {100 * err:5.2f}%  "
                f"arch {arch_str(history[-1]['arch'])}  ({t_train:.1f} s training)")
         print(msg, flush=True)

@@ -155,5 +155,6 @@ def test_report_fills_table_from_partial_histories(fake_mnist, tmp_path):
     assert "20-25-45-462" in text and "9-18-65-25" in text
     sep = [l for l in text.split("\n") if "this repo, L0-sep" in l]
     assert len(sep) == 1 and "2 epochs" in sep[0] and "extrapolated from 1 epochs" in sep[0]
+    assert "CPU " in sep[0] and "× 2 = " in sep[0]
     assert "init kaiming" in sep[0] and "EMA off" in sep[0]
     assert "this repo, L0-sep" in (res / "mnist_lenet5_table.md").read_text()
