@@ -96,7 +96,12 @@ class _L0Layer(nn.Module):
 
     def regularizer(self, lamba: float, weight_decay: float = 0.0, N: int = 1) -> torch.Tensor:
         """The paper's per-layer term ``(1/N) sum_g p_g (lamba * |g| + 0.5 wd ||theta_g||^2)`` plus
-        ``0.5 wd ||theta||^2 / N`` for ungated parameters (the authors' bias term)."""
+        ``0.5 wd ||theta||^2 / N`` for ungated parameters (the authors' bias term).
+
+        ``weight_decay`` is divided by ``N`` like ``lamba``: it is *not* the usual per-parameter weight
+        decay. For the usual term ``0.5 * wd * p_g * ||theta_g||^2`` (what ``wd`` means in the authors'
+        ``L0MLP`` / ``L0WideResNet``, which hand ``N * wd`` to their layers) pass ``weight_decay=wd * N``;
+        ``weight_decay=wd`` gives a term N times weaker (the authors' ``L0LeNet5``)."""
         _check_coef(lamba, "lamba")
         _check_coef(weight_decay, "weight_decay")
         if isinstance(N, bool) or not isinstance(N, int) or N < 1:
@@ -335,7 +340,11 @@ def l0_regularizer(model: nn.Module, lamba=0.1, weight_decay: float = 0.0, N: in
     """The paper's full regularizer: sum over L0 layers of ``layer.regularizer(lamba, weight_decay, N)``.
 
     ``lamba`` is one float or a sequence with one value per L0 layer (in ``named_modules`` order), as
-    in the L0-sep setting ``[10, 0.5, 0.1, 0.1]``; ``N`` is the training-set size.
+    in the L0-sep setting ``[10, 0.5, 0.1, 10]``; ``N`` is the training-set size.
+
+    The whole term is divided by ``N``, ``weight_decay`` included: the L2 part is
+    ``(1/N) * sum_g p_g * 0.5 * weight_decay * ||theta_g||^2``. The usual per-parameter weight decay
+    ``wd`` (L2 term ``0.5 * wd * p_g * ||theta_g||^2``, the authors' ``L0MLP``) is ``weight_decay=wd * N``.
     """
     layers = [m for _, m in l0_layers(model)]
     if not layers:
