@@ -11,6 +11,7 @@ from .backends.torch_backend import L0Conv2dFunction, L0LinearFunction
 from ._compact_hf import register_module_rule
 from .compact import CompactContext, Units, compact, compare, input_select, register_compact_rule, summary
 from .functional import deterministic_gates, expected_l0, l0_conv2d, l0_linear, prob_open, sample_gates
+from .targets import SparsityTarget
 from .modules import (L0Conv2d, L0Linear, constrain_, expected_params, l0_layers, l0_penalty,
                       l0_regularizer)
 
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "philox_uniform", "sample_gates", "deterministic_gates", "prob_open", "expected_l0",
     "l0_linear", "l0_conv2d", "L0Linear", "L0Conv2d", "L0LinearFunction", "L0Conv2dFunction",
-    "l0_penalty", "l0_regularizer", "constrain_", "expected_params", "l0_layers", "compact", "summary",
-    "compare", "register_compact_rule", "register_module_rule", "CompactContext", "Units", "input_select",
+    "l0_penalty", "l0_regularizer", "SparsityTarget", "constrain_", "expected_params", "l0_layers", "compact",
+    "summary", "compare", "register_compact_rule", "register_module_rule", "CompactContext", "Units", "input_select",
     "GateConfig", "Backend", "register_backend", "get_backend", "available_backends", "select_backend",
 ]
