@@ -98,15 +98,15 @@ CHILD = textwrap.dedent(r'''
                 assert all(torch.equal(a, r) for a, r in zip(gs, gr))
     # grouped gates: group_size reaches the ops (forward and backward)
     for gate, noise in [("in", "sample"), ("out", "batch")]:
-        x = torch.randn(3, 5, 8, generator=g).requires_grad_()
-        w = torch.randn(6, 8, generator=g).requires_grad_()
-        la = torch.randn(4 if gate == "in" else 3, generator=g).requires_grad_()
+        xg = torch.randn(3, 5, 8, generator=g).requires_grad_()
+        wg = torch.randn(6, 8, generator=g).requires_grad_()
+        lag = torch.randn(4 if gate == "in" else 3, generator=g).requires_grad_()
         for impl in ("fused", "two_pass"):
             with cb.gemm_impl(impl):
-                y = cb.CudaL0LinearFunction.apply(x, w, la, None, 5, gate, noise, True, cfg, 2)
-            ref = L0LinearFunction.apply(x, w, la, None, 5, gate, noise, True, cfg, 2)
+                y = cb.CudaL0LinearFunction.apply(xg, wg, lag, None, 5, gate, noise, True, cfg, 2)
+            ref = L0LinearFunction.apply(xg, wg, lag, None, 5, gate, noise, True, cfg, 2)
             assert torch.equal(y, ref)
-            assert torch.equal(torch.autograd.grad(y.sum(), la)[0], torch.autograd.grad(ref.sum(), la)[0])
+            assert torch.equal(torch.autograd.grad(y.sum(), lag)[0], torch.autograd.grad(ref.sum(), lag)[0])
     # auto times each signature once (both ops), then reuses the pick
     calls.clear()
     x17 = torch.randn(17, 7, generator=g)

@@ -12,7 +12,7 @@ import l0kernels as l0k
 from l0kernels import _gates
 from l0kernels._philox import _cpu
 from l0kernels.backends import _cpu_paths
-from conftest import TOL
+from conftest import TOL, TOL_TF32
 
 SEED = 2**40 + 123
 
@@ -26,8 +26,8 @@ def _gates64(la64, seed, rows, training, sample):
 
 
 def _ref_linear(x, w, la, b, seed, gate, noise, training, g):
-    x64, w64, la64 = (t.detach().double().requires_grad_() for t in (x, w, la))
-    b64 = b.detach().double().requires_grad_() if b is not None else None
+    x64, w64, la64 = (t.detach().cpu().double().requires_grad_() for t in (x, w, la))
+    b64 = b.detach().cpu().double().requires_grad_() if b is not None else None
     k = w.shape[1]
     x2 = x64.reshape(-1, k)
     z = _gates64(la64, seed, x2.shape[0], training, noise == "sample").repeat_interleave(g, dim=-1)
@@ -39,18 +39,23 @@ def _ref_linear(x, w, la, b, seed, gate, noise, training, g):
 
 
 def _ref_conv(x, w, la, b, seed, noise, training, g, stride, padding):
-    x64, w64, la64 = (t.detach().double().requires_grad_() for t in (x, w, la))
-    b64 = b.detach().double().requires_grad_() if b is not None else None
+    x64, w64, la64 = (t.detach().cpu().double().requires_grad_() for t in (x, w, la))
+    b64 = b.detach().cpu().double().requires_grad_() if b is not None else None
     z = _gates64(la64, seed, x.shape[0], training, noise == "sample").repeat_interleave(g, dim=-1)
     h = F.conv2d(x64, w64, b64, stride, padding)
     y = h * (z[:, :, None, None] if z.dim() == 2 else z[:, None, None])
     return y, (x64, w64, la64, b64)
 
 
-@pytest.fixture(params=["torch", "torch_cpp", "triton"])
+@pytest.fixture(params=["torch", "torch_cpp", "triton", "cuda"])
 def backend(request, monkeypatch):
-    """``torch`` with the C++ paths off, ``torch_cpp`` with them on, ``triton`` under the interpreter."""
+    """``torch`` with the C++ paths off, ``torch_cpp`` with them on, ``triton`` under the interpreter (or on
+    a GPU), ``cuda`` (the extension; GPU only)."""
     name = request.param
+    if name == "cuda":
+        if not torch.cuda.is_available() or "cuda" not in l0k.available_backends():
+            pytest.skip("needs a GPU and the CUDA extension")
+        return "cuda"
     if name == "torch":
         monkeypatch.setattr(_cpu_paths, "ENABLED", False)
         monkeypatch.setattr(_gates, "_CPU_GATE_KERNEL", False)
@@ -68,17 +73,26 @@ def backend(request, monkeypatch):
     return "triton"
 
 
+def _device(backend):
+    """GPU backends run on CUDA tensors (Triton on the CPU only under the interpreter)."""
+    return "cuda" if backend in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
+
+
+def _to(dev, *ts):
+    return [t.detach().to(dev).requires_grad_() for t in ts]
+
+
 def _check(out, ref, refs, grads_of, rel_err, dtype):
-    tol = TOL[dtype] if dtype != torch.float32 else 2e-5
+    tol = TOL[dtype] if dtype != torch.float32 else (2e-5 if out.device.type == "cpu" else TOL_TF32)
     gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    assert rel_err(out, ref) < tol
+    assert rel_err(out.cpu(), ref) < tol
     ref.backward(gy)
-    out.backward(gy.to(out.dtype))
+    out.backward(gy.to(out.device, out.dtype))
     for (name, t), r in zip(grads_of, refs):
         if t is None:
             continue
         assert t.grad is not None, name
-        assert rel_err(t.grad, r.grad) < tol * 10, name
+        assert rel_err(t.grad.cpu(), r.grad) < tol * 10, name
 
 
 # (K, N, group_size, gate): odd shapes; g == features (one gate) and g == 1 included
@@ -97,6 +111,9 @@ def test_linear_grouped_matches_reference(backend, k, n, g, gate, noise, trainin
     b = torch.randn(n, generator=gen, dtype=dtype).requires_grad_()
     la = (torch.randn(feats // g, generator=gen, dtype=dtype) * 2).requires_grad_()
     x.requires_grad_()
+    dev = _device(backend)
+    if dev != "cpu":
+        x, w, la, b = _to(dev, x, w, la, b)
     y = l0k.l0_linear(x, w, la, b, seed=SEED, gate=gate, noise=noise, training=training, backend=backend,
                       group_size=g)
     ref, refs = _ref_linear(x, w, la, b, SEED, gate, noise, training, g)
@@ -116,6 +133,9 @@ def test_conv2d_grouped_matches_reference(backend, g, noise, training, rel_err):
     b = torch.randn(6, generator=gen, dtype=dtype).requires_grad_()
     la = (torch.randn(6 // g, generator=gen, dtype=dtype) * 2).requires_grad_()
     x.requires_grad_()
+    dev = _device(backend)
+    if dev != "cpu":
+        x, w, la, b = _to(dev, x, w, la, b)
     y = l0k.l0_conv2d(x, w, la, b, (2, 1), (1, 0), seed=SEED, noise=noise, training=training, backend=backend,
                       group_size=g)
     ref, refs = _ref_conv(x, w, la, b, SEED, noise, training, g, (2, 1), (1, 0))
