@@ -231,7 +231,7 @@ def compact_sequential(model: nn.Sequential) -> nn.Sequential:
         m = mods[i]
         need_after[i] = need
         if isinstance(m, L0Linear):
-            need = m.active_mask()
+            need = (m.feature_gates() > 0)
         elif isinstance(m, L0Conv2d):
             need = None
         elif isinstance(m, nn.Flatten):
@@ -247,8 +247,8 @@ def compact_sequential(model: nn.Sequential) -> nn.Sequential:
     for i, m in enumerate(mods):
         with torch.no_grad():
             if isinstance(m, L0Linear):
-                z = m.deterministic_gates()
-                in_keep = m.active_mask() if keep is None else (keep & m.active_mask())
+                z = m.feature_gates()
+                in_keep = (m.feature_gates() > 0) if keep is None else (keep & (m.feature_gates() > 0))
                 out_keep = need_after[i] if need_after[i] is not None else torch.ones(
                     m.out_features, dtype=torch.bool, device=z.device)
                 if keep is None and not bool(in_keep.all()):
@@ -267,9 +267,9 @@ def compact_sequential(model: nn.Sequential) -> nn.Sequential:
                 out.append(d)
                 keep = out_keep
             elif isinstance(m, L0Conv2d):
-                z = m.deterministic_gates()
+                z = m.feature_gates()
                 in_keep = keep if keep is not None else torch.ones(m.in_channels, dtype=torch.bool, device=z.device)
-                out_keep = m.active_mask() if need_after[i] is None else (m.active_mask() & need_after[i])
+                out_keep = (m.feature_gates() > 0) if need_after[i] is None else ((m.feature_gates() > 0) & need_after[i])
                 if not bool(out_keep.any()):
                     out_keep = out_keep.clone()
                     out_keep[0] = True  # keep one (all-zero) channel so shapes stay valid

@@ -244,3 +244,21 @@ def test_grouped_bad_input():
         l0k.L0Linear(4, 4, gate="weight", group_size=2)
     with pytest.raises(ValueError, match="out_features"):
         l0k.L0Linear(4, 5, gate="out", group_size=2)
+
+
+def test_compact_of_grouped_chain_equals_eval():
+    torch.manual_seed(8)
+    model = torch.nn.Sequential(l0k.L0Conv2d(3, 8, 3, padding=1, group_size=2), torch.nn.ReLU(), torch.nn.Flatten(),
+                                l0k.L0Linear(8 * 4 * 4, 6, gate="in", group_size=16), torch.nn.ReLU(),
+                                l0k.L0Linear(6, 4, gate="out", group_size=2))
+    with torch.no_grad():
+        model[0].log_alpha.copy_(torch.tensor([4.0, -4.0, 1.0, 4.0]))
+        model[3].log_alpha.copy_(torch.tensor([4.0, 4.0, -4.0, 0.5, 4.0, 4.0, 4.0, -4.0]))
+        model[5].log_alpha.copy_(torch.tensor([-4.0, 4.0]))
+    model.eval()
+    x = torch.randn(2, 3, 4, 4)
+    small = l0k.compact(model)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
+    convs = [m for m in small.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].out_channels == 5  # gate 1 (channels 2, 3) closed; channel 7 unread (next layer's gate 7)
