@@ -101,6 +101,30 @@ std::tuple<Tensor, Tensor> flat_gates(const Tensor& log_alpha, int64_t rows, int
   return {z, dz};
 }
 
+// Grouped gates: the flat per-gate values of `rows` noise rows, each gate repeated over its `group`
+// consecutive features (the kernels below then see one value per feature).
+Tensor per_feature(const Tensor& t, int64_t rows, int64_t group) {
+  if (group == 1 || !t.defined() || t.numel() == 0) return t;
+  return t.view({rows, -1}).repeat_interleave(group, 1).reshape({-1});
+}
+
+// flat_gates with `group` features per gate: z and dz per feature (rows x features in training with
+// per-example noise, features otherwise).
+std::tuple<Tensor, Tensor> feature_gates(const Tensor& log_alpha, int64_t rows, int64_t seed, bool training,
+                                         const l0k::GateConfig& cfg, bool need_grad, int64_t group) {
+  auto [z, dz] = flat_gates(log_alpha, rows, seed, training, cfg, need_grad);
+  const int64_t r = training ? rows : 1;
+  return {per_feature(z, r, group), per_feature(dz, r, group)};
+}
+
+// Per-feature float32 shares of dlog_alpha summed over each gate's `group` features.
+Tensor per_gate(const Tensor& t, int64_t group) { return group == 1 ? t : t.view({-1, group}).sum(1); }
+
+void check_group(int64_t group, int64_t features, const char* what) {
+  TORCH_CHECK_VALUE(group >= 1 && features % group == 0, "l0kernels CUDA: group_size must be >= 1 and divide ", what,
+                    " (", features, "), got ", group);
+}
+
 // Contiguous (R, C) result of a * (b) * z, one rounding to a's dtype.
 Tensor scale(const Tensor& a, const Tensor& b, const Tensor& z, int64_t zs_r, int64_t zs_c) {
   TORCH_INTERNAL_ASSERT(a.dim() == 2);
@@ -172,7 +196,7 @@ int gate_mode(const std::string& gate) {
 }
 
 void check_linear(const Tensor& x, const Tensor& weight, const Tensor& log_alpha, const std::optional<Tensor>& bias,
-                  int mode, bool sample) {
+                  int mode, bool sample, int64_t group) {
   TORCH_CHECK_VALUE(x.is_cuda(), "l0kernels CUDA: x must be a CUDA tensor, got device ", x.device());
   TORCH_CHECK_VALUE(x.dim() >= 1, "l0kernels CUDA: x must have at least 1 dimension");
   check_tensor(weight, "weight", x, 2);
@@ -180,8 +204,10 @@ void check_linear(const Tensor& x, const Tensor& weight, const Tensor& log_alpha
   const int64_t n = weight.size(0), k = weight.size(1);
   TORCH_CHECK_VALUE(x.size(-1) == k, "l0kernels CUDA: x must have shape (..., ", k, ") to match weight ",
                     weight.sizes(), ", got ", x.sizes());
-  const std::vector<int64_t> want = mode == 0 ? std::vector<int64_t>{k}
-                                    : mode == 1 ? std::vector<int64_t>{n}
+  TORCH_CHECK_VALUE(mode != 2 || group == 1, "l0kernels CUDA: group_size must be 1 for gate='weight', got ", group);
+  check_group(group, mode == 0 ? k : n, mode == 0 ? "in_features" : "out_features");
+  const std::vector<int64_t> want = mode == 0 ? std::vector<int64_t>{k / group}
+                                    : mode == 1 ? std::vector<int64_t>{n / group}
                                                 : std::vector<int64_t>{n, k};
   TORCH_CHECK_VALUE(log_alpha.sizes() == at::IntArrayRef(want), "l0kernels CUDA: log_alpha must have shape ",
                     at::IntArrayRef(want), ", got ", log_alpha.sizes());
@@ -202,19 +228,20 @@ struct LinearArgs {
   Tensor x2;           // x as (M, K)
   int64_t m, n, k;
   bool per_row;        // per-example noise: training with sample
+  int64_t group;       // features per gate ("in" / "out")
 };
 
 LinearArgs linear_args(const Tensor& x, const Tensor& weight, const Tensor& log_alpha,
                        const std::optional<Tensor>& bias, int64_t seed, const std::string& gate, bool sample,
-                       bool training, at::ArrayRef<double> cfg_v) {
+                       bool training, at::ArrayRef<double> cfg_v, int64_t group) {
   const int mode = gate_mode(gate);
-  check_linear(x, weight, log_alpha, bias, mode, sample);
+  check_linear(x, weight, log_alpha, bias, mode, sample, group);
   check_seed(seed);
   const c10::cuda::CUDAGuard guard(x.device());  // a reshape that copies runs on x's device
   const int64_t n = weight.size(0), k = weight.size(1);
   Tensor x2 = x.reshape({-1, k});
   const int64_t m = x2.size(0);
-  return LinearArgs{mode, make_cfg(cfg_v), opt(bias), std::move(x2), m, n, k, training && sample};
+  return LinearArgs{mode, make_cfg(cfg_v), opt(bias), std::move(x2), m, n, k, training && sample, group};
 }
 
 std::vector<int64_t> linear_out_shape(const Tensor& x, int64_t n) {
@@ -224,12 +251,13 @@ std::vector<int64_t> linear_out_shape(const Tensor& x, int64_t n) {
 }
 
 Tensor linear_fwd(const Tensor& x, const Tensor& weight, const Tensor& log_alpha, const std::optional<Tensor>& bias_in,
-                  int64_t seed, std::string gate, bool sample, bool training, at::ArrayRef<double> cfg_v) {
-  const auto [mode, cfg, bias, x2, m, n, k, per_row] =
-      linear_args(x, weight, log_alpha, bias_in, seed, gate, sample, training, cfg_v);
+                  int64_t seed, std::string gate, bool sample, bool training, at::ArrayRef<double> cfg_v,
+                  int64_t group_size) {
+  const auto [mode, cfg, bias, x2, m, n, k, per_row, group] =
+      linear_args(x, weight, log_alpha, bias_in, seed, gate, sample, training, cfg_v, group_size);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t zs_r = per_row ? log_alpha.numel() : 0;
-  Tensor z = std::get<0>(flat_gates(log_alpha, per_row ? m : 1, seed, training, cfg, false));
+  const int64_t zs_r = per_row ? log_alpha.numel() * group : 0;
+  Tensor z = std::get<0>(feature_gates(log_alpha, per_row ? m : 1, seed, training, cfg, false, group));
   Tensor y;
   if (mode == 0) {  // y = (x * z) @ W^T + b: gated copy of x written once, then cuBLAS
     const Tensor xz = scale(x2, Tensor(), z, zs_r, 1);
@@ -304,13 +332,14 @@ struct GemmExtras {
 template <typename T>
 void run_gated_gemm(const Tensor& x2, const Tensor& w, const Tensor& la, const Tensor& bias, const Tensor& y,
                     const GemmExtras& e, int64_t seed, int mode, bool per_row, bool training,
-                    const l0k::GateConfig& cfg) {
+                    const l0k::GateConfig& cfg, int64_t group = 1) {
   l0k::GatedGemmParams<T> p{ptr<T>(x2), x2.stride(0), ptr<T>(w), w.stride(0), ptr<T>(la), ptr<T>(bias),
                             ptr<T>(y), y.stride(0), ptr<const int64_t>(e.x_cols), ptr<const int64_t>(e.y_cols),
                             x2.size(0), w.size(0), w.size(1),
                             static_cast<uint64_t>(seed), mode, per_row, training,
                             l0k::gemm::vec_loads_ok(x2.data_ptr(), x2.stride(0)), cfg};
   p.vec_w = l0k::gemm::vec_loads_ok(w.data_ptr(), w.stride(0));
+  p.group = group;
   p.idle_cols = ptr<const int64_t>(e.idle_cols);
   p.n_idle = e.idle_cols.defined() ? e.idle_cols.numel() : 0;
   p.fill = ptr<T>(e.fill);
@@ -354,8 +383,8 @@ void check_gemm_kernel(const Tensor& x, int64_t m, const char* op, const char* o
 // the tensor-core GEMM (csrc/l0_gemm.cuh); conditions in check_gemm_kernel.
 Tensor linear_fwd_fused(const Tensor& x, const Tensor& weight, const Tensor& log_alpha,
                         const std::optional<Tensor>& bias_in, int64_t seed, std::string gate, bool sample,
-                        bool training, at::ArrayRef<double> cfg_v) {
-  const LinearArgs a = linear_args(x, weight, log_alpha, bias_in, seed, gate, sample, training, cfg_v);
+                        bool training, at::ArrayRef<double> cfg_v, int64_t group_size) {
+  const LinearArgs a = linear_args(x, weight, log_alpha, bias_in, seed, gate, sample, training, cfg_v, group_size);
   const c10::cuda::CUDAGuard guard(x.device());
   check_gemm_kernel(x, a.m, "linear_fwd_fused", "linear_fwd");
   const Tensor x2 = a.x2.stride(1) == 1 ? a.x2 : a.x2.contiguous();
@@ -365,7 +394,7 @@ Tensor linear_fwd_fused(const Tensor& x, const Tensor& weight, const Tensor& log
   Tensor y = at::empty({a.m, a.n}, x.options());
   dispatch_type(x.scalar_type(), "x", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    run_gated_gemm<T>(x2, w, la, bias, y, GemmExtras{}, seed, a.mode, a.per_row, training, a.cfg);
+    run_gated_gemm<T>(x2, w, la, bias, y, GemmExtras{}, seed, a.mode, a.per_row, training, a.cfg, a.group);
   });
   return y.view(linear_out_shape(x, a.n));
 }
@@ -438,24 +467,25 @@ Tensor empty_result(const Tensor& x) { return at::empty({0}, x.options()); }
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                                       const Tensor& log_alpha, const std::optional<Tensor>& bias_in,
                                                       int64_t seed, std::string gate, bool sample, bool training,
-                                                      at::ArrayRef<double> cfg_v, std::array<bool, 4> mask) {
-  const auto [mode, cfg, bias, x2, m, n, k, per_row] =
-      linear_args(x, weight, log_alpha, bias_in, seed, gate, sample, training, cfg_v);
+                                                      at::ArrayRef<double> cfg_v, std::array<bool, 4> mask,
+                                                      int64_t group_size) {
+  const auto [mode, cfg, bias, x2, m, n, k, per_row, group] =
+      linear_args(x, weight, log_alpha, bias_in, seed, gate, sample, training, cfg_v, group_size);
   check_tensor(grad, "grad", x, -1);
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK_VALUE(grad.numel() == m * n, "l0kernels CUDA: grad must have ", m * n, " elements (x rows x ", n,
                     "), got shape ", grad.sizes());
   const Tensor dy = grad.reshape({m, n});
   const bool need_x = mask[0], need_w = mask[1], need_la = mask[2], need_b = mask[3] && bias.defined();
-  const int64_t zs_r = per_row ? log_alpha.numel() : 0;
+  const int64_t zs_r = per_row ? log_alpha.numel() * group : 0;
   Tensor z, dz;
-  std::tie(z, dz) = flat_gates(log_alpha, per_row ? m : 1, seed, training, cfg, need_la);
-  Tensor dx, dw, dla, db;
+  std::tie(z, dz) = feature_gates(log_alpha, per_row ? m : 1, seed, training, cfg, need_la, group);
+  Tensor dx, dw, dla, db;  // dla: per feature until per_gate below
   if (mode == 0) {
     const Tensor g = (need_x || need_la) ? at::mm(dy, weight) : Tensor();  // (M, K) = dY @ W
     if (need_x) dx = scale(g, Tensor(), z, zs_r, 1);
     if (need_w) dw = at::mm(dy.t(), scale(x2, Tensor(), z, zs_r, 1));
-    if (need_la) dla = col_sum(g, x2, dz, zs_r, 1).to(log_alpha.scalar_type());
+    if (need_la) dla = col_sum(g, x2, dz, zs_r, 1);
     if (need_b) db = col_sum(dy, Tensor(), Tensor(), 0, 1).to(bias.scalar_type());
   } else if (mode == 1 && per_row) {  // per-example output gates: h recomputed for dlog_alpha
     const Tensor dyz = (need_x || need_w || need_b) ? scale(dy, Tensor(), z, n, 1) : Tensor();
@@ -464,7 +494,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad, const 
     if (need_b) db = col_sum(dyz, Tensor(), Tensor(), 0, 1).to(bias.scalar_type());
     if (need_la) {
       const Tensor h = bias.defined() ? at::addmm(bias, x2, weight.t()) : at::mm(x2, weight.t());
-      dla = col_sum(dy, h, dz, n, 1).to(log_alpha.scalar_type());
+      dla = col_sum(dy, h, dz, n, 1);
     }
   } else if (mode == 1) {  // batch / eval output gates: dla = dz * (rowsum(W * P) + b * colsum(dY)), P = dY^T x
     if (need_x) dx = at::mm(scale(dy, Tensor(), z, 0, 1), weight);
@@ -475,7 +505,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad, const 
     if (need_la) {
       Tensor hdy = row_dot(weight, p);
       if (bias.defined()) hdy = hdy + bias.to(at::kFloat) * colsum;
-      dla = (hdy * dz).to(log_alpha.scalar_type());
+      dla = hdy * dz;
     }
   } else {  // weight gates
     if (need_x) dx = at::mm(dy, scale(weight, Tensor(), z, k, 1));
@@ -484,6 +514,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad, const 
     if (need_la) dla = scale(p, weight, dz, k, 1);
     if (need_b) db = col_sum(dy, Tensor(), Tensor(), 0, 1).to(bias.scalar_type());
   }
+  if (dla.defined()) dla = per_gate(dla, group).to(log_alpha.scalar_type());
   if (dx.defined()) dx = dx.reshape(x.sizes());
   auto fill = [&](const Tensor& t) { return t.defined() ? t : empty_result(x); };
   return {fill(dx), fill(dw), fill(dla), fill(db)};
@@ -525,13 +556,15 @@ Tensor channel_sum(const Tensor& a, const Tensor& b, bool channels_last, const T
 }
 
 void check_conv(const Tensor& x, const Tensor& weight, const Tensor& log_alpha, const std::optional<Tensor>& bias,
-                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                int64_t group) {
   TORCH_CHECK_VALUE(x.is_cuda(), "l0kernels CUDA: x must be a CUDA tensor, got device ", x.device());
   TORCH_CHECK_VALUE(x.dim() == 4, "l0kernels CUDA: x must be 4-D (N, C, H, W), got shape ", x.sizes());
   check_tensor(weight, "weight", x, 4);
   check_tensor(log_alpha, "log_alpha", x, 1);
-  TORCH_CHECK_VALUE(log_alpha.size(0) == weight.size(0), "l0kernels CUDA: log_alpha must have shape (",
-                    weight.size(0), ") (out_channels), got ", log_alpha.sizes());
+  check_group(group, weight.size(0), "out_channels");
+  TORCH_CHECK_VALUE(log_alpha.size(0) * group == weight.size(0), "l0kernels CUDA: log_alpha must have shape (",
+                    weight.size(0) / group, ") (out_channels / group_size), got ", log_alpha.sizes());
   if (bias.has_value() && bias->defined()) {
     check_tensor(*bias, "bias", x, 1);
     TORCH_CHECK_VALUE(bias->size(0) == weight.size(0), "l0kernels CUDA: bias must have shape (", weight.size(0),
@@ -544,8 +577,8 @@ void check_conv(const Tensor& x, const Tensor& weight, const Tensor& log_alpha, 
 
 Tensor conv2d_fwd(const Tensor& x, const Tensor& weight, const Tensor& log_alpha, const std::optional<Tensor>& bias_in,
                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                  int64_t seed, bool sample, bool training, at::ArrayRef<double> cfg_v) {
-  check_conv(x, weight, log_alpha, bias_in, stride, padding, dilation, groups);
+                  int64_t seed, bool sample, bool training, at::ArrayRef<double> cfg_v, int64_t group_size) {
+  check_conv(x, weight, log_alpha, bias_in, stride, padding, dilation, groups, group_size);
   check_seed(seed);
   const l0k::GateConfig cfg = make_cfg(cfg_v);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -555,7 +588,7 @@ Tensor conv2d_fwd(const Tensor& x, const Tensor& weight, const Tensor& log_alpha
   h = channel_layout(h, x, &cl);
   const int64_t B = h.size(0), C = h.size(1), HW = h.size(2) * h.size(3);
   const bool per_row = training && sample;
-  const Tensor z = std::get<0>(flat_gates(log_alpha, per_row ? B : 1, seed, training, cfg, false));
+  const Tensor z = std::get<0>(feature_gates(log_alpha, per_row ? B : 1, seed, training, cfg, false, group_size));
   channel_epilogue(h, h, bias, z, per_row ? C : 0, B, C, HW, cl);
   return h;
 }
@@ -565,8 +598,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad, const 
                                                       at::IntArrayRef stride, at::IntArrayRef padding,
                                                       at::IntArrayRef dilation, int64_t groups, int64_t seed,
                                                       bool sample, bool training, at::ArrayRef<double> cfg_v,
-                                                      std::array<bool, 4> mask) {
-  check_conv(x, weight, log_alpha, bias_in, stride, padding, dilation, groups);
+                                                      std::array<bool, 4> mask, int64_t group_size) {
+  check_conv(x, weight, log_alpha, bias_in, stride, padding, dilation, groups, group_size);
   check_tensor(grad, "grad", x, 4);
   check_seed(seed);
   const l0k::GateConfig cfg = make_cfg(cfg_v);
@@ -581,7 +614,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad, const 
   const bool per_row = training && sample;
   const int64_t z_sb = per_row ? C : 0;
   Tensor z, dz;
-  std::tie(z, dz) = flat_gates(log_alpha, per_row ? B : 1, seed, training, cfg, need_la);
+  std::tie(z, dz) = feature_gates(log_alpha, per_row ? B : 1, seed, training, cfg, need_la, group_size);
   auto conv_bw = [&](const Tensor& g, bool want_x, bool want_w) {
     return at::convolution_backward(g, x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, groups,
                                     {want_x, want_w, false});
@@ -600,7 +633,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad, const 
       Tensor h = at::convolution(x, weight, bias.defined() ? std::optional<Tensor>(bias) : std::nullopt, stride,
                                  padding, dilation, false, {0, 0}, groups);
       h = h.contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-      dla = channel_sum(dy, h, cl, dz, C).to(log_alpha.scalar_type());
+      dla = per_gate(channel_sum(dy, h, cl, dz, C), group_size).to(log_alpha.scalar_type());
     }
   } else {  // batch / eval gates: dla = dz * (rowsum(W * P) + b * colsum(dY)), P = dW of the un-gated grad
     if (need_x) dx = std::get<0>(conv_bw(gated(dy), true, false));
@@ -611,7 +644,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad, const 
     if (need_la) {
       Tensor hdy = row_dot(weight.contiguous().view({C, -1}), p.view({C, -1}));
       if (bias.defined()) hdy = hdy + bias.to(at::kFloat) * colsum;
-      dla = (hdy * dz).to(log_alpha.scalar_type());
+      dla = per_gate(hdy * dz, group_size).to(log_alpha.scalar_type());
     }
   }
   auto fill = [&](const Tensor& t) { return t.defined() ? t : empty_result(x); };
@@ -656,18 +689,18 @@ TORCH_LIBRARY(l0kernels, m) {
   m.def("uniform(int seed, Tensor offsets) -> Tensor");
   m.def("gates(Tensor log_alpha, int rows, int seed, bool training, float[] cfg, bool need_grad) -> (Tensor, Tensor)");
   m.def("linear_fwd(Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int seed, str gate, bool sample, "
-        "bool training, float[] cfg) -> Tensor");
+        "bool training, float[] cfg, int group_size=1) -> Tensor");
   m.def("linear_fwd_fused(Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int seed, str gate, bool sample, "
-        "bool training, float[] cfg) -> Tensor");
+        "bool training, float[] cfg, int group_size=1) -> Tensor");
   m.def("sparse_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? in_idx, Tensor? out_idx, Tensor? idle_idx, "
         "Tensor? fill, int out_features) -> Tensor");
   m.def("linear_bwd(Tensor grad, Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int seed, str gate, "
-        "bool sample, bool training, float[] cfg, bool[4] mask) -> (Tensor, Tensor, Tensor, Tensor)");
+        "bool sample, bool training, float[] cfg, bool[4] mask, int group_size=1) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("conv2d_fwd(Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int[] stride, int[] padding, "
-        "int[] dilation, int groups, int seed, bool sample, bool training, float[] cfg) -> Tensor");
+        "int[] dilation, int groups, int seed, bool sample, bool training, float[] cfg, int group_size=1) -> Tensor");
   m.def("conv2d_bwd(Tensor grad, Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int[] stride, "
         "int[] padding, int[] dilation, int groups, int seed, bool sample, bool training, float[] cfg, "
-        "bool[4] mask) -> (Tensor, Tensor, Tensor, Tensor)");
+        "bool[4] mask, int group_size=1) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(l0kernels, CUDA, m) {

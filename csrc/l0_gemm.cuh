@@ -78,6 +78,9 @@ struct GatedGemmParams {
   float* ws = nullptr;
   int* ws_count = nullptr;
   bool vec_w = false;  // the same for w (its own flag: a gathered or oddly strided x keeps W's fast loads)
+  // Grouped gates ("in" / "out"): `group` consecutive features share gate f / group; log_alpha then has
+  // K / group or N / group entries and the noise tensor is over the gates (feature_gate).
+  int64_t group = 1;
 };
 
 namespace gemm {
@@ -177,6 +180,16 @@ L0K_DEV float gate_value(const GatedGemmParams<T>& p, int64_t g, int64_t offset)
   return z;
 }
 
+// Gate of input ("in") or output ("out") feature f in noise row `row` (0 for batch / eval gates):
+// parameter log_alpha[f / group] at offset row * G + f / group, G = K / group or N / group gates.
+template <typename T>
+L0K_DEV float feature_gate(const GatedGemmParams<T>& p, int64_t f, int64_t row) {
+  const int64_t features = p.mode == kGateIn ? p.K : p.N;
+  if (p.group == 1) return gate_value(p, f, row * features + f);
+  const int64_t g = f / p.group;
+  return gate_value(p, g, row * (features / p.group) + g);
+}
+
 }  // namespace gemm
 
 // The kernel: nvcc, or host C++ under csrc/tests/cuda_emu.h (which defines L0K_CUDA_EMU). Plain host
@@ -212,12 +225,12 @@ __global__ void __launch_bounds__(gemm::kThreads) gated_gemm_kernel(const GatedG
 
   if (p.mode == kGateOut && !p.per_row && tid < kBN) {
     const int64_t n = n0 + tid;
-    z_n[tid] = n < p.N ? gate_value(p, n, n) : 0.0f;
+    z_n[tid] = n < p.N ? feature_gate(p, n, 0) : 0.0f;
   }
   auto draw_k_gates = [&](int t) {  // into slot t % 2; read when tile t is stored
     if (tid < kBK) {
       const int64_t k = static_cast<int64_t>(t) * kBK + tid;
-      z_k[t & 1][tid] = k < p.K ? gate_value(p, k, k) : 0.0f;
+      z_k[t & 1][tid] = k < p.K ? feature_gate(p, k, 0) : 0.0f;
     }
   };
 
@@ -247,7 +260,7 @@ L0K_UNROLL
         for (int j = 0; j < kChunkK; ++j) {
           const int64_t k = k0 + kc + j;
           if (k < p.K) {
-            const float z = p.per_row ? gate_value(p, k, m * p.K + k) : z_k[t & 1][kc + j];
+            const float z = p.per_row ? feature_gate(p, k, m) : z_k[t & 1][kc + j];
             a.v[j] = from_float<T>(to_float(a.v[j]) * z);
           }
         }
@@ -321,7 +334,7 @@ L0K_UNROLL
   // output (m, n) from its sum: + bias, * output gate, scatter, one rounding to T
   auto finish = [&](int64_t m, int64_t n, float v) {
     if (p.bias != nullptr) v += to_float(p.bias[n]);
-    if (p.mode == kGateOut) v *= p.per_row ? gate_value(p, n, m * p.N + n) : z_n[n - n0];
+    if (p.mode == kGateOut) v *= p.per_row ? feature_gate(p, n, m) : z_n[n - n0];
     p.y[m * p.ldy + (p.y_cols != nullptr ? p.y_cols[n] : n)] = from_float<T>(v);
   };
   const bool split = p.splits > 1;

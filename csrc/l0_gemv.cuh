@@ -27,7 +27,7 @@
 
 #include <stdint.h>
 
-#include "l0_gemm.cuh"  // GatedGemmParams, GateMode, gemm::Pack8 / load_chunk / gate_value, L0K_UNROLL
+#include "l0_gemm.cuh"  // GatedGemmParams, GateMode, gemm::Pack8 / load_chunk / gate_value / feature_gate, L0K_UNROLL
 
 namespace l0k {
 namespace gemv {
@@ -125,13 +125,13 @@ L0K_UNROLL
       const bool in_k = k < p.K;
       const int64_t col = !in_k ? 0 : p.x_cols != nullptr ? p.x_cols[k] : k;
       const bool gate_x = kLoopGates && p.mode == kGateIn && in_k;
-      const float z_col = gate_x && !p.per_row ? gemm::gate_value(p, k, k) : 1.0f;
+      const float z_col = gate_x && !p.per_row ? gemm::feature_gate(p, k, 0) : 1.0f;
 L0K_NO_UNROLL  // shared stores need no register indexing; unrolled, MR inline Philox draws cost registers
       for (int r = 0; r < MR; ++r) {
         T v = from_float<T>(0.0f);
         if (r < p.M && in_k) {
           v = p.x[r * p.ldx + col];
-          if (gate_x) v = from_float<T>(to_float(v) * (p.per_row ? gemm::gate_value(p, k, r * p.K + k) : z_col));
+          if (gate_x) v = from_float<T>(to_float(v) * (p.per_row ? gemm::feature_gate(p, k, r) : z_col));
         }
         xs[r][tid] = v;
       }
@@ -200,7 +200,7 @@ L0K_UNROLL
     if (row_lane && n < p.N) {
       float v = mine[i];
       if (p.bias != nullptr) v += to_float(p.bias[n]);
-      if (p.mode == kGateOut) v *= gemm::gate_value(p, n, p.per_row ? lane * p.N + n : n);
+      if (p.mode == kGateOut) v *= gemm::feature_gate(p, n, p.per_row ? lane : 0);
       p.y[lane * p.ldy + (p.y_cols != nullptr ? p.y_cols[n] : n)] = from_float<T>(v);
     }
   }

@@ -121,8 +121,20 @@ def make_config(beta, gamma, zeta, eps=1e-6) -> GateConfig:
     return cfg
 
 
+def check_group_size(group_size, features: int, what: str) -> int:
+    """``group_size``: an int >= 1 that divides ``features`` (the number of ``what`` the gates group)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if features % group_size:
+        raise ValueError(f"group_size ({group_size}) must divide {what} ({features}): gate j controls "
+                         f"features j*group_size ... j*group_size+group_size-1")
+    return group_size
+
+
 def linear_call(x, weight, log_alpha, bias, *, seed, gate, noise, training, backend, beta, gamma, zeta,
-                eps=1e-6, autocast: Optional[torch.dtype] = None) -> LinearCall:
+                eps=1e-6, autocast: Optional[torch.dtype] = None, group_size: int = 1) -> LinearCall:
     """The checked call. ``autocast``: the dtype of an enclosing ``torch.autocast`` (see
     :func:`autocast_dtype`); the dtypes then must agree once cast (:func:`run_dtype`), and the call
     still holds the tensors as given."""
@@ -145,17 +157,25 @@ def linear_call(x, weight, log_alpha, bias, *, seed, gate, noise, training, back
                          f"got {tuple(x.shape)}")
     _same(weight, "weight", x, "x", autocast)
     _same(log_alpha, "log_alpha", x, "x", autocast)
-    want = {"in": (k,), "out": (n,), "weight": (n, k)}[gate]
+    if gate == "weight":
+        if isinstance(group_size, bool) or not isinstance(group_size, int):
+            raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+        if group_size != 1:
+            raise ValueError(f"group_size must be 1 for gate='weight' (one gate per weight), got {group_size}")
+    else:
+        check_group_size(group_size, k if gate == "in" else n, "in_features" if gate == "in" else "out_features")
+    want = {"in": (k // group_size,), "out": (n // group_size,), "weight": (n, k)}[gate]
     if tuple(log_alpha.shape) != want:
+        grouped = f" and group_size={group_size}" if group_size != 1 else ""
         raise ValueError(f"log_alpha must have shape {want} for gate={gate!r} with weight "
-                         f"{tuple(weight.shape)}, got {tuple(log_alpha.shape)}")
+                         f"{tuple(weight.shape)}{grouped}, got {tuple(log_alpha.shape)}")
     if bias is not None:
         check_tensor(bias, "bias")
         _same(bias, "bias", x, "x", autocast)
         if tuple(bias.shape) != (n,):
             raise ValueError(f"bias must have shape ({n},) (out_features), got {tuple(bias.shape)}")
     seed = resolve_seed(seed, training)
-    return LinearCall(x, weight, log_alpha, bias, seed, gate, noise, training, cfg)
+    return LinearCall(x, weight, log_alpha, bias, seed, gate, noise, training, cfg, group_size)
 
 
 def _pair(v, name: str, minimum: int) -> Tuple[int, int]:
@@ -171,7 +191,8 @@ def _pair(v, name: str, minimum: int) -> Tuple[int, int]:
 
 
 def conv2d_call(x, weight, log_alpha, bias, stride, padding, dilation, groups, *, seed, noise, training,
-                backend, beta, gamma, zeta, eps=1e-6, autocast: Optional[torch.dtype] = None) -> Conv2dCall:
+                backend, beta, gamma, zeta, eps=1e-6, autocast: Optional[torch.dtype] = None,
+                group_size: int = 1) -> Conv2dCall:
     """The checked call; ``autocast`` as in :func:`linear_call`."""
     check_choice(noise, "noise", NOISE_KINDS)
     check_choice(backend, "backend", backend_names())
@@ -200,8 +221,10 @@ def conv2d_call(x, weight, log_alpha, bias, stride, padding, dilation, groups, *
     if x.shape[1] != c_in_g * groups:
         raise ValueError(f"x must have {c_in_g * groups} channels (weight in_channels/groups={c_in_g} "
                          f"x groups={groups}), got {x.shape[1]}")
-    if tuple(log_alpha.shape) != (c_out,):
-        raise ValueError(f"log_alpha must have shape ({c_out},) (one gate per output channel), got "
+    check_group_size(group_size, c_out, "out_channels")
+    if tuple(log_alpha.shape) != (c_out // group_size,):
+        per = "one gate per output channel" if group_size == 1 else f"one gate per {group_size} output channels"
+        raise ValueError(f"log_alpha must have shape ({c_out // group_size},) ({per}), got "
                          f"{tuple(log_alpha.shape)}")
     if bias is not None:
         check_tensor(bias, "bias")
@@ -214,7 +237,8 @@ def conv2d_call(x, weight, log_alpha, bias, stride, padding, dilation, groups, *
             raise ValueError(f"x's spatial size {tuple(x.shape[2:])} with padding {padding} is smaller than "
                              f"the dilated kernel ({dilation[0] * (kh - 1) + 1}, {dilation[1] * (kw - 1) + 1})")
     seed = resolve_seed(seed, training)
-    return Conv2dCall(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg)
+    return Conv2dCall(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg,
+                      group_size)
 
 
 def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:

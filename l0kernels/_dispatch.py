@@ -33,13 +33,14 @@ class LinearCall:
     noise: str
     training: bool
     cfg: GateConfig
+    group_size: int = 1  # features (input or output) per gate; gate j controls j*g ... j*g+g-1
 
     op = "linear"
 
     def signature(self) -> Tuple:
         rows = self.x.numel() // max(self.x.shape[-1], 1) if self.x.dim() else 0
         return (self.op, self.x.device.type, self.x.dtype, rows, tuple(self.weight.shape), self.gate,
-                self.noise, self.training, self.bias is not None)
+                self.noise, self.training, self.bias is not None, self.group_size)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Conv2dCall:
     noise: str
     training: bool
     cfg: GateConfig
+    group_size: int = 1  # output channels per gate
 
     op = "conv2d"
 
@@ -65,7 +67,7 @@ class Conv2dCall:
         cl = self.x.is_contiguous(memory_format=torch.channels_last) and not self.x.is_contiguous()
         return (self.op, self.x.device.type, self.x.dtype, tuple(self.x.shape), tuple(self.weight.shape),
                 self.stride, self.padding, self.dilation, self.groups, self.noise, self.training,
-                self.bias is not None, cl)
+                self.bias is not None, cl, self.group_size)
 
 
 class Backend:

@@ -96,7 +96,7 @@ def _cache_key(module, kind: str) -> Tuple:
     # inside) cost microseconds per call, which a batch-1 eval call cannot spare
     d = module.__dict__
     p = d["_parameters"]
-    return (kind, d.get("gate", "out"), d["cfg"], d.get("groups", 1),
+    return (kind, d.get("gate", "out"), d["cfg"], d.get("groups", 1), d.get("group_size", 1),
             _tensor_key(p["weight"]), _tensor_key(p.get("bias")), _tensor_key(p["log_alpha"]))
 
 
@@ -137,7 +137,10 @@ def cached_plan(module, dtype: Optional[torch.dtype] = None):
 
 
 def _z_eval(module) -> torch.Tensor:
-    return eval_gates_and_grad(module.log_alpha.detach(), module.cfg, need_grad=False)[0]
+    """``z_eval`` per gated feature: a grouped layer's gate repeated over the features of its group."""
+    z = eval_gates_and_grad(module.log_alpha.detach(), module.cfg, need_grad=False)[0]
+    g = getattr(module, "group_size", 1)
+    return z if g == 1 else z.repeat_interleave(g, dim=-1)
 
 
 def build_linear_plan(module, dtype: Optional[torch.dtype] = None) -> LinearPlan:
@@ -366,7 +369,7 @@ def _validate_linear(module, x, autocast: Optional[torch.dtype] = None):
     c = module.cfg
     return linear_call(x, module.weight, module.log_alpha, module.bias, seed=None, gate=module.gate,
                        noise=module.noise, training=False, backend=module.backend, beta=c.beta, gamma=c.gamma,
-                       zeta=c.zeta, eps=c.eps, autocast=autocast)
+                       zeta=c.zeta, eps=c.eps, autocast=autocast, group_size=module.group_size)
 
 
 def _build_checked_linear_plan(module, x, autocast: Optional[torch.dtype] = None):
@@ -395,7 +398,7 @@ def eval_linear(module, x: torch.Tensor) -> torch.Tensor:
         c = module.cfg
         return l0_linear(x, module.weight, module.log_alpha, module.bias, gate=module.gate, noise=module.noise,
                          training=False, backend=module.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta,
-                         eps=c.eps)
+                         eps=c.eps, group_size=module.group_size)
     plan = _cached(module, "linear", lambda mod: _build_checked_linear_plan(mod, x, ac), pdt)
     if ac is None:
         return _run_linear_plan(module, x, plan)
@@ -419,11 +422,13 @@ def eval_conv2d(module, x: torch.Tensor) -> torch.Tensor:
     ac = autocast_dtype(x)
     call = conv2d_call(x, module.weight, module.log_alpha, module.bias, module.stride, module.padding,
                        module.dilation, module.groups, seed=None, noise=module.noise, training=False,
-                       backend=module.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta, eps=c.eps, autocast=ac)
+                       backend=module.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta, eps=c.eps, autocast=ac,
+                       group_size=module.group_size)
     if _needs_autograd(x, module):
         return l0_conv2d(x, module.weight, module.log_alpha, module.bias, module.stride, module.padding,
                          module.dilation, module.groups, noise=module.noise, training=False,
-                         backend=module.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta, eps=c.eps)
+                         backend=module.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta, eps=c.eps,
+                         group_size=module.group_size)
     if ac is None:
         plan = _cached(module, "conv2d", build_conv_plan, module.weight.dtype)
         return conv_plan_torch(x, plan, call.stride, call.padding, call.dilation, call.groups)

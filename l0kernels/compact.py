@@ -110,7 +110,9 @@ def _z_eval(m) -> torch.Tensor:
     so that none of their allocations come from the caller's default device)."""
     la = m.log_alpha.detach()
     with torch.device(la.device):
-        return eval_gates_and_grad(la, m.cfg, need_grad=False)[0]
+        z = eval_gates_and_grad(la, m.cfg, need_grad=False)[0]
+    g = getattr(m, "group_size", 1)  # grouped gates: one value per gated feature / channel
+    return z if g == 1 else z.repeat_interleave(g, dim=-1)
 
 
 def _feature_gates(m) -> torch.Tensor:
@@ -1462,7 +1464,7 @@ def summary(model: nn.Module, input_shape: Optional[Sequence[int]] = None, examp
                 fa = _linear_flops(n2, k2, has_b)
         layers.append(LayerSummary(
             name=name or type(m).__name__, type=type(m).__name__, gate=gate,
-            gates_active=int((z > 0).sum()) if is_l0 else None, gates_total=z.numel() if is_l0 else None,
+            gates_active=int(m.active_mask().sum()) if is_l0 else None, gates_total=m.num_gates() if is_l0 else None,
             expected_l0=float(m.expected_l0().detach()) if is_l0 else None, shape_before=tuple(m.weight.shape),
             shape_after=tuple(entry["new"].weight.shape) if entry is not None else None,
             params_before=params_before, params_after=params_after, flops_before=fb, flops_after=fa))

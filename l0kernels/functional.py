@@ -100,12 +100,14 @@ def expected_l0(log_alpha: torch.Tensor, *, beta: float = _BETA, gamma: float = 
 def l0_linear(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bias: Optional[torch.Tensor] = None,
               *, seed: Optional[int] = None, gate: str = "in", noise: str = "batch", training: bool = True,
               backend: str = "auto", beta: float = _BETA, gamma: float = _GAMMA, zeta: float = _ZETA,
-              eps: float = 1e-6) -> torch.Tensor:
+              eps: float = 1e-6, group_size: int = 1) -> torch.Tensor:
     """Hard-concrete gated linear layer (SPEC section 3).
 
     ``gate="in"``: ``y = (x * z) @ W.T + b``, ``log_alpha`` is ``(K,)``;
     ``gate="out"``: ``y = (x @ W.T + b) * z``, ``(N,)``; ``gate="weight"``: ``y = x @ (W * Z).T + b``, ``(N, K)``.
     ``noise="batch"`` draws one gate vector per call, ``"sample"`` one per row of ``x.reshape(-1, K)``.
+    ``group_size=g`` (``gate="in"``/``"out"``, SPEC section 8): one gate per ``g`` consecutive features,
+    ``log_alpha`` of shape ``(K // g,)`` / ``(N // g,)``; the noise tensor is over the gates.
     In training with ``seed=None`` a seed is drawn from PyTorch's default generator.
     With ``training=False`` the deterministic gates are used and ``seed`` is ignored.
     Under ``torch.autocast`` the op casts like ``F.linear``: float16/bfloat16/float32 ``x``, ``weight``,
@@ -113,7 +115,8 @@ def l0_linear(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bi
     """
     ac = autocast_dtype(x)
     call = linear_call(x, weight, log_alpha, bias, seed=seed, gate=gate, noise=noise, training=training,
-                       backend=backend, beta=beta, gamma=gamma, zeta=zeta, eps=eps, autocast=ac)
+                       backend=backend, beta=beta, gamma=gamma, zeta=zeta, eps=eps, autocast=ac,
+                       group_size=group_size)
     if ac is not None:
         return _dispatch_autocast(call, backend, ac)
     return dispatch(call, backend)
@@ -122,15 +125,17 @@ def l0_linear(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bi
 def l0_conv2d(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bias: Optional[torch.Tensor] = None,
               stride=1, padding=0, dilation=1, groups: int = 1, *, seed: Optional[int] = None, noise: str = "batch",
               training: bool = True, backend: str = "auto", beta: float = _BETA, gamma: float = _GAMMA,
-              zeta: float = _ZETA, eps: float = 1e-6) -> torch.Tensor:
+              zeta: float = _ZETA, eps: float = 1e-6, group_size: int = 1) -> torch.Tensor:
     """``conv2d(x, W, b, ...) * z[..., c, None, None]`` with one gate per output channel (SPEC section 3).
 
     ``x`` is ``(B, C_in, H, W)`` (NCHW or channels_last); ``noise="sample"`` draws gates ``(B, C_out)``.
+    ``group_size=g``: one gate per ``g`` consecutive output channels, ``log_alpha`` ``(C_out // g,)``.
     Under ``torch.autocast`` the op casts like ``F.conv2d`` (see :func:`l0_linear`).
     """
     ac = autocast_dtype(x)
     call = conv2d_call(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed=seed, noise=noise,
-                       training=training, backend=backend, beta=beta, gamma=gamma, zeta=zeta, eps=eps, autocast=ac)
+                       training=training, backend=backend, beta=beta, gamma=gamma, zeta=zeta, eps=eps, autocast=ac,
+                       group_size=group_size)
     if ac is not None:
         return _dispatch_autocast(call, backend, ac)
     return dispatch(call, backend)

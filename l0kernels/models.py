@@ -90,7 +90,7 @@ def _l0_input_hw(model: nn.Module, input_shape: Tuple[int, ...]) -> None:
 def expected_cost(model: nn.Module, input_shape: Tuple[int, ...]) -> Dict[str, float]:
     """Expected and dense parameter and FLOP counts (per example) of the L0 layers of ``model``.
 
-    Expected params count ``p_open * group_size`` per gate plus ungated parameters (biases of
+    Expected params count ``p_open * params_per_gate`` per gate plus ungated parameters (biases of
     input-gated layers); FLOPs count a multiply-add as 2.
     """
     _l0_input_hw(model, input_shape)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import _inference
-from ._checks import check_choice, conv_out_size, _pair
+from ._checks import check_choice, check_group_size, conv_out_size, _pair
 from ._dispatch import backend_names
 from ._gates import LINEAR_GATES, NOISE_KINDS, GateConfig, eval_gates_and_grad, prob_open_t
 from .functional import l0_conv2d, l0_linear
@@ -70,6 +70,16 @@ class _L0Layer(nn.Module):
         """Boolean mask of the gates that are open at test time (``z_eval > 0``)."""
         return self.deterministic_gates() > 0
 
+    def expand_gates(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-gate values (last dim = number of gates) as per-feature values: gate ``j`` repeated for the
+        ``group_size`` features ``j*g ... j*g+g-1`` it controls (the identity for ``group_size=1``)."""
+        g = self.group_size
+        return t if g == 1 else t.repeat_interleave(g, dim=-1)
+
+    def feature_gates(self) -> torch.Tensor:
+        """``z_eval`` per gated feature (input/output feature, output channel or weight), detached."""
+        return self.expand_gates(self.deterministic_gates())
+
     def num_active(self) -> int:
         return int(self.active_mask().sum())
 
@@ -91,8 +101,8 @@ class _L0Layer(nn.Module):
         raise NotImplementedError("subclasses define their gate groups")
 
     def expected_params(self) -> torch.Tensor:
-        """Expected number of non-zero parameters: ``sum(p_open * group_size) +`` ungated parameters."""
-        return (self.prob_open() * self.group_size).sum() + self.ungated_params
+        """Expected number of non-zero parameters: ``sum(p_open * params_per_gate) +`` ungated parameters."""
+        return (self.prob_open() * self.params_per_gate).sum() + self.ungated_params
 
     def regularizer(self, lamba: float, weight_decay: float = 0.0, N: int = 1) -> torch.Tensor:
         """The paper's per-layer term ``(1/N) sum_g p_g (lamba * |g| + 0.5 wd ||theta_g||^2)`` plus
@@ -107,7 +117,7 @@ class _L0Layer(nn.Module):
         if isinstance(N, bool) or not isinstance(N, int) or N < 1:
             raise ValueError(f"N (training-set size) must be an int >= 1, got {N!r}")
         p = self.prob_open()
-        term = (p * (lamba * self.group_size + 0.5 * weight_decay * self._group_sq_norms())).sum()
+        term = (p * (lamba * self.params_per_gate + 0.5 * weight_decay * self._group_sq_norms())).sum()
         if weight_decay:
             term = term + 0.5 * weight_decay * self._ungated_sq_norm()
         return term / N
@@ -120,6 +130,8 @@ class _L0Layer(nn.Module):
     def _gate_repr(self) -> str:
         c = self.cfg
         s = f"noise={self.noise!r}, droprate_init={self.droprate_init}"
+        if self.group_size != 1:
+            s += f", group_size={self.group_size}"
         if (c.beta, c.gamma, c.zeta) != (2.0 / 3.0, -0.1, 1.1):
             s += f", beta={c.beta:g}, gamma={c.gamma:g}, zeta={c.zeta:g}"
         if self.backend != "auto":
@@ -140,24 +152,36 @@ class L0Linear(_L0Layer):
     outputs (``"out"``, gating the bias too) or weights (``"weight"``).
 
     Parameters: ``weight (out_features, in_features)``, ``bias (out_features,)`` or None, and
-    ``log_alpha`` of shape ``(in_features,)``, ``(out_features,)`` or ``(out_features, in_features)``.
+    ``log_alpha`` of shape ``(in_features // group_size,)``, ``(out_features // group_size,)`` or
+    ``(out_features, in_features)``. ``group_size=g`` (``gate="in"``/``"out"``): gate ``j`` controls the
+    ``g`` features ``j*g ... j*g+g-1`` (e.g. an attention head of the output projection).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, gate: str = "in",
                  noise: str = "batch", droprate_init: float = 0.5, beta: float = 2.0 / 3.0, gamma: float = -0.1,
-                 zeta: float = 1.1, backend: str = "auto", device=None, dtype=None):
+                 zeta: float = 1.1, backend: str = "auto", group_size: int = 1, device=None, dtype=None):
         super().__init__()
         self.in_features = _check_positive_int(in_features, "in_features")
         self.out_features = _check_positive_int(out_features, "out_features")
         check_choice(gate, "gate", LINEAR_GATES)
         if gate == "weight" and noise == "sample":
             raise ValueError("noise='sample' is not defined for gate='weight'; use noise='batch'")
+        if gate == "weight":
+            if isinstance(group_size, bool) or not isinstance(group_size, int):
+                raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+            if group_size != 1:
+                raise ValueError(f"group_size must be 1 for gate='weight' (one gate per weight), got {group_size}")
+        else:
+            check_group_size(group_size, in_features if gate == "in" else out_features,
+                             "in_features" if gate == "in" else "out_features")
         self.gate = gate
+        self.group_size = group_size
         self._init_gate_options(noise, droprate_init, beta, gamma, zeta, backend)
         fk = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **fk))
         self.bias = nn.Parameter(torch.empty(out_features, **fk)) if bias else None
-        la_shape = {"in": (in_features,), "out": (out_features,), "weight": (out_features, in_features)}[gate]
+        la_shape = {"in": (in_features // group_size,), "out": (out_features // group_size,),
+                    "weight": (out_features, in_features)}[gate]
         self.log_alpha = nn.Parameter(torch.empty(la_shape, **fk))
         self.reset_parameters()
 
@@ -171,15 +195,17 @@ class L0Linear(_L0Layer):
             return _inference.eval_linear(self, x)
         c = self.cfg
         return l0_linear(x, self.weight, self.log_alpha, self.bias, gate=self.gate, noise=self.noise,
-                         training=True, backend=self.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta, eps=c.eps)
+                         training=True, backend=self.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta, eps=c.eps,
+                         group_size=self.group_size)
 
     @property
-    def group_size(self) -> int:
-        """Parameters one gate controls: a weight column, a weight row (+ its bias), or one weight."""
+    def params_per_gate(self) -> int:
+        """Parameters one gate controls (SPEC section 1's "group size"): ``group_size`` weight columns,
+        ``group_size`` weight rows (+ their biases), or one weight."""
         if self.gate == "in":
-            return self.out_features
+            return self.out_features * self.group_size
         if self.gate == "out":
-            return self.in_features + (self.bias is not None)
+            return (self.in_features + (self.bias is not None)) * self.group_size
         return 1
 
     @property
@@ -188,11 +214,14 @@ class L0Linear(_L0Layer):
 
     def _group_sq_norms(self) -> torch.Tensor:
         w2 = self.weight.pow(2)
+        g = self.group_size
         if self.gate == "in":
-            return w2.sum(0)
-        if self.gate == "out":
-            return w2.sum(1) + (self.bias.pow(2) if self.bias is not None else 0)
-        return w2
+            n = w2.sum(0)
+        elif self.gate == "out":
+            n = w2.sum(1) + (self.bias.pow(2) if self.bias is not None else 0)
+        else:
+            return w2
+        return n if g == 1 else n.reshape(-1, g).sum(1)  # ||theta_g||^2 over the gate's whole group
 
     def _ungated_sq_norm(self) -> torch.Tensor:
         if self.bias is None or self.gate == "out":
@@ -202,9 +231,10 @@ class L0Linear(_L0Layer):
     def expected_flops(self, batch: int = 1) -> torch.Tensor:
         """Expected FLOPs of one forward at test-time sparsity in expectation: multiply-adds count 2, the bias add 1.
 
-        in: ``N * (2 E[K'] - 1 + bias)``; out: ``E[N'] * (2K - 1 + bias)``; weight: ``2 E[nnz] - N + bias*N``.
+        in: ``N * (2 E[K'] - 1 + bias)``; out: ``E[N'] * (2K - 1 + bias)``; weight: ``2 E[nnz] - N + bias*N``
+        (``E[K']``, ``E[N']``: ``group_size`` features per expected open gate).
         """
-        p = self.prob_open()
+        p = self.prob_open() * self.group_size
         b = 1 if self.bias is not None else 0
         if self.gate == "in":
             f = self.out_features * (2 * p.sum() - 1 + b)
@@ -223,14 +253,15 @@ class L0Linear(_L0Layer):
 
 
 class L0Conv2d(_L0Layer):
-    """``nn.Conv2d`` with one hard-concrete gate per output channel (the channel and its bias)."""
+    """``nn.Conv2d`` with one hard-concrete gate per output channel (the channel and its bias), or per
+    ``group_size`` consecutive output channels (``log_alpha`` of shape ``(out_channels // group_size,)``)."""
 
     gate = "out"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, *, noise: str = "batch", droprate_init: float = 0.5,
                  beta: float = 2.0 / 3.0, gamma: float = -0.1, zeta: float = 1.1, backend: str = "auto",
-                 device=None, dtype=None):
+                 group_size: int = 1, device=None, dtype=None):
         super().__init__()
         self.in_channels = _check_positive_int(in_channels, "in_channels")
         self.out_channels = _check_positive_int(out_channels, "out_channels")
@@ -244,11 +275,12 @@ class L0Conv2d(_L0Layer):
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible "
                              f"by groups ({groups})")
         self.groups = groups
+        self.group_size = check_group_size(group_size, out_channels, "out_channels")
         self._init_gate_options(noise, droprate_init, beta, gamma, zeta, backend)
         fk = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **fk))
         self.bias = nn.Parameter(torch.empty(out_channels, **fk)) if bias else None
-        self.log_alpha = nn.Parameter(torch.empty(out_channels, **fk))
+        self.log_alpha = nn.Parameter(torch.empty(out_channels // group_size, **fk))
         self.input_hw: Optional[Tuple[int, int]] = None  # last input size seen, for FLOP counts
         self.reset_parameters()
 
@@ -264,7 +296,7 @@ class L0Conv2d(_L0Layer):
             c = self.cfg
             y = l0_conv2d(x, self.weight, self.log_alpha, self.bias, self.stride, self.padding, self.dilation,
                           self.groups, noise=self.noise, training=True, backend=self.backend, beta=c.beta,
-                          gamma=c.gamma, zeta=c.zeta, eps=c.eps)
+                          gamma=c.gamma, zeta=c.zeta, eps=c.eps, group_size=self.group_size)
         self.input_hw = (int(x.shape[2]), int(x.shape[3]))  # only after a call that passed its checks
         return y
 
@@ -273,9 +305,10 @@ class L0Conv2d(_L0Layer):
         return (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
 
     @property
-    def group_size(self) -> int:
-        """Parameters one channel gate controls: ``in_channels/groups * kh * kw`` (+1 with a bias)."""
-        return self.fan_in + (self.bias is not None)
+    def params_per_gate(self) -> int:
+        """Parameters one gate controls: ``group_size`` channels of ``in_channels/groups * kh * kw`` (+1 with
+        a bias)."""
+        return (self.fan_in + (self.bias is not None)) * self.group_size
 
     @property
     def ungated_params(self) -> int:
@@ -283,7 +316,9 @@ class L0Conv2d(_L0Layer):
 
     def _group_sq_norms(self) -> torch.Tensor:
         n = self.weight.pow(2).sum((1, 2, 3))
-        return n + self.bias.pow(2) if self.bias is not None else n
+        n = n + self.bias.pow(2) if self.bias is not None else n
+        g = self.group_size
+        return n if g == 1 else n.reshape(-1, g).sum(1)
 
     def _ungated_sq_norm(self) -> torch.Tensor:
         return self.weight.new_zeros(())
@@ -300,7 +335,7 @@ class L0Conv2d(_L0Layer):
         (stride, padding, dilation) and ``fan_in = C_in/groups * kh * kw``."""
         ho, wo = self.output_hw(input_hw)
         per_channel = ho * wo * (2 * self.fan_in - 1 + (self.bias is not None))
-        return self.prob_open().sum() * per_channel * batch
+        return self.prob_open().sum() * self.group_size * per_channel * batch
 
     def dense_flops(self, batch: int = 1, input_hw: Optional[Tuple[int, int]] = None) -> int:
         ho, wo = self.output_hw(input_hw)

@@ -62,7 +62,7 @@ def _bind(lib_path):
     i64, vp, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     fn.argtypes = [ctypes.c_int, ctypes.c_int, vp, i64, vp, i64, vp, vp, vp, i64, vp, vp, vp, i64, vp, ctypes.c_int,
                    i64, i64, i64, ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, f32, f32, f32,
-                   f32]
+                   f32, i64]
     fn.restype = ctypes.c_int
     fn.splits = lib.l0k_emu_gemv_splits
     fn.splits.argtypes = [i64, i64, ctypes.c_int]
@@ -79,12 +79,12 @@ def emu(tmp_path_factory):
 
 
 def run_emu(fn, x, w, la, b, seed, gate, noise, training, allow_vec=True, cfg=GateConfig(), x_cols=None,
-            y_cols=None, y=None, impl="auto", idle_cols=None, fill=None, splits=1):
+            y_cols=None, y=None, impl="auto", idle_cols=None, fill=None, splits=1, group=1):
     """y = the kernel's output for 2-D x (unit column stride), with the path it took (True: 16-byte loads
     of x and w).
     x_cols / y_cols: the gather of x's columns and scatter of y's (eval plans, gate "none"), into ``y``;
     idle_cols: the outputs the kernel fills with ``fill`` (or zeros). impl: "gemm" (tensor cores),
-    "gemv" (M <= 16) or "auto" (as the launcher); splits: the GEMV's K splits."""
+    "gemv" (M <= 16) or "auto" (as the launcher); splits: the GEMV's K splits; group: features per gate."""
     m = x.shape[0]
     n, k = w.shape
     assert x.stride(1) == 1 and w.stride(1) == 1
@@ -94,14 +94,16 @@ def run_emu(fn, x, w, la, b, seed, gate, noise, training, allow_vec=True, cfg=Ga
     vec = fn(GEMV_DTYPES[x.dtype], IMPLS[impl], ptr(x), x.stride(0), ptr(w), w.stride(0), ptr(None if la is None else la.contiguous()),
              ptr(b), ptr(y), y.stride(0), ptr(x_cols), ptr(y_cols), ptr(idle_cols),
              0 if idle_cols is None else idle_cols.numel(), ptr(fill), splits, m, n, k, seed, MODES[gate],
-             int(training and noise == "sample"), int(training), int(allow_vec), cfg.beta, cfg.gamma, cfg.zeta, cfg.eps)
+             int(training and noise == "sample"), int(training), int(allow_vec), cfg.beta, cfg.gamma, cfg.zeta, cfg.eps,
+             group)
     assert vec in (0, 1, 2, 3), vec  # -3: the split-K workspace was not left zero
     return y, vec == 3
 
 
-def reference(x, w, la, b, seed, gate, noise, training):
+def reference(x, w, la, b, seed, gate, noise, training, group=1):
     """The same math in float32 from the torch backend's gates: each gated operand rounded once to
-    x's dtype (as the kernel and the two-pass path do), fp32 products and sums."""
+    x's dtype (as the kernel and the two-pass path do), fp32 products and sums. ``group``: features per
+    gate (the gates, drawn over the noise tensor of gates, repeated over their features)."""
     m, k = x.shape
     if not training:
         z = l0k.deterministic_gates(la.float())
@@ -109,6 +111,7 @@ def reference(x, w, la, b, seed, gate, noise, training):
         z = l0k.sample_gates(la.float(), seed, (m,) + tuple(la.shape))
     else:
         z = l0k.sample_gates(la.float(), seed)
+    z = z.repeat_interleave(group, dim=-1)
     xf, wf = x.float(), w.float()
     bf = 0.0 if b is None else b.float()
     if gate == "in":
@@ -118,12 +121,12 @@ def reference(x, w, la, b, seed, gate, noise, training):
     return (xf @ wf.T + bf) * z
 
 
-def make(m, n, k, gate, dtype, bias=True, x_cols=None, seed=0):
+def make(m, n, k, gate, dtype, bias=True, x_cols=None, seed=0, group=1):
     g = torch.Generator().manual_seed(seed)
     xfull = torch.randn(m, x_cols or k, generator=g).to(dtype)
     x = xfull[:, :k]
     w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
-    shape = {"in": (k,), "out": (n,), "weight": (n, k)}[gate]
+    shape = {"in": (k // group,), "out": (n // group,), "weight": (n, k)}[gate]
     la = (torch.randn(shape, generator=g) * 2).to(dtype)  # about a quarter of the gates closed in eval
     b = torch.randn(n, generator=g).to(dtype) if bias else None
     return x, w, la, b
@@ -160,6 +163,30 @@ def test_several_blocks_vector_loads(emu, gate, noise):
     y, vec = run_emu(emu, x, w, la, b, seed, gate, noise, True)
     assert vec
     check(y, reference(x, w, la, b, seed, gate, noise, True), dtype)
+
+
+GROUPED = [("in", "batch", True), ("in", "sample", True), ("in", "batch", False), ("out", "batch", True),
+           ("out", "sample", True), ("out", "batch", False)]
+
+
+@pytest.mark.parametrize("impl,m", [("gemm", 37), ("gemv", 5)])
+@pytest.mark.parametrize("gate,noise,training", GROUPED)
+def test_grouped_gates(emu, impl, m, gate, noise, training):
+    # group_size 5 on K = 70 (a group straddles k-tiles and chunks) and 9 on N = 45 (block columns)
+    group = 5 if gate == "in" else 9
+    x, w, la, b = make(m, 45, 70, gate, torch.float16, seed=11, group=group)
+    y, _ = run_emu(emu, x, w, la, b, 2 ** 33 + 5, gate, noise, training, impl=impl, group=group)
+    check(y, reference(x, w, la, b, 2 ** 33 + 5, gate, noise, training, group), torch.float16)
+    if training:  # the draws are over the gates: expanding log_alpha to the features draws other gates
+        y1, _ = run_emu(emu, x, w, la.repeat_interleave(group), b, 2 ** 33 + 5, gate, noise, training, impl=impl)
+        assert not torch.equal(y, y1)
+
+
+@pytest.mark.parametrize("impl", ["gemm", "gemv"])
+def test_one_gate_for_all_features(emu, impl):
+    x, w, la, b = make(3 if impl == "gemv" else 20, 16, 24, "in", torch.bfloat16, seed=12, group=24)
+    y, _ = run_emu(emu, x, w, la, b, 8, "in", "sample", True, impl=impl, group=24)
+    check(y, reference(x, w, la, b, 8, "in", "sample", True, 24), torch.bfloat16)
 
 
 def test_vector_and_scalar_paths_agree(emu):
@@ -318,15 +345,15 @@ def test_launcher_choice(emu):
     out = torch.empty(17, 9)
     cfg = (2 / 3, -0.1, 1.1, 1e-6)
     assert emu(2, IMPLS["auto"], x17.data_ptr(), 24, w.data_ptr(), 24, la.data_ptr(), b.data_ptr(), out.data_ptr(), 9,
-               None, None, None, 0, None, 1, 17, 9, 24, 1, MODES["out"], 0, 1, 1, *cfg) == -2
+               None, None, None, 0, None, 1, 17, 9, 24, 1, MODES["out"], 0, 1, 1, *cfg, 1) == -2
     xh, wh = x17.half(), w.half()
     assert emu(0, IMPLS["gemv"], xh.data_ptr(), 24, wh.data_ptr(), 24, la.half().data_ptr(), None,
-               out.half().data_ptr(), 9, None, None, None, 0, None, 1, 17, 9, 24, 1, MODES["out"], 0, 1, 1, *cfg) == -2
+               out.half().data_ptr(), 9, None, None, None, 0, None, 1, 17, 9, 24, 1, MODES["out"], 0, 1, 1, *cfg, 1) == -2
     # at most 16 splits of the tensor-core kernel, 32 of the GEMV
     assert emu(0, IMPLS["gemm"], xh.data_ptr(), 24, wh.data_ptr(), 24, la.half().data_ptr(), None,
-               out.half().data_ptr(), 9, None, None, None, 0, None, 17, 17, 9, 24, 1, MODES["out"], 0, 1, 1, *cfg) == -2
+               out.half().data_ptr(), 9, None, None, None, 0, None, 17, 17, 9, 24, 1, MODES["out"], 0, 1, 1, *cfg, 1) == -2
     assert emu(0, IMPLS["gemv"], xh.data_ptr(), 24, wh.data_ptr(), 24, la.half().data_ptr(), None,
-               out.half().data_ptr(), 9, None, None, None, 0, None, 33, 3, 9, 24, 1, MODES["out"], 0, 1, 1, *cfg) == -2
+               out.half().data_ptr(), 9, None, None, None, 0, None, 33, 3, 9, 24, 1, MODES["out"], 0, 1, 1, *cfg, 1) == -2
 
 
 @pytest.mark.parametrize("gate", ["in", "out", "weight"])

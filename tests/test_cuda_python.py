@@ -34,18 +34,18 @@ CHILD = textwrap.dedent(r'''
     calls = []
 
     def fwd(name):
-        def impl(x, w, la, b, seed, gate, sample, training, cfg):
+        def impl(x, w, la, b, seed, gate, sample, training, cfg, group_size=1):
             calls.append(name)
             with torch.no_grad():
                 return L0LinearFunction.apply(x, w, la, b, seed if training else None, gate,
-                                              "sample" if sample else "batch", training, GateConfig(*cfg))
+                                              "sample" if sample else "batch", training, GateConfig(*cfg), group_size)
         return impl
 
-    def bwd(grad, x, w, la, b, seed, gate, sample, training, cfg, mask):
+    def bwd(grad, x, w, la, b, seed, gate, sample, training, cfg, mask, group_size=1):
         leaves = [t.detach().requires_grad_(m) if t is not None else None for t, m in zip((x, w, la, b), mask)]
         with torch.enable_grad():
             y = L0LinearFunction.apply(*leaves, seed if training else None, gate, "sample" if sample else "batch",
-                                       training, GateConfig(*cfg))
+                                       training, GateConfig(*cfg), group_size)
             want = [t for t, m in zip(leaves, mask) if m and t is not None]
             gs = iter(torch.autograd.grad(y, want, grad))
         return tuple(next(gs) if (m and t is not None) else x.new_empty((0,)) for t, m in zip(leaves, mask))
@@ -96,6 +96,17 @@ CHILD = textwrap.dedent(r'''
                 gs = torch.autograd.grad(y.float().sum(), (x, w, la, b))
                 gr = torch.autograd.grad(ref.float().sum(), (x, w, la, b))
                 assert all(torch.equal(a, r) for a, r in zip(gs, gr))
+    # grouped gates: group_size reaches the ops (forward and backward)
+    for gate, noise in [("in", "sample"), ("out", "batch")]:
+        xg = torch.randn(3, 5, 8, generator=g).requires_grad_()
+        wg = torch.randn(6, 8, generator=g).requires_grad_()
+        lag = torch.randn(4 if gate == "in" else 3, generator=g).requires_grad_()
+        for impl in ("fused", "two_pass"):
+            with cb.gemm_impl(impl):
+                y = cb.CudaL0LinearFunction.apply(xg, wg, lag, None, 5, gate, noise, True, cfg, 2)
+            ref = L0LinearFunction.apply(xg, wg, lag, None, 5, gate, noise, True, cfg, 2)
+            assert torch.equal(y, ref)
+            assert torch.equal(torch.autograd.grad(y.sum(), lag)[0], torch.autograd.grad(ref.sum(), lag)[0])
     # auto times each signature once (both ops), then reuses the pick
     calls.clear()
     x17 = torch.randn(17, 7, generator=g)

@@ -273,7 +273,8 @@ def test_l0_regularizer_matches_hand_formula(lam, wd, N):
     if wd:
         assert all(m.weight.grad is not None for m in layers)
     # group sizes as SPEC: in -> out_features; out -> in_features + 1 with bias; conv -> in/groups*kh*kw (+1)
-    assert [m.group_size for m in layers] == [3 * 9 + 1, 2 * 3 * 2, 7, 7 + 1, 1, 4]
+    assert [m.params_per_gate for m in layers] == [3 * 9 + 1, 2 * 3 * 2, 7, 7 + 1, 1, 4]
+    assert [m.group_size for m in layers] == [1] * 6
 
 
 def test_expected_params():

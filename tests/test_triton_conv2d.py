@@ -176,12 +176,14 @@ def test_conv_kernels_compile_for_gpu():
 from l0kernels.backends.triton import conv2d as C
 blocks = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
 f32 = {"dla_ptr": "*fp32", "colsum_ptr": "*fp32", "zsum_ptr": "*fp32"}
-for sample, epi in ((True, 1), (False, 0)):
-    aot(C._conv_fwd_kernel, f32, dict(GATE=2, SAMPLE=sample, TRAINING=True, HAS_BIAS=True, EPILOGUE=epi,
+for sample, epi, gs in ((True, 1, 1), (False, 0, 1), (True, 0, 4)):
+    aot(C._conv_fwd_kernel, f32, dict(GATE=2, SAMPLE=sample, TRAINING=True, GSIZE=gs, HAS_BIAS=True, EPILOGUE=epi,
                                       DOT_F32=False, PRECISION="ieee", **blocks), "*bf16")
-aot(C._gate_dy_kernel, f32, dict(SAMPLE=True, TRAINING=True, STORE=True, BLOCK_M=64, BLOCK_C=32), "*bf16")
-aot(C._wgrad_epilogue_kernel, f32, dict(TRAINING=False, HAS_BIAS=True, STORE_DW=True, NEED_DLA=True, BLOCK_C=32,
-                                        BLOCK_K=128), "*bf16")
+for gs in (1, 4):
+    aot(C._gate_dy_kernel, f32, dict(SAMPLE=True, TRAINING=True, GSIZE=gs, STORE=True, BLOCK_M=64, BLOCK_C=32),
+        "*bf16")
+    aot(C._wgrad_epilogue_kernel, f32, dict(TRAINING=False, GSIZE=gs, HAS_BIAS=True, STORE_DW=True, NEED_DLA=True,
+                                            BLOCK_C=32, BLOCK_K=128), "*bf16")
 print("compiled")
 '''
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -137,45 +137,70 @@ static void gate_vector(uint64_t seed, bool training, const float* la, Py_ssize_
   }
 }
 
+// The same with `group` consecutive entries per gate: the g / group gates are drawn (offsets 0..g/group-1)
+// and each is repeated over its group, so z and dz have one entry per column/row (g entries).
+static void grouped_gate_vector(uint64_t seed, bool training, const float* la, Py_ssize_t g, Py_ssize_t group,
+                                const l0k::GateConfig& cfg, float* z, float* dz) {
+  gate_vector(seed, training, la, g / group, cfg, z, dz);
+  if (group == 1) return;
+  for (Py_ssize_t c = g - 1; c >= 0; --c) {  // backwards: entry c / group <= c is not yet overwritten
+    z[c] = z[c / group];
+    if (dz) dz[c] = dz[c / group];
+  }
+}
+
+static bool check_group(Py_ssize_t g, Py_ssize_t group) {
+  if (group < 1 || g % group != 0) {
+    PyErr_SetString(PyExc_ValueError, "group must be >= 1 and divide the number of gated columns/rows");
+    return false;
+  }
+  return true;
+}
+
 static bool parse_cfg(PyObject* cfg_tuple, l0k::GateConfig* cfg) {
   return PyArg_ParseTuple(cfg_tuple, "ffff", &cfg->beta, &cfg->gamma, &cfg->zeta, &cfg->eps) != 0;
 }
 
-// in_gate_forward(seed, training, la_addr, k, x_addr, ldx, m, out_addr, cfg): the input of the GEMM for
-// input gates with batch noise (or eval gates): out = x * z[None, :], z drawn here (not returned).
+// in_gate_forward(seed, training, la_addr, k, x_addr, ldx, m, out_addr, cfg[, group]): the input of the GEMM
+// for input gates with batch noise (or eval gates): out = x * z[None, :], z drawn here (not returned);
+// `group` (default 1) consecutive columns share gate c / group.
 static PyObject* in_gate_forward(PyObject*, PyObject* args) {
   unsigned long long seed, la_addr, x_addr, out_addr;
   int training;
-  Py_ssize_t k, ldx, m;
+  Py_ssize_t k, ldx, m, group = 1;
   PyObject* cfg_tuple;
   l0k::GateConfig cfg;
-  if (!PyArg_ParseTuple(args, "KpKnKnnKO", &seed, &training, &la_addr, &k, &x_addr, &ldx, &m, &out_addr, &cfg_tuple) ||
+  if (!PyArg_ParseTuple(args, "KpKnKnnKO|n", &seed, &training, &la_addr, &k, &x_addr, &ldx, &m, &out_addr,
+                        &cfg_tuple, &group) ||
       !parse_cfg(cfg_tuple, &cfg))
     return nullptr;
   if (k <= 0 || m < 0) {
     PyErr_SetString(PyExc_ValueError, "in_gate_forward: k must be > 0 and m >= 0");
     return nullptr;
   }
+  if (!check_group(k, group)) return nullptr;
   Py_BEGIN_ALLOW_THREADS
   std::vector<float> z(static_cast<size_t>(k));
-  gate_vector(seed, training != 0, ptr<const float>(la_addr), k, cfg, z.data(), nullptr);
+  grouped_gate_vector(seed, training != 0, ptr<const float>(la_addr), k, group, cfg, z.data(), nullptr);
   scale_cols(ptr<const float>(x_addr), ldx, z.data(), ptr<float>(out_addr), m, k);
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
 
-// gate_backward(axis, seed, training, la_addr, p_addr, w_addr, extra_addr, out_addr, z_addr, n, k, cfg):
+// gate_backward(axis, seed, training, la_addr, p_addr, w_addr, extra_addr, out_addr, z_addr, n, k, cfg[, group]):
 // for batch-noise (or eval) gates on axis 1 (columns: input gates, g = k) or 0 (rows: output gates,
 // g = n) of an (n, k) weight: draws z (written to z_addr, g floats, for the caller's dx and db) and
-// dz/dlog_alpha, then scale_dot: out = dlog_alpha, p *= z in place.
+// dz/dlog_alpha, then scale_dot: out = dlog_alpha, p *= z in place. With `group` (default 1) columns/rows
+// per gate, z is repeated over each group and out[c] is column/row c's share (dz of its gate times its
+// own sum): the caller sums out over each group.
 static PyObject* gate_backward(PyObject*, PyObject* args) {
   int axis, training;
   unsigned long long seed, la_addr, p_addr, w_addr, extra_addr, out_addr, z_addr;
-  Py_ssize_t n, k;
+  Py_ssize_t n, k, group = 1;
   PyObject* cfg_tuple;
   l0k::GateConfig cfg;
-  if (!PyArg_ParseTuple(args, "iKpKKKKKKnnO", &axis, &seed, &training, &la_addr, &p_addr, &w_addr, &extra_addr,
-                        &out_addr, &z_addr, &n, &k, &cfg_tuple) ||
+  if (!PyArg_ParseTuple(args, "iKpKKKKKKnnO|n", &axis, &seed, &training, &la_addr, &p_addr, &w_addr, &extra_addr,
+                        &out_addr, &z_addr, &n, &k, &cfg_tuple, &group) ||
       !parse_cfg(cfg_tuple, &cfg))
     return nullptr;
   if (n < 0 || k < 0 || (axis != 0 && axis != 1) || (axis == 1 && extra_addr != 0)) {
@@ -184,11 +209,12 @@ static PyObject* gate_backward(PyObject*, PyObject* args) {
   }
   const Py_ssize_t g = axis == 1 ? k : n;
   if (g == 0) Py_RETURN_NONE;
+  if (!check_group(g, group)) return nullptr;
   Py_BEGIN_ALLOW_THREADS
   std::vector<float> dz_buf(static_cast<size_t>(g));
   float* z = ptr<float>(z_addr);
   float* dz = dz_buf.data();
-  gate_vector(seed, training != 0, ptr<const float>(la_addr), g, cfg, z, dz);
+  grouped_gate_vector(seed, training != 0, ptr<const float>(la_addr), g, group, cfg, z, dz);
   if (axis == 1) {
     col_scale_dot(ptr<float>(p_addr), ptr<const float>(w_addr), z, dz, ptr<float>(out_addr), n, k);
   } else {
@@ -253,10 +279,10 @@ static PyMethodDef kMethods[] = {
     {"uniform_range", uniform_range, METH_VARARGS, "uniform_range(seed, start, out_addr, n)"},
     {"gates", gates, METH_VARARGS, "gates(seed, training, la_addr, g, n, z_addr, dz_addr, beta, gamma, zeta, eps)"},
     {"in_gate_forward", in_gate_forward, METH_VARARGS,
-     "in_gate_forward(seed, training, la_addr, k, x_addr, ldx, m, out_addr, (beta, gamma, zeta, eps))"},
+     "in_gate_forward(seed, training, la_addr, k, x_addr, ldx, m, out_addr, (beta, gamma, zeta, eps)[, group])"},
     {"gate_backward", gate_backward, METH_VARARGS,
      "gate_backward(axis, seed, training, la_addr, p_addr, w_addr, extra_addr, out_addr, z_addr, n, k, "
-     "(beta, gamma, zeta, eps))"},
+     "(beta, gamma, zeta, eps)[, group])"},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_cpu",

@@ -28,12 +28,13 @@ template <typename T>
 int run(int impl, const void* x, int64_t ldx, const void* w, int64_t ldw, const void* log_alpha, const void* bias,
         void* y, int64_t ldy, const int64_t* x_cols, const int64_t* y_cols, const int64_t* idle_cols, int64_t n_idle,
         const void* fill, int splits, int64_t M, int64_t N, int64_t K, uint64_t seed, int mode, bool per_row,
-        bool training, bool allow_vec, const l0k::GateConfig& cfg) {
+        bool training, bool allow_vec, const l0k::GateConfig& cfg, int64_t group) {
   l0k::GatedGemmParams<T> p{static_cast<const T*>(x), ldx, static_cast<const T*>(w), ldw,
                             static_cast<const T*>(log_alpha), static_cast<const T*>(bias), static_cast<T*>(y), ldy,
                             x_cols, y_cols, M, N, K, seed, mode, per_row, training,
                             allow_vec && l0k::gemm::vec_loads_ok(x, ldx), cfg};
   p.vec_w = allow_vec && l0k::gemm::vec_loads_ok(w, ldw);
+  p.group = group;
   const int paths = (p.vec_x ? 1 : 0) | (p.vec_w ? 2 : 0);
   p.idle_cols = idle_cols;
   p.n_idle = n_idle;
@@ -77,18 +78,19 @@ int run(int impl, const void* x, int64_t ldx, const void* w, int64_t ldw, const 
 }  // namespace
 
 // dtype 0: float16, 1: bfloat16, 2: float32 (GEMV only); impl as run() above; mode 3 (no gates) with
-// x_cols / y_cols / idle_cols (nullable) runs an eval plan. Returns the 16-byte load paths taken (bit 0:
+// x_cols / y_cols / idle_cols (nullable) runs an eval plan; group: features per gate ("in" / "out"). Returns the 16-byte load paths taken (bit 0:
 // x, bit 1: w), -1 on a bad dtype, -2 when the chosen kernel cannot take the call, -3 when the split-K
 // workspace was not left zero.
 extern "C" int l0k_emu_gated_gemm(int dtype, int impl, const void* x, int64_t ldx, const void* w, int64_t ldw,
                                   const void* log_alpha, const void* bias, void* y, int64_t ldy, const int64_t* x_cols,
                                   const int64_t* y_cols, const int64_t* idle_cols, int64_t n_idle, const void* fill,
                                   int splits, int64_t M, int64_t N, int64_t K, uint64_t seed, int mode, int per_row,
-                                  int training, int allow_vec, float beta, float gamma, float zeta, float eps) {
+                                  int training, int allow_vec, float beta, float gamma, float zeta, float eps,
+                                  int64_t group) {
   const l0k::GateConfig cfg{beta, gamma, zeta, eps};
 #define L0K_EMU_RUN(T)                                                                                              \
   run<T>(impl, x, ldx, w, ldw, log_alpha, bias, y, ldy, x_cols, y_cols, idle_cols, n_idle, fill, splits, M, N, K, seed, \
-         mode, per_row, training, allow_vec, cfg)
+         mode, per_row, training, allow_vec, cfg, group)
   switch (dtype) {
     case 0: return L0K_EMU_RUN(__half);
     case 1: return L0K_EMU_RUN(__nv_bfloat16);

@@ -59,24 +59,26 @@ def _scratch(m: int, k: int) -> torch.Tensor:
 
 
 def in_gate_input(x2: torch.Tensor, log_alpha: torch.Tensor, seed: Optional[int], training: bool,
-                  cfg: GateConfig) -> torch.Tensor:
-    """``x2 * z`` for input gates, ``z`` drawn in the same C++ call. The result lives in a per-thread
-    workspace for inputs up to 4 MiB: use it before the next call on this thread, never keep it."""
+                  cfg: GateConfig, group_size: int = 1) -> torch.Tensor:
+    """``x2 * z`` for input gates, ``z`` drawn in the same C++ call (``group_size`` columns per gate). The
+    result lives in a per-thread workspace for inputs up to 4 MiB: use it before the next call on this
+    thread, never keep it."""
     m, k = x2.shape
     if x2.stride(-1) != 1 or m == 0 or k == 0:
         x2 = x2.contiguous()
     out = _scratch(m, k)
     if m and k:
         _cpu.in_gate_forward(seed or 0, training, log_alpha.data_ptr(), k, x2.data_ptr(), x2.stride(0), m,
-                             out.data_ptr(), cfg.as_tuple)
+                             out.data_ptr(), cfg.as_tuple, group_size)
     return out
 
 
 def gate_backward(axis: int, p: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, seed: Optional[int],
-                  training: bool, cfg: GateConfig, extra: Optional[torch.Tensor] = None):
+                  training: bool, cfg: GateConfig, extra: Optional[torch.Tensor] = None, group_size: int = 1):
     """``(dW, dlog_alpha, z)`` from ``P = dY^T x`` (``(N, K)``, scaled into ``dW`` in place): gates on the
-    columns (``axis=1``, input gates) or rows (``axis=0``, output gates, ``extra = b * colsum(dY)``).
-    ``z`` is the gate vector the pass drew, for the caller's dx and db (no second draw)."""
+    columns (``axis=1``, input gates) or rows (``axis=0``, output gates, ``extra = b * colsum(dY)``),
+    ``group_size`` columns/rows per gate. ``z`` is the gate vector the pass drew, one value per column/row
+    (repeated over a gate's group), for the caller's dx and db (no second draw)."""
     p = p.contiguous()
     n, k = p.shape
     g = k if axis == 1 else n
@@ -85,5 +87,7 @@ def gate_backward(axis: int, p: torch.Tensor, weight: torch.Tensor, log_alpha: t
     extra = extra.contiguous() if extra is not None else None
     _cpu.gate_backward(axis, seed or 0, training, log_alpha.data_ptr(), p.data_ptr(), weight.data_ptr(),
                        extra.data_ptr() if extra is not None else 0, out.data_ptr(), z.data_ptr(), n, k,
-                       cfg.as_tuple)
+                       cfg.as_tuple, group_size)
+    if group_size != 1:
+        out = out.view(g // group_size, group_size).sum(1)
     return p, out, z

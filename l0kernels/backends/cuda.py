@@ -72,12 +72,12 @@ def _gates_fake(log_alpha, rows, seed, training, cfg, need_grad):
 
 
 @torch.library.register_fake("l0kernels::linear_fwd")
-def _linear_fwd_fake(x, weight, log_alpha, bias, seed, gate, sample, training, cfg):
+def _linear_fwd_fake(x, weight, log_alpha, bias, seed, gate, sample, training, cfg, group_size=1):
     return x.new_empty(tuple(x.shape[:-1]) + (weight.shape[0],))
 
 
 @torch.library.register_fake("l0kernels::linear_fwd_fused")
-def _linear_fwd_fused_fake(x, weight, log_alpha, bias, seed, gate, sample, training, cfg):
+def _linear_fwd_fused_fake(x, weight, log_alpha, bias, seed, gate, sample, training, cfg, group_size=1):
     return x.new_empty(tuple(x.shape[:-1]) + (weight.shape[0],))
 
 
@@ -87,18 +87,19 @@ def _sparse_linear_fake(x, weight, bias, in_idx, out_idx, idle_idx, fill, out_fe
 
 
 @torch.library.register_fake("l0kernels::linear_bwd")
-def _linear_bwd_fake(grad, x, weight, log_alpha, bias, seed, gate, sample, training, cfg, mask):
+def _linear_bwd_fake(grad, x, weight, log_alpha, bias, seed, gate, sample, training, cfg, mask, group_size=1):
     return _fake_grads(x, weight, log_alpha, bias, mask)
 
 
 @torch.library.register_fake("l0kernels::conv2d_fwd")
-def _conv2d_fwd_fake(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, sample, training, cfg):
+def _conv2d_fwd_fake(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, sample, training, cfg,
+                     group_size=1):
     return torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
 
 
 @torch.library.register_fake("l0kernels::conv2d_bwd")
 def _conv2d_bwd_fake(grad, x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, sample, training,
-                     cfg, mask):
+                     cfg, mask, group_size=1):
     return _fake_grads(x, weight, log_alpha, bias, mask)
 
 
@@ -183,19 +184,21 @@ def _time_ms(fn, reps: int = 5) -> float:
     return start.elapsed_time(end) / reps
 
 
-def _forward_op(x, weight, log_alpha, bias, seed, gate, sample, training, cfg):
+def _forward_op(x, weight, log_alpha, bias, seed, gate, sample, training, cfg, group_size=1):
     """The forward op to run: ``_ops.linear_fwd_fused`` or ``_ops.linear_fwd``."""
     if GEMM_IMPL == "two_pass" or fused_why_not(x) is not None:
         return _ops.linear_fwd
     if GEMM_IMPL == "fused":
         return _ops.linear_fwd_fused
-    key = (tuple(x.shape), x.dtype, x.device, tuple(weight.shape), gate, sample, training, bias is not None)
+    key = (tuple(x.shape), x.dtype, x.device, tuple(weight.shape), gate, sample, training, bias is not None,
+           group_size)
     choice = _GEMM_CHOICE.get(key)
     if choice is None:
         if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
             choice = _static_choice(x, weight, gate, sample)
         else:
-            times = {name: _time_ms(lambda op=op: op(x, weight, log_alpha, bias, seed, gate, sample, training, cfg))
+            times = {name: _time_ms(lambda op=op: op(x, weight, log_alpha, bias, seed, gate, sample, training, cfg,
+                                                     group_size))
                      for name, op in (("fused", _ops.linear_fwd_fused), ("two_pass", _ops.linear_fwd))}
             choice = _GEMM_CHOICE[key] = min(times, key=times.get)
     return _ops.linear_fwd_fused if choice == "fused" else _ops.linear_fwd
@@ -203,16 +206,17 @@ def _forward_op(x, weight, log_alpha, bias, seed, gate, sample, training, cfg):
 
 class CudaL0LinearFunction(torch.autograd.Function):
     """``l0_linear`` on the CUDA extension; same arguments as ``L0LinearFunction.apply``:
-    ``apply(x, weight, log_alpha, bias, seed, gate, noise, training, cfg)``."""
+    ``apply(x, weight, log_alpha, bias, seed, gate, noise, training, cfg[, group_size])``."""
 
     @staticmethod
-    def forward(ctx, x, weight, log_alpha, bias, seed, gate, noise, training, cfg):
+    def forward(ctx, x, weight, log_alpha, bias, seed, gate, noise, training, cfg, group_size=1):
         seed = 0 if seed is None else seed
         ctx.save_for_backward(x, weight, log_alpha, bias)
         sample = noise == "sample"
         ctx.conf = (seed, gate, sample, training, _cfg(cfg))
-        op = _forward_op(x, weight, log_alpha, bias, seed, gate, sample, training, _cfg(cfg))
-        return op(x, weight, log_alpha, bias, seed, gate, sample, training, _cfg(cfg))
+        ctx.group_size = group_size
+        op = _forward_op(x, weight, log_alpha, bias, seed, gate, sample, training, _cfg(cfg), group_size)
+        return op(x, weight, log_alpha, bias, seed, gate, sample, training, _cfg(cfg), group_size)
 
     @staticmethod
     @once_differentiable
@@ -221,21 +225,25 @@ class CudaL0LinearFunction(torch.autograd.Function):
         seed, gate, sample, training, cfg = ctx.conf
         mask = [bool(m) for m in ctx.needs_input_grad[:4]]
         mask[3] = mask[3] and bias is not None
-        out = _ops.linear_bwd(dy, x, weight, log_alpha, bias, seed, gate, sample, training, cfg, mask)
-        return _grads(out, mask) + (None,) * 5
+        out = _ops.linear_bwd(dy, x, weight, log_alpha, bias, seed, gate, sample, training, cfg, mask, ctx.group_size)
+        return _grads(out, mask) + (None,) * 6
 
 
 class CudaL0Conv2dFunction(torch.autograd.Function):
     """``l0_conv2d`` on the CUDA extension; same arguments as ``L0Conv2dFunction.apply``:
-    ``apply(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg)``."""
+    ``apply(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg[,
+    group_size])``."""
 
     @staticmethod
-    def forward(ctx, x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg):
+    def forward(ctx, x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg,
+                group_size=1):
         seed = 0 if seed is None else seed
         conv = (list(stride), list(padding), list(dilation), int(groups))
         ctx.save_for_backward(x, weight, log_alpha, bias)
         ctx.conf = conv + (seed, noise == "sample", training, _cfg(cfg))
-        return _ops.conv2d_fwd(x, weight, log_alpha, bias, *conv, seed, noise == "sample", training, _cfg(cfg))
+        ctx.group_size = group_size
+        return _ops.conv2d_fwd(x, weight, log_alpha, bias, *conv, seed, noise == "sample", training, _cfg(cfg),
+                               group_size)
 
     @staticmethod
     @once_differentiable
@@ -243,8 +251,8 @@ class CudaL0Conv2dFunction(torch.autograd.Function):
         x, weight, log_alpha, bias = ctx.saved_tensors
         mask = [bool(m) for m in ctx.needs_input_grad[:4]]
         mask[3] = mask[3] and bias is not None
-        out = _ops.conv2d_bwd(dy, x, weight, log_alpha, bias, *ctx.conf, mask)
-        return _grads(out, mask) + (None,) * 8
+        out = _ops.conv2d_bwd(dy, x, weight, log_alpha, bias, *ctx.conf, mask, ctx.group_size)
+        return _grads(out, mask) + (None,) * 9
 
 
 def _why_not(x: torch.Tensor) -> Optional[str]:
@@ -270,11 +278,12 @@ class CudaBackend(Backend):
 
     def linear(self, call: LinearCall) -> torch.Tensor:
         return CudaL0LinearFunction.apply(call.x, call.weight, call.log_alpha, call.bias, call.seed, call.gate,
-                                          call.noise, call.training, call.cfg)
+                                          call.noise, call.training, call.cfg, call.group_size)
 
     def conv2d(self, call: Conv2dCall) -> torch.Tensor:
         return CudaL0Conv2dFunction.apply(call.x, call.weight, call.log_alpha, call.bias, call.stride, call.padding,
-                                          call.dilation, call.groups, call.seed, call.noise, call.training, call.cfg)
+                                          call.dilation, call.groups, call.seed, call.noise, call.training, call.cfg,
+                                          call.group_size)
 
 
 CUDA_BACKEND = register_backend(CudaBackend())

@@ -23,36 +23,55 @@ from . import _cpu_paths
 
 
 def gates_for(log_alpha: torch.Tensor, seed: Optional[int], noise_shape: Tuple[int, ...], training: bool,
-              cfg: GateConfig, need_grad: bool = True):
-    """``(z, dz)`` for a call: sampled over ``noise_shape`` in training, ``z_eval`` (log_alpha's shape) else."""
+              cfg: GateConfig, need_grad: bool = True, group_size: int = 1):
+    """``(z, dz)`` for a call: sampled over ``noise_shape`` in training, ``z_eval`` (log_alpha's shape) else.
+    With ``group_size > 1`` the noise tensor is over the gates and ``z``/``dz`` are returned per feature
+    (gate ``j`` repeated for features ``j*g ... j*g+g-1``, the last dimension)."""
     if training:
-        return sample_gate_tensor(log_alpha, seed, noise_shape, cfg, need_grad)
-    return eval_gates_and_grad(log_alpha, cfg, need_grad)
+        z, dz = sample_gate_tensor(log_alpha, seed, noise_shape, cfg, need_grad)
+    else:
+        z, dz = eval_gates_and_grad(log_alpha, cfg, need_grad)
+    if group_size != 1:
+        z = expand_groups(z, group_size)
+        dz = expand_groups(dz, group_size) if dz is not None else None
+    return z, dz
 
 
-def linear_noise_shape(gate: str, noise: str, m: int, n: int, k: int) -> Tuple[int, ...]:
+def expand_groups(t: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-gate values (last dim G) as per-feature values (last dim G * group_size)."""
+    return t if group_size == 1 else t.repeat_interleave(group_size, dim=-1)
+
+
+def sum_groups(t: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-feature values (last dim G * group_size) summed over each gate's features (last dim G)."""
+    return t if group_size == 1 else t.reshape(*t.shape[:-1], t.shape[-1] // group_size, group_size).sum(-1)
+
+
+def linear_noise_shape(gate: str, noise: str, m: int, n: int, k: int, group_size: int = 1) -> Tuple[int, ...]:
     g = {"in": k, "out": n}.get(gate)
     if gate == "weight":
         return (n, k)
+    g //= group_size
     return (m, g) if noise == "sample" else (g,)
 
 
 class L0LinearFunction(torch.autograd.Function):
     """``l0_linear`` of SPEC section 3 on the torch backend.
 
-    ``apply(x, weight, log_alpha, bias, seed, gate, noise, training, cfg)``; ``x`` is ``(..., K)``.
+    ``apply(x, weight, log_alpha, bias, seed, gate, noise, training, cfg[, group_size])``; ``x`` is
+    ``(..., K)``; ``group_size`` (default 1) features per gate for ``gate="in"``/``"out"``.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, log_alpha, bias, seed, gate, noise, training, cfg):
+    def forward(ctx, x, weight, log_alpha, bias, seed, gate, noise, training, cfg, group_size=1):
         n, k = weight.shape
         x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), k)  # not -1: K may be 0
         m = x2.shape[0]
         if gate == "in" and _cpu_paths.applies(x, weight, log_alpha, not training or noise == "batch"):
-            y = F.linear(_cpu_paths.in_gate_input(x2, log_alpha, seed, training, cfg), weight, bias)
+            y = F.linear(_cpu_paths.in_gate_input(x2, log_alpha, seed, training, cfg, group_size), weight, bias)
         else:
-            z, _ = gates_for(log_alpha, seed, linear_noise_shape(gate, noise, m, n, k), training, cfg,
-                             need_grad=False)
+            z, _ = gates_for(log_alpha, seed, linear_noise_shape(gate, noise, m, n, k, group_size), training, cfg,
+                             need_grad=False, group_size=group_size)
             zx = z.to(x.dtype)
             if gate == "in":
                 y = F.linear(x2 * zx, weight, bias)
@@ -61,14 +80,14 @@ class L0LinearFunction(torch.autograd.Function):
             else:
                 y = F.linear(x2, weight * zx, bias)
         ctx.save_for_backward(x, weight, log_alpha, bias)
-        ctx.conf = (seed, gate, noise, training, cfg)
+        ctx.conf = (seed, gate, noise, training, cfg, group_size)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         x, weight, log_alpha, bias = ctx.saved_tensors
-        seed, gate, noise, training, cfg = ctx.conf
+        seed, gate, noise, training, cfg, group_size = ctx.conf
         n, k = weight.shape
         x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), k)  # not -1: K may be 0
         m = x2.shape[0]
@@ -76,11 +95,12 @@ class L0LinearFunction(torch.autograd.Function):
         need_x, need_w, need_la, need_b = ctx.needs_input_grad[:4]
         if need_la and gate != "weight" and _cpu_paths.applies(x, weight, log_alpha, not training or noise == "batch"):
             dx, dw, dla, db = _cpu_linear_backward(dy, x2, weight, log_alpha, bias, seed, gate, training, cfg,
-                                                   need_x, need_w, need_b)
+                                                   need_x, need_w, need_b, group_size)
             if dx is not None and x.dim() != 2:
                 dx = dx.reshape(x.shape)
-            return dx, dw, dla, db, None, None, None, None, None
-        z, dz = gates_for(log_alpha, seed, linear_noise_shape(gate, noise, m, n, k), training, cfg, need_la)
+            return dx, dw, dla, db, None, None, None, None, None, None
+        z, dz = gates_for(log_alpha, seed, linear_noise_shape(gate, noise, m, n, k, group_size), training, cfg,
+                          need_la, group_size)
         cd = compute_dtype(x.dtype)
         zx = z.to(x.dtype)
         dx = dw = dla = db = None
@@ -148,16 +168,18 @@ class L0LinearFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.reshape(x.shape)
         if dla is not None:
-            dla = dla.to(log_alpha.dtype)
-        return dx, dw, dla, db, None, None, None, None, None
+            dla = sum_groups(dla, group_size).to(log_alpha.dtype)
+        return dx, dw, dla, db, None, None, None, None, None, None
 
 
-def _cpu_linear_backward(dy, x2, weight, log_alpha, bias, seed, gate, training, cfg, need_x, need_w, need_b):
+def _cpu_linear_backward(dy, x2, weight, log_alpha, bias, seed, gate, training, cfg, need_x, need_w, need_b,
+                         group_size=1):
     """The backward of input/output gates with one gate vector per call on the CPU paths
     (``_cpu_paths.gate_backward``): the same GEMMs as a dense layer plus one C++ pass for dlog_alpha."""
     dx = db = None
     if gate == "in":
-        dw, dla, z = _cpu_paths.gate_backward(1, dy.t() @ x2, weight, log_alpha, seed, training, cfg)
+        dw, dla, z = _cpu_paths.gate_backward(1, dy.t() @ x2, weight, log_alpha, seed, training, cfg,
+                                              group_size=group_size)
         if need_x:
             dx = (dy @ weight).mul_(z)
         if need_b and bias is not None:
@@ -165,7 +187,7 @@ def _cpu_linear_backward(dy, x2, weight, log_alpha, bias, seed, gate, training, 
     else:
         colsum = dy.sum(0)
         dw, dla, z = _cpu_paths.gate_backward(0, dy.t() @ x2, weight, log_alpha, seed, training, cfg,
-                                              bias * colsum if bias is not None else None)
+                                              bias * colsum if bias is not None else None, group_size)
         if need_x:
             dx = (dy * z) @ weight
         if need_b and bias is not None:
@@ -182,31 +204,33 @@ def _conv_backward(grad, x, weight, call_args, mask):
 class L0Conv2dFunction(torch.autograd.Function):
     """``l0_conv2d`` of SPEC section 3 (output-channel gates) on the torch backend.
 
-    ``apply(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg)``.
+    ``apply(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg[,
+    group_size])``; ``group_size`` (default 1) output channels per gate.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg):
-        c = weight.shape[0]
+    def forward(ctx, x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg,
+                group_size=1):
+        c = weight.shape[0] // group_size
         shape = (x.shape[0], c) if noise == "sample" else (c,)
-        z, _ = gates_for(log_alpha, seed, shape, training, cfg, need_grad=False)
+        z, _ = gates_for(log_alpha, seed, shape, training, cfg, need_grad=False, group_size=group_size)
         h = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         zx = z.to(x.dtype)
         y = h * (zx[:, :, None, None] if zx.dim() == 2 else zx[:, None, None])
         ctx.save_for_backward(x, weight, log_alpha, bias)
-        ctx.conf = (stride, padding, dilation, groups, seed, noise, training, cfg)
+        ctx.conf = (stride, padding, dilation, groups, seed, noise, training, cfg, group_size)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         x, weight, log_alpha, bias = ctx.saved_tensors
-        stride, padding, dilation, groups, seed, noise, training, cfg = ctx.conf
+        stride, padding, dilation, groups, seed, noise, training, cfg, group_size = ctx.conf
         conv_args = (stride, padding, dilation, groups)
-        c = weight.shape[0]
+        c = weight.shape[0] // group_size
         need_x, need_w, need_la, need_b = ctx.needs_input_grad[:4]
         shape = (x.shape[0], c) if noise == "sample" else (c,)
-        z, dz = gates_for(log_alpha, seed, shape, training, cfg, need_la)
+        z, dz = gates_for(log_alpha, seed, shape, training, cfg, need_la, group_size)
         cd = compute_dtype(x.dtype)
         zx = z.to(x.dtype)
         zb = zx[:, :, None, None] if zx.dim() == 2 else zx[:, None, None]
@@ -235,8 +259,8 @@ class L0Conv2dFunction(torch.autograd.Function):
                     hdy = hdy + bias.to(cd) * colsum
                 dla = hdy * dz
         if dla is not None:
-            dla = dla.to(log_alpha.dtype)
-        return dx, dw, dla, db, None, None, None, None, None, None, None, None
+            dla = sum_groups(dla, group_size).to(log_alpha.dtype)
+        return dx, dw, dla, db, None, None, None, None, None, None, None, None, None
 
 
 class TorchBackend(Backend):
@@ -253,11 +277,12 @@ class TorchBackend(Backend):
 
     def linear(self, call: LinearCall) -> torch.Tensor:
         return L0LinearFunction.apply(call.x, call.weight, call.log_alpha, call.bias, call.seed, call.gate,
-                                      call.noise, call.training, call.cfg)
+                                      call.noise, call.training, call.cfg, call.group_size)
 
     def conv2d(self, call: Conv2dCall) -> torch.Tensor:
         return L0Conv2dFunction.apply(call.x, call.weight, call.log_alpha, call.bias, call.stride, call.padding,
-                                      call.dilation, call.groups, call.seed, call.noise, call.training, call.cfg)
+                                      call.dilation, call.groups, call.seed, call.noise, call.training, call.cfg,
+                                      call.group_size)
 
 
 TORCH_BACKEND = register_backend(TorchBackend())

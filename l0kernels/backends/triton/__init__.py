@@ -54,9 +54,9 @@ class TritonBackend(Backend):
             from ._ops import linear_op
             return linear_op(call.x, call.weight, call.log_alpha, call.bias, int(call.seed or 0), call.gate,
                              call.training and call.noise == "sample", call.training, call.cfg.beta,
-                             call.cfg.gamma, call.cfg.zeta, call.cfg.eps)
+                             call.cfg.gamma, call.cfg.zeta, call.cfg.eps, call.group_size)
         return TritonL0LinearFunction.apply(call.x, call.weight, call.log_alpha, call.bias, call.seed, call.gate,
-                                            call.noise, call.training, call.cfg)
+                                            call.noise, call.training, call.cfg, call.group_size)
 
     def conv2d(self, call: Conv2dCall) -> torch.Tensor:
         if _compiling():
@@ -64,10 +64,10 @@ class TritonBackend(Backend):
             return conv2d_op(call.x, call.weight, call.log_alpha, call.bias, list(call.stride), list(call.padding),
                              list(call.dilation), call.groups, int(call.seed or 0),
                              call.training and call.noise == "sample", call.training, call.cfg.beta,
-                             call.cfg.gamma, call.cfg.zeta, call.cfg.eps)
+                             call.cfg.gamma, call.cfg.zeta, call.cfg.eps, call.group_size)
         return TritonL0Conv2dFunction.apply(call.x, call.weight, call.log_alpha, call.bias, call.stride,
                                             call.padding, call.dilation, call.groups, call.seed, call.noise,
-                                            call.training, call.cfg)
+                                            call.training, call.cfg, call.group_size)
 
 
 TRITON_BACKEND = register_backend(TritonBackend())

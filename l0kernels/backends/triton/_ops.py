@@ -31,31 +31,33 @@ def _empty(t: Tensor, shape=None, fmt=torch.contiguous_format) -> Tensor:
 
 @torch.library.custom_op("l0kernels_triton::linear", mutates_args=())
 def linear_op(x: Tensor, weight: Tensor, log_alpha: Tensor, bias: Optional[Tensor], seed: int, gate: str,
-              sample: bool, training: bool, beta: float, gamma: float, zeta: float, eps: float) -> Tensor:
+              sample: bool, training: bool, beta: float, gamma: float, zeta: float, eps: float,
+              group_size: int = 1) -> Tensor:
     n, k = weight.shape
     y = linear_forward(x.reshape(rows(x), k), weight, log_alpha, bias, seed, gate, sample, training,
-                       GateConfig(beta, gamma, zeta, eps))
+                       GateConfig(beta, gamma, zeta, eps), group_size)
     return y.reshape(*x.shape[:-1], n)
 
 
 @linear_op.register_fake
-def _linear_fake(x, weight, log_alpha, bias, seed, gate, sample, training, beta, gamma, zeta, eps):
+def _linear_fake(x, weight, log_alpha, bias, seed, gate, sample, training, beta, gamma, zeta, eps, group_size=1):
     return _empty(x, (*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.custom_op("l0kernels_triton::linear_backward", mutates_args=())
 def linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, log_alpha: Tensor, bias: Optional[Tensor], seed: int,
                        gate: str, sample: bool, training: bool, beta: float, gamma: float, zeta: float,
-                       eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                       eps: float, group_size: int = 1) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     n, k = weight.shape
     m = rows(x)
     dx, dw, dla, db = linear_backward(dy.reshape(m, n), x.reshape(m, k), weight, log_alpha, bias, seed, gate,
-                                      sample, training, GateConfig(beta, gamma, zeta, eps))
+                                      sample, training, GateConfig(beta, gamma, zeta, eps), group_size=group_size)
     return dx.reshape(x.shape), dw, dla, (db if db is not None else weight.new_empty(0))
 
 
 @linear_backward_op.register_fake
-def _linear_backward_fake(dy, x, weight, log_alpha, bias, seed, gate, sample, training, beta, gamma, zeta, eps):
+def _linear_backward_fake(dy, x, weight, log_alpha, bias, seed, gate, sample, training, beta, gamma, zeta, eps,
+                          group_size=1):
     return _empty(x), _empty(weight), _empty(log_alpha), (_empty(bias) if bias is not None else weight.new_empty(0))
 
 
@@ -68,7 +70,7 @@ def _linear_setup(ctx, inputs, output):
 def _linear_grad(ctx, dy):
     x, weight, log_alpha, bias = ctx.saved_tensors
     dx, dw, dla, db = linear_backward_op(dy, x, weight, log_alpha, bias, *ctx.conf)
-    return (dx, dw, dla, db if bias is not None else None) + (None,) * 8
+    return (dx, dw, dla, db if bias is not None else None) + (None,) * 9
 
 
 linear_op.register_autograd(_linear_grad, setup_context=_linear_setup)
@@ -79,14 +81,14 @@ linear_op.register_autograd(_linear_grad, setup_context=_linear_setup)
 @torch.library.custom_op("l0kernels_triton::conv2d", mutates_args=())
 def conv2d_op(x: Tensor, weight: Tensor, log_alpha: Tensor, bias: Optional[Tensor], stride: List[int],
               padding: List[int], dilation: List[int], groups: int, seed: int, sample: bool, training: bool,
-              beta: float, gamma: float, zeta: float, eps: float) -> Tensor:
+              beta: float, gamma: float, zeta: float, eps: float, group_size: int = 1) -> Tensor:
     return conv2d_forward(x, weight, log_alpha, bias, tuple(stride), tuple(padding), tuple(dilation), groups, seed,
-                          sample, training, GateConfig(beta, gamma, zeta, eps))
+                          sample, training, GateConfig(beta, gamma, zeta, eps), group_size)
 
 
 @conv2d_op.register_fake
 def _conv2d_fake(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, sample, training, beta, gamma,
-                 zeta, eps):
+                 zeta, eps, group_size=1):
     b, _, _, oh, ow = _geometry(x, weight, stride, padding, dilation)
     return _empty(x, (b, weight.shape[0], oh, ow), _fmt(x))
 
@@ -95,16 +97,17 @@ def _conv2d_fake(x, weight, log_alpha, bias, stride, padding, dilation, groups, 
 def conv2d_backward_op(dy: Tensor, x: Tensor, weight: Tensor, log_alpha: Tensor, bias: Optional[Tensor],
                        stride: List[int], padding: List[int], dilation: List[int], groups: int, seed: int,
                        sample: bool, training: bool, beta: float, gamma: float, zeta: float,
-                       eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                       eps: float, group_size: int = 1) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     dx, dw, dla, db = conv2d_backward(dy, x, weight, log_alpha, bias, tuple(stride), tuple(padding), tuple(dilation),
-                                      groups, seed, sample, training, GateConfig(beta, gamma, zeta, eps))
+                                      groups, seed, sample, training, GateConfig(beta, gamma, zeta, eps),
+                                      group_size=group_size)
     return (dx.contiguous(memory_format=_fmt(x)), dw.contiguous(memory_format=_fmt(weight)), dla,
             db if db is not None else weight.new_empty(0))
 
 
 @conv2d_backward_op.register_fake
 def _conv2d_backward_fake(dy, x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, sample, training,
-                          beta, gamma, zeta, eps):
+                          beta, gamma, zeta, eps, group_size=1):
     return (_empty(x, fmt=_fmt(x)), _empty(weight, fmt=_fmt(weight)), _empty(log_alpha),
             _empty(bias) if bias is not None else weight.new_empty(0))
 
@@ -118,7 +121,7 @@ def _conv2d_setup(ctx, inputs, output):
 def _conv2d_grad(ctx, dy):
     x, weight, log_alpha, bias = ctx.saved_tensors
     dx, dw, dla, db = conv2d_backward_op(dy, x, weight, log_alpha, bias, *ctx.conf)
-    return (dx, dw, dla, db if bias is not None else None) + (None,) * 11
+    return (dx, dw, dla, db if bias is not None else None) + (None,) * 12
 
 
 conv2d_op.register_autograd(_conv2d_grad, setup_context=_conv2d_setup)

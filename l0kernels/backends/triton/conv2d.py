@@ -42,10 +42,11 @@ def _conv_fwd_kernel(x_ptr, w_ptr, la_ptr, b_ptr, y_ptr, dy_ptr, dla_ptr,
                      s_xb, s_xc, s_xh, s_xw, s_wo, s_wc, s_wh, s_ww, s_la0,
                      s_yb, s_yc, s_yh, s_yw, s_dyb, s_dyc, s_dyh, s_dyw,
                      beta, gamma, zeta, eps,
-                     GATE: tl.constexpr, SAMPLE: tl.constexpr, TRAINING: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     EPILOGUE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                     GATE: tl.constexpr, SAMPLE: tl.constexpr, TRAINING: tl.constexpr, GSIZE: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # GATE is unused (always output channels); it is in the signature for the shared autotune key.
+    # GSIZE output channels share a gate: channel co reads gate co // GSIZE (noise offset likewise).
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
@@ -87,11 +88,11 @@ def _conv_fwd_kernel(x_ptr, w_ptr, la_ptr, b_ptr, y_ptr, dy_ptr, dla_ptr,
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
-    la = tl.load(la_ptr + co * s_la0, mask=mask_n, other=0.0)
+    la = tl.load(la_ptr + (co // GSIZE) * s_la0, mask=mask_n, other=0.0)
     if SAMPLE:
-        z, dz = gate(la[None, :], seed, bb[:, None] * C_OUT + co[None, :], beta, gamma, zeta, eps, TRAINING)
+        z, dz = gate(la[None, :], seed, bb[:, None] * (C_OUT // GSIZE) + co[None, :] // GSIZE, beta, gamma, zeta, eps, TRAINING)
     else:
-        zv, dzv = gate(la, seed, co, beta, gamma, zeta, eps, TRAINING)
+        zv, dzv = gate(la, seed, co // GSIZE, beta, gamma, zeta, eps, TRAINING)
         z = zv[None, :]
         dz = dzv[None, :]
     if EPILOGUE == 0:
@@ -110,7 +111,7 @@ def _gate_dy_kernel(dy_ptr, la_ptr, dyz_ptr, colsum_ptr, zsum_ptr,
                     M, C, OHW, OW, seed,
                     s_b, s_c, s_h, s_w, t_b, t_c, t_h, t_w, s_la0,
                     beta, gamma, zeta, eps,
-                    SAMPLE: tl.constexpr, TRAINING: tl.constexpr, STORE: tl.constexpr,
+                    SAMPLE: tl.constexpr, TRAINING: tl.constexpr, GSIZE: tl.constexpr, STORE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """``dY * z`` (stored when STORE) and the per-channel sums of ``dY`` and ``dY * z`` (atomics)."""
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -124,11 +125,11 @@ def _gate_dy_kernel(dy_ptr, la_ptr, dyz_ptr, colsum_ptr, zsum_ptr,
     ow = rem % OW
     dy = tl.load(dy_ptr + bb[:, None] * s_b + offs_c[None, :] * s_c + (oh * s_h + ow * s_w)[:, None], mask=mask,
                  other=0.0).to(tl.float32)
-    la = tl.load(la_ptr + offs_c * s_la0, mask=mask_c, other=0.0)
+    la = tl.load(la_ptr + (offs_c // GSIZE) * s_la0, mask=mask_c, other=0.0)
     if SAMPLE:
-        z, _ = gate(la[None, :], seed, bb[:, None] * C + offs_c[None, :], beta, gamma, zeta, eps, TRAINING)
+        z, _ = gate(la[None, :], seed, bb[:, None] * (C // GSIZE) + offs_c[None, :] // GSIZE, beta, gamma, zeta, eps, TRAINING)
     else:
-        zv, _ = gate(la, seed, offs_c, beta, gamma, zeta, eps, TRAINING)
+        zv, _ = gate(la, seed, offs_c // GSIZE, beta, gamma, zeta, eps, TRAINING)
         z = zv[None, :]
     g = dy * z
     if STORE:
@@ -141,14 +142,15 @@ def _gate_dy_kernel(dy_ptr, la_ptr, dyz_ptr, colsum_ptr, zsum_ptr,
 @triton.jit(do_not_specialize=["seed"])
 def _wgrad_epilogue_kernel(p_ptr, w_ptr, la_ptr, b_ptr, colsum_ptr, dw_ptr, dla_ptr,
                            C, KC, seed, s_la0, beta, gamma, zeta, eps,
-                           TRAINING: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DW: tl.constexpr,
+                           TRAINING: tl.constexpr, GSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DW: tl.constexpr,
                            NEED_DLA: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """Batch/eval channel gates: ``dW = P * z[c]``, ``dlog_alpha = dz * (rowsum(W * P) + b * colsum)``.
-    ``P``, ``W`` and ``dW`` are contiguous ``(C, KC)``."""
+    ``P``, ``W`` and ``dW`` are contiguous ``(C, KC)``. ``dla`` gets one entry per channel (the caller sums
+    them per gate when ``GSIZE > 1``)."""
     offs_c = (tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     mask_c = offs_c < C
-    la = tl.load(la_ptr + offs_c * s_la0, mask=mask_c, other=0.0)
-    z, dz = gate(la, seed, offs_c, beta, gamma, zeta, eps, TRAINING)
+    la = tl.load(la_ptr + (offs_c // GSIZE) * s_la0, mask=mask_c, other=0.0)
+    z, dz = gate(la, seed, offs_c // GSIZE, beta, gamma, zeta, eps, TRAINING)
     hdy = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for k0 in range(0, KC, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -179,7 +181,7 @@ def _geometry(x, weight, stride, padding, dilation):
 
 
 def _launch_fwd(x, weight, log_alpha, bias, y, dy, dla, stride, padding, dilation, groups, seed, sample, training,
-                cfg, epilogue):
+                cfg, epilogue, group_size=1):
     b, h, w, oh, ow = _geometry(x, weight, stride, padding, dilation)
     c_out, cin_g, kh, kw = weight.shape
     m, n, k = b * oh * ow, c_out // groups, cin_g * kh * kw
@@ -191,7 +193,8 @@ def _launch_fwd(x, weight, log_alpha, bias, y, dy, dla, stride, padding, dilatio
         x, weight, log_alpha, bias if bias is not None else x, y, dy, dla, m, n, k, int(seed or 0),
         c_out, cin_g, h, w, oh, ow, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         *x.stride(), *weight.stride(), log_alpha.stride(0), *ys, *dys, cfg.beta, cfg.gamma, cfg.zeta, cfg.eps,
-        GATE=2, SAMPLE=bool(sample), TRAINING=bool(training), HAS_BIAS=bias is not None, EPILOGUE=epilogue,
+        GATE=2, SAMPLE=bool(sample), TRAINING=bool(training), GSIZE=group_size, HAS_BIAS=bias is not None,
+        EPILOGUE=epilogue,
         DOT_F32=dot_f32, PRECISION=prec, **launch_meta())
 
 
@@ -199,20 +202,22 @@ def _channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def conv2d_forward(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, sample, training, cfg):
+def conv2d_forward(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, sample, training, cfg,
+                   group_size=1):
     b, h, w, oh, ow = _geometry(x, weight, stride, padding, dilation)
     fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
     y = torch.empty((b, weight.shape[0], oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
     if y.numel() == 0:
         return y
     _launch_fwd(x, weight, log_alpha, bias, y, y, y, stride, padding, dilation, groups, seed, sample, training, cfg,
-                EPI_STORE)
+                EPI_STORE, group_size)
     return y
 
 
 def conv2d_backward(dy, x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, sample, training, cfg,
-                    need_x=True, need_w=True, need_la=True, need_b=True):
-    """``(dx, dW, dlog_alpha, db)``; entries not asked for are None."""
+                    need_x=True, need_w=True, need_la=True, need_b=True, group_size=1):
+    """``(dx, dW, dlog_alpha, db)``; entries not asked for are None. ``dlog_alpha`` is reduced per channel
+    and summed per gate (``group_size`` channels) at the end."""
     need_b = need_b and bias is not None
     c_out = weight.shape[0]
     dev = x.device
@@ -227,7 +232,8 @@ def conv2d_backward(dy, x, weight, log_alpha, bias, stride, padding, dilation, g
         bm, bc = (16, 16) if not dy.is_cuda else (64, 32)
         _gate_dy_kernel[(triton.cdiv(m, bm), triton.cdiv(c_out, bc))](
             dy, log_alpha, dyz, colsum, zsum, m, c_out, oh * ow, ow, seed, *dy.stride(), *dyz.stride(),
-            log_alpha.stride(0), *consts, SAMPLE=bool(sample), TRAINING=bool(training), STORE=need_x or sample,
+            log_alpha.stride(0), *consts, SAMPLE=bool(sample), TRAINING=bool(training), GSIZE=group_size,
+            STORE=need_x or sample,
             BLOCK_M=bm, BLOCK_C=bc)
     else:
         dyz.zero_()
@@ -242,8 +248,8 @@ def conv2d_backward(dy, x, weight, log_alpha, bias, stride, padding, dilation, g
             dla32 = torch.zeros((c_out,), dtype=torch.float32, device=dev)
             if m and c_out:
                 _launch_fwd(x, weight, log_alpha, bias, dy, dy, dla32, stride, padding, dilation, groups, seed, True,
-                            training, cfg, EPI_DLA)
-            dla = dla32.to(log_alpha.dtype)
+                            training, cfg, EPI_DLA, group_size)
+            dla = _per_gate(dla32, group_size).to(log_alpha.dtype)
         return dx, dw, dla, db
     if need_x:
         dx = torch.ops.aten.convolution_backward(dyz, x, weight, None, *args, [True, False, False])[0]
@@ -259,32 +265,40 @@ def conv2d_backward(dy, x, weight, log_alpha, bias, stride, padding, dilation, g
             bc, bk = (16, 16) if not dev.type == "cuda" else (32, 128)
             _wgrad_epilogue_kernel[(triton.cdiv(c_out, bc),)](
                 p, wc, log_alpha, bias if bias is not None else p, colsum, dwc, dla32, c_out, kc, seed,
-                log_alpha.stride(0), *consts, TRAINING=bool(training), HAS_BIAS=bias is not None, STORE_DW=need_w,
+                log_alpha.stride(0), *consts, TRAINING=bool(training), GSIZE=group_size, HAS_BIAS=bias is not None,
+                STORE_DW=need_w,
                 NEED_DLA=need_la, BLOCK_C=bc, BLOCK_K=bk)
         if need_w:
             dw = dwc
         if need_la:
-            dla = dla32.to(log_alpha.dtype)
+            dla = _per_gate(dla32, group_size).to(log_alpha.dtype)
     return dx, dw, dla, db
+
+
+def _per_gate(dla32: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-channel ``dlog_alpha`` shares summed over each gate's ``group_size`` channels."""
+    return dla32 if group_size == 1 else dla32.view(-1, group_size).sum(1)
 
 
 class TritonL0Conv2dFunction(torch.autograd.Function):
     """``l0_conv2d`` on the Triton backend: ``apply(x, weight, log_alpha, bias, stride, padding, dilation, groups,
-    seed, noise, training, cfg)``. Saves x, weight, log_alpha, bias (and the seed)."""
+    seed, noise, training, cfg[, group_size])``. Saves x, weight, log_alpha, bias (and the seed)."""
 
     @staticmethod
-    def forward(ctx, x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg):
+    def forward(ctx, x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg,
+                group_size=1):
         sample = training and noise == "sample"
-        y = conv2d_forward(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, sample, training, cfg)
+        y = conv2d_forward(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, sample, training, cfg,
+                           group_size)
         ctx.save_for_backward(x, weight, log_alpha, bias)
-        ctx.conf = (stride, padding, dilation, groups, seed, sample, training, cfg)
+        ctx.conf = (stride, padding, dilation, groups, seed, sample, training, cfg, group_size)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, log_alpha, bias = ctx.saved_tensors
-        stride, padding, dilation, groups, seed, sample, training, cfg = ctx.conf
+        stride, padding, dilation, groups, seed, sample, training, cfg, group_size = ctx.conf
         need_x, need_w, need_la, need_b = ctx.needs_input_grad[:4]
         dx, dw, dla, db = conv2d_backward(dy, x, weight, log_alpha, bias, stride, padding, dilation, groups, seed,
-                                          sample, training, cfg, need_x, need_w, need_la, need_b)
-        return dx, dw, dla, db, None, None, None, None, None, None, None, None
+                                          sample, training, cfg, need_x, need_w, need_la, need_b, group_size)
+        return dx, dw, dla, db, None, None, None, None, None, None, None, None, None

@@ -106,10 +106,13 @@ def _swizzle(pid, grid_a, grid_b, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _load_gate_vec(la_ptr, s_la0, idx, mask, seed, beta, gamma, zeta, eps, TRAINING: tl.constexpr):
-    """Gates of one vector (``log_alpha`` of shape (G,)) at indices ``idx``, noise offset ``idx``."""
-    la = tl.load(la_ptr + idx * s_la0, mask=mask, other=0.0)
-    return gate(la, seed, idx, beta, gamma, zeta, eps, TRAINING)
+def _load_gate_vec(la_ptr, s_la0, idx, mask, seed, beta, gamma, zeta, eps, TRAINING: tl.constexpr,
+                   GSIZE: tl.constexpr):
+    """Gates of one vector (``log_alpha`` of shape (G,)) for features ``idx``: gate and noise offset
+    ``idx // GSIZE`` (GSIZE features per gate)."""
+    gi = idx // GSIZE
+    la = tl.load(la_ptr + gi * s_la0, mask=mask, other=0.0)
+    return gate(la, seed, gi, beta, gamma, zeta, eps, TRAINING)
 
 
 @tuned(reset_to_zero=["dla_ptr"])
@@ -118,8 +121,8 @@ def _fwd_kernel(x_ptr, w_ptr, la_ptr, b_ptr, y_ptr, dy_ptr, dla_ptr,
                 M, N, K, seed,
                 s_xm, s_xk, s_wn, s_wk, s_la0, s_la1, s_ym, s_yn, s_dym, s_dyn,
                 beta, gamma, zeta, eps,
-                GATE: tl.constexpr, SAMPLE: tl.constexpr, TRAINING: tl.constexpr, HAS_BIAS: tl.constexpr,
-                EPILOGUE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                GATE: tl.constexpr, SAMPLE: tl.constexpr, TRAINING: tl.constexpr, GSIZE: tl.constexpr,
+                HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -135,12 +138,12 @@ def _fwd_kernel(x_ptr, w_ptr, la_ptr, b_ptr, y_ptr, dy_ptr, dla_ptr,
         b = tl.load(w_ptr + offs_n[None, :] * s_wn + offs_k[:, None] * s_wk,
                     mask=mask_n[None, :] & mask_k[:, None], other=0.0)  # (BLOCK_K, BLOCK_N) = W^T tile
         if GATE == 1:  # input gates scale the x tile
-            la = tl.load(la_ptr + offs_k * s_la0, mask=mask_k, other=0.0)
+            la = tl.load(la_ptr + (offs_k // GSIZE) * s_la0, mask=mask_k, other=0.0)
             if SAMPLE:
-                z, _ = gate(la[None, :], seed, offs_m[:, None] * K + offs_k[None, :], beta, gamma, zeta, eps,
+                z, _ = gate(la[None, :], seed, offs_m[:, None] * (K // GSIZE) + offs_k[None, :] // GSIZE, beta, gamma, zeta, eps,
                             TRAINING)
             else:
-                zv, _ = gate(la, seed, offs_k, beta, gamma, zeta, eps, TRAINING)
+                zv, _ = gate(la, seed, offs_k // GSIZE, beta, gamma, zeta, eps, TRAINING)
                 z = zv[None, :]
             a = (a.to(tl.float32) * z).to(x_ptr.dtype.element_ty)
         if GATE == 3:  # weight gates scale the W tile
@@ -157,19 +160,19 @@ def _fwd_kernel(x_ptr, w_ptr, la_ptr, b_ptr, y_ptr, dy_ptr, dla_ptr,
     mask = mask_m[:, None] & mask_n[None, :]
     if EPILOGUE == 0:
         if GATE == 2:  # output gates scale the result
-            la = tl.load(la_ptr + offs_n * s_la0, mask=mask_n, other=0.0)
+            la = tl.load(la_ptr + (offs_n // GSIZE) * s_la0, mask=mask_n, other=0.0)
             if SAMPLE:
-                z, _ = gate(la[None, :], seed, offs_m[:, None] * N + offs_n[None, :], beta, gamma, zeta, eps,
+                z, _ = gate(la[None, :], seed, offs_m[:, None] * (N // GSIZE) + offs_n[None, :] // GSIZE, beta, gamma, zeta, eps,
                             TRAINING)
             else:
-                zv, _ = gate(la, seed, offs_n, beta, gamma, zeta, eps, TRAINING)
+                zv, _ = gate(la, seed, offs_n // GSIZE, beta, gamma, zeta, eps, TRAINING)
                 z = zv[None, :]
             acc = acc * z
         tl.store(y_ptr + offs_m[:, None] * s_ym + offs_n[None, :] * s_yn, acc.to(y_ptr.dtype.element_ty),
                  mask=mask)
     else:  # per-example out-gates, backward: dlog_alpha[n] += sum_m dY * h * dz (h = this tile, un-gated)
-        la = tl.load(la_ptr + offs_n * s_la0, mask=mask_n, other=0.0)
-        _, dz = gate(la[None, :], seed, offs_m[:, None] * N + offs_n[None, :], beta, gamma, zeta, eps, TRAINING)
+        la = tl.load(la_ptr + (offs_n // GSIZE) * s_la0, mask=mask_n, other=0.0)
+        _, dz = gate(la[None, :], seed, offs_m[:, None] * (N // GSIZE) + offs_n[None, :] // GSIZE, beta, gamma, zeta, eps, TRAINING)
         dy = tl.load(dy_ptr + offs_m[:, None] * s_dym + offs_n[None, :] * s_dyn, mask=mask, other=0.0)
         h = acc.to(y_ptr.dtype.element_ty).to(tl.float32)  # h rounded as the forward's output dtype
         part = tl.sum(tl.where(mask, dy.to(tl.float32) * h * dz, 0.0), axis=0)
@@ -182,7 +185,7 @@ def _dx_kernel(dy_ptr, w_ptr, la_ptr, x_ptr, dx_ptr, dla_ptr,
                M, N, K, seed,
                s_dym, s_dyn, s_wn, s_wk, s_la0, s_la1, s_xm, s_xk, s_dxm, s_dxk,
                beta, gamma, zeta, eps,
-               GATE: tl.constexpr, SAMPLE: tl.constexpr, TRAINING: tl.constexpr,
+               GATE: tl.constexpr, SAMPLE: tl.constexpr, TRAINING: tl.constexpr, GSIZE: tl.constexpr,
                STORE_DX: tl.constexpr, NEED_DLA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # Tiles of dX (M, K); the reduction runs over N. BLOCK_N is the reduction block here.
@@ -200,12 +203,12 @@ def _dx_kernel(dy_ptr, w_ptr, la_ptr, x_ptr, dx_ptr, dla_ptr,
         w = tl.load(w_ptr + offs_n[:, None] * s_wn + offs_k[None, :] * s_wk,
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         if GATE == 2:  # output gates scale dY
-            la = tl.load(la_ptr + offs_n * s_la0, mask=mask_n, other=0.0)
+            la = tl.load(la_ptr + (offs_n // GSIZE) * s_la0, mask=mask_n, other=0.0)
             if SAMPLE:
-                z, _ = gate(la[None, :], seed, offs_m[:, None] * N + offs_n[None, :], beta, gamma, zeta, eps,
+                z, _ = gate(la[None, :], seed, offs_m[:, None] * (N // GSIZE) + offs_n[None, :] // GSIZE, beta, gamma, zeta, eps,
                             TRAINING)
             else:
-                zv, _ = gate(la, seed, offs_n, beta, gamma, zeta, eps, TRAINING)
+                zv, _ = gate(la, seed, offs_n // GSIZE, beta, gamma, zeta, eps, TRAINING)
                 z = zv[None, :]
             g = (g.to(tl.float32) * z).to(dy_ptr.dtype.element_ty)
         if GATE == 3:  # weight gates scale W
@@ -219,12 +222,12 @@ def _dx_kernel(dy_ptr, w_ptr, la_ptr, x_ptr, dx_ptr, dla_ptr,
             acc += tl.dot(g, w)
     mask = mask_m[:, None] & mask_k[None, :]
     if GATE == 1:  # input gates: dX = (dY @ W) * z, dlog_alpha = sum_m (dY @ W) * x * dz
-        la = tl.load(la_ptr + offs_k * s_la0, mask=mask_k, other=0.0)
+        la = tl.load(la_ptr + (offs_k // GSIZE) * s_la0, mask=mask_k, other=0.0)
         if SAMPLE:
-            z, dz = gate(la[None, :], seed, offs_m[:, None] * K + offs_k[None, :], beta, gamma, zeta, eps,
+            z, dz = gate(la[None, :], seed, offs_m[:, None] * (K // GSIZE) + offs_k[None, :] // GSIZE, beta, gamma, zeta, eps,
                          TRAINING)
         else:
-            zv, dzv = gate(la, seed, offs_k, beta, gamma, zeta, eps, TRAINING)
+            zv, dzv = gate(la, seed, offs_k // GSIZE, beta, gamma, zeta, eps, TRAINING)
             z = zv[None, :]
             dz = dzv[None, :]
         if NEED_DLA:
@@ -244,8 +247,8 @@ def _dw_kernel(dy_ptr, x_ptr, la_ptr, w_ptr, b_ptr, dw_ptr, db_ptr, dla_ptr,
                M, N, K, seed,
                s_dym, s_dyn, s_xm, s_xk, s_la0, s_la1, s_wn, s_wk, s_dwn, s_dwk, s_dla0, s_dla1,
                beta, gamma, zeta, eps,
-               GATE: tl.constexpr, SAMPLE: tl.constexpr, TRAINING: tl.constexpr, HAS_BIAS: tl.constexpr,
-               STORE_DW: tl.constexpr, STORE_DB: tl.constexpr, NEED_DLA: tl.constexpr,
+               GATE: tl.constexpr, SAMPLE: tl.constexpr, TRAINING: tl.constexpr, GSIZE: tl.constexpr,
+               HAS_BIAS: tl.constexpr, STORE_DW: tl.constexpr, STORE_DB: tl.constexpr, NEED_DLA: tl.constexpr,
                DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # Tiles of dW (N, K); the reduction runs over M. BLOCK_M is the reduction block here.
@@ -265,18 +268,18 @@ def _dw_kernel(dy_ptr, x_ptr, la_ptr, w_ptr, b_ptr, dw_ptr, db_ptr, dla_ptr,
         a = tl.load(x_ptr + offs_m[:, None] * s_xm + offs_k[None, :] * s_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if GATE == 1:  # input gates scale x
-            la = tl.load(la_ptr + offs_k * s_la0, mask=mask_k, other=0.0)
+            la = tl.load(la_ptr + (offs_k // GSIZE) * s_la0, mask=mask_k, other=0.0)
             if SAMPLE:
-                z, _ = gate(la[None, :], seed, offs_m[:, None] * K + offs_k[None, :], beta, gamma, zeta, eps,
+                z, _ = gate(la[None, :], seed, offs_m[:, None] * (K // GSIZE) + offs_k[None, :] // GSIZE, beta, gamma, zeta, eps,
                             TRAINING)
             else:
-                zv, _ = gate(la, seed, offs_k, beta, gamma, zeta, eps, TRAINING)
+                zv, _ = gate(la, seed, offs_k // GSIZE, beta, gamma, zeta, eps, TRAINING)
                 z = zv[None, :]
             a = (a.to(tl.float32) * z).to(x_ptr.dtype.element_ty)
         if GATE == 2:
             if SAMPLE:  # per-example output gates scale dY
-                la = tl.load(la_ptr + offs_n * s_la0, mask=mask_n, other=0.0)
-                z, _ = gate(la[:, None], seed, offs_m[None, :] * N + offs_n[:, None], beta, gamma, zeta, eps,
+                la = tl.load(la_ptr + (offs_n // GSIZE) * s_la0, mask=mask_n, other=0.0)
+                z, _ = gate(la[:, None], seed, offs_m[None, :] * (N // GSIZE) + offs_n[:, None] // GSIZE, beta, gamma, zeta, eps,
                             TRAINING)
                 g = (g.to(tl.float32) * z).to(dy_ptr.dtype.element_ty)
         colsum += tl.sum(g.to(tl.float32), axis=1)
@@ -288,7 +291,7 @@ def _dw_kernel(dy_ptr, x_ptr, la_ptr, w_ptr, b_ptr, dw_ptr, db_ptr, dla_ptr,
     db = colsum
     if GATE == 2:
         if not SAMPLE:  # batch/eval output gates: dW = P * z[n]; the rowsum identity for dlog_alpha
-            zv, dzv = _load_gate_vec(la_ptr, s_la0, offs_n, mask_n, seed, beta, gamma, zeta, eps, TRAINING)
+            zv, dzv = _load_gate_vec(la_ptr, s_la0, offs_n, mask_n, seed, beta, gamma, zeta, eps, TRAINING, GSIZE)
             if NEED_DLA:
                 p = acc.to(dw_ptr.dtype.element_ty).to(tl.float32)
                 w = tl.load(w_ptr + offs_n[:, None] * s_wn + offs_k[None, :] * s_wk, mask=mask, other=0.0)
@@ -317,10 +320,11 @@ def _dw_kernel(dy_ptr, x_ptr, la_ptr, w_ptr, b_ptr, dw_ptr, db_ptr, dla_ptr,
 
 @triton.jit(do_not_specialize=["seed"])
 def _pregate_kernel(a_ptr, la_ptr, out_ptr, R, C, seed, s_ar, s_ac, s_la0, s_la1, s_or, s_oc,
-                    beta, gamma, zeta, eps, PER_ELEMENT: tl.constexpr, TRAINING: tl.constexpr,
+                    beta, gamma, zeta, eps, PER_ELEMENT: tl.constexpr, TRAINING: tl.constexpr, GSIZE: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """``out[r, c] = a[r, c] * z`` with the gate at offset ``r*C + c``: per-example gates (``log_alpha[c]``)
-    or weight gates (``log_alpha[r, c]``, PER_ELEMENT). One Philox draw per element."""
+    or weight gates (``log_alpha[r, c]``, PER_ELEMENT). One Philox draw per element. With ``GSIZE`` columns
+    per gate (per-example gates only): ``log_alpha[c // GSIZE]`` at offset ``r*(C/GSIZE) + c // GSIZE``."""
     offs_r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     mask_c = offs_c < C
@@ -329,8 +333,8 @@ def _pregate_kernel(a_ptr, la_ptr, out_ptr, R, C, seed, s_ar, s_ac, s_la0, s_la1
     if PER_ELEMENT:
         la = tl.load(la_ptr + offs_r[:, None] * s_la0 + offs_c[None, :] * s_la1, mask=mask, other=0.0)
     else:
-        la = tl.load(la_ptr + offs_c * s_la0, mask=mask_c, other=0.0)[None, :]
-    z, _ = gate(la, seed, offs_r[:, None] * C + offs_c[None, :], beta, gamma, zeta, eps, TRAINING)
+        la = tl.load(la_ptr + (offs_c // GSIZE) * s_la0, mask=mask_c, other=0.0)[None, :]
+    z, _ = gate(la, seed, offs_r[:, None] * (C // GSIZE) + offs_c[None, :] // GSIZE, beta, gamma, zeta, eps, TRAINING)
     out = (a.to(tl.float32) * z).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs_r[:, None] * s_or + offs_c[None, :] * s_oc, out, mask=mask)
 
@@ -367,7 +371,7 @@ def _pregate_pays(other_dim: int) -> bool:
     return PREGATE_MIN_TILES >= 0 and triton.cdiv(other_dim, 64) > PREGATE_MIN_TILES
 
 
-def pregate(a, log_alpha, seed, training, cfg, per_element):
+def pregate(a, log_alpha, seed, training, cfg, per_element, group_size=1):
     """``a * z`` for a 2-D operand (rows = examples or output features), in ``a``'s dtype."""
     r, c = a.shape
     out = torch.empty((r, c), dtype=a.dtype, device=a.device)
@@ -376,12 +380,13 @@ def pregate(a, log_alpha, seed, training, cfg, per_element):
         _pregate_kernel[(triton.cdiv(r, br), triton.cdiv(c, bc))](
             a, log_alpha, out, r, c, int(seed or 0), a.stride(0), a.stride(1), *_la_strides(log_alpha),
             out.stride(0), out.stride(1), cfg.beta, cfg.gamma, cfg.zeta, cfg.eps, PER_ELEMENT=per_element,
-            TRAINING=bool(training), BLOCK_R=br, BLOCK_C=bc)
+            TRAINING=bool(training), GSIZE=group_size, BLOCK_R=br, BLOCK_C=bc)
     return out
 
 
-def linear_forward(x2, weight, log_alpha, bias, seed, gate_name, sample, training, cfg):
-    """``y`` (M, N) for ``x2`` (M, K). ``sample`` means per-example gates (training only)."""
+def linear_forward(x2, weight, log_alpha, bias, seed, gate_name, sample, training, cfg, group_size=1):
+    """``y`` (M, N) for ``x2`` (M, K). ``sample`` means per-example gates (training only); ``group_size``
+    input/output features per gate (the kernels read gate ``k // group_size`` for feature ``k``)."""
     m, k = x2.shape
     n = weight.shape[0]
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
@@ -391,21 +396,22 @@ def linear_forward(x2, weight, log_alpha, bias, seed, gate_name, sample, trainin
     b = bias if bias is not None else y
     code = _GATE_CODE[gate_name]
     if code == GATE_IN and sample and _pregate_pays(n):
-        x2, code = pregate(x2, log_alpha, seed, training, cfg, False), 0
+        x2, code = pregate(x2, log_alpha, seed, training, cfg, False, group_size), 0
     elif code == GATE_WEIGHT and _pregate_pays(m):
         weight, code = pregate(weight, log_alpha, seed, training, cfg, True), 0
     _fwd_kernel[_gemm_grid(m, n, "BLOCK_M", "BLOCK_N")](
         x2, weight, log_alpha, b, y, y, y, m, n, k, int(seed or 0),
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), *_la_strides(log_alpha),
         y.stride(0), y.stride(1), 0, 0, cfg.beta, cfg.gamma, cfg.zeta, cfg.eps,
-        GATE=code, SAMPLE=bool(sample), TRAINING=bool(training), HAS_BIAS=bias is not None,
+        GATE=code, SAMPLE=bool(sample), TRAINING=bool(training), GSIZE=group_size, HAS_BIAS=bias is not None,
         EPILOGUE=EPI_STORE, DOT_F32=dot_f32, PRECISION=prec, **launch_meta())
     return y
 
 
 def linear_backward(dy, x2, weight, log_alpha, bias, seed, gate_name, sample, training, cfg,
-                    need_x=True, need_w=True, need_la=True, need_b=True):
-    """``(dx2, dW, dlog_alpha, db)``; entries not asked for are None. ``dy`` is (M, N), any strides."""
+                    need_x=True, need_w=True, need_la=True, need_b=True, group_size=1):
+    """``(dx2, dW, dlog_alpha, db)``; entries not asked for are None. ``dy`` is (M, N), any strides.
+    With ``group_size > 1`` the kernels reduce ``dlog_alpha`` per feature and it is summed per gate here."""
     m, k = x2.shape
     n = weight.shape[0]
     dev = x2.device
@@ -414,19 +420,22 @@ def linear_backward(dy, x2, weight, log_alpha, bias, seed, gate_name, sample, tr
     dot_f32, prec = dot_flags(x2.dtype)
     seed = int(seed or 0)
     consts = (cfg.beta, cfg.gamma, cfg.zeta, cfg.eps)
-    flags = dict(GATE=code, SAMPLE=bool(sample), TRAINING=bool(training), DOT_F32=dot_f32, PRECISION=prec)
+    flags = dict(GATE=code, SAMPLE=bool(sample), TRAINING=bool(training), GSIZE=group_size, DOT_F32=dot_f32,
+                 PRECISION=prec)
     las = _la_strides(log_alpha)
     dx = torch.empty((m, k), dtype=x2.dtype, device=dev) if need_x else None
     dw = torch.empty((n, k), dtype=weight.dtype, device=dev) if need_w else None
     db = torch.empty((n,), dtype=bias.dtype, device=dev) if need_b else None
     dla32 = None
     if need_la:
-        dla32 = torch.zeros(log_alpha.shape, dtype=torch.float32, device=dev)
+        # per feature (k or n entries) when grouped: summed per gate at the end
+        dla_shape = log_alpha.shape if group_size == 1 else (log_alpha.shape[0] * group_size,)
+        dla32 = torch.zeros(dla_shape, dtype=torch.float32, device=dev)
     if m == 0 or n == 0:  # empty reductions: the gradients that exist are zeros
         for t in (dx, dw, db):
             if t is not None:
                 t.zero_()
-        return dx, dw, (dla32.to(log_alpha.dtype) if need_la else None), db
+        return dx, dw, (torch.zeros_like(log_alpha) if need_la else None), db
     dummy = x2  # pointer for arguments a kernel does not touch
     unused_dla = torch.empty((1,), dtype=torch.float32, device=dev)  # the autotuner zeroes dla_ptr: never x2
     # dX, and dlog_alpha of input gates
@@ -434,7 +443,7 @@ def linear_backward(dy, x2, weight, log_alpha, bias, seed, gate_name, sample, tr
     # per-example out-gates: gate dY once if its K tiles would repeat the draws too often
     dy_g, gate_dy = dy, code
     if code == GATE_OUT and sample and _pregate_pays(k) and (need_x or need_w or need_b):
-        dy_g, gate_dy = pregate(dy, log_alpha, seed, training, cfg, False), 0
+        dy_g, gate_dy = pregate(dy, log_alpha, seed, training, cfg, False, group_size), 0
     if (need_x or in_dla) and k > 0:
         out = dx if need_x else dummy
         dla = dla32 if in_dla else unused_dla
@@ -454,7 +463,7 @@ def linear_backward(dy, x2, weight, log_alpha, bias, seed, gate_name, sample, tr
         dla_s = las if dla32 is None else _la_strides(dla32)
         x_g, gate_dw = x2, gate_dy
         if code == GATE_IN and sample and _pregate_pays(n):
-            x_g, gate_dw = pregate(x2, log_alpha, seed, training, cfg, False), 0
+            x_g, gate_dw = pregate(x2, log_alpha, seed, training, cfg, False, group_size), 0
         _dw_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * max(triton.cdiv(k, meta["BLOCK_K"]), 1),)](
             dy_g, x_g, log_alpha, weight, bias if bias is not None else dummy, out, db if need_b else dummy, dla,
             m, n, k, seed, dy_g.stride(0), dy_g.stride(1), x_g.stride(0), x_g.stride(1), *las,
@@ -468,39 +477,43 @@ def linear_backward(dy, x2, weight, log_alpha, bias, seed, gate_name, sample, tr
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), *las, 0, 0,
             dy.stride(0), dy.stride(1), *consts, HAS_BIAS=bias is not None, EPILOGUE=EPI_DLA_OUT,
             **flags, **launch_meta())
+    if need_la and group_size != 1:
+        dla32 = dla32.view(-1, group_size).sum(1)
     return dx, dw, (dla32.to(log_alpha.dtype) if need_la else None), db
 
 
 class TritonL0LinearFunction(torch.autograd.Function):
-    """``l0_linear`` on the Triton backend: ``apply(x, weight, log_alpha, bias, seed, gate, noise, training, cfg)``.
+    """``l0_linear`` on the Triton backend: ``apply(x, weight, log_alpha, bias, seed, gate, noise, training, cfg[,
+    group_size])``.
 
     Saves x, weight, log_alpha, bias (and the seed); backward regenerates the gates.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, log_alpha, bias, seed, gate_name, noise, training, cfg):
+    def forward(ctx, x, weight, log_alpha, bias, seed, gate_name, noise, training, cfg, group_size=1):
         n, k = weight.shape
         x2 = x.reshape(rows(x), k)
         sample = training and noise == "sample"
-        y = linear_forward(x2, weight, log_alpha, bias, seed, gate_name, sample, training, cfg)
+        y = linear_forward(x2, weight, log_alpha, bias, seed, gate_name, sample, training, cfg, group_size)
         ctx.save_for_backward(x, weight, log_alpha, bias)
-        ctx.conf = (seed, gate_name, sample, training, cfg)
+        ctx.conf = (seed, gate_name, sample, training, cfg, group_size)
         return y.reshape(*x.shape[:-1], n)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, log_alpha, bias = ctx.saved_tensors
-        seed, gate_name, sample, training, cfg = ctx.conf
+        seed, gate_name, sample, training, cfg, group_size = ctx.conf
         n, k = weight.shape
         x2 = x.reshape(rows(x), k)
         need_x, need_w, need_la, need_b = ctx.needs_input_grad[:4]
         dy2 = dy.reshape(x2.shape[0], n)
         dx, dw, dla, db = linear_backward(dy2, x2, weight, log_alpha, bias, seed, gate_name, sample,
-                                          training, cfg, need_x, need_w, need_la, need_b)
+                                          training, cfg, need_x, need_w, need_la, need_b, group_size)
         if dx is not None:
             dx = dx.reshape(x.shape)
-        return dx, dw, dla, db, None, None, None, None, None
+        return dx, dw, dla, db, None, None, None, None, None, None
 
 
-def triton_linear(x, weight, log_alpha, bias: Optional[torch.Tensor], seed, gate_name, noise, training, cfg):
-    return TritonL0LinearFunction.apply(x, weight, log_alpha, bias, seed, gate_name, noise, training, cfg)
+def triton_linear(x, weight, log_alpha, bias: Optional[torch.Tensor], seed, gate_name, noise, training, cfg,
+                  group_size=1):
+    return TritonL0LinearFunction.apply(x, weight, log_alpha, bias, seed, gate_name, noise, training, cfg, group_size)

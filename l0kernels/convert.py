@@ -1,0 +1,243 @@
+"""``convert()``: put hard-concrete gates into an existing model, in place (SPEC section 8).
+
+Every ``nn.Linear`` and ``nn.Conv2d`` whose qualified name matches ``include`` and not ``exclude`` becomes
+an :class:`~l0kernels.L0Linear` / :class:`~l0kernels.L0Conv2d` that holds the layer's own ``weight`` and
+``bias`` Parameters (the same objects: an optimizer built before the call, weights tied to another module
+and ``state_dict`` keys ``weight``/``bias`` all carry over; the layer only gains ``log_alpha``, on the
+weight's device and in its dtype).
+
+Choices (see README, "Converting a model"):
+
+* ``droprate_init=None`` sets every ``log_alpha`` to :data:`OPEN_LOG_ALPHA` (3.0, above the
+  ``z_eval == 1`` threshold ``log((1 - gamma) / (zeta - 1)) ~= 2.398`` by a margin that survives float16 /
+  bfloat16), so in eval mode the converted model computes exactly what it computed before. In training the
+  gates are then open with ``p_open = sigmoid(3 - beta log(-gamma / zeta)) ~= 0.990`` and equal 1 with
+  probability ``~0.80`` (they dip below 1 otherwise), and ``l0_penalty`` starts at ``~0.99`` per gate. The
+  value is deterministic (no random numbers are drawn); the layers' ``droprate_init`` is recorded as
+  ``sigmoid(-3)``, so ``reset_gates()`` redraws around the same mean. A float ``droprate_init`` uses SPEC
+  section 1's initialisation instead (the eval output then changes).
+* Only exact ``nn.Linear`` / ``nn.Conv2d`` and subclasses that keep their ``forward`` (e.g.
+  ``NonDynamicallyQuantizableLinear``) are converted. Subclasses with their own ``forward`` compute
+  something else than ``F.linear`` / ``F.conv2d``: they are skipped by the default ``include=None`` and raise
+  ``ValueError`` when an explicit ``include`` names them. The same holds for the children of
+  ``nn.MultiheadAttention``: it reads ``out_proj.weight`` directly, so gates there would be bypassed.
+* ``nn.TransformerEncoderLayer``'s eval fast path (``torch._transformer_encoder_layer_fwd``) reads
+  ``linear1.weight`` / ``linear2.weight`` directly; torch skips it when a submodule has a forward hook, so
+  the L0 layers that replace them get a no-op forward pre-hook (:func:`_keep_slow_path`).
+* Layers held by several parents (one module registered twice) become one L0 layer held by all of them.
+  A module matches when any of its qualified names matches ``include`` and none matches ``exclude``.
+* Everything is checked before anything is replaced: a call that raises leaves the model as it was.
+  Hooks registered on a replaced layer are not carried over.
+* ``model`` itself may be an ``nn.Linear`` / ``nn.Conv2d`` (qualified name ``""``): it cannot be replaced in
+  place, so the new layer is returned.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ._checks import check_choice
+from ._dispatch import backend_names
+from ._gates import LINEAR_GATES, NOISE_KINDS
+from .modules import L0Conv2d, L0Linear, _L0Layer
+
+OPEN_LOG_ALPHA = 3.0  # z_eval == 1 exactly (threshold ~2.398); inside constrain_()'s [log 0.01, log 100]
+
+Matcher = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+
+
+def _matcher(spec: Matcher, name: str) -> Optional[Callable[[str, nn.Module], bool]]:
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        pats = [spec]
+    elif callable(spec):
+        return spec
+    elif isinstance(spec, (list, tuple)) and all(isinstance(p, str) for p in spec):
+        pats = list(spec)
+    else:
+        raise TypeError(f"{name} must be a glob pattern (str), a list of them, a callable (name, module) -> bool "
+                        f"or None, got {type(spec).__name__}")
+    return lambda qual, mod: any(fnmatch.fnmatchcase(qual, p) for p in pats)
+
+
+def _call_matcher(fn, qual: str, mod: nn.Module, name: str) -> bool:
+    r = fn(qual, mod)
+    if not isinstance(r, bool):
+        raise TypeError(f"{name} callable must return a bool, got {type(r).__name__} for module '{qual}'")
+    return r
+
+
+def _keep_slow_path(module, args):
+    """No-op forward pre-hook: its presence keeps ``nn.TransformerEncoderLayer``'s fused eval path, which
+    would read the weights and bypass the gates, off."""
+    return None
+
+
+def _keeps_forward(m: nn.Module, base) -> bool:
+    return type(m).forward is base.forward
+
+
+def _check_param(m: nn.Module, qual: str) -> None:
+    if hasattr(m, "parametrizations"):
+        raise ValueError(f"module '{qual}' ({type(m).__name__}) has parametrizations (torch.nn.utils.parametrize); "
+                         "remove them before convert()")
+    for pname in ("weight", "bias"):
+        p = m._parameters.get(pname)
+        if p is None:
+            if pname == "weight":
+                raise ValueError(f"module '{qual}' ({type(m).__name__}) has no weight Parameter")
+            continue
+        if isinstance(p, nn.parameter.UninitializedParameter):
+            raise ValueError(f"module '{qual}' ({type(m).__name__}) is not initialised yet (lazy module): run it "
+                             "once before convert()")
+        if not p.is_floating_point():
+            raise ValueError(f"module '{qual}' ({type(m).__name__}) has a {p.dtype} {pname}; convert() needs a "
+                             "floating-point weight")
+        if p.device.type == "meta":
+            raise ValueError(f"module '{qual}' ({type(m).__name__}) has its {pname} on the meta device")
+
+
+def _conv_padding(m: nn.Conv2d, qual: str) -> Tuple[int, int]:
+    if m.padding_mode != "zeros":
+        raise ValueError(f"module '{qual}' (Conv2d) has padding_mode={m.padding_mode!r}; L0Conv2d pads with zeros "
+                         "only")
+    pad = m.padding
+    if pad == "valid":
+        return (0, 0)
+    if pad == "same":
+        out = []
+        for k, d in zip(m.kernel_size, m.dilation):
+            total = d * (k - 1)
+            if total % 2:
+                raise ValueError(f"module '{qual}' (Conv2d) has padding='same' with an even dilated kernel "
+                                 f"(asymmetric padding), which L0Conv2d does not support")
+            out.append(total // 2)
+        return tuple(out)
+    return tuple(int(p) for p in pad)
+
+
+def _new_layer(m: nn.Module, qual: str, *, gate, group_size, noise, droprate_init, backend) -> _L0Layer:
+    """The L0 layer for ``m`` (on the meta device until its parameters are attached; raises ValueError
+    naming ``qual`` when the layer cannot be converted)."""
+    _check_param(m, qual)
+    w = m.weight
+    open_init = droprate_init is None
+    p = 1.0 / (1.0 + math.exp(OPEN_LOG_ALPHA)) if open_init else droprate_init
+    try:
+        if isinstance(m, nn.Linear):
+            new = L0Linear(m.in_features, m.out_features, bias=m.bias is not None, gate=gate, noise=noise,
+                           droprate_init=p, backend=backend, group_size=group_size, device="meta", dtype=w.dtype)
+        else:
+            new = L0Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, _conv_padding(m, qual),
+                           m.dilation, m.groups, bias=m.bias is not None, noise=noise, droprate_init=p,
+                           backend=backend, group_size=group_size, device="meta", dtype=w.dtype)
+    except (ValueError, TypeError) as e:
+        if str(e).startswith(f"module '{qual}'"):
+            raise
+        raise type(e)(f"module '{qual}' ({type(m).__name__}) cannot be converted: {e}") from e
+    new.weight = w  # the same Parameter objects (optimizer state, tied weights survive)
+    new.bias = m.bias
+    new.log_alpha = nn.Parameter(torch.empty(new.log_alpha.shape, device=w.device, dtype=w.dtype))
+    with torch.no_grad():
+        if open_init:
+            new.log_alpha.fill_(OPEN_LOG_ALPHA)
+        else:
+            new.reset_gates()
+    new.train(m.training)
+    return new
+
+
+def convert(model: nn.Module, *, gate: str = "in", include: Matcher = None, exclude: Matcher = None,
+            group_size: int = 1, noise: str = "batch", droprate_init: Optional[float] = None,
+            backend: str = "auto") -> nn.Module:
+    """Replace ``nn.Linear`` / ``nn.Conv2d`` layers of ``model`` by ``L0Linear`` / ``L0Conv2d``, in place.
+
+    ``include`` / ``exclude``: a glob pattern (``fnmatch`` on the qualified name from ``named_modules()``),
+    a list of them, or a callable ``(name, module) -> bool``; ``include=None`` takes every such layer.
+    ``gate`` (``"in"``, ``"out"``, ``"weight"``) applies to the linear layers; convolutions get
+    output-channel gates. ``group_size``: features (channels) per gate, for every converted layer.
+    ``droprate_init=None``: gates start open, so the eval output is unchanged. Already-converted layers
+    are left alone. Returns ``model`` (or the new layer when ``model`` itself is converted). See the module
+    docstring for what is skipped, what raises and why.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_choice(gate, "gate", LINEAR_GATES)
+    check_choice(noise, "noise", NOISE_KINDS)
+    check_choice(backend, "backend", backend_names())
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if gate == "weight" and noise == "sample":
+        raise ValueError("noise='sample' is not defined for gate='weight'; use noise='batch'")
+    if droprate_init is not None:
+        if isinstance(droprate_init, bool) or not isinstance(droprate_init, (int, float)):
+            raise TypeError(f"droprate_init must be None or a float in (0, 1), got {type(droprate_init).__name__}")
+        if not 0.0 < float(droprate_init) < 1.0:
+            raise ValueError(f"droprate_init must be None or in (0, 1), got {droprate_init}")
+        droprate_init = float(droprate_init)
+    inc = _matcher(include, "include")
+    exc = _matcher(exclude, "exclude")
+
+    # every (parent, attribute, qualified name) slot holding a module; a module may sit in several
+    slots: List[Tuple[Optional[nn.Module], str, str, nn.Module]] = [(None, "", "", model)]
+    names: Dict[int, List[str]] = {id(model): [""]}
+    in_mha, in_encoder = set(), set()
+    for pname, parent in model.named_modules(remove_duplicate=False):
+        for cname, child in parent._modules.items():
+            if child is None:
+                continue
+            qual = f"{pname}.{cname}" if pname else cname
+            slots.append((parent, cname, qual, child))
+            names.setdefault(id(child), []).append(qual)
+            if isinstance(parent, nn.MultiheadAttention):
+                in_mha.add(id(child))
+            if isinstance(parent, nn.TransformerEncoderLayer):
+                in_encoder.add(id(child))
+
+    new_of: Dict[int, _L0Layer] = {}
+    seen = set()
+    for _, _, qual, m in slots:
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        if isinstance(m, _L0Layer) or not isinstance(m, (nn.Linear, nn.Conv2d)):
+            continue
+        quals = names[id(m)]
+        if inc is None:
+            explicit, hit = False, True
+        else:
+            explicit = hit = any(_call_matcher(inc, q, m, "include") for q in quals)
+        if not hit or (exc is not None and any(_call_matcher(exc, q, m, "exclude") for q in quals)):
+            continue
+        base = nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d
+        why = None
+        if id(m) in in_mha:
+            why = ("nn.MultiheadAttention reads this layer's weight directly (F.multi_head_attention_forward), "
+                   "so its gates would be bypassed")
+        elif not _keeps_forward(m, base):
+            why = (f"{type(m).__name__} overrides {base.__name__}.forward, so an L0 layer would not compute "
+                   "what it computes")
+        if why is not None:
+            if explicit:
+                raise ValueError(f"module '{qual}' ({type(m).__name__}) cannot be converted: {why}")
+            continue
+        new_of[id(m)] = _new_layer(m, qual, gate=gate, group_size=group_size, noise=noise,
+                                   droprate_init=droprate_init, backend=backend)
+
+    # everything is built: only now is the model changed
+    for key in new_of.keys() & in_encoder:
+        new_of[key].register_forward_pre_hook(_keep_slow_path)
+    for parent, cname, _, m in slots:
+        if parent is not None and id(m) in new_of:
+            parent._modules[cname] = new_of[id(m)]
+    return new_of.get(id(model), model)
+
+
+__all__ = ["convert", "OPEN_LOG_ALPHA"]
