@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -22,13 +22,14 @@ BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
 
 @dataclass
 class LinearCall:
-    """A validated ``l0_linear`` call. ``seed`` is an int when ``training`` else None."""
+    """A validated ``l0_linear`` call. ``seed`` (when ``training``, else None): an int in [0, 2**63) or a
+    0-d int64 tensor (any device; its low 63 bits are the key, ``_philox.seed_bits``)."""
 
     x: torch.Tensor
     weight: torch.Tensor
     log_alpha: torch.Tensor
     bias: Optional[torch.Tensor]
-    seed: Optional[int]
+    seed: Optional[Union[int, torch.Tensor]]
     gate: str
     noise: str
     training: bool
@@ -54,7 +55,7 @@ class Conv2dCall:
     padding: Tuple[int, int]
     dilation: Tuple[int, int]
     groups: int
-    seed: Optional[int]
+    seed: Optional[Union[int, torch.Tensor]]
     noise: str
     training: bool
     cfg: GateConfig
