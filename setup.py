@@ -134,7 +134,8 @@ def _cpu_ext_modules():
 
     On x86-64 Linux with GCC the loops are vectorized (AVX2 and baseline clones) and call glibc's libmvec
     for logf/log1pf/expf: that needs -fno-math-errno and finite-math flags for this one file, never
-    -ffast-math (its startup code would flush denormals for the whole process). ``L0K_CPU_SIMD=0`` builds
+    -ffast-math (its startup code would flush denormals for the whole process). Under -ffinite-math-only
+    the NaN tests of ``csrc/l0_gate.cuh`` compare bits (a float compare would be folded away). ``L0K_CPU_SIMD=0`` builds
     the plain scalar version."""
     if os.environ.get("L0K_SKIP_CPU_EXT", "0") == "1":
         return []

@@ -1,14 +1,13 @@
 """Argument checks shared by every public entry point (SPEC section 5). Nothing here launches a kernel."""
 from __future__ import annotations
 
-import threading
 from typing import Optional, Tuple
 
 import torch
 
 from ._dispatch import Conv2dCall, LinearCall, backend_names
 from ._gates import LINEAR_GATES, NOISE_KINDS, GateConfig
-from ._philox import check_seed
+from ._philox import SEED_MAX, check_seed
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -76,31 +75,24 @@ def _same(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str,
         raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
 
 
-def resolve_seed(seed, training: bool) -> Optional[int]:
-    """Validate ``seed``; in training draw one from PyTorch's default generator when it is None."""
+def resolve_seed(seed, training: bool, device):
+    """Validate ``seed`` (an int or a 0-d int64 tensor, SPEC section 10); in training draw one on
+    ``device`` when it is None (:func:`draw_seed`)."""
     if seed is not None:
         seed = check_seed(seed)
     if not training:
         return None
     if seed is None:
-        seed = draw_seed()
+        seed = draw_seed(device)
     return seed
 
 
-class _SeedBuffer(threading.local):
-    t: Optional[torch.Tensor] = None
-
-
-_SEED_BUF = _SeedBuffer()
-
-
-def draw_seed() -> int:
-    """A seed in [0, 2**63) from PyTorch's default (CPU) generator: ``torch.manual_seed`` repeats it.
-    (``random_`` on an int64 tensor draws from [0, 2**63); the 0-d tensor is reused per thread.)"""
-    t = _SEED_BUF.t
-    if t is None:
-        t = _SEED_BUF.t = torch.empty((), dtype=torch.int64, device="cpu")
-    return int(t.random_().item())
+def draw_seed(device) -> torch.Tensor:
+    """A fresh seed: a 0-d int64 tensor in [0, 2**63 - 1) on ``device``, drawn by a tensor op from PyTorch's
+    default generator for that device (``torch.manual_seed`` repeats it). No host sync and no Python
+    state: ``torch.compile`` traces it as a random op, and a CUDA graph captures it with the generator's
+    offset advancing on every replay, so every replay draws fresh gates."""
+    return torch.randint(0, SEED_MAX - 1, (), dtype=torch.int64, device=device)
 
 
 _CONFIGS = {}
@@ -174,7 +166,7 @@ def linear_call(x, weight, log_alpha, bias, *, seed, gate, noise, training, back
         _same(bias, "bias", x, "x", autocast)
         if tuple(bias.shape) != (n,):
             raise ValueError(f"bias must have shape ({n},) (out_features), got {tuple(bias.shape)}")
-    seed = resolve_seed(seed, training)
+    seed = resolve_seed(seed, training, x.device)
     return LinearCall(x, weight, log_alpha, bias, seed, gate, noise, training, cfg, group_size)
 
 
@@ -236,7 +228,7 @@ def conv2d_call(x, weight, log_alpha, bias, stride, padding, dilation, groups, *
         if size + 2 * padding[d] < eff:
             raise ValueError(f"x's spatial size {tuple(x.shape[2:])} with padding {padding} is smaller than "
                              f"the dilated kernel ({dilation[0] * (kh - 1) + 1}, {dilation[1] * (kw - 1) + 1})")
-    seed = resolve_seed(seed, training)
+    seed = resolve_seed(seed, training, x.device)
     return Conv2dCall(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg,
                       group_size)
 

@@ -3,7 +3,8 @@
 Each backend states, for a concrete call, why it cannot take it (a string) or ``None`` if it
 can. ``backend="auto"`` asks the registered backends in priority order and, where more than
 one can run a call on a GPU, times them once per call signature and remembers the winner
-("measured, not guessed", like ``cudnn.benchmark``). Naming a backend that cannot run the
+("measured, not guessed", like ``cudnn.benchmark``); under ``torch.compile`` ``auto`` is the torch
+backend (nothing can be timed in a trace, and inductor fuses its plain ops). Naming a backend that cannot run the
 call raises ``ValueError`` with its reason.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -22,13 +23,14 @@ BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
 
 @dataclass
 class LinearCall:
-    """A validated ``l0_linear`` call. ``seed`` is an int when ``training`` else None."""
+    """A validated ``l0_linear`` call. ``seed`` (when ``training``, else None): an int in [0, 2**63) or a
+    0-d int64 tensor (any device; its low 63 bits are the key, ``_philox.seed_bits``)."""
 
     x: torch.Tensor
     weight: torch.Tensor
     log_alpha: torch.Tensor
     bias: Optional[torch.Tensor]
-    seed: Optional[int]
+    seed: Optional[Union[int, torch.Tensor]]
     gate: str
     noise: str
     training: bool
@@ -55,7 +57,7 @@ class Conv2dCall:
     padding: Tuple[int, int]
     dilation: Tuple[int, int]
     groups: int
-    seed: Optional[int]
+    seed: Optional[Union[int, torch.Tensor]]
     noise: str
     training: bool
     cfg: GateConfig
@@ -169,6 +171,10 @@ def select_backend(call, name: str) -> Backend:
         if why is not None:
             raise ValueError(f"backend='{name}' cannot run this {call.op} call: {why}")
         return b
+    if torch.compiler.is_compiling():
+        # under a trace nothing can be timed or imported: auto runs the torch backend, whose plain ops
+        # inductor traces and fuses (a named backend runs its own custom ops)
+        return get_backend("torch")
     _load_all()
     cands = [b for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority)
              if b.auto_eligible(call) and b.why_not(call) is None]

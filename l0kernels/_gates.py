@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ._philox import _cpu, check_seed, philox_range
+from ._philox import _compiling, _cpu, check_seed, philox_range, seed_int
 
 NOISE_KINDS = ("batch", "sample")
 LINEAR_GATES = ("in", "out", "weight")
@@ -100,7 +100,7 @@ def eval_gates_and_grad(log_alpha: torch.Tensor, cfg: GateConfig = DEFAULT_CONFI
     return z, dz
 
 
-def noise_uniform(seed: int, shape: Sequence[int], device) -> torch.Tensor:
+def noise_uniform(seed, shape: Sequence[int], device) -> torch.Tensor:
     """``u_raw`` for a noise tensor of ``shape``: offset = row-major flat index (SPEC section 2)."""
     n = 1
     for d in shape:
@@ -108,7 +108,7 @@ def noise_uniform(seed: int, shape: Sequence[int], device) -> torch.Tensor:
     return philox_range(seed, n, device).reshape(tuple(shape))
 
 
-def sample_gate_tensor(log_alpha: torch.Tensor, seed: int, shape: Sequence[int], cfg: GateConfig,
+def sample_gate_tensor(log_alpha: torch.Tensor, seed, shape: Sequence[int], cfg: GateConfig,
                        need_grad: bool = True):
     """Gates ``(z, dz)`` for the noise tensor ``shape`` (trailing dims broadcast with ``log_alpha``)."""
     if _use_cpu_kernel(log_alpha):
@@ -128,10 +128,11 @@ _CPU_GATE_KERNEL = _cpu is not None and hasattr(_cpu, "gates") and \
 
 def _use_cpu_kernel(log_alpha: torch.Tensor) -> bool:
     return (_CPU_GATE_KERNEL and log_alpha.device.type == "cpu" and log_alpha.dtype != torch.float64
+            and not _compiling()  # torch.compile traces the torch ops instead
             and not (log_alpha.requires_grad and torch.is_grad_enabled()))  # the kernel's z is not differentiable
 
 
-def _cpu_gates(log_alpha: torch.Tensor, seed: int, shape: Tuple[int, ...], training: bool, cfg: GateConfig,
+def _cpu_gates(log_alpha: torch.Tensor, seed, shape: Tuple[int, ...], training: bool, cfg: GateConfig,
                need_grad: bool):
     la = log_alpha
     if la.dtype != torch.float32 or not la.is_contiguous():
@@ -140,7 +141,7 @@ def _cpu_gates(log_alpha: torch.Tensor, seed: int, shape: Tuple[int, ...], train
     zz = torch.empty((2 if need_grad else 1,) + shape, dtype=torch.float32, device="cpu")  # z and dz in one allocation
     z, dz = zz[0], (zz[1] if need_grad else None)
     if n:
-        _cpu.gates(seed, training, la.data_ptr(), max(la.numel(), 1), n, z.data_ptr(),
+        _cpu.gates(seed_int(seed), training, la.data_ptr(), max(la.numel(), 1), n, z.data_ptr(),
                    dz.data_ptr() if dz is not None else 0, cfg.beta, cfg.gamma, cfg.zeta, cfg.eps)
     return z, dz
 

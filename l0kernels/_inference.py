@@ -26,6 +26,8 @@ in the Triton interpreter when ``backend="triton"`` and ``TRITON_INTERPRET=1``.
 
 When autograd is recording and something requires a gradient, the differentiable
 ``l0_linear(..., training=False)`` / ``l0_conv2d`` path runs instead, so eval-mode fine-tuning works.
+Under ``torch.compile`` that path runs too (a trace can hold neither the cache nor a plan's
+data-dependent shapes): dense GEMMs with the deterministic gates, fused by inductor.
 
 Under ``torch.autocast`` a plan is built in the autocast dtype (gates from the float32 ``log_alpha``,
 folded into the float32 weight, rounded once) and cached beside the plan of the parameters' own dtype,
@@ -359,6 +361,11 @@ def _auto_pick(x2: torch.Tensor, plan: LinearPlan, runners: dict) -> str:
 
 
 def _needs_autograd(x, module) -> bool:
+    """True where eval runs the gated op itself: with autograd, and under ``torch.compile`` (the plan cache
+    keys on storage addresses and version counters and builds data-dependent shapes, none of which a
+    trace can hold; the traced op, dense GEMM and deterministic gates, is what inductor compiles)."""
+    if torch.compiler.is_compiling():
+        return True
     if not torch.is_grad_enabled():
         return False
     return x.requires_grad or any(p is not None and p.requires_grad

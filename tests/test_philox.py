@@ -140,12 +140,34 @@ def test_seed_accepts_numpy_and_tensor_ints():
     assert torch.equal(philox_uniform(torch.tensor(99), off), ref)
 
 
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("seed", [0, 5, 2**32 + 7, 2**62 + 12345, 2**63 - 1])
+def test_tensor_seed_same_stream(path, seed):
+    """A 0-d int64 tensor seed gives the int seed's draws bit for bit on every path (SPEC section 10)."""
+    gen = torch.Generator().manual_seed(seed % 1000)
+    off = torch.randint(0, 2**40, (29,), generator=gen)
+    ref = philox_uniform(seed, off, **path)
+    assert torch.equal(bits(philox_uniform(torch.tensor(seed), off, **path)), bits(ref))
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("v", [-1, -3, -(2**63), -(2**40) - 11])
+def test_negative_tensor_seed_is_masked(path, v):
+    """A tensor seed's value is not range-checked (that would read it on the host); every backend keys
+    the stream with its low 63 bits, so a negative value v acts as the int seed v + 2**63."""
+    off = torch.arange(37)
+    got = philox_uniform(torch.tensor(v, dtype=torch.int64), off, **path)
+    assert torch.equal(bits(got), bits(philox_uniform(v + 2**63, off)))
+
+
 @pytest.mark.parametrize("seed,exc", [
     (-1, ValueError), (2**63, ValueError), (2**64 + 1, ValueError), (-(2**63), ValueError),
     (1.0, TypeError), (0.5, TypeError), (True, TypeError), (False, TypeError), ("3", TypeError), (None, TypeError),
-    (torch.tensor(1.5), TypeError), (torch.tensor([1, 2]), TypeError), (torch.tensor(-3), ValueError),
+    (torch.tensor(1.5), TypeError), (torch.tensor(3, dtype=torch.int32), TypeError),
+    (torch.tensor([1, 2]), ValueError), (torch.tensor([7]), ValueError),
 ])
 def test_seed_validation(seed, exc):
+    """Ints out of [0, 2**63), non-int types, tensors other than 0-d int64 (SPEC section 10)."""
     with pytest.raises(exc, match="seed"):
         philox_uniform(seed, torch.arange(4))
 

@@ -156,7 +156,7 @@ def test_conv2d_custom_op_opcheck():
     for sample, training in itertools.product((False, True), (True, False)):
         if sample and not training:
             continue
-        torch.library.opcheck(conv2d_op, (x, w, la, b, [2, 1], [1, 1], [1, 1], 1, 7, sample, training, 2 / 3, -0.1,
+        torch.library.opcheck(conv2d_op, (x, w, la, b, [2, 1], [1, 1], [1, 1], 1, torch.tensor(7, device=DEV), sample, training, 2 / 3, -0.1,
                                           1.1, 1e-6))
 
 

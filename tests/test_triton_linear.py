@@ -257,7 +257,7 @@ def test_custom_op_opcheck_and_compile():
     w = torch.randn(N, K, device=DEV, requires_grad=True)
     la = torch.randn(N, device=DEV, requires_grad=True)
     b = torch.randn(N, device=DEV, requires_grad=True)
-    torch.library.opcheck(linear_op, (x, w, la, b, 123, "out", True, True, 2 / 3, -0.1, 1.1, 1e-6))
+    torch.library.opcheck(linear_op, (x, w, la, b, torch.tensor(123, device=DEV), "out", True, True, 2 / 3, -0.1, 1.1, 1e-6))
     graphs = []
 
     def record(gm, example_inputs):
@@ -297,7 +297,7 @@ def aot(kern, ptr_types, consts, default_ptr):
         elif p.name in ("beta", "gamma", "zeta", "eps"):
             sig[p.name] = "fp32"
         else:
-            sig[p.name] = "i64" if p.name == "seed" else "i32"
+            sig[p.name] = "*i64" if p.name == "seed" else "i32"  # the seed: a pointer to a 0-d int64 tensor
     k = triton.compile(ASTSource(kern, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
     assert k.asm["cubin"]
 '''

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from .._gates import GateConfig
-from .._philox import _cpu
+from .._philox import _compiling, _cpu, seed_int
 
 ENABLED = (_cpu is not None and hasattr(_cpu, "gate_backward")
            and os.environ.get("L0K_CPU_KERNELS", "1") != "0")
@@ -33,8 +33,9 @@ _WORKSPACE_MAX = 1 << 20  # floats (4 MiB): larger inputs get a fresh tensor, th
 
 def applies(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, per_call_gates: bool) -> bool:
     """True where the C++ paths take the call: CPU float32, contiguous weight and log_alpha, and one
-    gate vector for the call (batch noise in training, or eval gates)."""
-    return (ENABLED and per_call_gates and x.is_cpu and x.dtype is torch.float32
+    gate vector for the call (batch noise in training, or eval gates). Never under ``torch.compile``: the
+    traced plain path (which inductor fuses) takes the call there."""
+    return (ENABLED and per_call_gates and not _compiling() and x.is_cpu and x.dtype is torch.float32
             and weight.is_contiguous() and log_alpha.is_contiguous())
 
 
@@ -58,7 +59,7 @@ def _scratch(m: int, k: int) -> torch.Tensor:
     return buf
 
 
-def in_gate_input(x2: torch.Tensor, log_alpha: torch.Tensor, seed: Optional[int], training: bool,
+def in_gate_input(x2: torch.Tensor, log_alpha: torch.Tensor, seed, training: bool,
                   cfg: GateConfig, group_size: int = 1) -> torch.Tensor:
     """``x2 * z`` for input gates, ``z`` drawn in the same C++ call (``group_size`` columns per gate). The
     result lives in a per-thread workspace for inputs up to 4 MiB: use it before the next call on this
@@ -68,12 +69,12 @@ def in_gate_input(x2: torch.Tensor, log_alpha: torch.Tensor, seed: Optional[int]
         x2 = x2.contiguous()
     out = _scratch(m, k)
     if m and k:
-        _cpu.in_gate_forward(seed or 0, training, log_alpha.data_ptr(), k, x2.data_ptr(), x2.stride(0), m,
-                             out.data_ptr(), cfg.as_tuple, group_size)
+        _cpu.in_gate_forward(0 if seed is None else seed_int(seed), training, log_alpha.data_ptr(), k,
+                             x2.data_ptr(), x2.stride(0), m, out.data_ptr(), cfg.as_tuple, group_size)
     return out
 
 
-def gate_backward(axis: int, p: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, seed: Optional[int],
+def gate_backward(axis: int, p: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, seed,
                   training: bool, cfg: GateConfig, extra: Optional[torch.Tensor] = None, group_size: int = 1):
     """``(dW, dlog_alpha, z)`` from ``P = dY^T x`` (``(N, K)``, scaled into ``dW`` in place): gates on the
     columns (``axis=1``, input gates) or rows (``axis=0``, output gates, ``extra = b * colsum(dY)``),
@@ -85,7 +86,7 @@ def gate_backward(axis: int, p: torch.Tensor, weight: torch.Tensor, log_alpha: t
     out = torch.empty(g, dtype=torch.float32, device="cpu")  # every element is written
     z = torch.empty(g, dtype=torch.float32, device="cpu")
     extra = extra.contiguous() if extra is not None else None
-    _cpu.gate_backward(axis, seed or 0, training, log_alpha.data_ptr(), p.data_ptr(), weight.data_ptr(),
+    _cpu.gate_backward(axis, 0 if seed is None else seed_int(seed), training, log_alpha.data_ptr(), p.data_ptr(), weight.data_ptr(),
                        extra.data_ptr() if extra is not None else 0, out.data_ptr(), z.data_ptr(), n, k,
                        cfg.as_tuple, group_size)
     if group_size != 1:

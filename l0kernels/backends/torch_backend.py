@@ -22,7 +22,19 @@ from .._gates import GateConfig, compute_dtype, eval_gates_and_grad, sample_gate
 from . import _cpu_paths
 
 
-def gates_for(log_alpha: torch.Tensor, seed: Optional[int], noise_shape: Tuple[int, ...], training: bool,
+def _save(ctx, x, weight, log_alpha, bias, seed) -> None:
+    """Keep the inputs and the seed for backward: a tensor seed goes through ``save_for_backward`` (as
+    ``torch.compile`` and saved-tensor hooks expect), an int beside the config."""
+    ctx.save_for_backward(x, weight, log_alpha, bias, seed if isinstance(seed, torch.Tensor) else None)
+    ctx.int_seed = None if isinstance(seed, torch.Tensor) else seed
+
+
+def _saved(ctx):
+    x, weight, log_alpha, bias, seed = ctx.saved_tensors
+    return x, weight, log_alpha, bias, (ctx.int_seed if seed is None else seed)
+
+
+def gates_for(log_alpha: torch.Tensor, seed, noise_shape: Tuple[int, ...], training: bool,
               cfg: GateConfig, need_grad: bool = True, group_size: int = 1):
     """``(z, dz)`` for a call: sampled over ``noise_shape`` in training, ``z_eval`` (log_alpha's shape) else.
     With ``group_size > 1`` the noise tensor is over the gates and ``z``/``dz`` are returned per feature
@@ -79,15 +91,15 @@ class L0LinearFunction(torch.autograd.Function):
                 y = F.linear(x2, weight, bias).mul_(zx)  # in place: the GEMM's output is ours
             else:
                 y = F.linear(x2, weight * zx, bias)
-        ctx.save_for_backward(x, weight, log_alpha, bias)
-        ctx.conf = (seed, gate, noise, training, cfg, group_size)
+        _save(ctx, x, weight, log_alpha, bias, seed)
+        ctx.conf = (gate, noise, training, cfg, group_size)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, log_alpha, bias = ctx.saved_tensors
-        seed, gate, noise, training, cfg, group_size = ctx.conf
+        x, weight, log_alpha, bias, seed = _saved(ctx)
+        gate, noise, training, cfg, group_size = ctx.conf
         n, k = weight.shape
         x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), k)  # not -1: K may be 0
         m = x2.shape[0]
@@ -217,15 +229,15 @@ class L0Conv2dFunction(torch.autograd.Function):
         h = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         zx = z.to(x.dtype)
         y = h * (zx[:, :, None, None] if zx.dim() == 2 else zx[:, None, None])
-        ctx.save_for_backward(x, weight, log_alpha, bias)
-        ctx.conf = (stride, padding, dilation, groups, seed, noise, training, cfg, group_size)
+        _save(ctx, x, weight, log_alpha, bias, seed)
+        ctx.conf = (stride, padding, dilation, groups, noise, training, cfg, group_size)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, log_alpha, bias = ctx.saved_tensors
-        stride, padding, dilation, groups, seed, noise, training, cfg, group_size = ctx.conf
+        x, weight, log_alpha, bias, seed = _saved(ctx)
+        stride, padding, dilation, groups, noise, training, cfg, group_size = ctx.conf
         conv_args = (stride, padding, dilation, groups)
         c = weight.shape[0] // group_size
         need_x, need_w, need_la, need_b = ctx.needs_input_grad[:4]

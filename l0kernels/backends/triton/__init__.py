@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from ..._dispatch import Backend, Conv2dCall, LinearCall, register_backend
+from ._gate_math import seed_tensor
 from .linear import INTERPRET, TritonL0LinearFunction
 from .conv2d import TritonL0Conv2dFunction
 
@@ -22,6 +23,11 @@ def _compiling() -> bool:
         return torch.compiler.is_compiling()
     except AttributeError:  # pragma: no cover - older torch
         return False
+
+
+def _seed(call):
+    """The custom ops' seed: a 0-d int64 tensor on the input's device in training, else None."""
+    return seed_tensor(call.seed, call.x) if call.training else None
 
 
 class TritonBackend(Backend):
@@ -52,7 +58,7 @@ class TritonBackend(Backend):
     def linear(self, call: LinearCall) -> torch.Tensor:
         if _compiling():
             from ._ops import linear_op
-            return linear_op(call.x, call.weight, call.log_alpha, call.bias, int(call.seed or 0), call.gate,
+            return linear_op(call.x, call.weight, call.log_alpha, call.bias, _seed(call), call.gate,
                              call.training and call.noise == "sample", call.training, call.cfg.beta,
                              call.cfg.gamma, call.cfg.zeta, call.cfg.eps, call.group_size)
         return TritonL0LinearFunction.apply(call.x, call.weight, call.log_alpha, call.bias, call.seed, call.gate,
@@ -62,7 +68,7 @@ class TritonBackend(Backend):
         if _compiling():
             from ._ops import conv2d_op
             return conv2d_op(call.x, call.weight, call.log_alpha, call.bias, list(call.stride), list(call.padding),
-                             list(call.dilation), call.groups, int(call.seed or 0),
+                             list(call.dilation), call.groups, _seed(call),
                              call.training and call.noise == "sample", call.training, call.cfg.beta,
                              call.cfg.gamma, call.cfg.zeta, call.cfg.eps, call.group_size)
         return TritonL0Conv2dFunction.apply(call.x, call.weight, call.log_alpha, call.bias, call.stride,

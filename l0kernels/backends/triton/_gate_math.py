@@ -4,6 +4,14 @@ Every Triton kernel of l0kernels draws its gates through :func:`gate`. The unifo
 ``tl.rand(seed, offset)`` (Philox4x32-10, SPEC section 2); ``offset`` must be an int64 tensor so
 that offsets >= 2**32 reach the counter's high word. All math runs in float32.
 
+The seed reaches the kernels as a pointer to a 0-d int64 tensor on the device (SPEC section 10), loaded
+in the kernel (its low 63 bits are the key): a seed drawn on the device by a tensor op is read there,
+with no host sync, and a CUDA graph replays the load, not a value captured at launch. Host code turns
+a seed into that tensor with :func:`seed_tensor`; in eval the kernels never read it.
+
+Non-finite ``log_alpha`` (SPEC section 6): the clamps keep a NaN (``tl.maximum`` alone would return 0
+for it on a GPU), so a NaN gives ``z = NaN`` and ``dz = 0``, +inf ``z = 1`` and -inf ``z = 0``.
+
 :func:`triton_gates` launches a tiny kernel that evaluates the helpers for given offsets; the
 tests compare it with ``l0kernels._gates.gates_from_uniform(log_alpha, philox_uniform(seed, offsets))``.
 """
@@ -14,10 +22,27 @@ import triton
 import triton.language as tl
 
 
+def seed_tensor(seed, ref: torch.Tensor) -> torch.Tensor:
+    """The seed argument of a kernel: a 0-d int64 tensor on ``ref``'s device (a tensor seed as it is, moved
+    if on another device; an int filled in on the device, no host-to-device copy). ``None`` (eval) gives
+    ``ref`` itself: the kernels do not read the seed in eval."""
+    if seed is None:
+        return ref
+    if isinstance(seed, torch.Tensor):
+        return seed if seed.device == ref.device else seed.to(ref.device, non_blocking=True)
+    return torch.full((), int(seed), dtype=torch.int64, device=ref.device)
+
+
 @triton.jit
-def uniform(seed, offset):
-    """``u_raw(seed, offset)`` of SPEC section 2 (``offset`` int64)."""
-    return tl.rand(seed, offset)
+def uniform(seed_ptr, offset):
+    """``u_raw(seed, offset)`` of SPEC section 2 (``offset`` int64) for the seed at ``seed_ptr``."""
+    return tl.rand(tl.load(seed_ptr) & 0x7FFFFFFFFFFFFFFF, offset)
+
+
+@triton.jit
+def _clamp01(v):
+    """``clamp(v, 0, 1)`` keeping a NaN, as ``torch.clamp`` (the reference)."""
+    return tl.where(v != v, v, tl.minimum(tl.maximum(v, 0.0), 1.0))
 
 
 @triton.jit
@@ -27,7 +52,7 @@ def hard_concrete(log_alpha, u, beta, gamma, zeta, eps):
     t = (tl.log(u) - tl.log(1.0 - u) + log_alpha) / beta
     s = 1.0 / (1.0 + tl.exp(-t))
     s_bar = s * (zeta - gamma) + gamma
-    z = tl.minimum(tl.maximum(s_bar, 0.0), 1.0)
+    z = _clamp01(s_bar)
     dz = tl.where((s_bar > 0.0) & (s_bar < 1.0), s * (1.0 - s) * ((zeta - gamma) / beta), 0.0)
     return z, dz
 
@@ -37,14 +62,15 @@ def eval_gate(log_alpha, gamma, zeta):
     """Deterministic test-time gate ``z_eval`` and its derivative (0 where clamped)."""
     s = 1.0 / (1.0 + tl.exp(-log_alpha))
     s_bar = s * (zeta - gamma) + gamma
-    z = tl.minimum(tl.maximum(s_bar, 0.0), 1.0)
+    z = _clamp01(s_bar)
     dz = tl.where((s_bar > 0.0) & (s_bar < 1.0), s * (1.0 - s) * (zeta - gamma), 0.0)
     return z, dz
 
 
 @triton.jit
 def gate(log_alpha, seed, offset, beta, gamma, zeta, eps, TRAINING: tl.constexpr):
-    """``(z, dz)`` for a block of gates: sampled at ``(seed, offset)`` in training, ``z_eval`` else."""
+    """``(z, dz)`` for a block of gates: sampled at ``(seed, offset)`` in training (``seed``: the pointer of
+    :func:`seed_tensor`), ``z_eval`` else."""
     la = log_alpha.to(tl.float32)
     if TRAINING:
         z, dz = hard_concrete(la, uniform(seed, offset), beta, gamma, zeta, eps)
@@ -65,9 +91,10 @@ def _gates_kernel(la_ptr, off_ptr, z_ptr, dz_ptr, n, seed, beta, gamma, zeta, ep
     tl.store(dz_ptr + i, dz, mask=mask)
 
 
-def triton_gates(log_alpha: torch.Tensor, seed: int, offsets: torch.Tensor, cfg, training: bool = True):
+def triton_gates(log_alpha: torch.Tensor, seed, offsets: torch.Tensor, cfg, training: bool = True):
     """``(z, dz)`` in float32 from the Triton helpers, one per element of ``log_alpha``/``offsets``
-    (same shape). In eval (``training=False``) ``seed``/``offsets`` are unused."""
+    (same shape). ``seed``: an int or a 0-d int64 tensor. In eval (``training=False``) ``seed``/``offsets``
+    are unused."""
     la = log_alpha.contiguous().reshape(-1)
     off = offsets.to(device=la.device, dtype=torch.int64).contiguous().reshape(-1)
     if la.numel() != off.numel():
@@ -78,6 +105,6 @@ def triton_gates(log_alpha: torch.Tensor, seed: int, offsets: torch.Tensor, cfg,
     n = la.numel()
     if n:
         block = 128
-        _gates_kernel[(triton.cdiv(n, block),)](la, off, z, dz, n, int(seed), cfg.beta, cfg.gamma, cfg.zeta,
+        _gates_kernel[(triton.cdiv(n, block),)](la, off, z, dz, n, seed_tensor(seed, la), cfg.beta, cfg.gamma, cfg.zeta,
                                                  cfg.eps, TRAINING=training, BLOCK=block)
     return z.reshape(log_alpha.shape), dz.reshape(log_alpha.shape)

@@ -4,7 +4,8 @@ an ``l0_linear``/``l0_conv2d`` call in its graph as one opaque op (with fake/met
 ``TritonBackend`` calls these ops while ``torch.compiler.is_compiling()``; eager calls use the
 autograd Functions of ``linear.py``/``conv2d.py`` directly (no dispatcher overhead). Ops:
 ``l0kernels_triton::linear``, ``linear_backward``, ``conv2d``, ``conv2d_backward``. ``sample`` is
-``training and noise == "sample"``; ``seed`` is ignored when ``training`` is False.
+``training and noise == "sample"``; ``seed`` is a 0-d int64 tensor on the input's device (SPEC section 10:
+a seed drawn in the graph stays a tensor, read by the kernels), None when ``training`` is False.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def _empty(t: Tensor, shape=None, fmt=torch.contiguous_format) -> Tensor:
 # ---------------------------------------------------------------------------------------------- linear
 
 @torch.library.custom_op("l0kernels_triton::linear", mutates_args=())
-def linear_op(x: Tensor, weight: Tensor, log_alpha: Tensor, bias: Optional[Tensor], seed: int, gate: str,
+def linear_op(x: Tensor, weight: Tensor, log_alpha: Tensor, bias: Optional[Tensor], seed: Optional[Tensor], gate: str,
               sample: bool, training: bool, beta: float, gamma: float, zeta: float, eps: float,
               group_size: int = 1) -> Tensor:
     n, k = weight.shape
@@ -45,7 +46,7 @@ def _linear_fake(x, weight, log_alpha, bias, seed, gate, sample, training, beta,
 
 
 @torch.library.custom_op("l0kernels_triton::linear_backward", mutates_args=())
-def linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, log_alpha: Tensor, bias: Optional[Tensor], seed: int,
+def linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, log_alpha: Tensor, bias: Optional[Tensor], seed: Optional[Tensor],
                        gate: str, sample: bool, training: bool, beta: float, gamma: float, zeta: float,
                        eps: float, group_size: int = 1) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     n, k = weight.shape
@@ -62,14 +63,13 @@ def _linear_backward_fake(dy, x, weight, log_alpha, bias, seed, gate, sample, tr
 
 
 def _linear_setup(ctx, inputs, output):
-    x, weight, log_alpha, bias = inputs[:4]
-    ctx.save_for_backward(x, weight, log_alpha, bias)
-    ctx.conf = inputs[4:]
+    ctx.save_for_backward(*inputs[:5])  # x, weight, log_alpha, bias, seed
+    ctx.conf = inputs[5:]
 
 
 def _linear_grad(ctx, dy):
-    x, weight, log_alpha, bias = ctx.saved_tensors
-    dx, dw, dla, db = linear_backward_op(dy, x, weight, log_alpha, bias, *ctx.conf)
+    x, weight, log_alpha, bias, seed = ctx.saved_tensors
+    dx, dw, dla, db = linear_backward_op(dy, x, weight, log_alpha, bias, seed, *ctx.conf)
     return (dx, dw, dla, db if bias is not None else None) + (None,) * 9
 
 
@@ -80,7 +80,7 @@ linear_op.register_autograd(_linear_grad, setup_context=_linear_setup)
 
 @torch.library.custom_op("l0kernels_triton::conv2d", mutates_args=())
 def conv2d_op(x: Tensor, weight: Tensor, log_alpha: Tensor, bias: Optional[Tensor], stride: List[int],
-              padding: List[int], dilation: List[int], groups: int, seed: int, sample: bool, training: bool,
+              padding: List[int], dilation: List[int], groups: int, seed: Optional[Tensor], sample: bool, training: bool,
               beta: float, gamma: float, zeta: float, eps: float, group_size: int = 1) -> Tensor:
     return conv2d_forward(x, weight, log_alpha, bias, tuple(stride), tuple(padding), tuple(dilation), groups, seed,
                           sample, training, GateConfig(beta, gamma, zeta, eps), group_size)
@@ -95,7 +95,7 @@ def _conv2d_fake(x, weight, log_alpha, bias, stride, padding, dilation, groups, 
 
 @torch.library.custom_op("l0kernels_triton::conv2d_backward", mutates_args=())
 def conv2d_backward_op(dy: Tensor, x: Tensor, weight: Tensor, log_alpha: Tensor, bias: Optional[Tensor],
-                       stride: List[int], padding: List[int], dilation: List[int], groups: int, seed: int,
+                       stride: List[int], padding: List[int], dilation: List[int], groups: int, seed: Optional[Tensor],
                        sample: bool, training: bool, beta: float, gamma: float, zeta: float,
                        eps: float, group_size: int = 1) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     dx, dw, dla, db = conv2d_backward(dy, x, weight, log_alpha, bias, tuple(stride), tuple(padding), tuple(dilation),
@@ -113,14 +113,14 @@ def _conv2d_backward_fake(dy, x, weight, log_alpha, bias, stride, padding, dilat
 
 
 def _conv2d_setup(ctx, inputs, output):
-    x, weight, log_alpha, bias = inputs[:4]
-    ctx.save_for_backward(x, weight, log_alpha, bias)
-    ctx.conf = inputs[4:]
+    ctx.save_for_backward(*inputs[:4], inputs[8])  # x, weight, log_alpha, bias, seed
+    ctx.conf = (inputs[4:8], inputs[9:])
 
 
 def _conv2d_grad(ctx, dy):
-    x, weight, log_alpha, bias = ctx.saved_tensors
-    dx, dw, dla, db = conv2d_backward_op(dy, x, weight, log_alpha, bias, *ctx.conf)
+    x, weight, log_alpha, bias, seed = ctx.saved_tensors
+    geometry, rest = ctx.conf
+    dx, dw, dla, db = conv2d_backward_op(dy, x, weight, log_alpha, bias, *geometry, seed, *rest)
     return (dx, dw, dla, db if bias is not None else None) + (None,) * 12
 
 

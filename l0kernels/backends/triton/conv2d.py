@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gate_math import gate
+from ._gate_math import gate, seed_tensor
 from .linear import dot_flags, launch_meta, tuned
 
 EPI_STORE, EPI_DLA = 0, 1
@@ -190,7 +190,7 @@ def _launch_fwd(x, weight, log_alpha, bias, y, dy, dla, stride, padding, dilatio
     dys = dy.stride() if epilogue == EPI_DLA else (0, 0, 0, 0)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), groups)  # noqa: E731
     _conv_fwd_kernel[grid](
-        x, weight, log_alpha, bias if bias is not None else x, y, dy, dla, m, n, k, int(seed or 0),
+        x, weight, log_alpha, bias if bias is not None else x, y, dy, dla, m, n, k, seed_tensor(seed if training else None, x),
         c_out, cin_g, h, w, oh, ow, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         *x.stride(), *weight.stride(), log_alpha.stride(0), *ys, *dys, cfg.beta, cfg.gamma, cfg.zeta, cfg.eps,
         GATE=2, SAMPLE=bool(sample), TRAINING=bool(training), GSIZE=group_size, HAS_BIAS=bias is not None,
@@ -224,7 +224,7 @@ def conv2d_backward(dy, x, weight, log_alpha, bias, stride, padding, dilation, g
     bsz, oh, ow = dy.shape[0], dy.shape[2], dy.shape[3]
     m = bsz * oh * ow
     consts = (cfg.beta, cfg.gamma, cfg.zeta, cfg.eps)
-    seed = int(seed or 0)
+    seed = seed_tensor(seed if training else None, x)
     colsum = torch.zeros((c_out,), dtype=torch.float32, device=dev)
     zsum = torch.zeros((c_out,), dtype=torch.float32, device=dev)
     dyz = torch.empty_like(dy, memory_format=torch.channels_last if _channels_last(dy) else torch.contiguous_format)

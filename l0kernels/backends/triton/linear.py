@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gate_math import gate
+from ._gate_math import gate, seed_tensor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -378,7 +378,7 @@ def pregate(a, log_alpha, seed, training, cfg, per_element, group_size=1):
     if r and c:
         br, bc = (16, 16) if INTERPRET else (32, 128)
         _pregate_kernel[(triton.cdiv(r, br), triton.cdiv(c, bc))](
-            a, log_alpha, out, r, c, int(seed or 0), a.stride(0), a.stride(1), *_la_strides(log_alpha),
+            a, log_alpha, out, r, c, seed_tensor(seed, a), a.stride(0), a.stride(1), *_la_strides(log_alpha),
             out.stride(0), out.stride(1), cfg.beta, cfg.gamma, cfg.zeta, cfg.eps, PER_ELEMENT=per_element,
             TRAINING=bool(training), GSIZE=group_size, BLOCK_R=br, BLOCK_C=bc)
     return out
@@ -393,6 +393,7 @@ def linear_forward(x2, weight, log_alpha, bias, seed, gate_name, sample, trainin
     if m == 0 or n == 0:
         return y
     dot_f32, prec = dot_flags(x2.dtype)
+    seed = seed_tensor(seed if training else None, x2)
     b = bias if bias is not None else y
     code = _GATE_CODE[gate_name]
     if code == GATE_IN and sample and _pregate_pays(n):
@@ -400,7 +401,7 @@ def linear_forward(x2, weight, log_alpha, bias, seed, gate_name, sample, trainin
     elif code == GATE_WEIGHT and _pregate_pays(m):
         weight, code = pregate(weight, log_alpha, seed, training, cfg, True), 0
     _fwd_kernel[_gemm_grid(m, n, "BLOCK_M", "BLOCK_N")](
-        x2, weight, log_alpha, b, y, y, y, m, n, k, int(seed or 0),
+        x2, weight, log_alpha, b, y, y, y, m, n, k, seed,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), *_la_strides(log_alpha),
         y.stride(0), y.stride(1), 0, 0, cfg.beta, cfg.gamma, cfg.zeta, cfg.eps,
         GATE=code, SAMPLE=bool(sample), TRAINING=bool(training), GSIZE=group_size, HAS_BIAS=bias is not None,
@@ -418,7 +419,7 @@ def linear_backward(dy, x2, weight, log_alpha, bias, seed, gate_name, sample, tr
     code = _GATE_CODE[gate_name]
     need_b = need_b and bias is not None
     dot_f32, prec = dot_flags(x2.dtype)
-    seed = int(seed or 0)
+    seed = seed_tensor(seed if training else None, x2)
     consts = (cfg.beta, cfg.gamma, cfg.zeta, cfg.eps)
     flags = dict(GATE=code, SAMPLE=bool(sample), TRAINING=bool(training), GSIZE=group_size, DOT_F32=dot_f32,
                  PRECISION=prec)
