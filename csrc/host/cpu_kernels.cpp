@@ -120,6 +120,33 @@ L0K_CLONES void scale_cols(const float* __restrict x, Py_ssize_t ldx, const floa
   }
 }
 
+// Scatter of the open columns (training that skips closed input gates): out is (n, k), src (n, ko) holds
+// the columns idx[0..ko) of out; the other columns of out are set to 0. With wo non-null (the gathered
+// weight columns, (n, ko)), also dla[j] = ratio[j] * sum_r wo[r, j] * src[r, j].
+L0K_CLONES void scatter_cols(const float* __restrict src, const int64_t* __restrict idx, Py_ssize_t ko,
+                             const float* __restrict wo, const float* __restrict ratio, float* __restrict out,
+                             float* __restrict dla, Py_ssize_t n, Py_ssize_t k) {
+  if (wo)
+    for (Py_ssize_t j = 0; j < ko; ++j) dla[j] = 0.0f;
+  for (Py_ssize_t r = 0; r < n; ++r) {
+    float* o = out + r * k;
+    const float* sr = src + r * ko;
+    for (Py_ssize_t c = 0; c < k; ++c) o[c] = 0.0f;
+    if (wo) {
+      const float* wr = wo + r * ko;
+      for (Py_ssize_t j = 0; j < ko; ++j) {
+        const float v = sr[j];
+        o[idx[j]] = v;
+        dla[j] += wr[j] * v;
+      }
+    } else {
+      for (Py_ssize_t j = 0; j < ko; ++j) o[idx[j]] = sr[j];
+    }
+  }
+  if (wo)
+    for (Py_ssize_t j = 0; j < ko; ++j) dla[j] *= ratio[j];
+}
+
 template <class T>
 T* ptr(unsigned long long addr) {
   return reinterpret_cast<T*>(addr);
@@ -199,6 +226,25 @@ static PyObject* gate_backward(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// scatter_cols(src_addr, idx_addr, ko, wo_addr, ratio_addr, out_addr, dla_addr, n, k): see scatter_cols above;
+// wo_addr == 0 skips dla. Every address is a contiguous float32 (idx: int64) buffer; idx values in [0, k).
+static PyObject* scatter_cols_py(PyObject*, PyObject* args) {
+  unsigned long long src_addr, idx_addr, w_addr, ratio_addr, out_addr, dla_addr;
+  Py_ssize_t ko, n, k;
+  if (!PyArg_ParseTuple(args, "KKnKKKKnn", &src_addr, &idx_addr, &ko, &w_addr, &ratio_addr, &out_addr, &dla_addr,
+                        &n, &k))
+    return nullptr;
+  if (n < 0 || k < 0 || ko < 0 || ko > k) {
+    PyErr_SetString(PyExc_ValueError, "scatter_cols: sizes must satisfy 0 <= ko <= k, n >= 0");
+    return nullptr;
+  }
+  Py_BEGIN_ALLOW_THREADS
+  scatter_cols(ptr<const float>(src_addr), ptr<const int64_t>(idx_addr), ko, ptr<const float>(w_addr),
+               ptr<const float>(ratio_addr), ptr<float>(out_addr), ptr<float>(dla_addr), n, k);
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
 // uniform(seed, offsets_addr, out_addr, n): out[i] = u_raw(seed, offsets[i])
 static PyObject* uniform(PyObject*, PyObject* args) {
   unsigned long long seed, off_addr, out_addr;
@@ -257,6 +303,8 @@ static PyMethodDef kMethods[] = {
     {"gate_backward", gate_backward, METH_VARARGS,
      "gate_backward(axis, seed, training, la_addr, p_addr, w_addr, extra_addr, out_addr, z_addr, n, k, "
      "(beta, gamma, zeta, eps))"},
+    {"scatter_cols", scatter_cols_py, METH_VARARGS,
+     "scatter_cols(src_addr, idx_addr, ko, wo_addr, ratio_addr, out_addr, dla_addr, n, k)"},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_cpu",
