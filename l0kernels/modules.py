@@ -17,6 +17,7 @@ from . import _inference
 from ._checks import check_choice, conv_out_size, _pair
 from ._dispatch import backend_names
 from ._gates import LINEAR_GATES, NOISE_KINDS, GateConfig, eval_gates_and_grad, prob_open_t
+from ._regularizer import layer_regularizer
 from .functional import l0_conv2d, l0_linear
 
 LOG_ALPHA_MIN = math.log(1e-2)  # the authors clamp log_alpha to [log 0.01, log 100] after each step
@@ -84,11 +85,9 @@ class _L0Layer(nn.Module):
         """Expected number of open gates (the paper's L0 penalty of this layer); differentiable."""
         return self.prob_open().sum()
 
-    def _group_sq_norms(self) -> torch.Tensor:  # ||theta_g||^2 per gate, gated parameters only
-        raise NotImplementedError("subclasses define their gate groups")
-
-    def _ungated_sq_norm(self) -> torch.Tensor:  # parameters no gate controls (weight-decayed always)
-        raise NotImplementedError("subclasses define their gate groups")
+    # (axis, bias_gated) of the gated features in the weight viewed as (rows, features): 1 = columns,
+    # 0 = rows, None = every weight (see l0kernels/_regularizer.py)
+    _reg_layout: Tuple[Optional[int], bool]
 
     def expected_params(self) -> torch.Tensor:
         """Expected number of non-zero parameters: ``sum(p_open * group_size) +`` ungated parameters."""
@@ -96,16 +95,16 @@ class _L0Layer(nn.Module):
 
     def regularizer(self, lamba: float, weight_decay: float = 0.0, N: int = 1) -> torch.Tensor:
         """The paper's per-layer term ``(1/N) sum_g p_g (lamba * |g| + 0.5 wd ||theta_g||^2)`` plus
-        ``0.5 wd ||theta||^2 / N`` for ungated parameters (the authors' bias term)."""
+        ``0.5 wd ||theta||^2 / N`` for ungated parameters (the authors' bias term). One fused pass over the
+        weight forward and backward (:mod:`l0kernels._regularizer`); a 0-d tensor in float32 for half
+        parameters, else in their dtype."""
         _check_coef(lamba, "lamba")
         _check_coef(weight_decay, "weight_decay")
         if isinstance(N, bool) or not isinstance(N, int) or N < 1:
             raise ValueError(f"N (training-set size) must be an int >= 1, got {N!r}")
-        p = self.prob_open()
-        term = (p * (lamba * self.group_size + 0.5 * weight_decay * self._group_sq_norms())).sum()
-        if weight_decay:
-            term = term + 0.5 * weight_decay * self._ungated_sq_norm()
-        return term / N
+        axis, bias_gated = self._reg_layout
+        return layer_regularizer(self.log_alpha, self.weight, self.bias, axis, bias_gated, lamba * self.group_size,
+                                 weight_decay, N, self.cfg)
 
     @torch.no_grad()
     def constrain_(self) -> None:
@@ -181,18 +180,9 @@ class L0Linear(_L0Layer):
     def ungated_params(self) -> int:
         return self.out_features if (self.bias is not None and self.gate != "out") else 0
 
-    def _group_sq_norms(self) -> torch.Tensor:
-        w2 = self.weight.pow(2)
-        if self.gate == "in":
-            return w2.sum(0)
-        if self.gate == "out":
-            return w2.sum(1) + (self.bias.pow(2) if self.bias is not None else 0)
-        return w2
-
-    def _ungated_sq_norm(self) -> torch.Tensor:
-        if self.bias is None or self.gate == "out":
-            return self.weight.new_zeros(())
-        return self.bias.pow(2).sum()
+    @property
+    def _reg_layout(self) -> Tuple[Optional[int], bool]:
+        return {"in": (1, False), "out": (0, True), "weight": (None, False)}[self.gate]
 
     def expected_flops(self, batch: int = 1) -> torch.Tensor:
         """Expected FLOPs of one forward at test-time sparsity in expectation: multiply-adds count 2, the bias add 1.
@@ -276,12 +266,7 @@ class L0Conv2d(_L0Layer):
     def ungated_params(self) -> int:
         return 0
 
-    def _group_sq_norms(self) -> torch.Tensor:
-        n = self.weight.pow(2).sum((1, 2, 3))
-        return n + self.bias.pow(2) if self.bias is not None else n
-
-    def _ungated_sq_norm(self) -> torch.Tensor:
-        return self.weight.new_zeros(())
+    _reg_layout = (0, True)
 
     def output_hw(self, input_hw: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
         hw = input_hw or self.input_hw

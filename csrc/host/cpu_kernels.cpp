@@ -147,6 +147,30 @@ L0K_CLONES void scatter_cols(const float* __restrict src, const int64_t* __restr
     for (Py_ssize_t j = 0; j < ko; ++j) dla[j] *= ratio[j];
 }
 
+// Squared L2 norms of the columns (axis 1: out has k entries) or rows (axis 0: n entries) of an (n, k)
+// matrix in one pass: the group norms of the expected-L2 regularizer.
+L0K_CLONES void sq_norms(int axis, const float* __restrict w, Py_ssize_t n, Py_ssize_t k, float* __restrict out) {
+  if (axis == 1) {
+    for (Py_ssize_t c = 0; c < k; ++c) out[c] = 0.0f;
+    for (Py_ssize_t r = 0; r < n; ++r) {
+      const float* wr = w + r * k;
+      for (Py_ssize_t c = 0; c < k; ++c) out[c] += wr[c] * wr[c];
+    }
+    return;
+  }
+  for (Py_ssize_t r = 0; r < n; ++r) {
+    const float* wr = w + r * k;
+    float part[16] = {0.0f};
+    Py_ssize_t c = 0;
+    for (; c + 16 <= k; c += 16)
+      for (int l = 0; l < 16; ++l) part[l] += wr[c + l] * wr[c + l];
+    float acc = 0.0f;
+    for (int l = 0; l < 16; ++l) acc += part[l];
+    for (; c < k; ++c) acc += wr[c] * wr[c];
+    out[r] = acc;
+  }
+}
+
 template <class T>
 T* ptr(unsigned long long addr) {
   return reinterpret_cast<T*>(addr);
@@ -245,6 +269,22 @@ static PyObject* scatter_cols_py(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// sq_norms(axis, w_addr, n, k, out_addr): see sq_norms above (contiguous float32).
+static PyObject* sq_norms_py(PyObject*, PyObject* args) {
+  int axis;
+  unsigned long long w_addr, out_addr;
+  Py_ssize_t n, k;
+  if (!PyArg_ParseTuple(args, "iKnnK", &axis, &w_addr, &n, &k, &out_addr)) return nullptr;
+  if (n < 0 || k < 0 || (axis != 0 && axis != 1)) {
+    PyErr_SetString(PyExc_ValueError, "sq_norms: axis must be 0 or 1 and sizes >= 0");
+    return nullptr;
+  }
+  Py_BEGIN_ALLOW_THREADS
+  sq_norms(axis, ptr<const float>(w_addr), n, k, ptr<float>(out_addr));
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
 // uniform(seed, offsets_addr, out_addr, n): out[i] = u_raw(seed, offsets[i])
 static PyObject* uniform(PyObject*, PyObject* args) {
   unsigned long long seed, off_addr, out_addr;
@@ -305,6 +345,7 @@ static PyMethodDef kMethods[] = {
      "(beta, gamma, zeta, eps))"},
     {"scatter_cols", scatter_cols_py, METH_VARARGS,
      "scatter_cols(src_addr, idx_addr, ko, wo_addr, ratio_addr, out_addr, dla_addr, n, k)"},
+    {"sq_norms", sq_norms_py, METH_VARARGS, "sq_norms(axis, w_addr, n, k, out_addr)"},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_cpu",
