@@ -148,7 +148,7 @@ L0K_CLONES void scatter_cols(const float* __restrict src, const int64_t* __restr
 }
 
 // Squared L2 norms of the columns (axis 1: out has k entries) or rows (axis 0: n entries) of an (n, k)
-// matrix in one pass: the group norms of the expected-L2 regularizer.
+// matrix in one pass: the group norms of the expected-L2 regularizer (reg_forward).
 L0K_CLONES void sq_norms(int axis, const float* __restrict w, Py_ssize_t n, Py_ssize_t k, float* __restrict out) {
   if (axis == 1) {
     for (Py_ssize_t c = 0; c < k; ++c) out[c] = 0.0f;
@@ -269,18 +269,107 @@ static PyObject* scatter_cols_py(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-// sq_norms(axis, w_addr, n, k, out_addr): see sq_norms above (contiguous float32).
-static PyObject* sq_norms_py(PyObject*, PyObject* args) {
-  int axis;
-  unsigned long long w_addr, out_addr;
-  Py_ssize_t n, k;
-  if (!PyArg_ParseTuple(args, "iKnnK", &axis, &w_addr, &n, &k, &out_addr)) return nullptr;
-  if (n < 0 || k < 0 || (axis != 0 && axis != 1)) {
-    PyErr_SetString(PyExc_ValueError, "sq_norms: axis must be 0 or 1 and sizes >= 0");
+// The per-layer regularizer (l0kernels/_regularizer.py) on a float32 weight viewed as (n, k): gated features
+// are its columns (axis 1) or rows (axis 0, where a gated bias joins its row); g gates over the features,
+// gate j covering features j*F/g ... (j+1)*F/g - 1.
+//
+// reg_forward(axis, w_addr, n, k, b_addr, bias_gated, la_addr, g, lamba_size, wd, shift, p_addr, sq_addr) -> float:
+// p[j] = sigmoid(la[j] - shift), sq[j] = ||theta_j||^2 (0 when wd == 0), and returns
+// sum_j p[j] (lamba_size + 0.5 wd sq[j]) + 0.5 wd ||b||^2 (the last term for an ungated bias only). b_addr may be 0.
+static PyObject* reg_forward(PyObject*, PyObject* args) {
+  int axis, bias_gated;
+  unsigned long long w_addr, b_addr, la_addr, p_addr, sq_addr;
+  Py_ssize_t n, k, g;
+  double lamba_size, wd, shift;
+  if (!PyArg_ParseTuple(args, "iKnnKpKndddKK", &axis, &w_addr, &n, &k, &b_addr, &bias_gated, &la_addr, &g, &lamba_size,
+                        &wd, &shift, &p_addr, &sq_addr))
+    return nullptr;
+  const Py_ssize_t feats = axis == 1 ? k : n;
+  if (n < 0 || k < 0 || (axis != 0 && axis != 1) || g <= 0 || feats % g != 0 || (bias_gated && axis != 0)) {
+    PyErr_SetString(PyExc_ValueError, "reg_forward: axis must be 0 or 1, g > 0 must divide the features");
+    return nullptr;
+  }
+  double term = 0.0;
+  Py_BEGIN_ALLOW_THREADS
+  const float* la = ptr<const float>(la_addr);
+  const float* b = ptr<const float>(b_addr);
+  float* p = ptr<float>(p_addr);
+  float* sq = ptr<float>(sq_addr);
+  const Py_ssize_t fpg = feats / g;
+  if (wd != 0.0) {
+    std::vector<float> fs(static_cast<size_t>(feats));
+    sq_norms(axis, ptr<const float>(w_addr), n, k, fs.data());
+    if (b && bias_gated)
+      for (Py_ssize_t r = 0; r < n; ++r) fs[r] += b[r] * b[r];
+    for (Py_ssize_t j = 0; j < g; ++j) {
+      float acc = 0.0f;
+      for (Py_ssize_t f = j * fpg; f < (j + 1) * fpg; ++f) acc += fs[f];
+      sq[j] = acc;
+    }
+    if (b && !bias_gated) {
+      double bb = 0.0;
+      for (Py_ssize_t r = 0; r < n; ++r) bb += static_cast<double>(b[r]) * b[r];
+      term += 0.5 * wd * bb;
+    }
+  } else {
+    for (Py_ssize_t j = 0; j < g; ++j) sq[j] = 0.0f;
+  }
+  for (Py_ssize_t j = 0; j < g; ++j) {
+    p[j] = 1.0f / (1.0f + expf(static_cast<float>(shift) - la[j]));
+    term += static_cast<double>(p[j]) * (lamba_size + 0.5 * wd * sq[j]);
+  }
+  Py_END_ALLOW_THREADS
+  return PyFloat_FromDouble(term);
+}
+
+// reg_backward(axis, w_addr, n, k, b_addr, bias_gated, g, p_addr, sq_addr, c, lamba_size, wd, dla_addr, dw_addr, db_addr):
+// dla[j] = c p (1 - p) (lamba_size + 0.5 wd sq[j]); dw = c wd p[gate] * w; db = c wd (p[gate] if gated, else 1) * b.
+// Each output address may be 0 (not wanted).
+static PyObject* reg_backward(PyObject*, PyObject* args) {
+  int axis, bias_gated;
+  unsigned long long w_addr, b_addr, p_addr, sq_addr, dla_addr, dw_addr, db_addr;
+  Py_ssize_t n, k, g;
+  double c, lamba_size, wd;
+  if (!PyArg_ParseTuple(args, "iKnnKpnKKdddKKK", &axis, &w_addr, &n, &k, &b_addr, &bias_gated, &g, &p_addr, &sq_addr,
+                        &c, &lamba_size, &wd, &dla_addr, &dw_addr, &db_addr))
+    return nullptr;
+  const Py_ssize_t feats = axis == 1 ? k : n;
+  if (n < 0 || k < 0 || (axis != 0 && axis != 1) || g <= 0 || feats % g != 0 || (bias_gated && axis != 0)) {
+    PyErr_SetString(PyExc_ValueError, "reg_backward: axis must be 0 or 1, g > 0 must divide the features");
     return nullptr;
   }
   Py_BEGIN_ALLOW_THREADS
-  sq_norms(axis, ptr<const float>(w_addr), n, k, ptr<float>(out_addr));
+  const float* p = ptr<const float>(p_addr);
+  const float* sq = ptr<const float>(sq_addr);
+  const Py_ssize_t fpg = feats / g;
+  if (dla_addr) {
+    float* dla = ptr<float>(dla_addr);
+    for (Py_ssize_t j = 0; j < g; ++j)
+      dla[j] = static_cast<float>(c * p[j] * (1.0 - p[j]) * (lamba_size + 0.5 * wd * sq[j]));
+  }
+  const float cw = static_cast<float>(c * wd);
+  std::vector<float> s(static_cast<size_t>(feats));
+  for (Py_ssize_t f = 0; f < feats; ++f) s[f] = cw * p[f / fpg];
+  if (dw_addr) {
+    const float* w = ptr<const float>(w_addr);
+    float* dw = ptr<float>(dw_addr);
+    for (Py_ssize_t r = 0; r < n; ++r) {
+      const float* wr = w + r * k;
+      float* dr = dw + r * k;
+      if (axis == 1) {
+        const float* sv = s.data();
+        for (Py_ssize_t col = 0; col < k; ++col) dr[col] = wr[col] * sv[col];
+      } else {
+        const float sr = s[r];
+        for (Py_ssize_t col = 0; col < k; ++col) dr[col] = wr[col] * sr;
+      }
+    }
+  }
+  if (db_addr && b_addr) {
+    const float* b = ptr<const float>(b_addr);
+    float* db = ptr<float>(db_addr);
+    for (Py_ssize_t r = 0; r < n; ++r) db[r] = b[r] * (bias_gated ? s[r] : cw);
+  }
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
@@ -345,7 +434,11 @@ static PyMethodDef kMethods[] = {
      "(beta, gamma, zeta, eps))"},
     {"scatter_cols", scatter_cols_py, METH_VARARGS,
      "scatter_cols(src_addr, idx_addr, ko, wo_addr, ratio_addr, out_addr, dla_addr, n, k)"},
-    {"sq_norms", sq_norms_py, METH_VARARGS, "sq_norms(axis, w_addr, n, k, out_addr)"},
+    {"reg_forward", reg_forward, METH_VARARGS,
+     "reg_forward(axis, w_addr, n, k, b_addr, bias_gated, la_addr, g, lamba_size, wd, shift, p_addr, sq_addr) -> float"},
+    {"reg_backward", reg_backward, METH_VARARGS,
+     "reg_backward(axis, w_addr, n, k, b_addr, bias_gated, g, p_addr, sq_addr, c, lamba_size, wd, dla_addr, dw_addr, "
+     "db_addr)"},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_cpu",
