@@ -72,11 +72,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--dense", action="store_true",
+                   help="baseline for the time per epoch: the same network from nn.Linear/nn.Conv2d, Adam with "
+                        "weight_decay = --weight-decay / N, no gates; writes <tag>_dense.json (history only)")
     a = p.parse_args(argv)
     if a.sep and a.lambdas is None:
         a.lambdas = [10.0, 0.5, 0.1, 0.1]
     a.out = a.out or os.path.join("runs", a.model + ("_sep" if a.sep else ""))
     a.tag = a.tag or f"mnist_{a.model}" + ("_sep" if a.sep else "")
+    if a.dense:
+        a.out += "_dense"
+        a.tag += "_dense"
     return a
 
 
@@ -126,6 +132,15 @@ def test_error(model, x, y, batch=1000) -> float:
     for i in range(0, len(x), batch):
         wrong += int((model(x[i:i + batch]).argmax(1) != y[i:i + batch]).sum())
     return wrong / len(x)
+
+
+def _write_dense(a, history) -> None:
+    """The dense baseline's result: its history (test error, seconds per epoch) and the settings."""
+    os.makedirs(a.results, exist_ok=True)
+    with open(os.path.join(a.results, a.tag + ".json"), "w") as f:
+        json.dump({"model": NAMES[a.model], "method": "dense (nn.Linear/nn.Conv2d, Adam weight decay)",
+                   "weight_decay_over_N": a.weight_decay, "threads": torch.get_num_threads(),
+                   "device": a.device, "torch": torch.__version__, "history": history}, f, indent=1)
 
 
 def save_checkpoint(path, state):
@@ -269,7 +284,9 @@ def main(argv=None) -> int:
     n = len(xtr)
     model = build_model(a, device)
     dense_arch = model.dense_architecture
-    opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+    if a.dense:
+        model = dense_copy(model)
+    opt = torch.optim.Adam(model.parameters(), lr=a.lr, weight_decay=a.weight_decay / n if a.dense else 0.0)
     ema = EMA(model, a.ema) if a.ema else None
     gen = torch.Generator().manual_seed(a.seed)
     history: List[Dict] = []
@@ -300,11 +317,12 @@ def main(argv=None) -> int:
         for b in range(per_epoch):
             idx = perm[b * a.batch_size:(b + 1) * a.batch_size]
             ce = F.cross_entropy(model(xtr[idx]), ytr[idx])
-            loss = ce + l0k.l0_regularizer(model, a.lambdas or a.lamba, a.weight_decay, n)
+            loss = ce if a.dense else ce + l0k.l0_regularizer(model, a.lambdas or a.lamba, a.weight_decay, n)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            l0k.constrain_(model)
+            if not a.dense:
+                l0k.constrain_(model)
             if ema is not None:
                 ema.update(model)
             tot += float(ce.detach())
@@ -314,12 +332,16 @@ def main(argv=None) -> int:
                     bar.set_postfix(ce=f"{float(ce.detach()):.3f}", arch=arch_str(architecture(model)))
         if bar is not None:
             bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds = time.perf_counter() - t0  # the training steps only (no evaluation)
         model_eval = ema.averaged(model) if ema is not None else model
         err = test_error(model_eval, xte, yte)
         with torch.no_grad():
             el0 = [float(m.expected_l0()) for _, m in l0k.l0_layers(model_eval)]
         history.append({"epoch": epoch + 1, "train_ce": tot / per_epoch, "test_error": err,
-                        "arch": architecture(model_eval), "expected_l0": el0, "seconds": time.perf_counter() - t0})
+                        "arch": architecture(model_eval), "expected_l0": el0, "seconds": time.perf_counter() - t0,
+                        "train_seconds": train_seconds})
         msg = (f"epoch {epoch + 1:3d}  ce {tot / per_epoch:.4f}  test error {100 * err:5.2f}%  "
                f"arch {arch_str(history[-1]['arch'])}  ({history[-1]['seconds']:.1f} s)")
         print(msg, flush=True)
@@ -327,9 +349,17 @@ def main(argv=None) -> int:
                                "ema": ema.state_dict() if ema is not None else None, "gen": gen.get_state(),
                                "torch_rng": torch.get_rng_state(), "history": history, "epoch": epoch + 1,
                                "args": vars(a)})
-        write_results(a, report(a, model_eval, history, dense_arch, input_shape, device, n))
+        if a.dense:
+            _write_dense(a, history)
+        else:
+            write_results(a, report(a, model_eval, history, dense_arch, input_shape, device, n))
     if not history:
         print("nothing trained yet (--epochs 0)")
+        return 0
+    if a.dense:
+        _write_dense(a, history)
+        print(f"\ndense {a.model}: {len(history)} epochs, test error {100 * history[-1]['test_error']:.2f}%, "
+              f"{history[-1]['train_seconds']:.1f} s per epoch of training; {os.path.join(a.results, a.tag)}.json")
         return 0
     model_eval = ema.averaged(model) if ema is not None else model  # also when --resume had nothing left to do
     r = report(a, model_eval, history, dense_arch, input_shape, device, n)
