@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import l0kernels as l0k  # noqa: E402
-from test_bench_cpu import CASES, make  # noqa: E402
+from common import CASES, make  # noqa: E402
 
 
 def main(argv=None):

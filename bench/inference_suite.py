@@ -8,7 +8,7 @@ layer (``dense_fwd_ms``: ``F.linear`` with the full weight) and a dense layer of
 (``compact_dense_fwd_ms``: ``F.linear`` on a contiguous input of the kept size; the floor a gather or
 scatter can reach). Forward only, under ``torch.no_grad()``: ``fwd_bwd_ms`` is None.
 
-Imported by ``bench/run_bench.py`` (appends to its ``EXTRA_SUITES``), or standalone:
+Imported by ``bench/run_bench.py`` (appends to ``common.EXTRA_SUITES``), or standalone:
 
     python bench/inference_suite.py --cpu      # small shapes only on the CPU
     python bench/inference_suite.py            # CUDA: all shapes
@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
-import statistics
 import sys
-import time
 from typing import List
 
 import torch
@@ -32,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-import run_bench  # noqa: E402  (the module itself when run_bench is __main__)
+import common  # noqa: E402
 import l0kernels as l0k  # noqa: E402
 
 # (suite, K, N, dtype); the transformer shapes run on CUDA only
@@ -57,20 +55,11 @@ def _layer(k, n, gate, density, dt, dev, g):
 
 
 def _times(ctx, fns) -> List[float]:
-    """Median ms of each function. On the CPU the functions are interleaved (one call of each per round) so
-    that load from other processes hits them alike; on CUDA ``ctx.time_ms`` (do_bench)."""
+    """Median ms of each function: interleaved on the CPU (``common.interleaved_ms``), ``ctx.time_ms`` (do_bench)
+    on CUDA."""
     if ctx.device.type == "cuda":
         return [ctx.time_ms(f) for f in fns]
-    for f in fns:
-        f()
-        f()
-    times = [[] for _ in fns]
-    for _ in range(ctx.reps):
-        for t, f in zip(times, fns):
-            t0 = time.perf_counter()
-            f()
-            t.append((time.perf_counter() - t0) * 1e3)
-    return [float(statistics.median(t)) for t in times]
+    return common.interleaved_ms(fns, ctx.reps)
 
 
 def inference_suite(ctx) -> List[dict]:
@@ -86,7 +75,7 @@ def inference_suite(ctx) -> List[dict]:
             continue
         if not ctx.wants(suite=suite, shape=f"{k}->{n}"):
             continue
-        dt = run_bench.DT[dts]
+        dt = common.DT[dts]
         g = torch.Generator(device=dev).manual_seed(0)
         for gate in GATES:
             for density in DENSITIES:
@@ -130,11 +119,11 @@ def inference_suite(ctx) -> List[dict]:
     return rows
 
 
-run_bench.EXTRA_SUITES.append(inference_suite)
+common.EXTRA_SUITES.append(inference_suite)
 
 
 def to_markdown(rows: List[dict]) -> str:
-    f = run_bench._fmt
+    f = common.fmt
     lines = ["| gate | dtype | shape | density | compact shape | backend | eval fwd ms | dense fwd ms | "
              "compacted dense fwd ms | eval / dense | eval / compacted |", "|" + "---|" * 11]
     for r in rows:
@@ -163,11 +152,10 @@ def main(argv=None) -> int:
         return 2
     dev = torch.device("cpu" if a.cpu else "cuda")
     now = _dt.datetime.now(_dt.timezone.utc)
-    meta = dict(device=run_bench.device_name(dev), torch=torch.__version__, triton=run_bench._triton_version(),
-                commit=run_bench._git_commit(), date=now.isoformat(timespec="seconds"))
-    ctx = run_bench.BenchContext(dev, dev.type == "cpu", a.quick, a.reps, meta)
+    meta = common.make_meta(dev, now)
+    ctx = common.BenchContext(dev, dev.type == "cpu", a.quick, a.reps, meta)
     rows = inference_suite(ctx)
-    run_bench.write_results(rows, a.out, meta["device"], now, "inference", to_markdown)
+    common.write_results(rows, a.out, meta["device"], now, "inference", to_markdown)
     return 0
 
 

@@ -20,7 +20,7 @@ accumulation), both after warm-up; on CUDA ``triton.testing.do_bench(..., return
 The dense baseline is ``F.linear`` / ``F.conv2d`` in the same dtype and memory format. ``peak_mib``
 is ``torch.cuda.max_memory_allocated`` over one forward+backward, inputs included (None on CPU).
 
-Extra suites: ``EXTRA_SUITES`` is a list of callables ``suite(ctx) -> list of row dicts``;
+Shared pieces live in ``bench/common.py``. Extra suites: ``common.EXTRA_SUITES`` is a list of callables ``suite(ctx) -> list of row dicts``;
 ``bench/inference_suite.py`` (imported if present) appends to it. ``ctx`` is a :class:`BenchContext`
 with ``device``, ``cpu``, ``quick``, ``time_ms(fn)``, ``peak_mib(fn)`` and ``row(**fields)`` (fills
 device/torch/triton/commit/date and leaves absent fields None).
@@ -29,18 +29,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import fnmatch
-import json
 import os
-import statistics
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
-
-if __name__ == "__main__":  # `import run_bench` from an extra suite must see this module, not a second copy
-    sys.modules.setdefault("run_bench", sys.modules["__main__"])
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -51,13 +42,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import l0kernels as l0k  # noqa: E402
 from l0kernels._checks import conv2d_call, linear_call  # noqa: E402
+from common import DT, EXTRA_SUITES, BenchContext, make_meta, parse_only, spec_markdown, write_results  # noqa: E402
 
-FIELDS = ["op", "gate", "noise", "dtype", "shape", "backend", "fwd_ms", "fwd_bwd_ms", "dense_fwd_ms",
-          "dense_fwd_bwd_ms", "peak_mib", "dense_peak_mib", "device", "torch", "triton", "commit", "date"]
-
-EXTRA_SUITES: List[Callable[["BenchContext"], List[dict]]] = []
-
-DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LINEAR_MODES = [("in", "batch"), ("in", "sample"), ("out", "batch"), ("out", "sample"), ("weight", "batch")]
 
 # (suite, M, K, N, dtype); SPEC section 7
@@ -80,71 +66,6 @@ CONV_SHAPES = [
     for (c, s) in ((160, 32), (320, 16), (640, 8)) for (dt, cl) in (("bfloat16", True), ("float32", False))
 ]
 QUICK_SUITES = ("lenet300", "lenet5")
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                                       stderr=subprocess.DEVNULL).decode().strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _triton_version() -> Optional[str]:
-    try:
-        import triton
-        return triton.__version__
-    except ImportError:
-        return None
-
-
-@dataclass
-class BenchContext:
-    device: torch.device
-    cpu: bool
-    quick: bool
-    reps: int
-    meta: Dict[str, Optional[str]]
-    only: Optional[Dict[str, List[str]]] = None  # --only: key -> fnmatch patterns
-
-    def wants(self, **fields) -> bool:
-        """True if every ``--only`` key among ``fields`` equals or matches one of its patterns (``cuda[fused]``
-        is taken literally: in fnmatch its brackets would be a character class)."""
-        return all(any(str(v) == p or fnmatch.fnmatchcase(str(v), p) for p in (self.only or {})[k])
-                   for k, v in fields.items() if k in (self.only or {}))
-
-    def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def time_ms(self, fn: Callable[[], object]) -> float:
-        """Median milliseconds of ``fn`` after warm-up."""
-        if self.device.type == "cuda":
-            import triton.testing
-            return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-        for _ in range(2):
-            fn()
-        times = []
-        for _ in range(self.reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return float(statistics.median(times))
-
-    def peak_mib(self, fn: Callable[[], object]) -> Optional[float]:
-        if self.device.type != "cuda":
-            return None
-        self.sync()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        fn()
-        self.sync()
-        return torch.cuda.max_memory_allocated(self.device) / 2**20
-
-    def row(self, **fields) -> dict:
-        r = {k: None for k in FIELDS}
-        r.update(self.meta)
-        r.update(fields)
-        return r
 
 
 def _grad_fn(f, inputs, dy_holder):
@@ -259,36 +180,6 @@ def conv_suite(ctx: BenchContext) -> List[dict]:
 SUITES = {"linear": linear_suite, "conv2d": conv_suite}
 
 
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return "cpu"
-
-
-def _fmt(v, nd=3):
-    if v is None:
-        return "-"
-    return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
-
-
-def to_markdown(rows: List[dict]) -> str:
-    head = ("| op | gate | noise | dtype | shape | backend | fwd ms | fwd+bwd ms | dense fwd ms | dense fwd+bwd ms "
-            "| fwd+bwd / dense | peak MiB | dense peak MiB |")
-    lines = [head, "|" + "---|" * 13]
-    for r in rows:
-        ratio = (r["fwd_bwd_ms"] / r["dense_fwd_bwd_ms"]) if r.get("fwd_bwd_ms") and r.get("dense_fwd_bwd_ms") else None
-        lines.append("| " + " | ".join([str(r.get("op")), str(r.get("gate")), str(r.get("noise")), str(r.get("dtype")),
-                                        str(r.get("shape")), str(r.get("backend")), _fmt(r.get("fwd_ms")),
-                                        _fmt(r.get("fwd_bwd_ms")), _fmt(r.get("dense_fwd_ms")),
-                                        _fmt(r.get("dense_fwd_bwd_ms")), _fmt(ratio, 2), _fmt(r.get("peak_mib"), 1),
-                                        _fmt(r.get("dense_peak_mib"), 1)]) + " |")
-    r0 = rows[0] if rows else {}
-    foot = (f"\nDevice: {r0.get('device')}; torch {r0.get('torch')}; triton {r0.get('triton')}; commit "
-            f"{r0.get('commit')}; {r0.get('date')}. Medians in milliseconds; peak = max allocated over one "
-            f"forward+backward, inputs included.\n")
-    return "\n".join(lines) + "\n" + foot
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is available")
@@ -300,15 +191,13 @@ def main(argv=None) -> int:
     ap.add_argument("--only", action="append", default=[], metavar="KEY=PATTERN[,PATTERN]",
                     help="keep only rows whose KEY matches a pattern (repeatable; see the module docstring)")
     a = ap.parse_args(argv)
-    only = parse_only(a.only, ap.error)
     if not a.cpu and not torch.cuda.is_available():
         print("no CUDA device: use --cpu (with --quick for the small shapes only)", file=sys.stderr)
         return 2
     dev = torch.device("cpu" if a.cpu else "cuda")
     now = _dt.datetime.now(_dt.timezone.utc)
-    meta = dict(device=device_name(dev), torch=torch.__version__, triton=_triton_version(), commit=_git_commit(),
-                date=now.isoformat(timespec="seconds"), triton_autotune=triton_autotune())
-    ctx = BenchContext(dev, dev.type == "cpu", a.quick, a.reps, meta, only)
+    meta = make_meta(dev, now)
+    ctx = BenchContext(dev, dev.type == "cpu", a.quick, a.reps, meta, parse_only(a.only, ap.error))
     if not a.no_extra:
         try:
             import inference_suite  # noqa: F401  (appends to EXTRA_SUITES)
@@ -323,43 +212,8 @@ def main(argv=None) -> int:
     if not a.no_extra:
         for suite in EXTRA_SUITES:
             rows += list(suite(ctx))
-    write_results(rows, a.out, meta["device"], now, "", to_markdown)
+    write_results(rows, a.out, meta["device"], now, "", spec_markdown)
     return 0
-
-
-ONLY_KEYS = ("suite", "shape", "gate", "noise", "backend", "density", "batch")
-
-
-def parse_only(specs, error) -> Optional[Dict[str, List[str]]]:
-    """``["backend=cuda*,torch", "shape=*->4096"]`` -> ``{"backend": ["cuda*", "torch"], ...}``."""
-    only: Dict[str, List[str]] = {}
-    for spec in specs:
-        key, sep, pats = spec.partition("=")
-        if not sep or key not in ONLY_KEYS or not pats:
-            error(f"--only {spec!r}: expected KEY=PATTERN[,PATTERN...] with KEY one of {', '.join(ONLY_KEYS)}")
-        if key in only:
-            error(f"--only: {key} given twice")
-        only[key] = pats.split(",")
-    return only or None
-
-
-def triton_autotune() -> bool:
-    """Whether the Triton kernels autotune (``L0K_TRITON_AUTOTUNE=0``: one fixed configuration); recorded in
-    every row, since fixed tiles make the Triton rows slower than a tuned run."""
-    return os.environ.get("L0K_TRITON_AUTOTUNE", "1") != "0"
-
-
-def write_results(rows, out_dir, device, now, kind, markdown):
-    """Write ``<device>[-kind]-<date>.json`` and the ``.md`` table beside it (SPEC section 7)."""
-    os.makedirs(out_dir, exist_ok=True)
-    tag = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in device).strip("-")
-    stem = os.path.join(out_dir, f"{tag}{'-' + kind if kind else ''}-{now.strftime('%Y-%m-%dT%H%M%S')}")
-    with open(stem + ".json", "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(rows))
-    print(f"{len(rows)} rows -> {stem}.json, {stem}.md")
-    return stem
 
 
 if __name__ == "__main__":

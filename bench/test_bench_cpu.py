@@ -8,30 +8,11 @@ LeNet-300-100's first layer (batch 100, 784->300, input gates, batch noise) agai
 robust to other load on the machine.
 """
 import pytest
-import torch
 import torch.nn.functional as F
 
 import l0kernels as l0k
 
-CASES = {
-    "lenet300_fc1_in_batch": dict(m=100, k=784, n=300, gate="in", noise="batch"),
-    "lenet300_fc2_in_batch": dict(m=100, k=300, n=100, gate="in", noise="batch"),
-    "lenet300_fc1_in_sample": dict(m=100, k=784, n=300, gate="in", noise="sample"),
-    "lenet300_fc1_out_batch": dict(m=100, k=784, n=300, gate="out", noise="batch"),
-    "lenet300_fc1_weight": dict(m=100, k=784, n=300, gate="weight", noise="batch"),
-}
-
-
-def make(case, seed=0):
-    c = CASES[case]
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(c["m"], c["k"], generator=g)
-    w = (torch.randn(c["n"], c["k"], generator=g) * 0.05).requires_grad_()
-    b = torch.randn(c["n"], generator=g).requires_grad_()
-    la_shape = {"in": (c["k"],), "out": (c["n"],), "weight": (c["n"], c["k"])}[c["gate"]]
-    la = torch.randn(la_shape, generator=g).requires_grad_()
-    gy = torch.randn(c["m"], c["n"], generator=g)
-    return c, x, w, b, la, gy
+from common import CASES, make  # noqa: E402  (pytest puts bench/ on sys.path)
 
 
 @pytest.mark.benchmark(warmup=True, warmup_iterations=50, min_rounds=200)

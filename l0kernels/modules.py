@@ -17,6 +17,7 @@ from . import _inference
 from ._checks import check_choice, check_group_size, conv_out_size, _pair
 from ._dispatch import backend_names
 from ._gates import LINEAR_GATES, NOISE_KINDS, GateConfig, eval_gates_and_grad, prob_open_t
+from ._regularizer import layer_regularizer
 from .functional import l0_conv2d, l0_linear
 
 LOG_ALPHA_MIN = math.log(1e-2)  # the authors clamp log_alpha to [log 0.01, log 100] after each step
@@ -94,11 +95,9 @@ class _L0Layer(nn.Module):
         """Expected number of open gates (the paper's L0 penalty of this layer); differentiable."""
         return self.prob_open().sum()
 
-    def _group_sq_norms(self) -> torch.Tensor:  # ||theta_g||^2 per gate, gated parameters only
-        raise NotImplementedError("subclasses define their gate groups")
-
-    def _ungated_sq_norm(self) -> torch.Tensor:  # parameters no gate controls (weight-decayed always)
-        raise NotImplementedError("subclasses define their gate groups")
+    # (axis, bias_gated) of the gated features in the weight viewed as (rows, features): 1 = columns,
+    # 0 = rows, None = every weight (see l0kernels/_regularizer.py)
+    _reg_layout: Tuple[Optional[int], bool]
 
     def expected_params(self) -> torch.Tensor:
         """Expected number of non-zero parameters: ``sum(p_open * params_per_gate) +`` ungated parameters."""
@@ -106,7 +105,9 @@ class _L0Layer(nn.Module):
 
     def regularizer(self, lamba: float, weight_decay: float = 0.0, N: int = 1) -> torch.Tensor:
         """The paper's per-layer term ``(1/N) sum_g p_g (lamba * |g| + 0.5 wd ||theta_g||^2)`` plus
-        ``0.5 wd ||theta||^2 / N`` for ungated parameters (the authors' bias term).
+        ``0.5 wd ||theta||^2 / N`` for ungated parameters (the authors' bias term). One fused pass over the
+        weight forward and backward (:mod:`l0kernels._regularizer`); a 0-d tensor in float32 for half
+        parameters, else in their dtype.
 
         ``weight_decay`` is divided by ``N`` like ``lamba``: it is *not* the usual per-parameter weight
         decay. For the usual term ``0.5 * wd * p_g * ||theta_g||^2`` (what ``wd`` means in the authors'
@@ -116,11 +117,9 @@ class _L0Layer(nn.Module):
         _check_coef(weight_decay, "weight_decay")
         if isinstance(N, bool) or not isinstance(N, int) or N < 1:
             raise ValueError(f"N (training-set size) must be an int >= 1, got {N!r}")
-        p = self.prob_open()
-        term = (p * (lamba * self.params_per_gate + 0.5 * weight_decay * self._group_sq_norms())).sum()
-        if weight_decay:
-            term = term + 0.5 * weight_decay * self._ungated_sq_norm()
-        return term / N
+        axis, bias_gated = self._reg_layout
+        return layer_regularizer(self.log_alpha, self.weight, self.bias, axis, bias_gated,
+                                 lamba * self.params_per_gate, weight_decay, N, self.cfg)
 
     @torch.no_grad()
     def constrain_(self) -> None:
@@ -212,21 +211,9 @@ class L0Linear(_L0Layer):
     def ungated_params(self) -> int:
         return self.out_features if (self.bias is not None and self.gate != "out") else 0
 
-    def _group_sq_norms(self) -> torch.Tensor:
-        w2 = self.weight.pow(2)
-        g = self.group_size
-        if self.gate == "in":
-            n = w2.sum(0)
-        elif self.gate == "out":
-            n = w2.sum(1) + (self.bias.pow(2) if self.bias is not None else 0)
-        else:
-            return w2
-        return n if g == 1 else n.reshape(-1, g).sum(1)  # ||theta_g||^2 over the gate's whole group
-
-    def _ungated_sq_norm(self) -> torch.Tensor:
-        if self.bias is None or self.gate == "out":
-            return self.weight.new_zeros(())
-        return self.bias.pow(2).sum()
+    @property
+    def _reg_layout(self) -> Tuple[Optional[int], bool]:
+        return {"in": (1, False), "out": (0, True), "weight": (None, False)}[self.gate]
 
     def expected_flops(self, batch: int = 1) -> torch.Tensor:
         """Expected FLOPs of one forward at test-time sparsity in expectation: multiply-adds count 2, the bias add 1.
@@ -314,14 +301,7 @@ class L0Conv2d(_L0Layer):
     def ungated_params(self) -> int:
         return 0
 
-    def _group_sq_norms(self) -> torch.Tensor:
-        n = self.weight.pow(2).sum((1, 2, 3))
-        n = n + self.bias.pow(2) if self.bias is not None else n
-        g = self.group_size
-        return n if g == 1 else n.reshape(-1, g).sum(1)
-
-    def _ungated_sq_norm(self) -> torch.Tensor:
-        return self.weight.new_zeros(())
+    _reg_layout = (0, True)
 
     def output_hw(self, input_hw: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
         hw = input_hw or self.input_hw

@@ -5,13 +5,19 @@ import pytest
 import torch
 
 import l0kernels as l0k
-from l0kernels import _gates
+from l0kernels import _active, _gates
 from l0kernels._philox import _cpu, philox_range
 from l0kernels.backends import _cpu_paths
 from conftest import TOL
 
 pytestmark = pytest.mark.skipif(_cpu is None, reason="l0kernels._cpu was not built")
 CFG = _gates.DEFAULT_CONFIG
+
+
+@pytest.fixture(autouse=True)
+def _dense_paths(monkeypatch):
+    """These tests cover the dense C++ paths; skipping closed groups is tests/test_sparse_train.py's."""
+    monkeypatch.setattr(_active, "ENABLED", False)
 
 
 @pytest.fixture

@@ -120,6 +120,57 @@ L0K_CLONES void scale_cols(const float* __restrict x, Py_ssize_t ldx, const floa
   }
 }
 
+// Scatter of the open columns (training that skips closed input gates): out is (n, k), src (n, ko) holds
+// the columns idx[0..ko) of out; the other columns of out are set to 0. With wo non-null (the gathered
+// weight columns, (n, ko)), also dla[j] = ratio[j] * sum_r wo[r, j] * src[r, j].
+L0K_CLONES void scatter_cols(const float* __restrict src, const int64_t* __restrict idx, Py_ssize_t ko,
+                             const float* __restrict wo, const float* __restrict ratio, float* __restrict out,
+                             float* __restrict dla, Py_ssize_t n, Py_ssize_t k) {
+  if (wo)
+    for (Py_ssize_t j = 0; j < ko; ++j) dla[j] = 0.0f;
+  for (Py_ssize_t r = 0; r < n; ++r) {
+    float* o = out + r * k;
+    const float* sr = src + r * ko;
+    for (Py_ssize_t c = 0; c < k; ++c) o[c] = 0.0f;
+    if (wo) {
+      const float* wr = wo + r * ko;
+      for (Py_ssize_t j = 0; j < ko; ++j) {
+        const float v = sr[j];
+        o[idx[j]] = v;
+        dla[j] += wr[j] * v;
+      }
+    } else {
+      for (Py_ssize_t j = 0; j < ko; ++j) o[idx[j]] = sr[j];
+    }
+  }
+  if (wo)
+    for (Py_ssize_t j = 0; j < ko; ++j) dla[j] *= ratio[j];
+}
+
+// Squared L2 norms of the columns (axis 1: out has k entries) or rows (axis 0: n entries) of an (n, k)
+// matrix in one pass: the group norms of the expected-L2 regularizer (reg_forward).
+L0K_CLONES void sq_norms(int axis, const float* __restrict w, Py_ssize_t n, Py_ssize_t k, float* __restrict out) {
+  if (axis == 1) {
+    for (Py_ssize_t c = 0; c < k; ++c) out[c] = 0.0f;
+    for (Py_ssize_t r = 0; r < n; ++r) {
+      const float* wr = w + r * k;
+      for (Py_ssize_t c = 0; c < k; ++c) out[c] += wr[c] * wr[c];
+    }
+    return;
+  }
+  for (Py_ssize_t r = 0; r < n; ++r) {
+    const float* wr = w + r * k;
+    float part[16] = {0.0f};
+    Py_ssize_t c = 0;
+    for (; c + 16 <= k; c += 16)
+      for (int l = 0; l < 16; ++l) part[l] += wr[c + l] * wr[c + l];
+    float acc = 0.0f;
+    for (int l = 0; l < 16; ++l) acc += part[l];
+    for (; c < k; ++c) acc += wr[c] * wr[c];
+    out[r] = acc;
+  }
+}
+
 template <class T>
 T* ptr(unsigned long long addr) {
   return reinterpret_cast<T*>(addr);
@@ -225,6 +276,130 @@ static PyObject* gate_backward(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// scatter_cols(src_addr, idx_addr, ko, wo_addr, ratio_addr, out_addr, dla_addr, n, k): see scatter_cols above;
+// wo_addr == 0 skips dla. Every address is a contiguous float32 (idx: int64) buffer; idx values in [0, k).
+static PyObject* scatter_cols_py(PyObject*, PyObject* args) {
+  unsigned long long src_addr, idx_addr, w_addr, ratio_addr, out_addr, dla_addr;
+  Py_ssize_t ko, n, k;
+  if (!PyArg_ParseTuple(args, "KKnKKKKnn", &src_addr, &idx_addr, &ko, &w_addr, &ratio_addr, &out_addr, &dla_addr,
+                        &n, &k))
+    return nullptr;
+  if (n < 0 || k < 0 || ko < 0 || ko > k) {
+    PyErr_SetString(PyExc_ValueError, "scatter_cols: sizes must satisfy 0 <= ko <= k, n >= 0");
+    return nullptr;
+  }
+  Py_BEGIN_ALLOW_THREADS
+  scatter_cols(ptr<const float>(src_addr), ptr<const int64_t>(idx_addr), ko, ptr<const float>(w_addr),
+               ptr<const float>(ratio_addr), ptr<float>(out_addr), ptr<float>(dla_addr), n, k);
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+// The per-layer regularizer (l0kernels/_regularizer.py) on a float32 weight viewed as (n, k): gated features
+// are its columns (axis 1) or rows (axis 0, where a gated bias joins its row); g gates over the features,
+// gate j covering features j*F/g ... (j+1)*F/g - 1.
+//
+// reg_forward(axis, w_addr, n, k, b_addr, bias_gated, la_addr, g, lamba_size, wd, shift, p_addr, sq_addr) -> float:
+// p[j] = sigmoid(la[j] - shift), sq[j] = ||theta_j||^2 (0 when wd == 0), and returns
+// sum_j p[j] (lamba_size + 0.5 wd sq[j]) + 0.5 wd ||b||^2 (the last term for an ungated bias only). b_addr may be 0.
+static PyObject* reg_forward(PyObject*, PyObject* args) {
+  int axis, bias_gated;
+  unsigned long long w_addr, b_addr, la_addr, p_addr, sq_addr;
+  Py_ssize_t n, k, g;
+  double lamba_size, wd, shift;
+  if (!PyArg_ParseTuple(args, "iKnnKpKndddKK", &axis, &w_addr, &n, &k, &b_addr, &bias_gated, &la_addr, &g, &lamba_size,
+                        &wd, &shift, &p_addr, &sq_addr))
+    return nullptr;
+  const Py_ssize_t feats = axis == 1 ? k : n;
+  if (n < 0 || k < 0 || (axis != 0 && axis != 1) || g <= 0 || feats % g != 0 || (bias_gated && axis != 0)) {
+    PyErr_SetString(PyExc_ValueError, "reg_forward: axis must be 0 or 1, g > 0 must divide the features");
+    return nullptr;
+  }
+  double term = 0.0;
+  Py_BEGIN_ALLOW_THREADS
+  const float* la = ptr<const float>(la_addr);
+  const float* b = ptr<const float>(b_addr);
+  float* p = ptr<float>(p_addr);
+  float* sq = ptr<float>(sq_addr);
+  const Py_ssize_t fpg = feats / g;
+  if (wd != 0.0) {
+    std::vector<float> fs(static_cast<size_t>(feats));
+    sq_norms(axis, ptr<const float>(w_addr), n, k, fs.data());
+    if (b && bias_gated)
+      for (Py_ssize_t r = 0; r < n; ++r) fs[r] += b[r] * b[r];
+    for (Py_ssize_t j = 0; j < g; ++j) {
+      float acc = 0.0f;
+      for (Py_ssize_t f = j * fpg; f < (j + 1) * fpg; ++f) acc += fs[f];
+      sq[j] = acc;
+    }
+    if (b && !bias_gated) {
+      double bb = 0.0;
+      for (Py_ssize_t r = 0; r < n; ++r) bb += static_cast<double>(b[r]) * b[r];
+      term += 0.5 * wd * bb;
+    }
+  } else {
+    for (Py_ssize_t j = 0; j < g; ++j) sq[j] = 0.0f;
+  }
+  for (Py_ssize_t j = 0; j < g; ++j) {
+    p[j] = 1.0f / (1.0f + expf(static_cast<float>(shift) - la[j]));
+    term += static_cast<double>(p[j]) * (lamba_size + 0.5 * wd * sq[j]);
+  }
+  Py_END_ALLOW_THREADS
+  return PyFloat_FromDouble(term);
+}
+
+// reg_backward(axis, w_addr, n, k, b_addr, bias_gated, g, p_addr, sq_addr, c, lamba_size, wd, dla_addr, dw_addr, db_addr):
+// dla[j] = c p (1 - p) (lamba_size + 0.5 wd sq[j]); dw = c wd p[gate] * w; db = c wd (p[gate] if gated, else 1) * b.
+// Each output address may be 0 (not wanted).
+static PyObject* reg_backward(PyObject*, PyObject* args) {
+  int axis, bias_gated;
+  unsigned long long w_addr, b_addr, p_addr, sq_addr, dla_addr, dw_addr, db_addr;
+  Py_ssize_t n, k, g;
+  double c, lamba_size, wd;
+  if (!PyArg_ParseTuple(args, "iKnnKpnKKdddKKK", &axis, &w_addr, &n, &k, &b_addr, &bias_gated, &g, &p_addr, &sq_addr,
+                        &c, &lamba_size, &wd, &dla_addr, &dw_addr, &db_addr))
+    return nullptr;
+  const Py_ssize_t feats = axis == 1 ? k : n;
+  if (n < 0 || k < 0 || (axis != 0 && axis != 1) || g <= 0 || feats % g != 0 || (bias_gated && axis != 0)) {
+    PyErr_SetString(PyExc_ValueError, "reg_backward: axis must be 0 or 1, g > 0 must divide the features");
+    return nullptr;
+  }
+  Py_BEGIN_ALLOW_THREADS
+  const float* p = ptr<const float>(p_addr);
+  const float* sq = ptr<const float>(sq_addr);
+  const Py_ssize_t fpg = feats / g;
+  if (dla_addr) {
+    float* dla = ptr<float>(dla_addr);
+    for (Py_ssize_t j = 0; j < g; ++j)
+      dla[j] = static_cast<float>(c * p[j] * (1.0 - p[j]) * (lamba_size + 0.5 * wd * sq[j]));
+  }
+  const float cw = static_cast<float>(c * wd);
+  std::vector<float> s(static_cast<size_t>(feats));
+  for (Py_ssize_t f = 0; f < feats; ++f) s[f] = cw * p[f / fpg];
+  if (dw_addr) {
+    const float* w = ptr<const float>(w_addr);
+    float* dw = ptr<float>(dw_addr);
+    for (Py_ssize_t r = 0; r < n; ++r) {
+      const float* wr = w + r * k;
+      float* dr = dw + r * k;
+      if (axis == 1) {
+        const float* sv = s.data();
+        for (Py_ssize_t col = 0; col < k; ++col) dr[col] = wr[col] * sv[col];
+      } else {
+        const float sr = s[r];
+        for (Py_ssize_t col = 0; col < k; ++col) dr[col] = wr[col] * sr;
+      }
+    }
+  }
+  if (db_addr && b_addr) {
+    const float* b = ptr<const float>(b_addr);
+    float* db = ptr<float>(db_addr);
+    for (Py_ssize_t r = 0; r < n; ++r) db[r] = b[r] * (bias_gated ? s[r] : cw);
+  }
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
 // uniform(seed, offsets_addr, out_addr, n): out[i] = u_raw(seed, offsets[i])
 static PyObject* uniform(PyObject*, PyObject* args) {
   unsigned long long seed, off_addr, out_addr;
@@ -283,6 +458,13 @@ static PyMethodDef kMethods[] = {
     {"gate_backward", gate_backward, METH_VARARGS,
      "gate_backward(axis, seed, training, la_addr, p_addr, w_addr, extra_addr, out_addr, z_addr, n, k, "
      "(beta, gamma, zeta, eps)[, group])"},
+    {"scatter_cols", scatter_cols_py, METH_VARARGS,
+     "scatter_cols(src_addr, idx_addr, ko, wo_addr, ratio_addr, out_addr, dla_addr, n, k)"},
+    {"reg_forward", reg_forward, METH_VARARGS,
+     "reg_forward(axis, w_addr, n, k, b_addr, bias_gated, la_addr, g, lamba_size, wd, shift, p_addr, sq_addr) -> float"},
+    {"reg_backward", reg_backward, METH_VARARGS,
+     "reg_backward(axis, w_addr, n, k, b_addr, bias_gated, g, p_addr, sq_addr, c, lamba_size, wd, dla_addr, dw_addr, "
+     "db_addr)"},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_cpu",

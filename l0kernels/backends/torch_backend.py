@@ -7,6 +7,8 @@ the log_alpha gradient of output/channel gates needs ``sum_m dY*h`` with ``h`` t
 output; it is formed from GEMMs backward does anyway:
 ``sum_m dY[m,n] h[m,n] = sum_k W[n,k] (dY^T x)[n,k] + b[n] sum_m dY[m,n]``.
 Per-example output gates recompute ``h`` (one extra GEMM/conv) instead of storing it.
+Training calls with one gate vector per call on the CPU run over the open groups only
+(``_skip.py``, :mod:`l0kernels._active`); they also keep the gathered weight for the backward.
 """
 from __future__ import annotations
 
@@ -17,21 +19,24 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .. import _active
 from .._dispatch import Backend, Conv2dCall, LinearCall, register_backend
 from .._gates import GateConfig, compute_dtype, eval_gates_and_grad, sample_gate_tensor
-from . import _cpu_paths
+from . import _cpu_paths, _skip
 
 
-def _save(ctx, x, weight, log_alpha, bias, seed) -> None:
+def _save(ctx, x, weight, log_alpha, bias, seed, *extra) -> None:
     """Keep the inputs and the seed for backward: a tensor seed goes through ``save_for_backward`` (as
-    ``torch.compile`` and saved-tensor hooks expect), an int beside the config."""
-    ctx.save_for_backward(x, weight, log_alpha, bias, seed if isinstance(seed, torch.Tensor) else None)
+    ``torch.compile`` and saved-tensor hooks expect), an int beside the config. ``extra``: more tensors
+    (the skipping path's gathered weight)."""
+    ctx.save_for_backward(x, weight, log_alpha, bias, seed if isinstance(seed, torch.Tensor) else None, *extra)
     ctx.int_seed = None if isinstance(seed, torch.Tensor) else seed
 
 
 def _saved(ctx):
-    x, weight, log_alpha, bias, seed = ctx.saved_tensors
-    return x, weight, log_alpha, bias, (ctx.int_seed if seed is None else seed)
+    """``(x, weight, log_alpha, bias, seed, extra)`` as :func:`_save` kept them."""
+    x, weight, log_alpha, bias, seed, *extra = ctx.saved_tensors
+    return x, weight, log_alpha, bias, (ctx.int_seed if seed is None else seed), extra
 
 
 def gates_for(log_alpha: torch.Tensor, seed, noise_shape: Tuple[int, ...], training: bool,
@@ -67,6 +72,25 @@ def linear_noise_shape(gate: str, noise: str, m: int, n: int, k: int, group_size
     return (m, g) if noise == "sample" else (g,)
 
 
+def _open_gates(log_alpha: torch.Tensor, seed, cfg: GateConfig, need_grad: bool, group_size: int = 1):
+    """``(z, dz, open index)`` of one training gate vector (``noise="batch"``), per feature (a grouped gate
+    repeated over its ``group_size`` features; the index lists open features)."""
+    z, dz = gates_for(log_alpha, seed, (log_alpha.shape[0],), True, cfg, need_grad, group_size)
+    return z, dz, _active.open_index(z)
+
+
+def _skip_gates(x: torch.Tensor, log_alpha: torch.Tensor, seed, training: bool, noise: str, cfg: GateConfig,
+                group_size: int = 1):
+    """:func:`_open_gates` where the call takes the path that skips closed groups (training, one gate
+    vector per call, a CPU tensor, open fraction at most ``_active.DENSE_ABOVE``), else None. Backward
+    draws the same gates again from the seed (``ctx.skip`` records the forward's decision)."""
+    if not (training and noise == "batch" and _active.ENABLED and x.device.type == "cpu") \
+            or torch.compiler.is_compiling():  # the open set's size is data-dependent: no skipping in a trace
+        return None
+    z, dz, idx = _open_gates(log_alpha, seed, cfg, False, group_size)
+    return (z, dz, idx) if _active.skip_closed(idx.numel(), z.numel()) else None
+
+
 class L0LinearFunction(torch.autograd.Function):
     """``l0_linear`` of SPEC section 3 on the torch backend.
 
@@ -79,7 +103,12 @@ class L0LinearFunction(torch.autograd.Function):
         n, k = weight.shape
         x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), k)  # not -1: K may be 0
         m = x2.shape[0]
-        if gate == "in" and _cpu_paths.applies(x, weight, log_alpha, not training or noise == "batch"):
+        skip = None if gate == "weight" else _skip_gates(x, log_alpha, seed, training, noise, cfg, group_size)
+        if gate != "weight" and training and noise == "batch":
+            _active.PATHS["linear-" + gate, "fwd", "skip" if skip else "dense"] += 1
+        if skip is not None:
+            y, wo = _skip.linear_forward(gate, x2, weight, bias, skip[0], skip[2])
+        elif gate == "in" and _cpu_paths.applies(x, weight, log_alpha, not training or noise == "batch"):
             y = F.linear(_cpu_paths.in_gate_input(x2, log_alpha, seed, training, cfg, group_size), weight, bias)
         else:
             z, _ = gates_for(log_alpha, seed, linear_noise_shape(gate, noise, m, n, k, group_size), training, cfg,
@@ -91,20 +120,32 @@ class L0LinearFunction(torch.autograd.Function):
                 y = F.linear(x2, weight, bias).mul_(zx)  # in place: the GEMM's output is ours
             else:
                 y = F.linear(x2, weight * zx, bias)
-        _save(ctx, x, weight, log_alpha, bias, seed)
+        # the skipping path also keeps the gathered weight (its open columns/rows: at most W's size)
+        _save(ctx, x, weight, log_alpha, bias, seed, *((wo,) if skip is not None else ()))
         ctx.conf = (gate, noise, training, cfg, group_size)
+        ctx.skip = skip is not None
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, log_alpha, bias, seed = _saved(ctx)
+        x, weight, log_alpha, bias, seed, wo = _saved(ctx)
         gate, noise, training, cfg, group_size = ctx.conf
         n, k = weight.shape
         x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), k)  # not -1: K may be 0
         m = x2.shape[0]
         dy = dy if dy.dim() == 2 else dy.reshape(m, n)
         need_x, need_w, need_la, need_b = ctx.needs_input_grad[:4]
+        if ctx.skip:
+            _active.PATHS["linear-" + gate, "bwd", "skip"] += 1
+            z, dz, idx = _open_gates(log_alpha, seed, cfg, need_la, group_size)
+            dx, dw, dla, db = _skip.linear_backward(gate, dy, x2, weight, wo[0], bias, z, dz, idx, need_x,
+                                                    need_w, need_la, need_b)
+            if dx is not None:
+                dx = dx.reshape(x.shape)
+            if dla is not None:
+                dla = sum_groups(dla, group_size).to(log_alpha.dtype)
+            return dx, dw, dla, db, None, None, None, None, None, None
         if need_la and gate != "weight" and _cpu_paths.applies(x, weight, log_alpha, not training or noise == "batch"):
             dx, dw, dla, db = _cpu_linear_backward(dy, x2, weight, log_alpha, bias, seed, gate, training, cfg,
                                                    need_x, need_w, need_b, group_size)
@@ -225,23 +266,38 @@ class L0Conv2dFunction(torch.autograd.Function):
                 group_size=1):
         c = weight.shape[0] // group_size
         shape = (x.shape[0], c) if noise == "sample" else (c,)
-        z, _ = gates_for(log_alpha, seed, shape, training, cfg, need_grad=False, group_size=group_size)
-        h = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        zx = z.to(x.dtype)
-        y = h * (zx[:, :, None, None] if zx.dim() == 2 else zx[:, None, None])
-        _save(ctx, x, weight, log_alpha, bias, seed)
+        skip = _skip_gates(x, log_alpha, seed, training, noise, cfg, group_size) if groups == 1 else None
+        if training and noise == "batch":
+            _active.PATHS["conv2d", "fwd", "skip" if skip else "dense"] += 1
+        if skip is not None:
+            y, wo = _skip.conv2d_forward(x, weight, bias, (stride, padding, dilation, groups), skip[0], skip[2])
+        else:
+            z, _ = gates_for(log_alpha, seed, shape, training, cfg, need_grad=False, group_size=group_size)
+            h = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+            zx = z.to(x.dtype)
+            y = h * (zx[:, :, None, None] if zx.dim() == 2 else zx[:, None, None])
+        _save(ctx, x, weight, log_alpha, bias, seed, *((wo,) if skip is not None else ()))
         ctx.conf = (stride, padding, dilation, groups, noise, training, cfg, group_size)
+        ctx.skip = skip is not None
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, log_alpha, bias, seed = _saved(ctx)
+        x, weight, log_alpha, bias, seed, wo = _saved(ctx)
         stride, padding, dilation, groups, noise, training, cfg, group_size = ctx.conf
         conv_args = (stride, padding, dilation, groups)
         c = weight.shape[0] // group_size
         need_x, need_w, need_la, need_b = ctx.needs_input_grad[:4]
         shape = (x.shape[0], c) if noise == "sample" else (c,)
+        if ctx.skip:
+            _active.PATHS["conv2d", "bwd", "skip"] += 1
+            z, dz, idx = _open_gates(log_alpha, seed, cfg, need_la, group_size)
+            dx, dw, dla, db = _skip.conv2d_backward(dy, x, weight, wo[0], bias, conv_args, z, dz, idx, need_x,
+                                                    need_w, need_la, need_b)
+            if dla is not None:
+                dla = sum_groups(dla, group_size).to(log_alpha.dtype)
+            return dx, dw, dla, db, None, None, None, None, None, None, None, None, None
         z, dz = gates_for(log_alpha, seed, shape, training, cfg, need_la, group_size)
         cd = compute_dtype(x.dtype)
         zx = z.to(x.dtype)

@@ -1,0 +1,143 @@
+"""The paper's per-layer regularizer in one fused pass (as cheap as weight decay).
+
+``(1/N) * [ sum_g p_g * (lamba * |g| + 0.5 * wd * ||theta_g||^2) + 0.5 * wd * ||theta_ungated||^2 ]``
+
+with ``p_g = P(z_g != 0) = sigmoid(log_alpha_g - beta * log(-gamma/zeta))``. Written with autograd ops this
+costs several full-size passes and temporaries over the weight (``W**2``, its gradient ``2 W dY``, the
+broadcast of the per-group gradient ...). :class:`RegularizerFunction` keeps only ``G``-sized tensors:
+
+- forward: the group norms ``||theta_g||^2`` in one reduction pass over the weight, then ``G``-sized
+  arithmetic;
+- backward: ``dtheta = (wd / N) * p_g * theta`` written in one pass (the gradient itself is the only
+  full-size tensor), ``dlog_alpha = (1/N) * p (1 - p) * (lamba |g| + 0.5 wd ||theta_g||^2)``.
+
+On CPU float32 each is one C++ call (``l0kernels._cpu.reg_forward`` / ``reg_backward``; a layer's whole
+regularizer then costs about what its small torch ops' dispatch did); elsewhere torch ops, which are the
+reference the tests compare with (``L0K_CPU_KERNELS=0`` turns the C++ calls off).
+
+Layout: the weight is viewed as ``(rows, features)`` -- ``(N, K)`` for a linear layer, ``(C_out, rest)``
+for a convolution -- and ``axis`` says where the gated features are: ``1`` the columns (input gates),
+``0`` the rows (output gates, conv channels; a gated bias joins its row), ``None`` every weight (weight
+gates). ``G`` gates over ``F`` features: gate ``j`` covers features ``j*F/G ... (j+1)*F/G - 1``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ._gates import GateConfig, compute_dtype
+from ._philox import _cpu
+
+_CPU_REG = _cpu is not None and hasattr(_cpu, "reg_forward") and os.environ.get("L0K_CPU_KERNELS", "1") != "0"
+
+
+def _in_cpp(log_alpha, weight, bias, axis) -> bool:
+    """The C++ passes (``l0kernels._cpu.reg_forward`` / ``reg_backward``) take CPU float32 contiguous tensors."""
+    return (_CPU_REG and axis is not None and weight.is_cpu and weight.dtype is torch.float32
+            and log_alpha.dtype is torch.float32 and weight.is_contiguous() and log_alpha.is_contiguous()
+            and weight.numel() > 0 and log_alpha.numel() > 0
+            and (bias is None or (bias.dtype is torch.float32 and bias.is_contiguous())))
+
+
+class RegularizerFunction(torch.autograd.Function):
+    """``apply(log_alpha, weight, bias, axis, bias_gated, lamba_size, weight_decay, n, cfg)`` -> 0-d tensor
+    in the compute dtype (float32 for half types, else the parameters' dtype). ``lamba_size`` is
+    ``lamba * |g|`` (parameters per gate); ``n`` the training-set size."""
+
+    @staticmethod
+    def forward(ctx, log_alpha, weight, bias, axis: Optional[int], bias_gated: bool, lamba_size: float,
+                weight_decay: float, n: int, cfg: GateConfig):
+        wd = float(weight_decay)
+        shift = cfg.beta * math.log(-cfg.gamma / cfg.zeta)
+        cpp = _in_cpp(log_alpha, weight, bias, axis)
+        if cpp:  # one C++ call: the norms pass over the weight and the G-sized arithmetic
+            g = log_alpha.numel()
+            p = torch.empty(g, dtype=torch.float32)
+            sq = torch.empty(g, dtype=torch.float32)
+            rows = weight.shape[0]
+            term = _cpu.reg_forward(axis, weight.data_ptr(), rows, weight.numel() // rows,
+                                    bias.data_ptr() if bias is not None else 0, bias_gated, log_alpha.data_ptr(), g,
+                                    float(lamba_size), wd, shift, p.data_ptr(), sq.data_ptr())
+            term = torch.tensor(term / n, dtype=torch.float32)
+        else:
+            term, p, sq = _forward_torch(log_alpha, weight, bias, axis, bias_gated, lamba_size, wd, shift)
+            term = term / n
+        ctx.cpp = cpp
+        ctx.save_for_backward(weight, bias, p, sq)
+        ctx.conf = (axis, bias_gated, lamba_size, wd, n, log_alpha.dtype)
+        return term
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        weight, bias, p, sq = ctx.saved_tensors
+        axis, bias_gated, lamba_size, wd, n, la_dtype = ctx.conf
+        need_la, need_w, need_b = ctx.needs_input_grad[:3]
+        dla = dw = db = None
+        if ctx.cpp:
+            c = float(g) / n
+            rows = weight.shape[0]
+            dla = torch.empty(p.shape, dtype=torch.float32) if need_la else None
+            dw = torch.empty_like(weight) if (need_w and wd) else None
+            db = torch.empty_like(bias) if (need_b and wd and bias is not None) else None
+            _cpu.reg_backward(axis, weight.data_ptr(), rows, weight.numel() // rows,
+                              bias.data_ptr() if bias is not None else 0, bias_gated, p.numel(), p.data_ptr(),
+                              sq.data_ptr(), c, float(lamba_size), wd, dla.data_ptr() if dla is not None else 0,
+                              dw.data_ptr() if dw is not None else 0, db.data_ptr() if db is not None else 0)
+            return dla, dw, db, None, None, None, None, None, None
+        c = g.to(p.dtype) / n
+        if need_la:
+            inner = lamba_size + 0.5 * wd * sq if wd else torch.full_like(p, lamba_size)
+            dla = (c * p * (1 - p) * inner).to(la_dtype)
+        if wd and (need_w or need_b):
+            s = (c * wd) * p  # per gate
+            if axis is None:
+                if need_w:
+                    dw = weight * s.to(weight.dtype)
+                if need_b and bias is not None:
+                    db = bias * (c * wd).to(bias.dtype)
+                return dla, dw, db, None, None, None, None, None, None
+            rows = weight.shape[0]
+            feats = weight.numel() // rows if axis == 1 else rows
+            sf = s.repeat_interleave(feats // s.numel()) if s.numel() != feats else s  # per feature
+            sf = sf.to(weight.dtype)
+            if need_w:  # in the weight's own shape: a fresh tensor, not a view (autograd adds it in place)
+                dw = weight * (sf if axis == 1 else sf.view((rows,) + (1,) * (weight.dim() - 1)))
+            if need_b and bias is not None:
+                db = bias * (sf if bias_gated else (c * wd).to(bias.dtype))
+        return dla, dw, db, None, None, None, None, None, None
+
+
+def _forward_torch(log_alpha, weight, bias, axis, bias_gated, lamba_size, wd, shift):
+    """``(term, p, sq)`` in torch ops (the reference; any dtype and device)."""
+    cd = compute_dtype(weight.dtype)
+    la = log_alpha.detach().to(cd)
+    p = torch.sigmoid(la - shift)
+    w2 = weight.detach().reshape(weight.shape[0], -1)
+    b = bias.detach() if bias is not None else None
+    sq = None
+    if wd:
+        if axis is None:  # one gate per weight: its "group norm" is the weight's square
+            sq = w2.to(cd).square().reshape(la.shape)
+        else:
+            sq = w2.to(cd).pow(2).sum(0 if axis == 1 else 1)
+            if b is not None and bias_gated:
+                sq = sq + b.to(cd).square()
+            g = la.numel()
+            if sq.numel() != g:
+                sq = sq.reshape(g, sq.numel() // g).sum(1)
+        term = (p * (lamba_size + 0.5 * wd * sq)).sum()
+        if b is not None and not bias_gated:
+            term = term + 0.5 * wd * b.to(cd).square().sum()
+    else:
+        term = p.sum() * lamba_size
+    return term, p, sq
+
+
+def layer_regularizer(log_alpha, weight, bias, axis, bias_gated, lamba_size, weight_decay, n, cfg) -> torch.Tensor:
+    """:class:`RegularizerFunction` applied (arguments checked by the caller)."""
+    return RegularizerFunction.apply(log_alpha, weight, bias, axis, bias_gated, lamba_size, weight_decay, n, cfg)

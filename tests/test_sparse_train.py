@@ -1,0 +1,232 @@
+"""Training that skips closed groups (``l0kernels._active``, ``backends/_skip.py``): the gathered path of
+the torch backend against its dense path in float64, exact zero gradients for closed groups, the open
+set recomputed per call, and a check that the skipping path actually ran (``_active.PATHS``)."""
+import pytest
+import torch
+
+import l0kernels as l0k
+from l0kernels import _active
+from l0kernels.backends.torch_backend import gates_for
+from l0kernels._gates import DEFAULT_CONFIG as CFG
+from conftest import TOL
+
+DENSITIES = ["all_open", "half", "all_closed", "one_open"]
+
+
+def _log_alpha(g, density, gen):
+    """log_alpha whose drawn gates are all open (+10), all closed (-30), one open, or a mix around half."""
+    if density == "all_open":
+        return torch.full((g,), 10.0, dtype=torch.float64)
+    if density == "all_closed":
+        return torch.full((g,), -30.0, dtype=torch.float64)
+    if density == "one_open":
+        la = torch.full((g,), -30.0, dtype=torch.float64)
+        la[g // 2] = 10.0
+        return la
+    return torch.randn(g, generator=gen, dtype=torch.float64) * 3.0 - 1.0  # z in {0}, (0, 1) and {1}
+
+
+@pytest.fixture
+def force_skip(monkeypatch):
+    """Skip closed groups whenever any gate is closed (not only below the CPU's density threshold)."""
+    monkeypatch.setattr(_active, "DENSE_ABOVE", 1.0)
+    monkeypatch.setattr(_active, "ENABLED", True)
+    _active.PATHS.clear()
+
+
+def _run(fn, args, dy, enabled, monkeypatch):
+    monkeypatch.setattr(_active, "ENABLED", enabled)
+    args = [a.detach().clone().requires_grad_(True) if a is not None else None for a in args]
+    y = fn(*args)
+    grads = torch.autograd.grad(y, [a for a in args if a is not None], dy.to(y.dtype))
+    monkeypatch.setattr(_active, "ENABLED", True)
+    return y.detach(), grads
+
+
+def _gates(la, seed):
+    return gates_for(la, seed, (la.shape[0],), True, CFG, need_grad=False)[0]
+
+
+def _linear_case(gate, density, seed, lead=(7,), k=13, n=11, noncontig=False, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, k * 2 if noncontig else k, generator=gen, dtype=torch.float64)
+    if noncontig:
+        x = x[..., ::2]
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    b = torch.randn(n, generator=gen, dtype=torch.float64) if bias else None
+    la = _log_alpha(k if gate == "in" else n, density, gen)
+    dy = torch.randn(*lead, n, generator=gen, dtype=torch.float64)
+    return x, w, la, b, dy
+
+
+@pytest.mark.parametrize("gate", ["in", "out"])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_linear_skip_equals_dense(gate, density, dtype, force_skip, monkeypatch, rel_err):
+    seed = 1234 + DENSITIES.index(density)
+    x, w, la, b, dy = _linear_case(gate, density, seed, lead=(3, 5), noncontig=(gate == "in"))
+    z = _gates(la, seed)
+    n_open, g = int((z != 0).sum()), z.numel()
+    assert {"all_open": n_open == g, "all_closed": n_open == 0, "one_open": n_open == 1,
+            "half": 0 < n_open < g}[density]
+
+    def f(x_, w_, la_, b_):
+        return l0k.l0_linear(x_, w_, la_, b_, seed=seed, gate=gate, backend="torch")
+
+    y_ref, g_ref = _run(f, [x, w, la, b], dy, False, monkeypatch)  # dense path, float64
+    args = [t.to(dtype) for t in (x, w, la, b)]
+    _active.PATHS.clear()
+    y, grads = _run(f, args, dy, True, monkeypatch)
+    path = "skip" if n_open < g else "dense"
+    assert _active.PATHS["linear-" + gate, "fwd", path] == 1
+    assert _active.PATHS["linear-" + gate, "bwd", "skip"] == (path == "skip")
+    tol = TOL[dtype]
+    assert rel_err(y, y_ref) <= tol
+    for gr, ref in zip(grads, g_ref):
+        assert gr.dtype == dtype and rel_err(gr, ref) <= tol
+    closed = z == 0
+    dx, dw, dla, db = grads
+    assert dla[closed].eq(0).all()
+    if gate == "in":
+        assert dw[:, closed].eq(0).all() and dx[..., closed].eq(0).all()
+    else:
+        assert dw[closed].eq(0).all() and db[closed].eq(0).all() and y[..., closed].eq(0).all()
+    if dtype == torch.float64:  # the same arithmetic on the open groups, and exact zeros elsewhere
+        assert rel_err(y, y_ref) <= 1e-12
+
+
+@pytest.mark.parametrize("gate", ["in", "out"])
+def test_linear_skip_partial_grads_and_no_bias(gate, force_skip, monkeypatch, rel_err):
+    seed = 77
+    x, w, la, _, dy = _linear_case(gate, "half", seed, lead=(9,), k=17, n=6, bias=False)
+    for need in ([True, False, False], [False, True, False], [False, False, True]):
+        outs = []
+        for enabled in (False, True):
+            monkeypatch.setattr(_active, "ENABLED", enabled)
+            xs = [t.detach().clone().requires_grad_(r) for t, r in zip((x, w, la), need)]
+            y = l0k.l0_linear(*xs, None, seed=seed, gate=gate, backend="torch")
+            outs.append(torch.autograd.grad(y, [t for t in xs if t.requires_grad], dy)[0])
+        assert rel_err(outs[1], outs[0]) <= 1e-12
+    assert _active.PATHS["linear-" + gate, "bwd", "skip"] == 3
+
+
+def test_open_set_recomputed_per_call(force_skip, monkeypatch, rel_err):
+    """Each call draws its own gates; the skipped groups follow them (output gates: the zero columns)."""
+    x, w, la, b, dy = _linear_case("out", "half", 5, lead=(4,), k=9, n=40)
+    layer_out = []
+    for seed in (11, 12):
+        z = _gates(la, seed)
+        y = l0k.l0_linear(x, w, la, b, seed=seed, gate="out", backend="torch")
+        assert torch.equal(y.eq(0).all(0), z == 0)
+        monkeypatch.setattr(_active, "ENABLED", False)
+        assert rel_err(y, l0k.l0_linear(x, w, la, b, seed=seed, gate="out", backend="torch")) <= 1e-12
+        monkeypatch.setattr(_active, "ENABLED", True)
+        layer_out.append(z == 0)
+    assert not torch.equal(*layer_out)
+    # a module draws a fresh seed per call: two calls skip different groups
+    torch.manual_seed(0)
+    m = l0k.L0Linear(9, 40, gate="out", backend="torch").double()
+    with torch.no_grad():
+        m.log_alpha.copy_(la)
+    masks = [m(x).detach().eq(0).all(0) for _ in range(2)]
+    assert _active.PATHS["linear-out", "fwd", "skip"] == 4
+    assert not torch.equal(*masks)
+
+
+def test_dense_above_threshold_takes_dense_path(monkeypatch):
+    monkeypatch.setattr(_active, "DENSE_ABOVE", 0.5)
+    _active.PATHS.clear()
+    x, w, la, b, dy = _linear_case("in", "one_open", 3)
+    la[:] = 10.0
+    la[0] = -30.0  # 12 of 13 open: above the threshold
+    l0k.l0_linear(x, w, la.requires_grad_(), b, seed=1, gate="in", backend="torch").sum().backward()
+    assert _active.PATHS["linear-in", "fwd", "dense"] == 1 and not _active.PATHS["linear-in", "fwd", "skip"]
+
+
+@pytest.mark.parametrize("gate", ["in", "out", "weight"])
+def test_per_example_and_weight_gates_never_skip(gate, force_skip):
+    x, w, la, b, dy = _linear_case("in" if gate == "in" else "out", "half", 4)
+    if gate == "weight":
+        la = torch.full(w.shape, -30.0, dtype=torch.float64)
+    noise = "batch" if gate == "weight" else "sample"
+    l0k.l0_linear(x, w, la.requires_grad_(), b, seed=2, gate=gate, noise=noise, backend="torch").sum().backward()
+    assert not any(k[2] == "skip" for k in _active.PATHS)
+
+
+def test_eval_never_skips_through_training_path(force_skip):
+    x, w, la, b, _ = _linear_case("in", "half", 6)
+    l0k.l0_linear(x, w, la, b, gate="in", training=False, backend="torch")
+    assert not _active.PATHS
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv2d_skip_equals_dense(density, channels_last, force_skip, monkeypatch, rel_err):
+    seed = 99 + DENSITIES.index(density)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 4, 7, 6, generator=gen, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(9, 4, 3, 2, generator=gen, dtype=torch.float64)
+    b = torch.randn(9, generator=gen, dtype=torch.float64)
+    la = _log_alpha(9, density, gen)
+    z = _gates(la, seed)
+
+    def f(x_, w_, la_, b_):
+        return l0k.l0_conv2d(x_, w_, la_, b_, stride=(2, 1), padding=1, seed=seed, backend="torch")
+
+    dy = torch.randn(f(x, w, la, b).shape, generator=gen, dtype=torch.float64)
+    y_ref, g_ref = _run(f, [x, w, la, b], dy, False, monkeypatch)
+    _active.PATHS.clear()
+    for dtype in (torch.float64, torch.float32):
+        y, grads = _run(f, [t.to(dtype) for t in (x, w, la, b)], dy, True, monkeypatch)
+        assert rel_err(y, y_ref) <= TOL[dtype]
+        for gr, ref in zip(grads, g_ref):
+            assert rel_err(gr, ref) <= TOL[dtype]
+        closed = z == 0
+        assert grads[1][closed].eq(0).all() and grads[2][closed].eq(0).all() and grads[3][closed].eq(0).all()
+        assert y[:, closed].eq(0).all()
+        if channels_last:
+            assert y.is_contiguous(memory_format=torch.channels_last)
+    skipped = int((z != 0).sum()) < 9
+    assert _active.PATHS["conv2d", "fwd", "skip"] == 2 * skipped
+    assert _active.PATHS["conv2d", "bwd", "skip"] == 2 * skipped
+
+
+def test_grouped_conv_takes_dense_path(force_skip):
+    x = torch.randn(2, 4, 5, 5)
+    w = torch.randn(6, 2, 3, 3)
+    la = torch.full((6,), -30.0)
+    y = l0k.l0_conv2d(x, w, la, None, groups=2, seed=3, backend="torch")
+    assert y.eq(0).all() and _active.PATHS["conv2d", "fwd", "dense"] == 1
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_device_open_set(density):
+    gen = torch.Generator().manual_seed(8)
+    la = _log_alpha(37, density, gen)
+    z = _gates(la, 21)
+    s = _active.open_set(z)
+    idx = _active.open_index(z)
+    count = int(s.count)
+    assert s.index.shape == (37,) and s.count.dim() == 0 and s.count.dtype == torch.int64
+    assert count == idx.numel() and torch.equal(s.index[:count], idx)
+    assert torch.equal(s.index[count:], torch.nonzero(z == 0).reshape(-1))
+
+
+@pytest.mark.skipif(not hasattr(getattr(l0k._philox, "_cpu", None), "scatter_cols"), reason="l0kernels._cpu not built")
+def test_scatter_cols_kernel():
+    from l0kernels.backends import _skip
+    gen = torch.Generator().manual_seed(4)
+    n, k = 7, 19
+    idx = torch.tensor([0, 3, 4, 11, 18])
+    src = torch.randn(n, 5, generator=gen)
+    wo = torch.randn(n, 5, generator=gen)
+    ratio = torch.rand(5, generator=gen)
+    dw, dlo = _skip._scatter_cols(src, idx, wo, ratio, n, k)
+    assert torch.equal(dw, torch.zeros(n, k).index_copy_(1, idx, src))
+    assert torch.allclose(dlo, (wo * src).sum(0) * ratio, rtol=1e-6, atol=1e-6)
+    dw2, none = _skip._scatter_cols(src, idx, None, None, n, k)
+    assert none is None and torch.equal(dw2, dw)
+    with pytest.raises(ValueError, match="ko <= k"):
+        l0k._philox._cpu.scatter_cols(src.data_ptr(), idx.data_ptr(), 30, 0, 0, dw.data_ptr(), 0, n, k)
