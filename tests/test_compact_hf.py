@@ -94,9 +94,20 @@ def test_llama(kv_heads, attn, rel_err, tmp_path):
         want_params -= q_gone * hd * 24 * 2 + groups_gone * hd * 24 * 2 + len(fc) * 24 * 3
     assert n_params(c) == want_params
     assert compare(model, c, (ids,))["norm_rel"] < 1e-5
-    # generation still runs on the compacted model
+    # generation still runs on the compacted model, and torch.export takes it
     with torch.no_grad():
         c.generate(ids[:1, :3], max_new_tokens=3, do_sample=False)
+
+    class Logits(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(input_ids=x, use_cache=False).logits
+    ep = torch.export.export(Logits(c).eval(), (ids,))
+    with torch.no_grad():
+        assert rel_err(ep.module()(ids), ref) < 1e-5
     # summary: params after = the compacted layers
     s = summary(model)
     assert s.compacted
@@ -170,6 +181,8 @@ def test_bert(rel_err):
     assert a1.self.value.out_features == 4 and a1.output.dense.in_features == 4
     assert c.encoder.layer[0].output.dense.in_features == 17
     assert c.encoder.layer[1].intermediate.dense.out_features == 15
+    # parameters: 2 + 5 heads of 4 (q/k/v rows with bias, o columns), 3 + 5 FFN units (in row + bias, out column)
+    assert n_params(c) == n_params(model) - 7 * 4 * (3 * 25 + 24) - 8 * (25 + 24)
     for m in c.modules():
         assert not type(m).__module__.startswith("l0kernels")
 
