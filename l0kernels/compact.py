@@ -700,7 +700,7 @@ def _builtin_rules():
     r[nn.AvgPool2d] = _rule_avgpool
     r[nn.Flatten] = _rule_layout
     r[nn.Unflatten] = _rule_layout
-    for c in NORMS + (nn.Softmax, nn.LogSoftmax):
+    for c in NORMS + (nn.Softmax, nn.LogSoftmax, nn.Embedding, nn.MultiheadAttention):
         r[c] = "frozen"
     # functions
     for f in (F.relu, torch.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.elu,
