@@ -44,7 +44,7 @@ import operator
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -329,10 +329,6 @@ def register_compact_rule(target, rule) -> None:
     _RULES[target] = rule
 
 
-def _tensor_args(node):
-    return [a for a in node.all_input_nodes]
-
-
 def _rule_frozen(ctx: CompactContext, node):
     for a in node.all_input_nodes:
         ctx.freeze(ctx.units(a))
@@ -560,7 +556,7 @@ def _rule_sdpa(ctx, node):
     return out
 
 
-_FLATTEN_FUNCS = (torch.flatten,)
+_FLATTEN_FUNCS = (torch.flatten,)  # (no shapes known)
 
 
 def _flatten_like_no_shapes(node) -> bool:
@@ -1076,7 +1072,6 @@ def _compact_graph(model: nn.Module, example_inputs) -> _Plan:
                                           if ctx.module(node).weight is not None else _CPU))
     graph = torch.fx.Graph()
     remap: Dict[Any, Any] = {}
-    selects = []
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target not in root:
             root[node.target] = copy.deepcopy(ctx.module(node))
@@ -1104,7 +1099,6 @@ def _compact_graph(model: nn.Module, example_inputs) -> _Plan:
             root[name] = input_select(keep.nonzero().flatten().to(dev), u.dims[0])
             sel = graph.call_module(name, (new_node,))
             remap[node] = sel
-            selects.append((node.name, keep))
     out = torch.fx.GraphModule(root, graph, class_name=type(model).__name__)
     out.graph.lint()
     out.recompile()
