@@ -137,15 +137,18 @@ def test_llama_loads_without_l0kernels(tmp_path, rel_err):
 
 
 def test_llama_gate_and_up_out_gates(rel_err):
-    """Closed output gates of up_proj make the product 0; closed gate_proj rows give act(0) = silu(0) = 0."""
+    """Closed output gates of up_proj make the product 0; closed gate_proj rows give act(0) = silu(0) = 0; a
+    value head whose output gates are all closed is zero, so its head goes."""
     torch.manual_seed(12)
-    model = to_l0(tiny_llama(6), {"up_proj", "gate_proj"}, gate="out")
+    model = to_l0(tiny_llama(6), {"up_proj", "gate_proj", "v_proj"}, gate="out")
     close_units(model.model.layers[0].mlp.up_proj, [1, 2, 3])
     close_units(model.model.layers[0].mlp.gate_proj, [3, 9])
+    close_units(model.model.layers[1].self_attn.v_proj, [8, 9, 10, 11, 13])  # value head 2 is zero: it goes
     ids = torch.randint(0, 40, (2, 5))
     c = compact(model)
     assert rel_err(logits(c, ids), logits(model, ids)) < 1e-5
     assert c.model.layers[0].mlp.down_proj.in_features == 20 - 4
+    assert c.model.layers[1].self_attn.q_proj.out_features == 20 == c.model.layers[1].self_attn.o_proj.in_features
 
 
 def tiny_bert():
