@@ -551,9 +551,9 @@ def _rule_sdpa(ctx, node):
         ctx.tie(anchor.expand(uk.ids.shape[1]), uk.ids[j])
         ctx.tie(anchor.expand(uv.ids.shape[1]), uv.ids[j])
     ids = uv.ids.repeat_interleave(r, 0)
-    out = Units(ids, (-3, -1), torch.zeros(ids.shape, dtype=torch.bool, device=_CPU),
-                torch.zeros(ids.shape, dtype=torch.float64, device=_CPU), uq.rank)
-    return out
+    # an output unit is 0 where its value unit is 0 for every key (a weighted sum of zeros)
+    zero = (uv.dead & (uv.const == 0)).repeat_interleave(r, 0)
+    return Units(ids, (-3, -1), zero, torch.zeros(ids.shape, dtype=torch.float64, device=_CPU), uq.rank)
 
 
 _FLATTEN_FUNCS = (torch.flatten,)  # (no shapes known)

@@ -495,3 +495,15 @@ def test_language_model_with_embedding(rel_err):
         c = compact(model, ids)
         assert rel_err(c(ids), ref) < 1e-5
     assert c.block.q.out_features == 12 and c.emb.embedding_dim == 16
+
+
+def test_zero_value_head_goes(rel_err):
+    """Closed output gates of v (a whole key/value head) make that head's attention output 0: o folds it and
+    the head (with its query heads) goes."""
+    torch.manual_seed(35)
+    model = Block(h=4, hk=2)
+    model.v = l0k.L0Linear(16, 8, gate="out")
+    set_gates(model.v, torch.tensor([0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.bool))
+    close_heads(model.o, [], 4)
+    c = check_same(model, torch.randn(2, 5, 16), rel_err)
+    assert c.v.out_features == 4 and c.q.out_features == 8 and c.o.in_features == 8
