@@ -730,6 +730,8 @@ def _builtin_rules():
     # methods
     for m in ("relu", "sigmoid", "tanh", "exp", "abs", "neg", "clamp", "square"):
         r[m] = "elementwise"
+    for m in ("to", "float", "double", "half", "bfloat16", "type_as", "detach", "clone"):
+        r[m] = "passthrough"  # casts: constants are tracked in float64
     for m in ("view", "reshape", "flatten", "transpose", "permute", "unsqueeze", "squeeze", "expand",
               "repeat_interleave", "contiguous", "movedim", "swapaxes", "unflatten"):
         r[m] = _rule_layout
