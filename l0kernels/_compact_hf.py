@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 from torch import nn
 
-from .compact import _Plan, _dense, _is_weight_layer, _l0_types, _new_conv, _new_linear
+from .compact import _Plan, _dense, _l0_types, _new_conv, _new_linear
 
 _MODULE_RULES: List[Tuple[Callable[[nn.Module], bool], Callable]] = []
 

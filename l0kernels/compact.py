@@ -44,7 +44,7 @@ import operator
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -331,10 +331,6 @@ def register_compact_rule(target, rule) -> None:
     _RULES[target] = rule
 
 
-def _tensor_args(node):
-    return [a for a in node.all_input_nodes]
-
-
 def _rule_frozen(ctx: CompactContext, node):
     for a in node.all_input_nodes:
         ctx.freeze(ctx.units(a))
@@ -557,12 +553,12 @@ def _rule_sdpa(ctx, node):
         ctx.tie(anchor.expand(uk.ids.shape[1]), uk.ids[j])
         ctx.tie(anchor.expand(uv.ids.shape[1]), uv.ids[j])
     ids = uv.ids.repeat_interleave(r, 0)
-    out = Units(ids, (-3, -1), torch.zeros(ids.shape, dtype=torch.bool, device=_CPU),
-                torch.zeros(ids.shape, dtype=torch.float64, device=_CPU), uq.rank)
-    return out
+    # an output unit is 0 where its value unit is 0 for every key (a weighted sum of zeros)
+    zero = (uv.dead & (uv.const == 0)).repeat_interleave(r, 0)
+    return Units(ids, (-3, -1), zero, torch.zeros(ids.shape, dtype=torch.float64, device=_CPU), uq.rank)
 
 
-_FLATTEN_FUNCS = (torch.flatten,)
+_FLATTEN_FUNCS = (torch.flatten,)  # (no shapes known)
 
 
 def _flatten_like_no_shapes(node) -> bool:
@@ -702,7 +698,7 @@ def _builtin_rules():
     r[nn.AvgPool2d] = _rule_avgpool
     r[nn.Flatten] = _rule_layout
     r[nn.Unflatten] = _rule_layout
-    for c in NORMS + (nn.Softmax, nn.LogSoftmax):
+    for c in NORMS + (nn.Softmax, nn.LogSoftmax, nn.Embedding, nn.MultiheadAttention):
         r[c] = "frozen"
     # functions
     for f in (F.relu, torch.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.elu,
@@ -736,6 +732,8 @@ def _builtin_rules():
     # methods
     for m in ("relu", "sigmoid", "tanh", "exp", "abs", "neg", "clamp", "square"):
         r[m] = "elementwise"
+    for m in ("to", "float", "double", "half", "bfloat16", "type_as", "detach", "clone"):
+        r[m] = "passthrough"  # casts: constants are tracked in float64
     for m in ("view", "reshape", "flatten", "transpose", "permute", "unsqueeze", "squeeze", "expand",
               "repeat_interleave", "contiguous", "movedim", "swapaxes", "unflatten"):
         r[m] = _rule_layout
@@ -1078,7 +1076,6 @@ def _compact_graph(model: nn.Module, example_inputs) -> _Plan:
                                           if ctx.module(node).weight is not None else _CPU))
     graph = torch.fx.Graph()
     remap: Dict[Any, Any] = {}
-    selects = []
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target not in root:
             root[node.target] = copy.deepcopy(ctx.module(node))
@@ -1106,7 +1103,6 @@ def _compact_graph(model: nn.Module, example_inputs) -> _Plan:
             root[name] = input_select(keep.nonzero().flatten().to(dev), u.dims[0])
             sel = graph.call_module(name, (new_node,))
             remap[node] = sel
-            selects.append((node.name, keep))
     out = torch.fx.GraphModule(root, graph, class_name=type(model).__name__)
     out.graph.lint()
     out.recompile()

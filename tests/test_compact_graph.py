@@ -468,3 +468,42 @@ def test_layer_called_twice(rel_err):
     # closed units of a are 0 at one call and sigmoid(0) = 0.5 at the other: kept (one layer, one fold);
     # the closed inputs of b go
     assert c.b.in_features == 6 and c.a.out_features == 6
+
+
+class TinyLM(nn.Module):
+    """Embedding -> block -> LayerNorm -> tied-free head: integer inputs have no units."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.block = Block()
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 20)
+
+    def forward(self, ids):
+        return self.head(self.norm(self.block(self.emb(ids))))
+
+
+def test_language_model_with_embedding(rel_err):
+    torch.manual_seed(34)
+    model = TinyLM().eval()
+    close_heads(model.block.o, [0], 4)
+    set_gates(model.block.down, torch.rand(12) < 0.5)
+    ids = torch.randint(0, 20, (2, 6))
+    with torch.no_grad():
+        ref = model(ids)
+        c = compact(model, ids)
+        assert rel_err(c(ids), ref) < 1e-5
+    assert c.block.q.out_features == 12 and c.emb.embedding_dim == 16
+
+
+def test_zero_value_head_goes(rel_err):
+    """Closed output gates of v (a whole key/value head) make that head's attention output 0: o folds it and
+    the head (with its query heads) goes."""
+    torch.manual_seed(35)
+    model = Block(h=4, hk=2)
+    model.v = l0k.L0Linear(16, 8, gate="out")
+    set_gates(model.v, torch.tensor([0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.bool))
+    close_heads(model.o, [], 4)
+    c = check_same(model, torch.randn(2, 5, 16), rel_err)
+    assert c.v.out_features == 4 and c.q.out_features == 8 and c.o.in_features == 8

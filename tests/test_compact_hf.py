@@ -94,9 +94,20 @@ def test_llama(kv_heads, attn, rel_err, tmp_path):
         want_params -= q_gone * hd * 24 * 2 + groups_gone * hd * 24 * 2 + len(fc) * 24 * 3
     assert n_params(c) == want_params
     assert compare(model, c, (ids,))["norm_rel"] < 1e-5
-    # generation still runs on the compacted model
+    # generation still runs on the compacted model, and torch.export takes it
     with torch.no_grad():
         c.generate(ids[:1, :3], max_new_tokens=3, do_sample=False)
+
+    class Logits(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(input_ids=x, use_cache=False).logits
+    ep = torch.export.export(Logits(c).eval(), (ids,))
+    with torch.no_grad():
+        assert rel_err(ep.module()(ids), ref) < 1e-5
     # summary: params after = the compacted layers
     s = summary(model)
     assert s.compacted
@@ -126,15 +137,18 @@ def test_llama_loads_without_l0kernels(tmp_path, rel_err):
 
 
 def test_llama_gate_and_up_out_gates(rel_err):
-    """Closed output gates of up_proj make the product 0; closed gate_proj rows give act(0) = silu(0) = 0."""
+    """Closed output gates of up_proj make the product 0; closed gate_proj rows give act(0) = silu(0) = 0; a
+    value head whose output gates are all closed is zero, so its head goes."""
     torch.manual_seed(12)
-    model = to_l0(tiny_llama(6), {"up_proj", "gate_proj"}, gate="out")
+    model = to_l0(tiny_llama(6), {"up_proj", "gate_proj", "v_proj"}, gate="out")
     close_units(model.model.layers[0].mlp.up_proj, [1, 2, 3])
     close_units(model.model.layers[0].mlp.gate_proj, [3, 9])
+    close_units(model.model.layers[1].self_attn.v_proj, [8, 9, 10, 11, 13])  # value head 2 is zero: it goes
     ids = torch.randint(0, 40, (2, 5))
     c = compact(model)
     assert rel_err(logits(c, ids), logits(model, ids)) < 1e-5
     assert c.model.layers[0].mlp.down_proj.in_features == 20 - 4
+    assert c.model.layers[1].self_attn.q_proj.out_features == 20 == c.model.layers[1].self_attn.o_proj.in_features
 
 
 def tiny_bert():
@@ -170,6 +184,8 @@ def test_bert(rel_err):
     assert a1.self.value.out_features == 4 and a1.output.dense.in_features == 4
     assert c.encoder.layer[0].output.dense.in_features == 17
     assert c.encoder.layer[1].intermediate.dense.out_features == 15
+    # parameters: 2 + 5 heads of 4 (q/k/v rows with bias, o columns), 3 + 5 FFN units (in row + bias, out column)
+    assert n_params(c) == n_params(model) - 7 * 4 * (3 * 25 + 24) - 8 * (25 + 24)
     for m in c.modules():
         assert not type(m).__module__.startswith("l0kernels")
 
