@@ -57,6 +57,8 @@ class _L0Layer(nn.Module):
 
     def reset_gates(self) -> None:
         """``log_alpha ~ N(log(1-p) - log(p), 0.01)`` with ``p = droprate_init`` (SPEC section 1)."""
+        if self.log_alpha.is_meta:  # no values to draw (and meta normal_ would import torch._dynamo)
+            return
         p = self.droprate_init
         with torch.no_grad():
             self.log_alpha.normal_(math.log(1 - p) - math.log(p), 1e-2)

@@ -506,7 +506,7 @@ def test_w_keeps_vector_loads_when_x_cannot(emu, impl, rows):
     out = torch.empty(rows, 50, dtype=dtype)
     code = emu(GEMV_DTYPES[dtype], IMPLS[impl], ptr(x), x.stride(0), ptr(w), w.stride(0), ptr(la.contiguous()), ptr(b),
                ptr(out), 50, None, None, None, 0, None, 1, rows, 50, 264, 5, MODES["weight"], 0, 1, 1, 2 / 3, -0.1,
-               1.1, 1e-6)
+               1.1, 1e-6, 1)
     assert code == 2  # bit 1: W's 16-byte loads only
     y_sc, _ = run_emu(emu, x, w, la, b, 5, "weight", "batch", True, allow_vec=False, impl=impl)
     assert torch.equal(out, y_sc)

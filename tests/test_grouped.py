@@ -47,7 +47,7 @@ def _ref_conv(x, w, la, b, seed, noise, training, g, stride, padding):
     return y, (x64, w64, la64, b64)
 
 
-@pytest.fixture(params=["torch", "torch_cpp", "triton", "cuda"])
+@pytest.fixture(params=["torch", "torch_cpp", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
 def backend(request, monkeypatch):
     """``torch`` with the C++ paths off, ``torch_cpp`` with them on, ``triton`` under the interpreter (or on
     a GPU), ``cuda`` (the extension; GPU only)."""
