@@ -66,7 +66,7 @@ SASS=$("$CUOBJDUMP" --dump-sass "$SO" 2>/dev/null)
 echo "sm_90 kernels: $(grep -c 'Function :' <<<"$SASS"); tensor-core instructions (HMMA): $(grep -c 'HMMA' <<<"$SASS")"
 echo "dynamic libraries:"; readelf -d "$SO" | grep NEEDED | sed 's/.*\[\(.*\)\]/  \1/'
 echo "undefined cuda* symbols (resolved by libcudart at load):"
-nm -D --undefined-only "$SO" | grep -oE "cuda[A-Za-z_]+" | sort -u | tr '\n' ' '; echo
+nm -D --undefined-only "$SO" | awk '{print $2}' | sed 's/@.*//' | grep -E '^_*cuda[A-Z]' | sort -u | tr '\n' ' '; echo
 echo "highest glibc / libstdc++ symbol versions it needs (the GPU machine's must be at least these):" \
     "$(objdump -T "$SO" | grep -oE 'GLIBC_[0-9.]+' | sort -Vu | tail -n1)" \
     "$(objdump -T "$SO" | grep -oE 'GLIBCXX_[0-9.]+' | sort -Vu | tail -n1)"
