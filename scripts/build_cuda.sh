@@ -55,10 +55,19 @@ if ! (cd /tmp && "${IMPORT[@]}"); then
 fi
 
 stamp "4. what the .so holds: machine code per architecture, undefined CUDA symbols"
+# the toolkit's cuobjdump, else the one Triton's package carries
 CUOBJDUMP=$CUDA_HOME_USED/bin/cuobjdump
-"$CUOBJDUMP" --list-elf "$SO" | sed 's/.*\.\(sm_[0-9a-z]*\)\..*/\1/' | sort | uniq -c
-"$CUOBJDUMP" --list-elf "$SO" | grep -q sm_90 || { echo "FAILED: no sm_90 machine code in $SO"; exit 1; }
+[ -x "$CUOBJDUMP" ] || CUOBJDUMP=$("$PY" -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump'))")
+echo "cuobjdump: $CUOBJDUMP"
+ELFS=$("$CUOBJDUMP" --list-elf "$SO")  # (not piped into grep -q: with pipefail its early exit fails the pipe)
+echo "$ELFS"
+grep -q "sm_90" <<<"$ELFS" || { echo "FAILED: no sm_90 machine code in $SO"; exit 1; }
+SASS=$("$CUOBJDUMP" --dump-sass "$SO" 2>/dev/null)
+echo "sm_90 kernels: $(grep -c 'Function :' <<<"$SASS"); tensor-core instructions (HMMA): $(grep -c 'HMMA' <<<"$SASS")"
 echo "dynamic libraries:"; readelf -d "$SO" | grep NEEDED | sed 's/.*\[\(.*\)\]/  \1/'
 echo "undefined cuda* symbols (resolved by libcudart at load):"
-nm -D --undefined-only "$SO" | grep -oE "cuda[A-Za-z_]+" | sort -u | tr '\n' ' '; echo
+nm -D --undefined-only "$SO" | awk '{print $2}' | sed 's/@.*//' | grep -E '^_*cuda[A-Z]' | sort -u | tr '\n' ' '; echo
+echo "highest glibc / libstdc++ symbol versions it needs (the GPU machine's must be at least these):" \
+    "$(objdump -T "$SO" | grep -oE 'GLIBC_[0-9.]+' | sort -Vu | tail -n1)" \
+    "$(objdump -T "$SO" | grep -oE 'GLIBCXX_[0-9.]+' | sort -Vu | tail -n1)"
 stamp "OK: l0kernels._C built, imported and registered ($SO)"

@@ -96,6 +96,14 @@ def test_time_limits_fit_the_call(plans, call):
     assert all(s["limit_s"] >= 15 for s in p["steps"]), [(s["name"], s["limit_s"]) for s in p["steps"]]
 
 
+def test_call_2_without_a_carried_build():
+    """No built _C found: call 2 builds it, keeps both sanitizer steps, and drops the benchmarks rather than
+    start a step with no time left."""
+    steps = gc.plan(2, prebuilt=False)
+    assert [s.name for s in steps] == ["versions", "build", "memcheck", "racecheck"]
+    assert steps[1].limit_s == gc.BUILD_S and "--import-check" in steps[1].cmds[-1]
+
+
 @pytest.mark.parametrize("call", [1, 2])
 def test_step_order(plans, call):
     kinds = [s["kind"] for s in plans[call]["steps"]]
