@@ -63,6 +63,13 @@ L0K_HD void gate_eval(float log_alpha, const GateConfig& c, float* z, float* dz)
   }
 }
 
+// The key of a seed tensor (SPEC section 10): kernels read the seed from device memory (a 0-d int64
+// tensor; drawn on the device, it needs no host sync, and a CUDA graph replay reads the new value), and
+// take its low 63 bits. nullptr (eval, no gates) gives 0.
+L0K_HD uint64_t load_seed(const int64_t* seed) {
+  return seed != nullptr ? static_cast<uint64_t>(*seed) & 0x7FFFFFFFFFFFFFFFull : 0ull;
+}
+
 // Gate for noise-tensor element i (row-major offset, SPEC section 2) with parameter log_alpha.
 L0K_HD void gate_at(float log_alpha, uint64_t seed, uint64_t i, bool training, const GateConfig& c,
                     float* z, float* dz) {

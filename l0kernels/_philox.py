@@ -135,6 +135,15 @@ def seed_bits(seed, device=None):
     return seed
 
 
+def seed_on(seed, device) -> torch.Tensor:
+    """A checked seed as the 0-d int64 tensor on ``device`` that the Triton and CUDA kernels read: a tensor
+    as it is (moved if on another device), an int filled in on the device (a fill kernel, no host-to-device
+    copy, so it also works while a CUDA graph is captured, where the int is a constant)."""
+    if isinstance(seed, torch.Tensor):
+        return seed if seed.device == torch.device(device) else seed.to(device, non_blocking=True)
+    return torch.full((), seed, dtype=torch.int64, device=device)
+
+
 def seed_int(seed) -> int:
     """A checked seed's value as an int, for host code (the C++ CPU kernels): reads a tensor seed
     (free for a CPU tensor; a sync for a device tensor). Never under ``torch.compile``."""

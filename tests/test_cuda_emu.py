@@ -61,7 +61,7 @@ def _bind(lib_path):
     fn = lib.l0k_emu_gated_gemm
     i64, vp, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     fn.argtypes = [ctypes.c_int, ctypes.c_int, vp, i64, vp, i64, vp, vp, vp, i64, vp, vp, vp, i64, vp, ctypes.c_int,
-                   i64, i64, i64, ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, f32, f32, f32,
+                   i64, i64, i64, vp, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, f32, f32, f32,
                    f32]
     fn.restype = ctypes.c_int
     fn.splits = lib.l0k_emu_gemv_splits
@@ -91,9 +91,11 @@ def run_emu(fn, x, w, la, b, seed, gate, noise, training, allow_vec=True, cfg=Ga
     if y is None:
         y = torch.full((m, n), float("nan"), dtype=x.dtype)
     ptr = (lambda t: None if t is None else t.data_ptr())
+    # the seed as the kernels take it: the address of a 0-d int64 tensor (SPEC section 10), read in the kernel
+    seed_t = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
     vec = fn(GEMV_DTYPES[x.dtype], IMPLS[impl], ptr(x), x.stride(0), ptr(w), w.stride(0), ptr(None if la is None else la.contiguous()),
              ptr(b), ptr(y), y.stride(0), ptr(x_cols), ptr(y_cols), ptr(idle_cols),
-             0 if idle_cols is None else idle_cols.numel(), ptr(fill), splits, m, n, k, seed, MODES[gate],
+             0 if idle_cols is None else idle_cols.numel(), ptr(fill), splits, m, n, k, ptr(seed_t), MODES[gate],
              int(training and noise == "sample"), int(training), int(allow_vec), cfg.beta, cfg.gamma, cfg.zeta, cfg.eps)
     assert vec in (0, 1, 2, 3), vec  # -3: the split-K workspace was not left zero
     return y, vec == 3

@@ -21,16 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._philox import seed_on
+
 
 def seed_tensor(seed, ref: torch.Tensor) -> torch.Tensor:
     """The seed argument of a kernel: a 0-d int64 tensor on ``ref``'s device (a tensor seed as it is, moved
     if on another device; an int filled in on the device, no host-to-device copy). ``None`` (eval) gives
     ``ref`` itself: the kernels do not read the seed in eval."""
-    if seed is None:
-        return ref
-    if isinstance(seed, torch.Tensor):
-        return seed if seed.device == ref.device else seed.to(ref.device, non_blocking=True)
-    return torch.full((), int(seed), dtype=torch.int64, device=ref.device)
+    return ref if seed is None else seed_on(seed, ref.device)
 
 
 @triton.jit
