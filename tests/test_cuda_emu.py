@@ -486,3 +486,23 @@ def test_w_keeps_vector_loads_when_x_cannot(emu, impl, rows):
     y_sc, _ = run_emu(emu, x, w, la, b, 5, "weight", "batch", True, allow_vec=False, impl=impl)
     assert torch.equal(out, y_sc)
     check(out, reference(x, w, la, b, 5, "weight", "batch", True), dtype)
+
+
+@pytest.mark.parametrize("impl", ["gemm", "gemv"])
+@pytest.mark.parametrize("gate,noise,training", [("in", "batch", True), ("out", "sample", True),
+                                                 ("weight", "batch", False), ("in", "batch", False)])
+def test_nonfinite_log_alpha_like_reference(emu, impl, gate, noise, training):
+    """NaN and +-inf in log_alpha (SPEC section 6): the fused kernels' gates are NaN, 1 and 0 like the float64
+    reference (csrc/l0_gate.cuh keeps a NaN through the clamp), so the outputs are NaN exactly where the
+    reference is; the seed comes as a pointer to a 0-d int64 tensor."""
+    m = 20 if impl == "gemm" else 3
+    x, w, la, b = make(m, 12, 40, gate, torch.float32, seed=21)
+    la = la.clone()
+    flat = la.view(-1)
+    flat[1], flat[3], flat[5] = float("nan"), float("inf"), float("-inf")
+    seed = torch.tensor(2 ** 35 + 9, dtype=torch.int64)
+    y, _ = run_emu(emu, x, w, la, b, seed, gate, noise, training, impl=impl)
+    ref = reference(x.double(), w.double(), la.double(), b.double(), int(seed), gate, noise, training)
+    assert torch.equal(y.isnan(), ref.isnan())
+    fin = ~ref.isnan()
+    torch.testing.assert_close(y[fin].double(), ref[fin], rtol=1e-4, atol=1e-4)
