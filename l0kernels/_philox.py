@@ -1,7 +1,8 @@
 """Philox4x32-10 exactly as Triton's ``tl.rand`` (SPEC section 2), in Python.
 
-This is the only Python implementation of the stream. The same rounds run on
-numpy ``uint64`` arrays (CPU tensors) and, one word per tensor, on torch ``int64`` tensors (any other device, and under ``torch.compile``).
+This is the only Python implementation of the stream. The same rounds run on numpy ``uint64``
+arrays (CPU tensors) and, one word per tensor, on torch ``int64`` tensors (any other device, and
+under ``torch.compile``).
 Values are kept in ``[0, 2**32)`` throughout; products of two 32-bit words are exact in 64 bits
 (numpy: unsigned wrap-around is defined; torch: the product's low 64 bits are all we read).
 

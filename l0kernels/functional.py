@@ -100,8 +100,8 @@ def expected_l0(log_alpha: torch.Tensor, *, beta: float = _BETA, gamma: float = 
 
 def l0_linear(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bias: Optional[torch.Tensor] = None,
               *, seed: Optional[Union[int, torch.Tensor]] = None, gate: str = "in", noise: str = "batch",
-              training: bool = True, backend: str = "auto", beta: float = _BETA, gamma: float = _GAMMA, zeta: float = _ZETA,
-              eps: float = 1e-6) -> torch.Tensor:
+              training: bool = True, backend: str = "auto", beta: float = _BETA, gamma: float = _GAMMA,
+              zeta: float = _ZETA, eps: float = 1e-6) -> torch.Tensor:
     """Hard-concrete gated linear layer (SPEC section 3).
 
     ``gate="in"``: ``y = (x * z) @ W.T + b``, ``log_alpha`` is ``(K,)``;
@@ -122,8 +122,8 @@ def l0_linear(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bi
 
 
 def l0_conv2d(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bias: Optional[torch.Tensor] = None,
-              stride=1, padding=0, dilation=1, groups: int = 1, *, seed: Optional[Union[int, torch.Tensor]] = None,
-              noise: str = "batch", training: bool = True, backend: str = "auto", beta: float = _BETA, gamma: float = _GAMMA,
+              stride=1, padding=0, dilation=1, groups: int = 1, *,
+              seed: Optional[Union[int, torch.Tensor]] = None, noise: str = "batch", training: bool = True, backend: str = "auto", beta: float = _BETA, gamma: float = _GAMMA,
               zeta: float = _ZETA, eps: float = 1e-6) -> torch.Tensor:
     """``conv2d(x, W, b, ...) * z[..., c, None, None]`` with one gate per output channel (SPEC section 3).
 
