@@ -123,8 +123,9 @@ def l0_linear(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bi
 
 def l0_conv2d(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bias: Optional[torch.Tensor] = None,
               stride=1, padding=0, dilation=1, groups: int = 1, *,
-              seed: Optional[Union[int, torch.Tensor]] = None, noise: str = "batch", training: bool = True, backend: str = "auto", beta: float = _BETA, gamma: float = _GAMMA,
-              zeta: float = _ZETA, eps: float = 1e-6) -> torch.Tensor:
+              seed: Optional[Union[int, torch.Tensor]] = None, noise: str = "batch", training: bool = True,
+              backend: str = "auto", beta: float = _BETA, gamma: float = _GAMMA, zeta: float = _ZETA,
+              eps: float = 1e-6) -> torch.Tensor:
     """``conv2d(x, W, b, ...) * z[..., c, None, None]`` with one gate per output channel (SPEC section 3).
 
     ``x`` is ``(B, C_in, H, W)`` (NCHW or channels_last); ``noise="sample"`` draws gates ``(B, C_out)``.
