@@ -479,9 +479,10 @@ def test_w_keeps_vector_loads_when_x_cannot(emu, impl, rows):
     x, w, la, b = make(rows, 50, 264, "weight", dtype, x_cols=301, seed=17)
     ptr = lambda t: t.data_ptr()  # noqa: E731
     out = torch.empty(rows, 50, dtype=dtype)
+    seed = torch.tensor(5, dtype=torch.int64)  # the kernels take the seed's address
     code = emu(GEMV_DTYPES[dtype], IMPLS[impl], ptr(x), x.stride(0), ptr(w), w.stride(0), ptr(la.contiguous()), ptr(b),
-               ptr(out), 50, None, None, None, 0, None, 1, rows, 50, 264, 5, MODES["weight"], 0, 1, 1, 2 / 3, -0.1,
-               1.1, 1e-6)
+               ptr(out), 50, None, None, None, 0, None, 1, rows, 50, 264, ptr(seed), MODES["weight"], 0, 1, 1, 2 / 3,
+               -0.1, 1.1, 1e-6)
     assert code == 2  # bit 1: W's 16-byte loads only
     y_sc, _ = run_emu(emu, x, w, la, b, 5, "weight", "batch", True, allow_vec=False, impl=impl)
     assert torch.equal(out, y_sc)
@@ -496,13 +497,15 @@ def test_nonfinite_log_alpha_like_reference(emu, impl, gate, noise, training):
     reference (csrc/l0_gate.cuh keeps a NaN through the clamp), so the outputs are NaN exactly where the
     reference is; the seed comes as a pointer to a 0-d int64 tensor."""
     m = 20 if impl == "gemm" else 3
-    x, w, la, b = make(m, 12, 40, gate, torch.float32, seed=21)
+    dtype = torch.float16  # the tensor-core kernel takes half types only
+    x, w, la, b = make(m, 12, 40, gate, dtype, seed=21)
     la = la.clone()
     flat = la.view(-1)
     flat[1], flat[3], flat[5] = float("nan"), float("inf"), float("-inf")
     seed = torch.tensor(2 ** 35 + 9, dtype=torch.int64)
     y, _ = run_emu(emu, x, w, la, b, seed, gate, noise, training, impl=impl)
-    ref = reference(x.double(), w.double(), la.double(), b.double(), int(seed), gate, noise, training)
-    assert torch.equal(y.isnan(), ref.isnan())
-    fin = ~ref.isnan()
-    torch.testing.assert_close(y[fin].double(), ref[fin], rtol=1e-4, atol=1e-4)
+    ref = reference(x, w, la, b, int(seed), gate, noise, training)
+    assert ref.isnan().any() and torch.equal(y.isnan(), ref.isnan())
+    fin = ~ref.isnan()  # none for input gates: a NaN input gate reaches every output
+    if fin.any():
+        check(y[fin], ref[fin], dtype)
