@@ -80,10 +80,23 @@ l0k::GateConfig make_cfg(at::ArrayRef<double> cfg) {
                          static_cast<float>(cfg[3])};
 }
 
-void check_seed(int64_t seed) { TORCH_CHECK_VALUE(seed >= 0, "l0kernels CUDA: seed must be in [0, 2**63), got ", seed); }
+// The seed (SPEC section 10): a 0-d int64 tensor on `ref`'s device whose address the kernels get; they
+// read its value on the device (load_seed: low 63 bits), so no host sync, and a CUDA graph replays the
+// read. None only in eval (nullptr: no kernel reads it).
+const int64_t* seed_ptr(const std::optional<Tensor>& seed, const Tensor& ref, bool training) {
+  if (!seed.has_value() || !seed->defined()) {
+    TORCH_CHECK_VALUE(!training, "l0kernels CUDA: seed must be a 0-d int64 tensor in training, got None");
+    return nullptr;
+  }
+  const Tensor& s = *seed;
+  TORCH_CHECK_TYPE(s.scalar_type() == at::kLong, "l0kernels CUDA: seed must be an int64 tensor, got ", s.scalar_type());
+  TORCH_CHECK_VALUE(s.dim() == 0, "l0kernels CUDA: seed must be a 0-d tensor, got shape ", s.sizes());
+  TORCH_CHECK_VALUE(s.device() == ref.device(), "l0kernels CUDA: seed must be on ", ref.device(), ", got ", s.device());
+  return s.data_ptr<int64_t>();
+}
 
 // Flat float32 gates for `rows` repetitions of log_alpha (training) or z_eval (eval, rows ignored).
-std::tuple<Tensor, Tensor> flat_gates(const Tensor& log_alpha, int64_t rows, int64_t seed, bool training,
+std::tuple<Tensor, Tensor> flat_gates(const Tensor& log_alpha, int64_t rows, const int64_t* seed, bool training,
                                       const l0k::GateConfig& cfg, bool need_grad) {
   const Tensor la = log_alpha.contiguous();
   const int64_t groups = la.numel();
@@ -94,7 +107,7 @@ std::tuple<Tensor, Tensor> flat_gates(const Tensor& log_alpha, int64_t rows, int
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_type(la.scalar_type(), "log_alpha", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    check_launch(l0k::launch_gates<T>(ptr<T>(la), numel, groups, static_cast<uint64_t>(seed), training, cfg,
+    check_launch(l0k::launch_gates<T>(ptr<T>(la), numel, groups, seed, training, cfg,
                                       ptr<float>(z), ptr<float>(dz), stream),
                  "gates");
   });
@@ -110,7 +123,7 @@ Tensor per_feature(const Tensor& t, int64_t rows, int64_t group) {
 
 // flat_gates with `group` features per gate: z and dz per feature (rows x features in training with
 // per-example noise, features otherwise).
-std::tuple<Tensor, Tensor> feature_gates(const Tensor& log_alpha, int64_t rows, int64_t seed, bool training,
+std::tuple<Tensor, Tensor> feature_gates(const Tensor& log_alpha, int64_t rows, const int64_t* seed, bool training,
                                          const l0k::GateConfig& cfg, bool need_grad, int64_t group) {
   auto [z, dz] = flat_gates(log_alpha, rows, seed, training, cfg, need_grad);
   const int64_t r = training ? rows : 1;
@@ -232,11 +245,10 @@ struct LinearArgs {
 };
 
 LinearArgs linear_args(const Tensor& x, const Tensor& weight, const Tensor& log_alpha,
-                       const std::optional<Tensor>& bias, int64_t seed, const std::string& gate, bool sample,
+                       const std::optional<Tensor>& bias, const std::string& gate, bool sample,
                        bool training, at::ArrayRef<double> cfg_v, int64_t group) {
   const int mode = gate_mode(gate);
   check_linear(x, weight, log_alpha, bias, mode, sample, group);
-  check_seed(seed);
   const c10::cuda::CUDAGuard guard(x.device());  // a reshape that copies runs on x's device
   const int64_t n = weight.size(0), k = weight.size(1);
   Tensor x2 = x.reshape({-1, k});
@@ -251,10 +263,11 @@ std::vector<int64_t> linear_out_shape(const Tensor& x, int64_t n) {
 }
 
 Tensor linear_fwd(const Tensor& x, const Tensor& weight, const Tensor& log_alpha, const std::optional<Tensor>& bias_in,
-                  int64_t seed, std::string gate, bool sample, bool training, at::ArrayRef<double> cfg_v,
-                  int64_t group_size) {
+                  const std::optional<Tensor>& seed_t, std::string gate, bool sample, bool training,
+                  at::ArrayRef<double> cfg_v, int64_t group_size) {
   const auto [mode, cfg, bias, x2, m, n, k, per_row, group] =
-      linear_args(x, weight, log_alpha, bias_in, seed, gate, sample, training, cfg_v, group_size);
+      linear_args(x, weight, log_alpha, bias_in, gate, sample, training, cfg_v, group_size);
+  const int64_t* seed = seed_ptr(seed_t, x, training);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t zs_r = per_row ? log_alpha.numel() * group : 0;
   Tensor z = std::get<0>(feature_gates(log_alpha, per_row ? m : 1, seed, training, cfg, false, group));
@@ -331,12 +344,12 @@ struct GemmExtras {
 // few blocks (gemv::choose_splits, gemm::choose_splits).
 template <typename T>
 void run_gated_gemm(const Tensor& x2, const Tensor& w, const Tensor& la, const Tensor& bias, const Tensor& y,
-                    const GemmExtras& e, int64_t seed, int mode, bool per_row, bool training,
+                    const GemmExtras& e, const int64_t* seed, int mode, bool per_row, bool training,
                     const l0k::GateConfig& cfg, int64_t group = 1) {
   l0k::GatedGemmParams<T> p{ptr<T>(x2), x2.stride(0), ptr<T>(w), w.stride(0), ptr<T>(la), ptr<T>(bias),
                             ptr<T>(y), y.stride(0), ptr<const int64_t>(e.x_cols), ptr<const int64_t>(e.y_cols),
                             x2.size(0), w.size(0), w.size(1),
-                            static_cast<uint64_t>(seed), mode, per_row, training,
+                            seed, mode, per_row, training,
                             l0k::gemm::vec_loads_ok(x2.data_ptr(), x2.stride(0)), cfg};
   p.vec_w = l0k::gemm::vec_loads_ok(w.data_ptr(), w.stride(0));
   p.group = group;
@@ -382,9 +395,10 @@ void check_gemm_kernel(const Tensor& x, int64_t m, const char* op, const char* o
 // The same result as linear_fwd in one launch: the GEMV (csrc/l0_gemv.cuh) for 1-16 rows of x, else
 // the tensor-core GEMM (csrc/l0_gemm.cuh); conditions in check_gemm_kernel.
 Tensor linear_fwd_fused(const Tensor& x, const Tensor& weight, const Tensor& log_alpha,
-                        const std::optional<Tensor>& bias_in, int64_t seed, std::string gate, bool sample,
-                        bool training, at::ArrayRef<double> cfg_v, int64_t group_size) {
-  const LinearArgs a = linear_args(x, weight, log_alpha, bias_in, seed, gate, sample, training, cfg_v, group_size);
+                        const std::optional<Tensor>& bias_in, const std::optional<Tensor>& seed_t, std::string gate,
+                        bool sample, bool training, at::ArrayRef<double> cfg_v, int64_t group_size) {
+  const LinearArgs a = linear_args(x, weight, log_alpha, bias_in, gate, sample, training, cfg_v, group_size);
+  const int64_t* seed = seed_ptr(seed_t, x, training);
   const c10::cuda::CUDAGuard guard(x.device());
   check_gemm_kernel(x, a.m, "linear_fwd_fused", "linear_fwd");
   const Tensor x2 = a.x2.stride(1) == 1 ? a.x2 : a.x2.contiguous();
@@ -457,7 +471,7 @@ Tensor sparse_linear(const Tensor& x, const Tensor& weight, const std::optional<
   const l0k::GateConfig none{1.0f, -0.1f, 1.1f, 1e-6f};  // unused without gates
   dispatch_type(x.scalar_type(), "x", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    run_gated_gemm<T>(x2, w, Tensor(), b, y, extras, 0, l0k::kGateNone, false, false, none);
+    run_gated_gemm<T>(x2, w, Tensor(), b, y, extras, nullptr, l0k::kGateNone, false, false, none);
   });
   return y;
 }
@@ -466,11 +480,13 @@ Tensor empty_result(const Tensor& x) { return at::empty({0}, x.options()); }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                                       const Tensor& log_alpha, const std::optional<Tensor>& bias_in,
-                                                      int64_t seed, std::string gate, bool sample, bool training,
+                                                      const std::optional<Tensor>& seed_t, std::string gate,
+                                                      bool sample, bool training,
                                                       at::ArrayRef<double> cfg_v, std::array<bool, 4> mask,
                                                       int64_t group_size) {
   const auto [mode, cfg, bias, x2, m, n, k, per_row, group] =
-      linear_args(x, weight, log_alpha, bias_in, seed, gate, sample, training, cfg_v, group_size);
+      linear_args(x, weight, log_alpha, bias_in, gate, sample, training, cfg_v, group_size);
+  const int64_t* seed = seed_ptr(seed_t, x, training);
   check_tensor(grad, "grad", x, -1);
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK_VALUE(grad.numel() == m * n, "l0kernels CUDA: grad must have ", m * n, " elements (x rows x ", n,
@@ -577,9 +593,10 @@ void check_conv(const Tensor& x, const Tensor& weight, const Tensor& log_alpha, 
 
 Tensor conv2d_fwd(const Tensor& x, const Tensor& weight, const Tensor& log_alpha, const std::optional<Tensor>& bias_in,
                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                  int64_t seed, bool sample, bool training, at::ArrayRef<double> cfg_v, int64_t group_size) {
+                  const std::optional<Tensor>& seed_t, bool sample, bool training, at::ArrayRef<double> cfg_v,
+                  int64_t group_size) {
   check_conv(x, weight, log_alpha, bias_in, stride, padding, dilation, groups, group_size);
-  check_seed(seed);
+  const int64_t* seed = seed_ptr(seed_t, x, training);
   const l0k::GateConfig cfg = make_cfg(cfg_v);
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor bias = opt(bias_in);
@@ -596,12 +613,13 @@ Tensor conv2d_fwd(const Tensor& x, const Tensor& weight, const Tensor& log_alpha
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                                       const Tensor& log_alpha, const std::optional<Tensor>& bias_in,
                                                       at::IntArrayRef stride, at::IntArrayRef padding,
-                                                      at::IntArrayRef dilation, int64_t groups, int64_t seed,
+                                                      at::IntArrayRef dilation, int64_t groups,
+                                                      const std::optional<Tensor>& seed_t,
                                                       bool sample, bool training, at::ArrayRef<double> cfg_v,
                                                       std::array<bool, 4> mask, int64_t group_size) {
   check_conv(x, weight, log_alpha, bias_in, stride, padding, dilation, groups, group_size);
   check_tensor(grad, "grad", x, 4);
-  check_seed(seed);
+  const int64_t* seed = seed_ptr(seed_t, x, training);
   const l0k::GateConfig cfg = make_cfg(cfg_v);
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor bias = opt(bias_in);
@@ -653,12 +671,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad, const 
 
 // Gates of a noise tensor: training: shape (rows, *log_alpha.shape) for rows >= 0, log_alpha's shape for
 // rows == -1; eval: z_eval in log_alpha's shape. dz has z's shape when need_grad, else shape (0,).
-std::tuple<Tensor, Tensor> gates_op(const Tensor& log_alpha, int64_t rows, int64_t seed, bool training,
+std::tuple<Tensor, Tensor> gates_op(const Tensor& log_alpha, int64_t rows, const std::optional<Tensor>& seed_t,
+                                    bool training,
                                     at::ArrayRef<double> cfg_v, bool need_grad) {
   TORCH_CHECK_VALUE(log_alpha.is_cuda(), "l0kernels CUDA: log_alpha must be a CUDA tensor, got device ",
                     log_alpha.device());
   TORCH_CHECK_VALUE(rows >= -1, "l0kernels CUDA: rows must be >= -1, got ", rows);
-  check_seed(seed);
+  const int64_t* seed = seed_ptr(seed_t, log_alpha, training);
   const l0k::GateConfig cfg = make_cfg(cfg_v);
   const c10::cuda::CUDAGuard guard(log_alpha.device());
   std::vector<int64_t> shape(log_alpha.sizes().begin(), log_alpha.sizes().end());
@@ -669,15 +688,15 @@ std::tuple<Tensor, Tensor> gates_op(const Tensor& log_alpha, int64_t rows, int64
 }
 
 // u_raw(seed, offsets) as float32 in the offsets' shape (the stream itself, for tests).
-Tensor uniform_op(int64_t seed, const Tensor& offsets) {
+Tensor uniform_op(const Tensor& seed_t, const Tensor& offsets) {
   TORCH_CHECK_VALUE(offsets.is_cuda(), "l0kernels CUDA: offsets must be a CUDA tensor, got device ", offsets.device());
   TORCH_CHECK_TYPE(offsets.scalar_type() == at::kLong, "l0kernels CUDA: offsets must be int64, got ",
                    offsets.scalar_type());
-  check_seed(seed);
+  const int64_t* seed = seed_ptr(seed_t, offsets, true);
   const c10::cuda::CUDAGuard guard(offsets.device());
   const Tensor off = offsets.contiguous();
   Tensor out = at::empty(off.sizes(), off.options().dtype(at::kFloat));
-  check_launch(l0k::launch_uniform(off.data_ptr<int64_t>(), off.numel(), static_cast<uint64_t>(seed),
+  check_launch(l0k::launch_uniform(off.data_ptr<int64_t>(), off.numel(), seed,
                                    out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
                "uniform");
   return out;
@@ -686,20 +705,20 @@ Tensor uniform_op(int64_t seed, const Tensor& offsets) {
 }  // namespace
 
 TORCH_LIBRARY(l0kernels, m) {
-  m.def("uniform(int seed, Tensor offsets) -> Tensor");
-  m.def("gates(Tensor log_alpha, int rows, int seed, bool training, float[] cfg, bool need_grad) -> (Tensor, Tensor)");
-  m.def("linear_fwd(Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int seed, str gate, bool sample, "
+  m.def("uniform(Tensor seed, Tensor offsets) -> Tensor");
+  m.def("gates(Tensor log_alpha, int rows, Tensor? seed, bool training, float[] cfg, bool need_grad) -> (Tensor, Tensor)");
+  m.def("linear_fwd(Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, Tensor? seed, str gate, bool sample, "
         "bool training, float[] cfg, int group_size=1) -> Tensor");
-  m.def("linear_fwd_fused(Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int seed, str gate, bool sample, "
+  m.def("linear_fwd_fused(Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, Tensor? seed, str gate, bool sample, "
         "bool training, float[] cfg, int group_size=1) -> Tensor");
   m.def("sparse_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? in_idx, Tensor? out_idx, Tensor? idle_idx, "
         "Tensor? fill, int out_features) -> Tensor");
-  m.def("linear_bwd(Tensor grad, Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int seed, str gate, "
+  m.def("linear_bwd(Tensor grad, Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, Tensor? seed, str gate, "
         "bool sample, bool training, float[] cfg, bool[4] mask, int group_size=1) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("conv2d_fwd(Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int[] stride, int[] padding, "
-        "int[] dilation, int groups, int seed, bool sample, bool training, float[] cfg, int group_size=1) -> Tensor");
+        "int[] dilation, int groups, Tensor? seed, bool sample, bool training, float[] cfg, int group_size=1) -> Tensor");
   m.def("conv2d_bwd(Tensor grad, Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int[] stride, "
-        "int[] padding, int[] dilation, int groups, int seed, bool sample, bool training, float[] cfg, "
+        "int[] padding, int[] dilation, int groups, Tensor? seed, bool sample, bool training, float[] cfg, "
         "bool[4] mask, int group_size=1) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 

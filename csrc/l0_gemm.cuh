@@ -60,7 +60,7 @@ struct GatedGemmParams {
   const int64_t* x_cols;  // nullptr, or K indices: GEMM column k reads x[:, x_cols[k]] (eval: active inputs)
   const int64_t* y_cols;  // nullptr, or N indices: GEMM column n is written to y[:, y_cols[n]] (active outputs)
   int64_t M, N, K;
-  uint64_t seed;
+  const int64_t* seed;  // device pointer to the 0-d int64 seed tensor (load_seed), nullptr without training gates
   int mode;            // GateMode; kGateNone: no gates (eval plans, gates folded into w and bias)
   bool per_row;        // training with per-example noise ("in" / "out")
   bool training;       // false: deterministic z_eval, seed unused
@@ -176,7 +176,8 @@ L0K_DEV void write_idle(const GatedGemmParams<T>& p, int64_t c0, int cols, int64
 template <typename T>
 L0K_DEV float gate_value(const GatedGemmParams<T>& p, int64_t g, int64_t offset) {
   float z;
-  gate_at(to_float(p.log_alpha[g]), p.seed, static_cast<uint64_t>(offset), p.training, p.cfg, &z, nullptr);
+  gate_at(to_float(p.log_alpha[g]), p.training ? load_seed(p.seed) : 0, static_cast<uint64_t>(offset), p.training,
+          p.cfg, &z, nullptr);
   return z;
 }
 

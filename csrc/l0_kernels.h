@@ -20,13 +20,14 @@ namespace l0k {
 // (`groups` elements): z[i] and (if dz != nullptr) dz[i] from log_alpha[i % groups] and offset i.
 // Layouts: batch (G,), sample (M, G), weight (N, K) with groups = N*K. In eval (training=false)
 // z_eval is written and seed is ignored (call it with numel == groups). Outputs are float32,
-// contiguous, 16-byte aligned (vector stores).
+// contiguous, 16-byte aligned (vector stores). `seed`: device pointer to the 0-d int64 seed tensor
+// (read in the kernel, load_seed of l0_gate.cuh; may be nullptr in eval).
 template <typename T>
-cudaError_t launch_gates(const T* log_alpha, int64_t numel, int64_t groups, uint64_t seed, bool training,
+cudaError_t launch_gates(const T* log_alpha, int64_t numel, int64_t groups, const int64_t* seed, bool training,
                          GateConfig cfg, float* z, float* dz, cudaStream_t stream);
 
 // Raw uniforms u_raw(seed, offsets[i]) (SPEC section 2) for n int64 offsets (>= 0); for testing the stream.
-cudaError_t launch_uniform(const int64_t* offsets, int64_t n, uint64_t seed, float* out, cudaStream_t stream);
+cudaError_t launch_uniform(const int64_t* offsets, int64_t n, const int64_t* seed, float* out, cudaStream_t stream);
 
 // out[r, c] = a[r, c] * (b ? b[r, c] : 1) * (z ? z[r * zs_r + c * zs_c] : 1), out contiguous (R, C).
 // a and b have their own (row, col) element strides (any, including 0). With zs_r = 0, zs_c = 1:

@@ -70,7 +70,8 @@ def gates_from_uniform(log_alpha: torch.Tensor, u: torch.Tensor, cfg: GateConfig
     """Training gate ``z`` and ``dz/dlog_alpha`` from raw uniforms ``u`` (broadcast with ``log_alpha``).
 
     Both are returned in the compute dtype of ``log_alpha``. The derivative is 0 where
-    ``s_bar`` is clamped, boundaries included.
+    ``s_bar`` is clamped, boundaries included. Non-finite ``log_alpha``: NaN gives ``z = dz = NaN``
+    (``sigmoid`` and ``clamp`` keep NaN), +inf ``z = 1`` and -inf ``z = 0``, both with ``dz = 0``.
     """
     la = log_alpha.to(compute_dtype(log_alpha.dtype))
     u = u.to(la.dtype).clamp(cfg.eps, 1.0 - cfg.eps)
@@ -79,7 +80,7 @@ def gates_from_uniform(log_alpha: torch.Tensor, u: torch.Tensor, cfg: GateConfig
     z = s_bar.clamp(0.0, 1.0)
     if not need_grad:
         return z, None
-    inside = (s_bar > 0) & (s_bar < 1)
+    inside = ((s_bar > 0) & (s_bar < 1)) | s_bar.isnan()  # a NaN gate has a NaN derivative
     dz = torch.where(inside, s * (1 - s) * ((cfg.zeta - cfg.gamma) / cfg.beta), torch.zeros_like(s))
     return z, dz
 
@@ -95,7 +96,7 @@ def eval_gates_and_grad(log_alpha: torch.Tensor, cfg: GateConfig = DEFAULT_CONFI
     z = s_bar.clamp(0.0, 1.0)
     if not need_grad:
         return z, None
-    inside = (s_bar > 0) & (s_bar < 1)
+    inside = ((s_bar > 0) & (s_bar < 1)) | s_bar.isnan()  # a NaN gate has a NaN derivative
     dz = torch.where(inside, s * (1 - s) * (cfg.zeta - cfg.gamma), torch.zeros_like(s))
     return z, dz
 

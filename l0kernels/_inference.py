@@ -159,7 +159,7 @@ def build_linear_plan(module, dtype: Optional[torch.dtype] = None) -> LinearPlan
     gate = module.gate
     in_idx = out_idx = fill = None
     if gate == "in":
-        keep = z > 0
+        keep = z != 0  # a NaN gate is kept: its NaN reaches the output, as in the gated op
         wz = (w.to(cd) * z).to(out)
         if bool(keep.all()):
             wc = wz
@@ -168,7 +168,7 @@ def build_linear_plan(module, dtype: Optional[torch.dtype] = None) -> LinearPlan
             wc = wz.index_select(1, in_idx)
         bc = b.to(out) if b is not None else None
     elif gate == "out":
-        keep = z > 0
+        keep = z != 0  # a NaN gate is kept: its NaN reaches the output, as in the gated op
         wz = (w.to(cd) * z[:, None]).to(out)
         bz = (b.to(cd) * z).to(out) if b is not None else None
         if bool(keep.all()):
@@ -178,7 +178,7 @@ def build_linear_plan(module, dtype: Optional[torch.dtype] = None) -> LinearPlan
             wc = wz.index_select(0, out_idx)
             bc = bz.index_select(0, out_idx) if bz is not None else None
     else:
-        nz = z > 0
+        nz = z != 0
         wz = (w.to(cd) * z).to(out)
         b = b.to(out) if b is not None else None
         rows, cols = nz.any(1), nz.any(0)
@@ -210,7 +210,7 @@ def build_conv_plan(module, dtype: Optional[torch.dtype] = None) -> ConvPlan:
     cd = z.dtype
     wz = (w.to(cd) * z[:, None, None, None]).to(out)
     bz = (b.to(cd) * z).to(out) if b is not None else None
-    keep = z > 0
+    keep = z != 0  # a NaN gate is kept: its NaN reaches the output, as in the gated op
     out_idx = None
     if module.groups == 1 and not bool(keep.all()):
         # grouped convs keep every channel (the groups must stay equal); their gates are folded in

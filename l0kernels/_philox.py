@@ -1,7 +1,8 @@
 """Philox4x32-10 exactly as Triton's ``tl.rand`` (SPEC section 2), in Python.
 
-This is the only Python implementation of the stream. The same rounds run on
-numpy ``uint64`` arrays (CPU tensors) and, one word per tensor, on torch ``int64`` tensors (any other device, and under ``torch.compile``).
+This is the only Python implementation of the stream. The same rounds run on numpy ``uint64``
+arrays (CPU tensors) and, one word per tensor, on torch ``int64`` tensors (any other device, and
+under ``torch.compile``).
 Values are kept in ``[0, 2**32)`` throughout; products of two 32-bit words are exact in 64 bits
 (numpy: unsigned wrap-around is defined; torch: the product's low 64 bits are all we read).
 
@@ -133,6 +134,15 @@ def seed_bits(seed, device=None):
             seed = seed.to(device, non_blocking=True)
         return seed & (SEED_MAX - 1)
     return seed
+
+
+def seed_on(seed, device) -> torch.Tensor:
+    """A checked seed as the 0-d int64 tensor on ``device`` that the Triton and CUDA kernels read: a tensor
+    as it is (moved if on another device), an int filled in on the device (a fill kernel, no host-to-device
+    copy, so it also works while a CUDA graph is captured, where the int is a constant)."""
+    if isinstance(seed, torch.Tensor):
+        return seed if seed.device == torch.device(device) else seed.to(device, non_blocking=True)
+    return torch.full((), seed, dtype=torch.int64, device=device)
 
 
 def seed_int(seed) -> int:

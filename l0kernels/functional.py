@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -35,12 +35,13 @@ def _shape_for(log_alpha: torch.Tensor, shape) -> tuple:
     return shape
 
 
-def sample_gates(log_alpha: torch.Tensor, seed: int, shape: Optional[Sequence[int]] = None, *,
+def sample_gates(log_alpha: torch.Tensor, seed: Union[int, torch.Tensor], shape: Optional[Sequence[int]] = None, *,
                  beta: float = _BETA, gamma: float = _GAMMA, zeta: float = _ZETA, eps: float = 1e-6) -> torch.Tensor:
     """Training gates ``z`` for a noise tensor of ``shape`` (default: ``log_alpha``'s shape).
 
     ``shape`` must end with ``log_alpha.shape``; e.g. ``(M, G)`` for per-example gates. Offsets
     are the row-major index into ``shape`` (SPEC section 2). Differentiable in ``log_alpha``.
+    ``seed``: an int in ``[0, 2**63)`` or a 0-d int64 tensor on any device (SPEC section 10).
     """
     check_tensor(log_alpha, "log_alpha")
     cfg = make_config(beta, gamma, zeta, eps)
@@ -98,9 +99,9 @@ def expected_l0(log_alpha: torch.Tensor, *, beta: float = _BETA, gamma: float = 
 
 
 def l0_linear(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bias: Optional[torch.Tensor] = None,
-              *, seed: Optional[int] = None, gate: str = "in", noise: str = "batch", training: bool = True,
-              backend: str = "auto", beta: float = _BETA, gamma: float = _GAMMA, zeta: float = _ZETA,
-              eps: float = 1e-6, group_size: int = 1) -> torch.Tensor:
+              *, seed: Optional[Union[int, torch.Tensor]] = None, gate: str = "in", noise: str = "batch",
+              training: bool = True, backend: str = "auto", beta: float = _BETA, gamma: float = _GAMMA,
+              zeta: float = _ZETA, eps: float = 1e-6, group_size: int = 1) -> torch.Tensor:
     """Hard-concrete gated linear layer (SPEC section 3).
 
     ``gate="in"``: ``y = (x * z) @ W.T + b``, ``log_alpha`` is ``(K,)``;
@@ -108,7 +109,8 @@ def l0_linear(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bi
     ``noise="batch"`` draws one gate vector per call, ``"sample"`` one per row of ``x.reshape(-1, K)``.
     ``group_size=g`` (``gate="in"``/``"out"``, SPEC section 8): one gate per ``g`` consecutive features,
     ``log_alpha`` of shape ``(K // g,)`` / ``(N // g,)``; the noise tensor is over the gates.
-    In training with ``seed=None`` a seed is drawn from PyTorch's default generator.
+    ``seed``: an int in ``[0, 2**63)`` or a 0-d int64 tensor (any device; SPEC section 10). In training with
+    ``seed=None`` one is drawn as a 0-d int64 tensor on ``x``'s device from PyTorch's default generator.
     With ``training=False`` the deterministic gates are used and ``seed`` is ignored.
     Under ``torch.autocast`` the op casts like ``F.linear``: float16/bfloat16/float32 ``x``, ``weight``,
     ``bias`` and ``log_alpha`` run in the autocast dtype (float64 is not cast), and so does the output.
@@ -123,9 +125,10 @@ def l0_linear(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bi
 
 
 def l0_conv2d(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bias: Optional[torch.Tensor] = None,
-              stride=1, padding=0, dilation=1, groups: int = 1, *, seed: Optional[int] = None, noise: str = "batch",
-              training: bool = True, backend: str = "auto", beta: float = _BETA, gamma: float = _GAMMA,
-              zeta: float = _ZETA, eps: float = 1e-6, group_size: int = 1) -> torch.Tensor:
+              stride=1, padding=0, dilation=1, groups: int = 1, *,
+              seed: Optional[Union[int, torch.Tensor]] = None, noise: str = "batch", training: bool = True,
+              backend: str = "auto", beta: float = _BETA, gamma: float = _GAMMA, zeta: float = _ZETA,
+              eps: float = 1e-6, group_size: int = 1) -> torch.Tensor:
     """``conv2d(x, W, b, ...) * z[..., c, None, None]`` with one gate per output channel (SPEC section 3).
 
     ``x`` is ``(B, C_in, H, W)`` (NCHW or channels_last); ``noise="sample"`` draws gates ``(B, C_out)``.

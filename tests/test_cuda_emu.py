@@ -61,7 +61,7 @@ def _bind(lib_path):
     fn = lib.l0k_emu_gated_gemm
     i64, vp, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     fn.argtypes = [ctypes.c_int, ctypes.c_int, vp, i64, vp, i64, vp, vp, vp, i64, vp, vp, vp, i64, vp, ctypes.c_int,
-                   i64, i64, i64, ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, f32, f32, f32,
+                   i64, i64, i64, vp, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, f32, f32, f32,
                    f32, i64]
     fn.restype = ctypes.c_int
     fn.splits = lib.l0k_emu_gemv_splits
@@ -91,9 +91,11 @@ def run_emu(fn, x, w, la, b, seed, gate, noise, training, allow_vec=True, cfg=Ga
     if y is None:
         y = torch.full((m, n), float("nan"), dtype=x.dtype)
     ptr = (lambda t: None if t is None else t.data_ptr())
+    # the seed as the kernels take it: the address of a 0-d int64 tensor (SPEC section 10), read in the kernel
+    seed_t = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
     vec = fn(GEMV_DTYPES[x.dtype], IMPLS[impl], ptr(x), x.stride(0), ptr(w), w.stride(0), ptr(None if la is None else la.contiguous()),
              ptr(b), ptr(y), y.stride(0), ptr(x_cols), ptr(y_cols), ptr(idle_cols),
-             0 if idle_cols is None else idle_cols.numel(), ptr(fill), splits, m, n, k, seed, MODES[gate],
+             0 if idle_cols is None else idle_cols.numel(), ptr(fill), splits, m, n, k, ptr(seed_t), MODES[gate],
              int(training and noise == "sample"), int(training), int(allow_vec), cfg.beta, cfg.gamma, cfg.zeta, cfg.eps,
              group)
     assert vec in (0, 1, 2, 3), vec  # -3: the split-K workspace was not left zero
@@ -504,10 +506,33 @@ def test_w_keeps_vector_loads_when_x_cannot(emu, impl, rows):
     x, w, la, b = make(rows, 50, 264, "weight", dtype, x_cols=301, seed=17)
     ptr = lambda t: t.data_ptr()  # noqa: E731
     out = torch.empty(rows, 50, dtype=dtype)
+    seed = torch.tensor(5, dtype=torch.int64)  # the kernels take the seed's address
     code = emu(GEMV_DTYPES[dtype], IMPLS[impl], ptr(x), x.stride(0), ptr(w), w.stride(0), ptr(la.contiguous()), ptr(b),
-               ptr(out), 50, None, None, None, 0, None, 1, rows, 50, 264, 5, MODES["weight"], 0, 1, 1, 2 / 3, -0.1,
-               1.1, 1e-6, 1)
+               ptr(out), 50, None, None, None, 0, None, 1, rows, 50, 264, ptr(seed), MODES["weight"], 0, 1, 1, 2 / 3,
+               -0.1, 1.1, 1e-6, 1)
     assert code == 2  # bit 1: W's 16-byte loads only
     y_sc, _ = run_emu(emu, x, w, la, b, 5, "weight", "batch", True, allow_vec=False, impl=impl)
     assert torch.equal(out, y_sc)
     check(out, reference(x, w, la, b, 5, "weight", "batch", True), dtype)
+
+
+@pytest.mark.parametrize("impl", ["gemm", "gemv"])
+@pytest.mark.parametrize("gate,noise,training", [("in", "batch", True), ("out", "sample", True),
+                                                 ("weight", "batch", False), ("in", "batch", False)])
+def test_nonfinite_log_alpha_like_reference(emu, impl, gate, noise, training):
+    """NaN and +-inf in log_alpha (SPEC section 6): the fused kernels' gates are NaN, 1 and 0 like the float64
+    reference (csrc/l0_gate.cuh keeps a NaN through the clamp), so the outputs are NaN exactly where the
+    reference is; the seed comes as a pointer to a 0-d int64 tensor."""
+    m = 20 if impl == "gemm" else 3
+    dtype = torch.float16  # the tensor-core kernel takes half types only
+    x, w, la, b = make(m, 12, 40, gate, dtype, seed=21)
+    la = la.clone()
+    flat = la.view(-1)
+    flat[1], flat[3], flat[5] = float("nan"), float("inf"), float("-inf")
+    seed = torch.tensor(2 ** 35 + 9, dtype=torch.int64)
+    y, _ = run_emu(emu, x, w, la, b, seed, gate, noise, training, impl=impl)
+    ref = reference(x, w, la, b, int(seed), gate, noise, training)
+    assert ref.isnan().any() and torch.equal(y.isnan(), ref.isnan())
+    fin = ~ref.isnan()  # none for input gates: a NaN input gate reaches every output
+    if fin.any():
+        check(y[fin], ref[fin], dtype)

@@ -162,10 +162,11 @@ CHILD = textwrap.dedent(r'''
     with FakeTensorMode():
         xf, wf, laf = torch.empty(3, 5, 7, dtype=torch.float16), torch.empty(4, 7, dtype=torch.float16), torch.empty(7, dtype=torch.float16)
         c = [cfg.beta, cfg.gamma, cfg.zeta, cfg.eps]
-        assert torch.ops.l0kernels.linear_fwd_fused(xf, wf, laf, None, 1, "in", False, True, c).shape == (3, 5, 4)
-        assert torch.ops.l0kernels.linear_fwd(xf, wf, laf, None, 1, "in", False, True, c).shape == (3, 5, 4)
+        sf = torch.empty((), dtype=torch.int64)  # the seed: a 0-d int64 tensor (SPEC section 10)
+        assert torch.ops.l0kernels.linear_fwd_fused(xf, wf, laf, None, sf, "in", False, True, c).shape == (3, 5, 4)
+        assert torch.ops.l0kernels.linear_fwd(xf, wf, laf, None, sf, "in", False, True, c).shape == (3, 5, 4)
         assert torch.ops.l0kernels.sparse_linear(xf[0], wf, None, None, None, None, None, 4).shape == (5, 4)
-        z, dz = torch.ops.l0kernels.gates(laf, 6, 1, True, c, True)
+        z, dz = torch.ops.l0kernels.gates(laf, 6, sf, True, c, True)
         assert z.shape == (6, 7) and dz.shape == (6, 7)
     print("ok")
 ''')

@@ -156,8 +156,10 @@ def test_custom_backend_receives_validated_calls(registry):
     y = l0k.l0_linear(x, w, la, b, gate="in", noise="sample")  # auto: the highest priority that can run it
     assert len(rec.calls) == 1
     call = rec.calls[-1]
-    assert isinstance(call, LinearCall) and call.training and isinstance(call.seed, int)
-    assert 0 <= call.seed < 2**63 and call.noise == "sample" and call.gate == "in"
+    # a drawn seed: a 0-d int64 tensor on x's device (SPEC section 10)
+    assert isinstance(call, LinearCall) and call.training and isinstance(call.seed, torch.Tensor)
+    assert call.seed.dtype == torch.int64 and call.seed.dim() == 0 and call.seed.device == x.device
+    assert 0 <= int(call.seed) < 2**63 and call.noise == "sample" and call.gate == "in"
     assert torch.equal(y, l0k.l0_linear(x, w, la, b, seed=call.seed, gate="in", noise="sample", backend="torch"))
     l0k.l0_linear(x, w, la, b, seed=5, training=False, backend="triton")
     assert rec.calls[-1].seed is None and rec.calls[-1].training is False

@@ -27,7 +27,7 @@ void launch_gemv(const l0k::GatedGemmParams<T>& p) {
 template <typename T>
 int run(int impl, const void* x, int64_t ldx, const void* w, int64_t ldw, const void* log_alpha, const void* bias,
         void* y, int64_t ldy, const int64_t* x_cols, const int64_t* y_cols, const int64_t* idle_cols, int64_t n_idle,
-        const void* fill, int splits, int64_t M, int64_t N, int64_t K, uint64_t seed, int mode, bool per_row,
+        const void* fill, int splits, int64_t M, int64_t N, int64_t K, const int64_t* seed, int mode, bool per_row,
         bool training, bool allow_vec, const l0k::GateConfig& cfg, int64_t group) {
   l0k::GatedGemmParams<T> p{static_cast<const T*>(x), ldx, static_cast<const T*>(w), ldw,
                             static_cast<const T*>(log_alpha), static_cast<const T*>(bias), static_cast<T*>(y), ldy,
@@ -84,7 +84,7 @@ int run(int impl, const void* x, int64_t ldx, const void* w, int64_t ldw, const 
 extern "C" int l0k_emu_gated_gemm(int dtype, int impl, const void* x, int64_t ldx, const void* w, int64_t ldw,
                                   const void* log_alpha, const void* bias, void* y, int64_t ldy, const int64_t* x_cols,
                                   const int64_t* y_cols, const int64_t* idle_cols, int64_t n_idle, const void* fill,
-                                  int splits, int64_t M, int64_t N, int64_t K, uint64_t seed, int mode, int per_row,
+                                  int splits, int64_t M, int64_t N, int64_t K, const int64_t* seed, int mode, int per_row,
                                   int training, int allow_vec, float beta, float gamma, float zeta, float eps,
                                   int64_t group) {
   const l0k::GateConfig cfg{beta, gamma, zeta, eps};

@@ -35,6 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from .._dispatch import Backend, Conv2dCall, LinearCall, register_backend
 from .._gates import GateConfig
+from .._philox import seed_on
 
 try:
     from .. import _C  # noqa: F401  (loading the library registers torch.ops.l0kernels)
@@ -103,11 +104,13 @@ def _conv2d_bwd_fake(grad, x, weight, log_alpha, bias, stride, padding, dilation
     return _fake_grads(x, weight, log_alpha, bias, mask)
 
 
-def cuda_gates(log_alpha: torch.Tensor, seed: Optional[int], rows: int = -1, training: bool = True,
+def cuda_gates(log_alpha: torch.Tensor, seed, rows: int = -1, training: bool = True,
                cfg: GateConfig = GateConfig(), need_grad: bool = False):
     """``(z, dz)`` from the CUDA gate kernel: ``rows`` >= 0 gives ``(rows, *log_alpha.shape)`` (per-example
-    noise), -1 gives ``log_alpha.shape``; ``dz`` is None unless ``need_grad``. Eval when not training."""
-    z, dz = _ops.gates(log_alpha, rows, 0 if seed is None else seed, training, _cfg(cfg), need_grad)
+    noise), -1 gives ``log_alpha.shape``; ``dz`` is None unless ``need_grad``. Eval when not training.
+    ``seed``: an int or a 0-d int64 tensor (the op reads it on the device)."""
+    z, dz = _ops.gates(log_alpha, rows, seed_on(seed, log_alpha.device) if training else None, training, _cfg(cfg),
+                       need_grad)
     return z, (dz if need_grad else None)
 
 
@@ -210,10 +213,10 @@ class CudaL0LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, log_alpha, bias, seed, gate, noise, training, cfg, group_size=1):
-        seed = 0 if seed is None else seed
-        ctx.save_for_backward(x, weight, log_alpha, bias)
+        seed = seed_on(seed, x.device) if training else None  # the ops read the seed tensor on the device
+        ctx.save_for_backward(x, weight, log_alpha, bias, seed)
         sample = noise == "sample"
-        ctx.conf = (seed, gate, sample, training, _cfg(cfg))
+        ctx.conf = (gate, sample, training, _cfg(cfg))
         ctx.group_size = group_size
         op = _forward_op(x, weight, log_alpha, bias, seed, gate, sample, training, _cfg(cfg), group_size)
         return op(x, weight, log_alpha, bias, seed, gate, sample, training, _cfg(cfg), group_size)
@@ -221,8 +224,8 @@ class CudaL0LinearFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, log_alpha, bias = ctx.saved_tensors
-        seed, gate, sample, training, cfg = ctx.conf
+        x, weight, log_alpha, bias, seed = ctx.saved_tensors
+        gate, sample, training, cfg = ctx.conf
         mask = [bool(m) for m in ctx.needs_input_grad[:4]]
         mask[3] = mask[3] and bias is not None
         out = _ops.linear_bwd(dy, x, weight, log_alpha, bias, seed, gate, sample, training, cfg, mask, ctx.group_size)
@@ -237,10 +240,10 @@ class CudaL0Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg,
                 group_size=1):
-        seed = 0 if seed is None else seed
+        seed = seed_on(seed, x.device) if training else None
         conv = (list(stride), list(padding), list(dilation), int(groups))
-        ctx.save_for_backward(x, weight, log_alpha, bias)
-        ctx.conf = conv + (seed, noise == "sample", training, _cfg(cfg))
+        ctx.save_for_backward(x, weight, log_alpha, bias, seed)
+        ctx.conf = (conv, (noise == "sample", training, _cfg(cfg)))
         ctx.group_size = group_size
         return _ops.conv2d_fwd(x, weight, log_alpha, bias, *conv, seed, noise == "sample", training, _cfg(cfg),
                                group_size)
@@ -248,10 +251,11 @@ class CudaL0Conv2dFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, log_alpha, bias = ctx.saved_tensors
+        x, weight, log_alpha, bias, seed = ctx.saved_tensors
+        conv, rest = ctx.conf
         mask = [bool(m) for m in ctx.needs_input_grad[:4]]
         mask[3] = mask[3] and bias is not None
-        out = _ops.conv2d_bwd(dy, x, weight, log_alpha, bias, *ctx.conf, mask, ctx.group_size)
+        out = _ops.conv2d_bwd(dy, x, weight, log_alpha, bias, *conv, seed, *rest, mask, ctx.group_size)
         return _grads(out, mask) + (None,) * 9
 
 

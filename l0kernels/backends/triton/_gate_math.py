@@ -10,7 +10,7 @@ with no host sync, and a CUDA graph replays the load, not a value captured at la
 a seed into that tensor with :func:`seed_tensor`; in eval the kernels never read it.
 
 Non-finite ``log_alpha`` (SPEC section 6): the clamps keep a NaN (``tl.maximum`` alone would return 0
-for it on a GPU), so a NaN gives ``z = NaN`` and ``dz = 0``, +inf ``z = 1`` and -inf ``z = 0``.
+for it on a GPU), so a NaN gives ``z = dz = NaN``, +inf ``z = 1`` and -inf ``z = 0``.
 
 :func:`triton_gates` launches a tiny kernel that evaluates the helpers for given offsets; the
 tests compare it with ``l0kernels._gates.gates_from_uniform(log_alpha, philox_uniform(seed, offsets))``.
@@ -21,16 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._philox import seed_on
+
 
 def seed_tensor(seed, ref: torch.Tensor) -> torch.Tensor:
     """The seed argument of a kernel: a 0-d int64 tensor on ``ref``'s device (a tensor seed as it is, moved
     if on another device; an int filled in on the device, no host-to-device copy). ``None`` (eval) gives
     ``ref`` itself: the kernels do not read the seed in eval."""
-    if seed is None:
-        return ref
-    if isinstance(seed, torch.Tensor):
-        return seed if seed.device == ref.device else seed.to(ref.device, non_blocking=True)
-    return torch.full((), int(seed), dtype=torch.int64, device=ref.device)
+    return ref if seed is None else seed_on(seed, ref.device)
 
 
 @triton.jit
@@ -53,7 +51,7 @@ def hard_concrete(log_alpha, u, beta, gamma, zeta, eps):
     s = 1.0 / (1.0 + tl.exp(-t))
     s_bar = s * (zeta - gamma) + gamma
     z = _clamp01(s_bar)
-    dz = tl.where((s_bar > 0.0) & (s_bar < 1.0), s * (1.0 - s) * ((zeta - gamma) / beta), 0.0)
+    dz = tl.where(((s_bar > 0.0) & (s_bar < 1.0)) | (s_bar != s_bar), s * (1.0 - s) * ((zeta - gamma) / beta), 0.0)
     return z, dz
 
 
@@ -63,7 +61,7 @@ def eval_gate(log_alpha, gamma, zeta):
     s = 1.0 / (1.0 + tl.exp(-log_alpha))
     s_bar = s * (zeta - gamma) + gamma
     z = _clamp01(s_bar)
-    dz = tl.where((s_bar > 0.0) & (s_bar < 1.0), s * (1.0 - s) * (zeta - gamma), 0.0)
+    dz = tl.where(((s_bar > 0.0) & (s_bar < 1.0)) | (s_bar != s_bar), s * (1.0 - s) * (zeta - gamma), 0.0)
     return z, dz
 
 

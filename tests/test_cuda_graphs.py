@@ -1,0 +1,109 @@
+"""CUDA graphs of an L0 training step (SPEC section 10; needs a GPU: marked ``gpu``, skipped without one).
+
+A layer in training draws its seed with ``torch.randint`` on the input's device: inside a captured graph
+that is a Philox kernel of PyTorch's default CUDA generator, whose offset the graph advances on every
+replay (PyTorch's "CUDA Graph-safe RNG states", aten/src/ATen/CUDAGeneratorImpl.h), and every backend's
+kernels read the seed from that tensor on the device. So each replay draws fresh gates, and
+``torch.cuda.manual_seed`` repeats the replays' sequence. A seed passed in as a tensor is read at replay
+time: refilling it in place changes the gates without recapturing.
+"""
+import pytest
+import torch
+
+import l0kernels as l0k
+from l0kernels import L0Conv2d, L0Linear
+
+pytestmark = pytest.mark.gpu
+
+
+def _backends():
+    names = ["torch", "triton"]
+    try:
+        import l0kernels._C  # noqa: F401
+        names.append("cuda")
+    except ImportError:
+        pass
+    return names
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        self.conv = L0Conv2d(3, 8, 3, padding=1, noise="sample", backend=backend)
+        self.a = L0Linear(8 * 8 * 8, 32, gate="in", backend=backend)
+        self.b = L0Linear(32, 16, gate="out", noise="sample", backend=backend)
+        self.c = L0Linear(16, 4, gate="weight", backend=backend)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        return self.c(torch.relu(self.b(self.a(h))))
+
+
+def _capture(model, x):
+    """Warm up on a side stream (autotuning, backend choices), then capture forward + backward."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            model(x).square().sum().backward()
+    torch.cuda.current_stream().wait_stream(s)
+    model.zero_grad(set_to_none=True)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = model(x)
+        out.square().sum().backward()
+    return g, out
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_graph_replays_draw_fresh_gates(backend):
+    torch.manual_seed(0)
+    model = _Net(backend).cuda()
+    x = torch.randn(16, 3, 8, 8, device="cuda")
+    g, out = _capture(model, x)
+    grad = model.a.log_alpha.grad
+
+    torch.cuda.manual_seed(7)
+    g.replay()
+    y1, g1 = out.clone(), grad.clone()
+    g.replay()
+    y2, g2 = out.clone(), grad.clone()
+    torch.cuda.manual_seed(7)
+    g.replay()
+    y3, g3 = out.clone(), grad.clone()
+    torch.cuda.synchronize()
+    assert not torch.allclose(y1, y2), "two replays drew the same gates"
+    assert not torch.allclose(g1, g2)
+    assert torch.equal(y1, y3) and torch.equal(g1, g3), "torch.cuda.manual_seed did not repeat the replays"
+    assert torch.isfinite(y1).all() and torch.isfinite(g1).all()
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("gate,noise", [("in", "batch"), ("out", "sample"), ("weight", "batch")])
+def test_graph_reads_seed_tensor_at_replay(backend, gate, noise):
+    """A seed tensor refilled in place between replays gives the gates of that seed (eager, int seed)."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(24, 40, device="cuda", generator=gen)
+    w = torch.randn(20, 40, device="cuda", generator=gen)
+    la = torch.randn({"in": (40,), "out": (20,), "weight": (20, 40)}[gate], device="cuda", generator=gen)
+    b = torch.randn(20, device="cuda", generator=gen)
+    seed = torch.zeros((), dtype=torch.int64, device="cuda")
+
+    def step():
+        return l0k.l0_linear(x, w, la, b, seed=seed, gate=gate, noise=noise, backend=backend)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for value in (5, 2**40 + 3, 2**63 - 1):
+        seed.fill_(value)
+        graph.replay()
+        ref = l0k.l0_linear(x, w, la, b, seed=value, gate=gate, noise=noise, backend=backend)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
