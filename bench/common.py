@@ -145,9 +145,9 @@ def make_meta(dev: torch.device, now: _dt.datetime) -> Dict[str, Optional[str]]:
                 date=now.isoformat(timespec="seconds"))
 
 
-def interleaved_ms(fns: Sequence[Callable[[], object]], reps: int, warmup: int = 2,
-                   device: Optional[torch.device] = None) -> List[float]:
-    """Median milliseconds of each function, timed in rounds of one call each (on CUDA synchronised
+def interleaved_times(fns: Sequence[Callable[[], object]], reps: int, warmup: int = 2,
+                      device: Optional[torch.device] = None) -> List[List[float]]:
+    """Milliseconds of every call of each function, timed in rounds of one call each (on CUDA synchronised
     around every call), so that other load on the machine hits them alike."""
     cuda = device is not None and device.type == "cuda"
     for f in fns:
@@ -163,7 +163,13 @@ def interleaved_ms(fns: Sequence[Callable[[], object]], reps: int, warmup: int =
             if cuda:
                 torch.cuda.synchronize(device)
             t.append((time.perf_counter() - t0) * 1e3)
-    return [float(statistics.median(t)) for t in times]
+    return times
+
+
+def interleaved_ms(fns: Sequence[Callable[[], object]], reps: int, warmup: int = 2,
+                   device: Optional[torch.device] = None) -> List[float]:
+    """Median milliseconds of each function (:func:`interleaved_times`)."""
+    return [float(statistics.median(t)) for t in interleaved_times(fns, reps, warmup, device)]
 
 
 def log_alpha_for_density(g: int, density: float, *, beta: float = 2.0 / 3.0, gamma: float = -0.1,
