@@ -46,14 +46,15 @@ def _open_gates(log_alpha: torch.Tensor, seed, cfg: GateConfig, need_grad: bool)
     return z, dz, _active.open_index(z)
 
 
-def _skip_gates(x: torch.Tensor, log_alpha: torch.Tensor, seed, training: bool, noise: str, cfg: GateConfig):
+def _skip_gates(x: torch.Tensor, log_alpha: torch.Tensor, seed, training: bool, noise: str, cfg: GateConfig,
+                macs_per_group: int):
     """:func:`_open_gates` where the call takes the path that skips closed groups (training, one gate
     vector per call, a CPU tensor, open fraction at most ``_active.DENSE_ABOVE``), else None. Backward
     draws the same gates again from the seed (``ctx.skip`` records the forward's decision)."""
     if not (training and noise == "batch" and _active.ENABLED and x.device.type == "cpu"):
         return None
     z, dz, idx = _open_gates(log_alpha, seed, cfg, False)
-    return (z, dz, idx) if _active.skip_closed(idx.numel(), log_alpha.shape[0]) else None
+    return (z, dz, idx) if _active.skip_closed(idx.numel(), log_alpha.shape[0], macs_per_group) else None
 
 
 class L0LinearFunction(torch.autograd.Function):
@@ -67,7 +68,8 @@ class L0LinearFunction(torch.autograd.Function):
         n, k = weight.shape
         x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), k)  # not -1: K may be 0
         m = x2.shape[0]
-        skip = None if gate == "weight" else _skip_gates(x, log_alpha, seed, training, noise, cfg)
+        skip = None if gate == "weight" else _skip_gates(x, log_alpha, seed, training, noise, cfg,
+                                                         m * (n if gate == "in" else k))
         if gate != "weight" and training and noise == "batch":
             _active.PATHS["linear-" + gate, "fwd", "skip" if skip else "dense"] += 1
         if skip is not None:
@@ -225,7 +227,9 @@ class L0Conv2dFunction(torch.autograd.Function):
     def forward(ctx, x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg):
         c = weight.shape[0]
         shape = (x.shape[0], c) if noise == "sample" else (c,)
-        skip = _skip_gates(x, log_alpha, seed, training, noise, cfg) if groups == 1 else None
+        # multiply-adds of one output channel, about (the output size from the strides alone)
+        macs = x.shape[0] * (x.shape[2] * x.shape[3]) // (stride[0] * stride[1]) * (weight.numel() // max(c, 1))
+        skip = _skip_gates(x, log_alpha, seed, training, noise, cfg, macs) if groups == 1 else None
         if training and noise == "batch":
             _active.PATHS["conv2d", "fwd", "skip" if skip else "dense"] += 1
         if skip is not None:
