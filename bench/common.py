@@ -145,8 +145,6 @@ def write_results(rows, out_dir, device, now, kind, markdown):
     return stem
 
 
-
-
 def make_meta(dev: torch.device, now: _dt.datetime) -> Dict[str, Optional[str]]:
     """The fields every row carries: device, torch, triton, commit, date, triton_autotune."""
     return dict(device=device_name(dev), torch=torch.__version__, triton=triton_version(), commit=git_commit(),
@@ -175,17 +173,20 @@ def parse_only(specs, error) -> Optional[Dict[str, List[str]]]:
     return only or None
 
 
-def interleaved_ms(fns: Sequence[Callable[[], object]], reps: int, warmup: int = 2,
-                   device: Optional[torch.device] = None) -> List[float]:
-    """Median milliseconds of each function, timed in rounds of one call each (on CUDA synchronised
-    around every call), so that other load on the machine hits them alike."""
+def interleaved_times(fns: Sequence[Callable[[], object]], reps: int, warmup: int = 2,
+                      device: Optional[torch.device] = None) -> List[List[float]]:
+    """Milliseconds of every call of each function, timed in rounds of one call each (on CUDA synchronised
+    around every call), so that other load on the machine hits them alike. Each round starts one function
+    later than the one before, so no function always runs right after the same other one."""
     cuda = device is not None and device.type == "cuda"
     for f in fns:
         for _ in range(warmup):
             f()
     times = [[] for _ in fns]
-    for _ in range(reps):
-        for t, f in zip(times, fns):
+    n = len(fns)
+    for r in range(reps):
+        for i in range(n):
+            t, f = times[(i + r) % n], fns[(i + r) % n]
             if cuda:
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
@@ -193,7 +194,13 @@ def interleaved_ms(fns: Sequence[Callable[[], object]], reps: int, warmup: int =
             if cuda:
                 torch.cuda.synchronize(device)
             t.append((time.perf_counter() - t0) * 1e3)
-    return [float(statistics.median(t)) for t in times]
+    return times
+
+
+def interleaved_ms(fns: Sequence[Callable[[], object]], reps: int, warmup: int = 2,
+                   device: Optional[torch.device] = None) -> List[float]:
+    """Median milliseconds of each function (:func:`interleaved_times`)."""
+    return [float(statistics.median(t)) for t in interleaved_times(fns, reps, warmup, device)]
 
 
 def log_alpha_for_density(g: int, density: float, *, beta: float = 2.0 / 3.0, gamma: float = -0.1,

@@ -99,11 +99,7 @@ def cpu_rows(reps: int, meta: dict) -> List[dict]:
         return run
     names = list(steps)
     _active.PATHS.clear()
-    ms = common.interleaved_ms([bind(steps[n]) for n in names], reps, warmup=20)
-    dense = ms[0]
-    rows = []
-    for n, t in zip(names, ms):
-        rows.append(dict(meta, bench="train_step", config=n, step_ms=t, dense_step_ms=dense, ratio=t / dense))
+    rows = _rows(meta, "train_step", names, common.interleaved_times([bind(steps[n]) for n in names], reps, 20))
     # the layer alone: 784 -> 300, input gates, batch noise, forward+backward against F.linear
     x = torch.randn(BATCH, 784, generator=gen)
     w = (torch.randn(300, 784, generator=gen) * 0.05).requires_grad_()
@@ -113,12 +109,26 @@ def cpu_rows(reps: int, meta: dict) -> List[dict]:
     for d in FC1_DENSITIES:
         la = common.log_alpha_for_density(784, d, generator=gen).requires_grad_()
         fns.append(lambda la=la: torch.autograd.grad(l0k.l0_linear(x, w, la, b, backend="torch"), (w, la, b), gy))
-    ms = common.interleaved_ms(fns, reps * 2, warmup=20)
-    for d, t in zip(FC1_DENSITIES, ms[1:]):
-        rows.append(dict(meta, bench="layer_784_300_in", config=f"density={d}", step_ms=t, dense_step_ms=ms[0],
-                         ratio=t / ms[0], goal=d + 0.15))
+    layer = _rows(meta, "layer_784_300_in", ["F.linear"] + [f"density={d}" for d in FC1_DENSITIES],
+                  common.interleaved_times(fns, reps * 2, 20))
+    for r, d in zip(layer[1:], FC1_DENSITIES):
+        r["goal"] = d + 0.15
+    rows += layer[1:]
     rows.append(dict(meta, bench="paths", config=str({"/".join(k): v for k, v in _active.PATHS.items()})))
     return rows
+
+
+def _rows(meta, bench, names, times) -> List[dict]:
+    """One row per configuration: the median (``step_ms``) and, as a load-robust lower bound, the minimum and
+    first quartile of its times, each against the first configuration (the dense one)."""
+    stats = []
+    for t in times:
+        t = sorted(t)
+        stats.append((t[len(t) // 2], t[0], t[len(t) // 4]))
+    d = stats[0]
+    return [dict(meta, bench=bench, config=n, step_ms=s[0], dense_step_ms=d[0], ratio=s[0] / d[0],
+                 min_ms=s[1], dense_min_ms=d[1], ratio_min=s[1] / d[1], q25_ms=s[2], ratio_q25=s[2] / d[2])
+            for n, s in zip(names, stats)]
 
 
 def gpu_rows(ctx: common.BenchContext) -> List[dict]:
@@ -133,6 +143,7 @@ def gpu_rows(ctx: common.BenchContext) -> List[dict]:
         dy = torch.randn(m, n, device=dev, generator=g).to(dt)
         dense = ctx.time_ms(lambda: torch.autograd.grad(F.linear(x, w, b), (x, w, b), dy))
         dense_fwd = ctx.time_ms(lambda: F.linear(x, w, b))
+        dense_peak = ctx.peak_mib(lambda: torch.autograd.grad(F.linear(x, w, b), (x, w, b), dy))
         for gate in ("in", "out"):
             for d in GPU_DENSITIES:
                 gcount = k if gate == "in" else n
@@ -143,12 +154,14 @@ def gpu_rows(ctx: common.BenchContext) -> List[dict]:
                     try:
                         fwd = ctx.time_ms(f)
                         fb = ctx.time_ms(lambda: torch.autograd.grad(f(), (x, w, la, b), dy))
+                        peak = ctx.peak_mib(lambda: torch.autograd.grad(f(), (x, w, la, b), dy))
                     except (ValueError, RuntimeError) as e:  # a backend that cannot run the call
                         print(f"  {be}: skipped ({type(e).__name__}: {e})", file=sys.stderr)
                         continue
                     rows.append(ctx.row(op="linear_train", gate=gate, noise="batch", dtype="bfloat16",
                                         shape=f"{m}x{k}->{n},density={d}", backend=be, fwd_ms=fwd, fwd_bwd_ms=fb,
-                                        dense_fwd_ms=dense_fwd, dense_fwd_bwd_ms=dense, density=d, goal=d + 0.1))
+                                        dense_fwd_ms=dense_fwd, dense_fwd_bwd_ms=dense, peak_mib=peak,
+                                        dense_peak_mib=dense_peak, density=d, goal=d + 0.1))
                     print(f"{m}x{k}->{n} gate={gate} d={d} {be}: {fb:.3f} ms vs dense {dense:.3f} ms "
                           f"({fb / dense:.2f}x, goal {d + 0.1:.2f}x)")
     return rows
@@ -157,7 +170,8 @@ def gpu_rows(ctx: common.BenchContext) -> List[dict]:
 def cpu_markdown(rows: List[dict]) -> str:
     f = common.fmt
     r0 = rows[0]
-    lines = ["| benchmark | configuration | ms | dense ms | ratio | goal |", "|---|---|---:|---:|---:|---:|"]
+    lines = ["| benchmark | configuration | median ms | dense median ms | ratio (medians) | ratio (minima) | "
+             "ratio (1st quartiles) | goal |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["bench"] == "paths":
             continue
@@ -167,7 +181,8 @@ def cpu_markdown(rows: List[dict]) -> str:
         if r["bench"] == "train_step" and r["config"] == "l0 fc1=0.3 fc2=1.0":
             goal = 0.6
         lines.append(f"| {r['bench']} | {r['config']} | {f(r['step_ms'])} | {f(r['dense_step_ms'])} | "
-                     f"{f(r['ratio'], 2)} | {f(goal, 2) if goal else ''} |")
+                     f"{f(r['ratio'], 2)} | {f(r['ratio_min'], 2)} | {f(r['ratio_q25'], 2)} | "
+                     f"{f(goal, 2) if goal else ''} |")
     lines.append(f"\nDevice: {r0['device']} ({r0['threads']} threads), torch {r0['torch']}, commit {r0['commit']}, "
                  f"{r0['date']}; load average at start/end {r0['load_start']} / {r0['load_end']}. Interleaved "
                  f"medians of {r0['reps']} steps (the layer: {2 * r0['reps']} calls).")
@@ -205,7 +220,8 @@ def main(argv=None) -> int:
     for r in rows:
         if r["bench"] != "paths":
             print(f"{r['bench']:18s} {r['config']:28s} {r['step_ms']:8.3f} ms  dense {r['dense_step_ms']:8.3f} ms"
-                  f"  {r['ratio']:.2f}x")
+                  f"  {r['ratio']:.2f}x  (minima {r['min_ms']:.3f} / {r['dense_min_ms']:.3f} ms: "
+                  f"{r['ratio_min']:.2f}x; q25 {r['ratio_q25']:.2f}x)")
     common.write_results(rows, a.out, meta["device"], now, "train-step", cpu_markdown)
     return 0
 

@@ -28,9 +28,12 @@ from typing import NamedTuple
 
 import torch
 
-# Gathering the open columns/rows costs one copy of the open part of x and W; above this open fraction
-# the dense GEMM (with the closed groups multiplied by their zero gate) is as fast on the CPU.
+# Gathering the open columns/rows costs one copy of the open part of x and W and a few calls; above this
+# open fraction the dense GEMM (with the closed groups multiplied by their zero gate) is as fast on the CPU,
+# and so it is when the GEMM work skipped (multiply-adds) is below MIN_SKIPPED_MACS (small layers: the
+# calls cost more than they save; LeNet-300-100's 300->100 layer at 75% open skips 0.75M).
 DENSE_ABOVE = float(os.environ.get("L0K_SKIP_DENSE_ABOVE", "0.9"))
+MIN_SKIPPED_MACS = int(os.environ.get("L0K_SKIP_MIN_MACS", str(1 << 20)))
 ENABLED = os.environ.get("L0K_SKIP_CLOSED", "1") != "0"
 
 # ("linear-in" | "linear-out" | "conv2d", "fwd" | "bwd", "skip" | "dense") -> number of calls; tests and
@@ -58,6 +61,8 @@ def open_index(z: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(z).reshape(-1)
 
 
-def skip_closed(n_open: int, n_gates: int) -> bool:
-    """True where the gathered GEMM over ``n_open`` of ``n_gates`` groups should run instead of the dense one."""
-    return ENABLED and n_open < n_gates and n_open <= DENSE_ABOVE * n_gates
+def skip_closed(n_open: int, n_gates: int, macs_per_group: int) -> bool:
+    """True where the gathered GEMM over ``n_open`` of ``n_gates`` groups should run instead of the dense one
+    (``macs_per_group``: the forward multiply-adds of one group, e.g. ``M * N`` for an input column)."""
+    return (ENABLED and n_open < n_gates and n_open <= DENSE_ABOVE * n_gates
+            and (n_gates - n_open) * macs_per_group >= MIN_SKIPPED_MACS)

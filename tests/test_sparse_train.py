@@ -30,6 +30,7 @@ def _log_alpha(g, density, gen):
 def force_skip(monkeypatch):
     """Skip closed groups whenever any gate is closed (not only below the CPU's density threshold)."""
     monkeypatch.setattr(_active, "DENSE_ABOVE", 1.0)
+    monkeypatch.setattr(_active, "MIN_SKIPPED_MACS", 0)
     monkeypatch.setattr(_active, "ENABLED", True)
     _active.PATHS.clear()
 
@@ -135,12 +136,25 @@ def test_open_set_recomputed_per_call(force_skip, monkeypatch, rel_err):
 
 def test_dense_above_threshold_takes_dense_path(monkeypatch):
     monkeypatch.setattr(_active, "DENSE_ABOVE", 0.5)
+    monkeypatch.setattr(_active, "MIN_SKIPPED_MACS", 0)
     _active.PATHS.clear()
     x, w, la, b, dy = _linear_case("in", "one_open", 3)
     la[:] = 10.0
     la[0] = -30.0  # 12 of 13 open: above the threshold
     l0k.l0_linear(x, w, la.requires_grad_(), b, seed=1, gate="in", backend="torch").sum().backward()
     assert _active.PATHS["linear-in", "fwd", "dense"] == 1 and not _active.PATHS["linear-in", "fwd", "skip"]
+
+
+def test_small_skipped_work_takes_dense_path(monkeypatch):
+    """Too few multiply-adds skipped to pay for the gathers: the dense path (7 rows x 11 outputs x 12 closed)."""
+    monkeypatch.setattr(_active, "MIN_SKIPPED_MACS", 7 * 11 * 12 + 1)
+    _active.PATHS.clear()
+    x, w, la, b, dy = _linear_case("in", "one_open", 3)
+    l0k.l0_linear(x, w, la, b, seed=1, gate="in", backend="torch")
+    assert _active.PATHS["linear-in", "fwd", "dense"] == 1
+    monkeypatch.setattr(_active, "MIN_SKIPPED_MACS", 7 * 11 * 12)
+    l0k.l0_linear(x, w, la, b, seed=1, gate="in", backend="torch")
+    assert _active.PATHS["linear-in", "fwd", "skip"] == 1
 
 
 @pytest.mark.parametrize("gate", ["in", "out", "weight"])

@@ -80,7 +80,7 @@ def _open_gates(log_alpha: torch.Tensor, seed, cfg: GateConfig, need_grad: bool,
 
 
 def _skip_gates(x: torch.Tensor, log_alpha: torch.Tensor, seed, training: bool, noise: str, cfg: GateConfig,
-                group_size: int = 1):
+                group_size: int = 1, macs_per_group: int = 0):
     """:func:`_open_gates` where the call takes the path that skips closed groups (training, one gate
     vector per call, a CPU tensor, open fraction at most ``_active.DENSE_ABOVE``), else None. Backward
     draws the same gates again from the seed (``ctx.skip`` records the forward's decision)."""
@@ -88,7 +88,8 @@ def _skip_gates(x: torch.Tensor, log_alpha: torch.Tensor, seed, training: bool, 
             or torch.compiler.is_compiling():  # the open set's size is data-dependent: no skipping in a trace
         return None
     z, dz, idx = _open_gates(log_alpha, seed, cfg, False, group_size)
-    return (z, dz, idx) if _active.skip_closed(idx.numel(), z.numel()) else None
+    # per feature: a grouped gate's open set lists its features (``macs_per_group`` per feature)
+    return (z, dz, idx) if _active.skip_closed(idx.numel(), z.numel(), macs_per_group) else None
 
 
 class L0LinearFunction(torch.autograd.Function):
@@ -103,7 +104,8 @@ class L0LinearFunction(torch.autograd.Function):
         n, k = weight.shape
         x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), k)  # not -1: K may be 0
         m = x2.shape[0]
-        skip = None if gate == "weight" else _skip_gates(x, log_alpha, seed, training, noise, cfg, group_size)
+        skip = None if gate == "weight" else _skip_gates(x, log_alpha, seed, training, noise, cfg, group_size,
+                                                         m * (n if gate == "in" else k))
         if gate != "weight" and training and noise == "batch":
             _active.PATHS["linear-" + gate, "fwd", "skip" if skip else "dense"] += 1
         if skip is not None:
@@ -266,7 +268,9 @@ class L0Conv2dFunction(torch.autograd.Function):
                 group_size=1):
         c = weight.shape[0] // group_size
         shape = (x.shape[0], c) if noise == "sample" else (c,)
-        skip = _skip_gates(x, log_alpha, seed, training, noise, cfg, group_size) if groups == 1 else None
+        # multiply-adds of one output channel, about (the output size from the strides alone)
+        macs = x.shape[0] * (x.shape[2] * x.shape[3]) // (stride[0] * stride[1]) * (weight[0].numel())
+        skip = _skip_gates(x, log_alpha, seed, training, noise, cfg, group_size, macs) if groups == 1 else None
         if training and noise == "batch":
             _active.PATHS["conv2d", "fwd", "skip" if skip else "dense"] += 1
         if skip is not None:

@@ -1,0 +1,65 @@
+"""Training time per epoch of an L0 run beside the dense baseline, in one plot (issue 13: a reader sees
+training get cheaper as gates close).
+
+    python examples/mnist_l0.py --model lenet300 --quiet            # docs/results/mnist_lenet300.json
+    python examples/mnist_l0.py --model lenet300 --dense --quiet    # docs/results/mnist_lenet300_dense.json
+    python examples/plot_epoch_time.py docs/results/mnist_lenet300.json docs/results/mnist_lenet300_dense.json
+
+Reads each file's ``history`` (``train_seconds`` per epoch: the training steps without the evaluation) and
+writes ``<first file without .json>_epoch_time.png`` (or ``--out``); the L0 run's open input gates of its
+first layer go on a second axis.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("l0_json")
+    ap.add_argument("dense_json")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = []
+    for path in (a.l0_json, a.dense_json):
+        with open(path) as f:
+            r = json.load(f)
+        h = [e for e in r["history"] if "train_seconds" in e]
+        if not h:
+            print(f"{path}: no epoch has train_seconds (run it with this version of mnist_l0.py)", file=sys.stderr)
+            return 2
+        runs.append((r, h))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    (l0, hl), (dense, hd) = runs
+    mk = "o" if max(len(hl), len(hd)) < 20 else None
+    ax.plot([e["epoch"] for e in hl], [e["train_seconds"] for e in hl], marker=mk, label=l0.get("method", "L0"))
+    ax.plot([e["epoch"] for e in hd], [e["train_seconds"] for e in hd], marker=mk,
+            label="dense (nn.Linear, Adam weight decay)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training time per epoch (s)")
+    ax.set_ylim(bottom=0)
+    if hl[0].get("arch"):
+        ax2 = ax.twinx()
+        ax2.plot([e["epoch"] for e in hl], [e["arch"][0] for e in hl], color="gray", ls=":", marker=mk,
+                 label="open input gates of the first layer")
+        ax2.set_ylabel("open gates (first layer)")
+        ax2.set_ylim(bottom=0)
+        ax2.legend(loc="upper center")
+    ax.legend(loc="lower left")
+    ax.set_title(f"{l0.get('model', '')}: time per epoch as gates close")
+    out = a.out or os.path.splitext(a.l0_json)[0] + "_epoch_time.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
