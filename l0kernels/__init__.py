@@ -10,6 +10,7 @@ from ._philox import philox_uniform
 from .backends.torch_backend import L0Conv2dFunction, L0LinearFunction
 from .compact import compact, summary
 from .functional import deterministic_gates, expected_l0, l0_conv2d, l0_linear, prob_open, sample_gates
+from .distributed import seed_gates
 from .targets import SparsityTarget
 from .modules import (L0Conv2d, L0Linear, constrain_, expected_params, l0_layers, l0_penalty,
                       l0_regularizer)
@@ -21,6 +22,6 @@ __version__ = "0.1.0"
 __all__ = [
     "philox_uniform", "sample_gates", "deterministic_gates", "prob_open", "expected_l0",
     "l0_linear", "l0_conv2d", "L0Linear", "L0Conv2d", "L0LinearFunction", "L0Conv2dFunction",
-    "l0_penalty", "l0_regularizer", "SparsityTarget", "constrain_", "expected_params", "l0_layers", "compact", "summary",
+    "l0_penalty", "l0_regularizer", "SparsityTarget", "seed_gates", "constrain_", "expected_params", "l0_layers", "compact", "summary",
     "GateConfig", "Backend", "register_backend", "get_backend", "available_backends", "select_backend",
 ]

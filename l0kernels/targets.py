@@ -101,7 +101,7 @@ class SparsityTarget(nn.Module):
     steps_done: torch.Tensor
 
     def __init__(self, model: nn.Module, target: float, *, metric: str = "params", warmup_steps: int = 0,
-                 lr: float = 0.01, damping: float = 1000.0, example_inputs: Any = None):
+                 lr: float = 0.05, damping: float = 300.0, example_inputs: Any = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
