@@ -46,14 +46,16 @@ def _worker(rank, port, kind, shared, out_dir):
                             timeout=datetime.timedelta(seconds=60))
     try:
         model = _model()
-        ctl = l0k.SparsityTarget(model, 0.5) if kind == "ddp" else None
         if kind == "ddp":
+            ctl = l0k.SparsityTarget(model, 0.5)
             net = nn.parallel.DistributedDataParallel(model)
         else:
             from torch.distributed.fsdp import fully_shard
             for layer in (model[0], model[2]):
                 fully_shard(layer)
             net = fully_shard(model)
+            ctl = l0k.SparsityTarget(net, 0.5)  # its E gathers the sharded log_alpha (DTensor)
+        e0 = ctl.expected()
         opt = torch.optim.Adam(net.parameters(), lr=1e-2)
         seed_used = l0k.seed_gates(1234, shared=shared)
         # the gates this rank draws: the same input through the same parameters in training mode
@@ -65,13 +67,11 @@ def _worker(rank, port, kind, shared, out_dir):
             x = torch.randn(16, 6, generator=data)
             y = torch.randn(16, 3, generator=data)
             loss = ((net(x) - y) ** 2).mean()
-            if ctl is not None:
-                loss = loss + ctl.penalty()
+            loss = loss + ctl.penalty()
             opt.zero_grad()
             loss.backward()
             opt.step()
-            if ctl is not None:
-                ctl.step()
+            ctl.step()
         params = []
         for p in net.parameters():
             p = p.detach()
@@ -79,16 +79,19 @@ def _worker(rank, port, kind, shared, out_dir):
                 p = p.full_tensor()
             params.append(p.reshape(-1))
         flat = torch.cat(params)
-        res = {"seed": seed_used, "params_equal": all(torch.equal(flat, o) for o in _gather(flat)),
+        res = {"seed": seed_used, "e0": e0, "params_equal": all(torch.equal(flat, o) for o in _gather(flat)),
                "gates_equal": all(torch.equal(gated, o) for o in _gather(gated)),
                "moved": not torch.equal(flat, torch.cat([p.detach().reshape(-1) for p in _model().parameters()]))}
-        if ctl is not None:
-            lam = torch.stack([ctl.lambda_1, ctl.lambda_2])
-            res["lambdas_equal"] = all(torch.equal(lam, o) for o in _gather(lam))
-            res["lambda_1"] = float(ctl.lambda_1)
+        lam = torch.stack([ctl.lambda_1, ctl.lambda_2])
+        res["lambdas_equal"] = all(torch.equal(lam, o) for o in _gather(lam))
+        res["lambda_1"] = float(ctl.lambda_1)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _expected_unsharded():
+    return l0k.SparsityTarget(_model(), 0.5).expected()
 
 
 def _run(kind, shared, tmp_path):
@@ -110,6 +113,7 @@ def test_ddp_gloo_two_processes(shared, tmp_path):
     for r in res:
         assert r["params_equal"] and r["moved"], r
         assert r["lambdas_equal"] and r["lambda_1"] != 0.0, r
+        assert r["e0"] == pytest.approx(_expected_unsharded(), rel=1e-6)
         assert r["gates_equal"] == shared, r  # own gates differ between ranks; shared ones are equal
     assert [r["seed"] for r in res] == ([1234, 1234] if shared else [1234, 1235])
 
@@ -123,6 +127,8 @@ def test_fsdp2_fully_shard_gloo_cpu(tmp_path):
     res = _run("fsdp", False, tmp_path)
     for r in res:
         assert r["params_equal"] and r["moved"] and not r["gates_equal"], r
+        assert r["lambdas_equal"] and r["lambda_1"] != 0.0, r
+        assert r["e0"] == pytest.approx(_expected_unsharded(), rel=1e-6)  # E of the sharded model
 
 
 def test_seed_gates_without_distributed_and_errors():

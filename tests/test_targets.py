@@ -66,7 +66,7 @@ def test_warmup_schedule_and_one_sided_constraint():
     ctl2.lambda_1.fill_(3.0)
     ctl2.lambda_2.fill_(3.0)
     assert ctl2.expected() < 1.0
-    assert float(ctl2.penalty()) == 0.0
+    assert float(ctl2.penalty().detach()) == 0.0
     ctl2.step()
     assert float(ctl2.lambda_1) == 3.0 and float(ctl2.lambda_2) == 3.0
 
@@ -76,12 +76,12 @@ def test_multiplier_ascent_signs():
     _randomize_gates(model)
     e = l0k.SparsityTarget(model, 0.5).expected()
     assert 0.1 < e < 0.95
-    up = l0k.SparsityTarget(model, max(e - 0.2, 0.2), lr=0.1, damping=0.0)
+    up = l0k.SparsityTarget(model, max(e - 0.2, 0.2), lr=0.1, damping=0.0, horizon=0.0)
     up.step()
     d = e - up.target
     assert float(up.lambda_1) == pytest.approx(0.1 * d, rel=1e-5)
     assert float(up.lambda_2) == pytest.approx(0.1 * d * d, rel=1e-5)
-    down = l0k.SparsityTarget(model, min(e + 0.2, 1.0), lr=0.1, damping=5.0)
+    down = l0k.SparsityTarget(model, min(e + 0.2, 1.0), lr=0.1, damping=5.0, horizon=0.0)
     down.step()
     d = e - down.target
     assert d < 0
@@ -98,7 +98,7 @@ def test_state_dict_resumes():
     for _ in range(5):
         ctl.step()
     sd = ctl.state_dict()
-    assert set(sd) == {"lambda_1", "lambda_2", "steps_done", "last_deviation"}
+    assert set(sd) == {"lambda_1", "lambda_2", "steps_done", "last_deviation", "rate"}
     other = l0k.SparsityTarget(model, 0.3, warmup_steps=8)
     other.load_state_dict(sd)
     assert other.current_target() == ctl.current_target() != 1.0
@@ -292,6 +292,8 @@ def test_errors_name_the_argument():
             l0k.SparsityTarget(model, 0.5, lr=bad)
     with pytest.raises(ValueError, match="damping"):
         l0k.SparsityTarget(model, 0.5, damping=-1.0)
+    with pytest.raises(TypeError, match="horizon"):
+        l0k.SparsityTarget(model, 0.5, horizon=None)
     with pytest.raises(TypeError, match="model"):
         l0k.SparsityTarget("model", 0.5)
     with pytest.raises(ValueError, match="no L0 layers"):
@@ -307,3 +309,21 @@ def test_errors_name_the_argument():
         ctl.finalize_(tol=-0.1)
     with pytest.raises(ValueError, match="target"):
         ctl.finalize_(target=2.0)
+
+
+def test_integral_pauses_while_on_course():
+    """Anti-windup: with E moving toward t fast enough, lambda_1 gets only the proportional part."""
+    model = _mlp()
+    _randomize_gates(model, 0.5, 3.0)
+    ctl = l0k.SparsityTarget(model, 0.3, lr=0.1, damping=0.0, horizon=1e9)
+    ctl.step()
+    l1 = float(ctl.lambda_1)
+    assert l1 > 0  # first step: no rate yet, the integral moves
+    with torch.no_grad():
+        model[0].log_alpha.sub_(1.0)  # E falls toward t
+    ctl.step()
+    assert float(ctl.lambda_1) == l1  # on course: the integral waits
+    ctl2 = l0k.SparsityTarget(model, 0.3, lr=0.1, damping=0.0, horizon=0.0)
+    ctl2.step()
+    ctl2.step()
+    assert float(ctl2.lambda_1) == pytest.approx(2 * 0.1 * (ctl2.expected() - 0.3), rel=1e-5)
