@@ -23,7 +23,7 @@ from ._gates import prob_open_t
 from .modules import LOG_ALPHA_MAX, LOG_ALPHA_MIN, L0Conv2d, L0Linear, l0_layers
 
 METRICS = ("params", "flops", "gates")
-RATE_EMA = 0.02  # smoothing of the per-step change of E - t (about 50 steps)
+RATE_EMA = 0.02  # smoothing of the per-step change of E (about 50 steps)
 
 
 def _check_real(v, name: str, *, lo: float, hi: float = math.inf, lo_open: bool = True,
@@ -92,7 +92,7 @@ class SparsityTarget(nn.Module):
         lr: ascent rate of the multipliers: ``lambda_2 += lr (E - t)^2``; ``lambda_1 += lr (E - t)`` plus the
             proportional part ``lr * damping * ((E - t) - (E - t)_previous)`` (a PI controller, Stooke et al.
             2020; Sohrabi et al. 2024), the integral part paused while ``E`` is on course to reach ``t`` within
-            ``horizon`` steps at its recent rate (anti-windup: the gates move no faster than the user's
+            ``horizon`` steps at its own recent rate (anti-windup: the gates move no faster than the user's
             optimizer lets them, and an integral grown meanwhile would overshoot).
         damping, horizon: see ``lr`` (in steps; 0 turns either off, leaving plain gradient ascent).
         example_inputs: a tensor or tuple of tensors for ``metric="flops"`` (optional).
@@ -134,7 +134,8 @@ class SparsityTarget(nn.Module):
         self.register_buffer("lambda_2", torch.zeros((), dtype=torch.float32, device=la.device))
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.int64, device=la.device))
         self.register_buffer("last_deviation", torch.zeros((), dtype=torch.float32, device=la.device))
-        self.register_buffer("rate", torch.zeros((), dtype=torch.float32, device=la.device))
+        self.register_buffer("rate", torch.zeros((), dtype=torch.float32, device=la.device))  # EMA of E's change
+        self.register_buffer("last_expected", torch.zeros((), dtype=torch.float32, device=la.device))
         self._steps = 0  # host copy of steps_done (no device sync per call)
         self.register_load_state_dict_post_hook(lambda mod, keys: setattr(mod, "_steps", int(mod.steps_done)))
         self._shapes: Dict[int, Tuple[int, ...]] = {}
@@ -282,12 +283,15 @@ class SparsityTarget(nn.Module):
 
         ``lambda_2`` never decreases (its gradient ``(E - t)^2`` is >= 0); ``lambda_1`` goes negative when the
         model is sparser than the target after warm-up, pulling it back."""
-        d = self._deviation(self._fraction()).to(self.lambda_1.device)
+        e = self._fraction().detach().to(self.lambda_1.device)
+        d = self._deviation(e)
         delta = d - self.last_deviation
         if self._steps > 0:  # the first step has no previous E to measure a rate against
-            self.rate.mul_(1 - RATE_EMA).add_(RATE_EMA * delta)
-        # anti-windup: no integral while E is heading for t fast enough to arrive within `horizon` steps
+            self.rate.mul_(1 - RATE_EMA).add_(RATE_EMA * (e - self.last_expected))
+        # anti-windup: no integral while E heads for t fast enough to close the gap within `horizon` steps
+        # (the gates already move as fast as the optimizer lets them: a larger lambda would only overshoot)
         arriving = (d * self.rate < 0) & (d.abs() < self.horizon * self.rate.abs())
+        self.last_expected.copy_(e)
         self.lambda_1.add_(self.lr * (torch.where(arriving, torch.zeros_like(d), d) + self.damping * delta))
         self.last_deviation.copy_(d)
         self.lambda_2.add_(self.lr * d * d)

@@ -98,7 +98,8 @@ def test_state_dict_resumes():
     for _ in range(5):
         ctl.step()
     sd = ctl.state_dict()
-    assert set(sd) == {"lambda_1", "lambda_2", "steps_done", "last_deviation", "rate"}
+    assert set(sd) == {"lambda_1", "lambda_2", "steps_done", "last_deviation", "rate",
+                       "last_expected"}
     other = l0k.SparsityTarget(model, 0.3, warmup_steps=8)
     other.load_state_dict(sd)
     assert other.current_target() == ctl.current_target() != 1.0
