@@ -23,6 +23,7 @@ from ._gates import prob_open_t
 from .modules import LOG_ALPHA_MAX, LOG_ALPHA_MIN, L0Conv2d, L0Linear, l0_layers
 
 METRICS = ("params", "flops", "gates")
+UNWIND = 0.01  # fraction of lambda_1 dropped per step while E moves further below the target
 RATE_EMA = 0.02  # smoothing of the per-step change of E (about 50 steps)
 
 
@@ -55,8 +56,11 @@ def _plain_flops(m: nn.Module, shape: Tuple[int, ...]) -> int:
     """FLOPs per example of a plain ``nn.Linear`` / ``nn.Conv2d`` for one recorded input shape."""
     if isinstance(m, nn.Linear):
         return _linear_layer_flops(_rows_per_example(shape), m.out_features, m.in_features, m.bias is not None)
-    ho, wo = (conv_out_size(shape[-2 + d], m.kernel_size[d], m.stride[d],
-                            m.padding[d] if isinstance(m.padding, tuple) else 0, m.dilation[d]) for d in range(2))
+    if m.padding == "same":
+        ho, wo = int(shape[-2]), int(shape[-1])
+    else:
+        pad = (0, 0) if m.padding == "valid" else m.padding
+        ho, wo = (conv_out_size(shape[-2 + d], m.kernel_size[d], m.stride[d], pad[d], m.dilation[d]) for d in range(2))
     fan_in = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
     return m.out_channels * ho * wo * (2 * fan_in - 1 + (m.bias is not None))
 
@@ -292,6 +296,10 @@ class SparsityTarget(nn.Module):
         # (the gates already move as fast as the optimizer lets them: a larger lambda would only overshoot)
         arriving = (d * self.rate < 0) & (d.abs() < self.horizon * self.rate.abs())
         self.last_expected.copy_(e)
+        # past the target and still moving away from it: lambda_1 is above its equilibrium; shrink it by a
+        # fixed fraction per step (an additive lr * (E - t) with |E - t| small would take thousands of steps)
+        overshot = (d < 0) & (self.rate < 0) & (self.lambda_1 > 0)
+        self.lambda_1.mul_(torch.where(overshot, 1.0 - UNWIND, 1.0))
         self.lambda_1.add_(self.lr * (torch.where(arriving, torch.zeros_like(d), d) + self.damping * delta))
         self.last_deviation.copy_(d)
         self.lambda_2.add_(self.lr * d * d)
