@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -97,8 +97,9 @@ class SparsityTarget(nn.Module):
             proportional part ``lr * damping * ((E - t) - (E - t)_previous)`` (a PI controller, Stooke et al.
             2020; Sohrabi et al. 2024), the integral part paused while ``E`` is on course to reach ``t`` within
             ``horizon`` steps at its own recent rate (anti-windup: the gates move no faster than the user's
-            optimizer lets them, and an integral grown meanwhile would overshoot).
-        damping, horizon: see ``lr`` (in steps; 0 turns either off, leaving plain gradient ascent).
+            optimizer lets them, and an integral grown meanwhile would overshoot); while ``E`` moves further
+            below ``t``, ``lambda_1 > 0`` also shrinks by 1% per step.
+        damping, horizon: see ``lr`` (in steps; 0 turns either off).
         example_inputs: a tensor or tuple of tensors for ``metric="flops"`` (optional).
 
     The multipliers (``lambda_1``, ``lambda_2``), the step count and the controller's memory are buffers: ``state_dict()`` /
