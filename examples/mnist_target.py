@@ -110,6 +110,8 @@ def write_report(a, r):
         f"within 3 points of the target: {r['settle_steps']}; lowest E after the warm-up: {r['min_expected_after']:.4f}. "
         f"Final multipliers: lambda_1 = {r['lambda_1']:.3f}, lambda_2 = {r['lambda_2']:.3f}.",
     ]
+    lines += ["", "Test error per epoch (deterministic gates): "
+              + ", ".join(f"{100 * e:.2f}%" for e in r["test_error_per_epoch"]) + "."]
     if plot:
         lines += ["", f"![expected vs target over training]({os.path.basename(plot)})"]
     lines.append("")

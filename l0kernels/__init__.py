@@ -12,6 +12,7 @@ from ._compact_hf import register_module_rule
 from .compact import CompactContext, Units, compact, compare, input_select, register_compact_rule, summary
 from .convert import convert
 from .functional import deterministic_gates, expected_l0, l0_conv2d, l0_linear, prob_open, sample_gates
+from .distributed import seed_gates
 from .targets import SparsityTarget
 from .modules import (L0Conv2d, L0Linear, constrain_, expected_params, l0_layers, l0_penalty,
                       l0_regularizer)
@@ -23,8 +24,8 @@ __version__ = "0.1.0"
 __all__ = [
     "philox_uniform", "sample_gates", "deterministic_gates", "prob_open", "expected_l0",
     "l0_linear", "l0_conv2d", "L0Linear", "L0Conv2d", "L0LinearFunction", "L0Conv2dFunction",
-    "l0_penalty", "l0_regularizer", "SparsityTarget", "constrain_", "expected_params", "l0_layers", "compact",
-    "summary", "compare", "register_compact_rule", "register_module_rule", "CompactContext", "Units", "input_select",
-    "convert",
+    "l0_penalty", "l0_regularizer", "SparsityTarget", "seed_gates", "constrain_", "expected_params", "l0_layers",
+    "compact", "summary", "compare", "register_compact_rule", "register_module_rule", "CompactContext", "Units",
+    "input_select", "convert",
     "GateConfig", "Backend", "register_backend", "get_backend", "available_backends", "select_backend",
 ]

@@ -13,15 +13,18 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ._checks import conv_out_size
+from ._gates import prob_open_t
 from .modules import LOG_ALPHA_MAX, LOG_ALPHA_MIN, L0Conv2d, L0Linear, l0_layers
 
 METRICS = ("params", "flops", "gates")
+UNWIND = 0.01  # fraction of lambda_1 dropped per step while E moves further below the target
+RATE_EMA = 0.02  # smoothing of the per-step change of E (about 50 steps)
 
 
 def _check_real(v, name: str, *, lo: float, hi: float = math.inf, lo_open: bool = True,
@@ -53,8 +56,11 @@ def _plain_flops(m: nn.Module, shape: Tuple[int, ...]) -> int:
     """FLOPs per example of a plain ``nn.Linear`` / ``nn.Conv2d`` for one recorded input shape."""
     if isinstance(m, nn.Linear):
         return _linear_layer_flops(_rows_per_example(shape), m.out_features, m.in_features, m.bias is not None)
-    ho, wo = (conv_out_size(shape[-2 + d], m.kernel_size[d], m.stride[d],
-                            m.padding[d] if isinstance(m.padding, tuple) else 0, m.dilation[d]) for d in range(2))
+    if m.padding == "same":
+        ho, wo = int(shape[-2]), int(shape[-1])
+    else:
+        pad = (0, 0) if m.padding == "valid" else m.padding
+        ho, wo = (conv_out_size(shape[-2 + d], m.kernel_size[d], m.stride[d], pad[d], m.dilation[d]) for d in range(2))
     fan_in = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
     return m.out_channels * ho * wo * (2 * fan_in - 1 + (m.bias is not None))
 
@@ -87,10 +93,16 @@ class SparsityTarget(nn.Module):
         warmup_steps: the target moves linearly from 1.0 (dense) to ``target`` over this many ``step()``
             calls. During warm-up the constraint is one-sided (``E <= t``: nothing pushes the model denser
             than it is); afterwards it is an equality, so an overshoot is pulled back.
-        lr: ascent rate of the multipliers (``lambda_1 += lr (E - t)``, ``lambda_2 += lr (E - t)^2``).
+        lr: ascent rate of the multipliers: ``lambda_2 += lr (E - t)^2``; ``lambda_1 += lr (E - t)`` plus the
+            proportional part ``lr * damping * ((E - t) - (E - t)_previous)`` (a PI controller, Stooke et al.
+            2020; Sohrabi et al. 2024), the integral part paused while ``E`` is on course to reach ``t`` within
+            ``horizon`` steps at its own recent rate (anti-windup: the gates move no faster than the user's
+            optimizer lets them, and an integral grown meanwhile would overshoot); while ``E`` moves further
+            below ``t``, ``lambda_1 > 0`` also shrinks by 1% per step.
+        damping, horizon: see ``lr`` (in steps; 0 turns either off).
         example_inputs: a tensor or tuple of tensors for ``metric="flops"`` (optional).
 
-    The multipliers (``lambda_1``, ``lambda_2``) and the step count are buffers: ``state_dict()`` /
+    The multipliers (``lambda_1``, ``lambda_2``), the step count and the controller's memory are buffers: ``state_dict()`` /
     ``load_state_dict()`` resume a run; the model is not part of the controller's state. All ranks of a
     data-parallel run compute the same ``E`` (their gates' parameters are equal), hence the same
     multipliers, with no communication.
@@ -101,7 +113,8 @@ class SparsityTarget(nn.Module):
     steps_done: torch.Tensor
 
     def __init__(self, model: nn.Module, target: float, *, metric: str = "params", warmup_steps: int = 0,
-                 lr: float = 0.01, damping: float = 1000.0, example_inputs: Any = None):
+                 lr: float = 0.05, damping: float = 300.0, horizon: float = 300.0,
+                 example_inputs: Any = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -115,6 +128,7 @@ class SparsityTarget(nn.Module):
         self.warmup_steps = _check_int(warmup_steps, "warmup_steps")
         self.lr = _check_real(lr, "lr", lo=0.0)
         self.damping = _check_real(damping, "damping", lo=0.0, lo_open=False)
+        self.horizon = _check_real(horizon, "horizon", lo=0.0, lo_open=False)
         if example_inputs is not None and not (isinstance(example_inputs, torch.Tensor) or (
                 isinstance(example_inputs, tuple) and all(isinstance(t, torch.Tensor) for t in example_inputs))):
             raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
@@ -125,6 +139,8 @@ class SparsityTarget(nn.Module):
         self.register_buffer("lambda_2", torch.zeros((), dtype=torch.float32, device=la.device))
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.int64, device=la.device))
         self.register_buffer("last_deviation", torch.zeros((), dtype=torch.float32, device=la.device))
+        self.register_buffer("rate", torch.zeros((), dtype=torch.float32, device=la.device))  # EMA of E's change
+        self.register_buffer("last_expected", torch.zeros((), dtype=torch.float32, device=la.device))
         self._steps = 0  # host copy of steps_done (no device sync per call)
         self.register_load_state_dict_post_hook(lambda mod, keys: setattr(mod, "_steps", int(mod.steps_done)))
         self._shapes: Dict[int, Tuple[int, ...]] = {}
@@ -173,8 +189,25 @@ class SparsityTarget(nn.Module):
                              "penalty() / expected(), or pass example_inputs= to SparsityTarget")
 
     # -- the metric -----------------------------------------------------------------------------------------
-    def _layer_value(self, m: nn.Module) -> torch.Tensor:
-        """Differentiable expected metric of one L0 layer (absolute units)."""
+    @staticmethod
+    def _p_open(m: nn.Module) -> torch.Tensor:
+        """``m.prob_open()``; with FSDP2's sharded parameters (DTensor) from the gathered ``log_alpha``."""
+        la = m.log_alpha
+        if hasattr(la, "full_tensor"):  # a DTensor outside forward: gather it (differentiably)
+            return prob_open_t(la.full_tensor(), m.cfg)
+        return m.prob_open()
+
+    def _layer_value(self, m: nn.Module, p: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Differentiable expected metric of one L0 layer (absolute units), from the layer's own formula
+        evaluated at ``p`` (default: its ``p_open``)."""
+        p = self._p_open(m) if p is None else p
+        m.prob_open = lambda: p  # instance attribute shadows the method for this one evaluation
+        try:
+            return self._layer_formula(m)
+        finally:
+            del m.prob_open
+
+    def _layer_formula(self, m: nn.Module) -> torch.Tensor:
         if self.metric == "params":
             return m.expected_params()
         if self.metric == "gates":
@@ -251,12 +284,24 @@ class SparsityTarget(nn.Module):
 
     @torch.no_grad()
     def step(self) -> None:
-        """Gradient ascent on the multipliers at the current parameters, then advance the warm-up by one step.
+        """Ascent on the multipliers at the current parameters (see ``lr``), then advance the warm-up one step.
 
         ``lambda_2`` never decreases (its gradient ``(E - t)^2`` is >= 0); ``lambda_1`` goes negative when the
         model is sparser than the target after warm-up, pulling it back."""
-        d = self._deviation(self._fraction()).to(self.lambda_1.device)
-        self.lambda_1.add_(self.lr * (d + self.damping * (d - self.last_deviation)))
+        e = self._fraction().detach().to(self.lambda_1.device)
+        d = self._deviation(e)
+        delta = d - self.last_deviation
+        if self._steps > 0:  # the first step has no previous E to measure a rate against
+            self.rate.mul_(1 - RATE_EMA).add_(RATE_EMA * (e - self.last_expected))
+        # anti-windup: no integral while E heads for t fast enough to close the gap within `horizon` steps
+        # (the gates already move as fast as the optimizer lets them: a larger lambda would only overshoot)
+        arriving = (d * self.rate < 0) & (d.abs() < self.horizon * self.rate.abs())
+        self.last_expected.copy_(e)
+        # past the target and still moving away from it: lambda_1 is above its equilibrium; shrink it by a
+        # fixed fraction per step (an additive lr * (E - t) with |E - t| small would take thousands of steps)
+        overshot = (d < 0) & (self.rate < 0) & (self.lambda_1 > 0)
+        self.lambda_1.mul_(torch.where(overshot, 1.0 - UNWIND, 1.0))
+        self.lambda_1.add_(self.lr * (torch.where(arriving, torch.zeros_like(d), d) + self.damping * delta))
         self.last_deviation.copy_(d)
         self.lambda_2.add_(self.lr * d * d)
         self.steps_done.add_(1)
@@ -278,14 +323,10 @@ class SparsityTarget(nn.Module):
     # -- deterministic gates ------------------------------------------------------------------------------
     def _costs(self, m: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
         """(metric per gate, constant) of one layer, read off the layer's own (linear in p_open) formula."""
-        p_true = m.prob_open().detach()
+        p_true = self._p_open(m).detach()
         p = p_true.double().requires_grad_(True)
-        m.prob_open = lambda: p  # instance attribute shadows the method for this one evaluation
-        try:
-            with torch.enable_grad():
-                v = self._layer_value(m).double()
-        finally:
-            del m.prob_open
+        with torch.enable_grad():
+            v = self._layer_value(m, p).double()
         if not v.requires_grad:
             cost = torch.zeros_like(p)
         else:
@@ -333,7 +374,7 @@ class SparsityTarget(nn.Module):
         got = rest
         for li, (_, m) in enumerate(self._layers):
             cost, const = self._costs(m)
-            p = m.prob_open().detach().reshape(-1).double().cpu().tolist()
+            p = self._p_open(m).detach().reshape(-1).double().cpu().tolist()
             act = m.active_mask().reshape(-1).cpu().tolist()
             cost = (cost / total).cpu().tolist()
             got += float(const)
