@@ -125,6 +125,18 @@ def check_group_size(group_size, features: int, what: str) -> int:
     return group_size
 
 
+def check_linear_group_size(group_size, gate: str, in_features: int, out_features: int) -> int:
+    """``group_size`` of a linear layer's gates: 1 for ``gate="weight"``, else a divisor of the gated features."""
+    if gate == "weight":
+        if isinstance(group_size, bool) or not isinstance(group_size, int):
+            raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+        if group_size != 1:
+            raise ValueError(f"group_size must be 1 for gate='weight' (one gate per weight), got {group_size}")
+        return group_size
+    return check_group_size(group_size, in_features if gate == "in" else out_features,
+                            "in_features" if gate == "in" else "out_features")
+
+
 def linear_call(x, weight, log_alpha, bias, *, seed, gate, noise, training, backend, beta, gamma, zeta,
                 eps=1e-6, autocast: Optional[torch.dtype] = None, group_size: int = 1) -> LinearCall:
     """The checked call. ``autocast``: the dtype of an enclosing ``torch.autocast`` (see
@@ -149,13 +161,7 @@ def linear_call(x, weight, log_alpha, bias, *, seed, gate, noise, training, back
                          f"got {tuple(x.shape)}")
     _same(weight, "weight", x, "x", autocast)
     _same(log_alpha, "log_alpha", x, "x", autocast)
-    if gate == "weight":
-        if isinstance(group_size, bool) or not isinstance(group_size, int):
-            raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
-        if group_size != 1:
-            raise ValueError(f"group_size must be 1 for gate='weight' (one gate per weight), got {group_size}")
-    else:
-        check_group_size(group_size, k if gate == "in" else n, "in_features" if gate == "in" else "out_features")
+    check_linear_group_size(group_size, gate, k, n)
     want = {"in": (k // group_size,), "out": (n // group_size,), "weight": (n, k)}[gate]
     if tuple(log_alpha.shape) != want:
         grouped = f" and group_size={group_size}" if group_size != 1 else ""

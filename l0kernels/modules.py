@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import _inference
-from ._checks import check_choice, check_group_size, conv_out_size, _pair
+from ._checks import check_choice, check_group_size, check_linear_group_size, conv_out_size, _pair
 from ._dispatch import backend_names
 from ._gates import LINEAR_GATES, NOISE_KINDS, GateConfig, eval_gates_and_grad, prob_open_t
 from ._regularizer import layer_regularizer
@@ -167,14 +167,7 @@ class L0Linear(_L0Layer):
         check_choice(gate, "gate", LINEAR_GATES)
         if gate == "weight" and noise == "sample":
             raise ValueError("noise='sample' is not defined for gate='weight'; use noise='batch'")
-        if gate == "weight":
-            if isinstance(group_size, bool) or not isinstance(group_size, int):
-                raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
-            if group_size != 1:
-                raise ValueError(f"group_size must be 1 for gate='weight' (one gate per weight), got {group_size}")
-        else:
-            check_group_size(group_size, in_features if gate == "in" else out_features,
-                             "in_features" if gate == "in" else "out_features")
+        check_linear_group_size(group_size, gate, in_features, out_features)
         self.gate = gate
         self.group_size = group_size
         self._init_gate_options(noise, droprate_init, beta, gamma, zeta, backend)
