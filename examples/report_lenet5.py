@@ -187,6 +187,18 @@ def write_md(results: str, lines: List[str], png: Optional[str]) -> str:
            "these runs at different `nice` levels, so wall times are not comparable between runs; CPU times are.",
            ""]
     out += lines
+    out += ["", "Known differences from the authors' LeNet-5 setup (`train_lenet5.py`, `models.py`, `l0_layers.py` of "
+            "AMLab-Amsterdam/L0_regularization), besides the epochs a row is for:",
+            "- inputs: `l0kernels.data.load_mnist` standardises the pixels with MNIST's mean and std; the authors "
+            "feed `ToTensor()` values in [0, 1];",
+            "- the λ cost of a gated conv channel: here `λ · (in·k·k + 1)` (weights and bias); the authors' "
+            "`L0Conv2d._reg_w` charges `λ` per weight but subtracts it for the bias (`λ · (in·k·k − 1)`);",
+            "- the gate noise and the random streams differ (Philox seeds here, `torch` RNG there), so single runs "
+            "differ by run-to-run noise; the paper reports one number per row.",
+            "Same as the authors: Adam 1e-3, batch 100, droprate_init 0.5, log_alpha clamp, Kaiming-normal init "
+            "with zero biases, L2 term `(1/N)·0.5·wd·p_g·‖θ_g‖²` with wd = 5e-4 (their `L0LeNet5` does not scale "
+            "wd by N, unlike their `L0MLP`), no EMA (their `L0LeNet5` default; `train_lenet5.py` does not pass "
+            "`--beta_ema`), one gate draw per minibatch."]
     if png:
         out += ["", f"![LeNet-5-Caffe: test error and open gates over epochs]({os.path.basename(png)})"]
     out.append("")
