@@ -23,6 +23,9 @@ with the gather in its loads and the scatter of the active outputs in its epilog
 sm_80+, else cuBLAS on the plan) and PyTorch (cuBLAS on the compact weight). ``backend="auto"`` times
 those that can run once per call signature and keeps the fastest. On CPU the plans run in PyTorch, or
 in the Triton interpreter when ``backend="triton"`` and ``TRITON_INTERPRET=1``.
+A named backend (not ``auto`` / ``torch``) is asked the dispatcher's question on the checked eval call,
+once per call signature (:func:`_named_backend_route`): where it cannot run the call, eval raises its
+``ValueError`` as training does; a user-registered backend serves eval through its own ``run``.
 
 When autograd is recording and something requires a gradient, the differentiable
 ``l0_linear(..., training=False)`` / ``l0_conv2d`` path runs instead, so eval-mode fine-tuning works.
@@ -47,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import autocast_dtype, conv2d_call, linear_call, run_dtype
+from ._dispatch import select_backend
 from ._gates import eval_gates_and_grad
 from .functional import l0_conv2d, l0_linear
 
@@ -106,6 +110,7 @@ def clear_eval_cache(module) -> None:
     """Drop the cached eval plans of ``module`` and its submodules (needed only after ``.data`` edits)."""
     for m in module.modules():
         _CACHES.pop(m, None)
+        _ROUTES.pop(m, None)
 
 
 def _cached(module, kind: str, build, dtype: torch.dtype):
@@ -372,6 +377,32 @@ def _needs_autograd(x, module) -> bool:
                                   for p in (module.weight, module.bias, module.log_alpha))
 
 
+# module -> {(backend, x's device/dtype/shape, autocast dtype): (parameter key, served by the plan)}
+_ROUTES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _named_backend_route(module, kind: str, x: torch.Tensor, ac: Optional[torch.dtype], make_call) -> bool:
+    """Eval with a named backend (not ``auto`` / ``torch``): asks it the dispatcher's question on the checked
+    eval call (``make_call()``), so a backend that cannot run the call raises
+    ``ValueError("backend='X' cannot run this ... call: <why>")`` as in training, before any kernel runs.
+    Returns True where the eval plan serves the call (the built-in backends: their eval kernels, or the plan
+    in PyTorch), False where the backend's own ``run`` must (a user-registered backend). Asked once per
+    call signature and parameter state."""
+    backend = module.__dict__["backend"]
+    sig = (backend, x.device, x.dtype, x.shape, ac)
+    key = _cache_key(module, kind)
+    routes = _ROUTES.get(module)
+    if routes is None:
+        routes = _ROUTES[module] = {}
+    hit = routes.get(sig)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    b = select_backend(make_call(), backend)  # raises with the backend's reason
+    plan = type(b).__module__.startswith("l0kernels.")
+    routes[sig] = (key, plan)
+    return plan
+
+
 def _validate_linear(module, x, autocast: Optional[torch.dtype] = None):
     c = module.cfg
     return linear_call(x, module.weight, module.log_alpha, module.bias, seed=None, gate=module.gate,
@@ -401,7 +432,10 @@ def eval_linear(module, x: torch.Tensor) -> torch.Tensor:
         pdt = run_dtype(w, ac)
         if not (x.dim() >= 1 and x.shape[-1] == w.shape[1] and run_dtype(x, ac) == pdt and x.device == w.device):
             _validate_linear(module, x, ac)
-    if _needs_autograd(x, module):
+    backend = module.__dict__["backend"]
+    if _needs_autograd(x, module) or (
+            backend not in ("auto", "torch")
+            and not _named_backend_route(module, "linear", x, ac, lambda: _validate_linear(module, x, ac))):
         c = module.cfg
         return l0_linear(x, module.weight, module.log_alpha, module.bias, gate=module.gate, noise=module.noise,
                          training=False, backend=module.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta,
@@ -431,7 +465,8 @@ def eval_conv2d(module, x: torch.Tensor) -> torch.Tensor:
                        module.dilation, module.groups, seed=None, noise=module.noise, training=False,
                        backend=module.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta, eps=c.eps, autocast=ac,
                        group_size=module.group_size)
-    if _needs_autograd(x, module):
+    if _needs_autograd(x, module) or (module.backend not in ("auto", "torch")
+                                      and not _named_backend_route(module, "conv2d", x, ac, lambda: call)):
         return l0_conv2d(x, module.weight, module.log_alpha, module.bias, module.stride, module.padding,
                          module.dilation, module.groups, noise=module.noise, training=False,
                          backend=module.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta, eps=c.eps,
