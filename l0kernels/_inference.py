@@ -272,24 +272,18 @@ def _triton_eval():
 
 
 def _use_triton_linear(backend: str, x: torch.Tensor) -> bool:
-    """Whether the Triton eval kernels may run this call; raises when ``backend="triton"`` cannot."""
-    if backend not in ("auto", "triton"):
-        return False
-    if backend == "auto" and not x.is_cuda:
-        return False
-    mod, reason = _triton_eval()
-    why = reason
-    if mod is not None:
-        if not (x.is_cuda or (mod.INTERPRET and x.device.type == "cpu")):
-            why = ("the Triton eval kernels need a CUDA tensor (CPU tensors run only under TRITON_INTERPRET=1, set "
-                   "before l0kernels' Triton kernels are imported)")
-        elif x.dtype not in mod.SUPPORTED_DTYPES:
-            why = f"the Triton eval kernels do not support {x.dtype}"
-    if why is None:
-        return True
+    """Whether the Triton eval kernels run this call. With ``backend="triton"`` the dispatcher has already
+    asked the Triton backend (:func:`_named_backend_route`; its conditions are the eval kernels'), so only
+    a failed import of the eval kernels is left to raise; ``auto`` takes them for CUDA tensors they support."""
     if backend == "triton":
-        raise ValueError(f"backend='triton' cannot run this eval linear call: {why}")
-    return False
+        mod, reason = _triton_eval()
+        if mod is None:
+            raise ValueError(f"backend='triton' cannot run this linear call: {reason}")
+        return True
+    if backend != "auto" or not x.is_cuda:
+        return False
+    mod = _triton_eval()[0]
+    return mod is not None and x.dtype in mod.SUPPORTED_DTYPES
 
 
 def _cuda_eval_why_not(x: torch.Tensor) -> Optional[str]:
