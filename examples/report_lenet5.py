@@ -87,7 +87,7 @@ def rows(results: str) -> List[Dict]:
     dense5 = load(os.path.join(results, "mnist_lenet5_dense.json"))
     for path in sorted(glob.glob(os.path.join(results, "mnist_lenet300*.json"))):
         r = load(path)
-        if r and r.get("method") != "dense":
+        if r and "model" in r and "history" in r and r.get("method") != "dense":  # (not the SparsityTarget report)
             out.append(dict(r=r, file=os.path.basename(path), dense=None))
     for tag in ("mnist_lenet5", "mnist_lenet5_sep"):
         r = load(os.path.join(results, tag + ".json"))
