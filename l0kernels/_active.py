@@ -17,8 +17,11 @@ Two representations of one open set of ``G`` gates:
   its grid over the full ``G`` with the programs past ``count`` exiting early (or the K loop stopping
   at ``count``); the gathered columns/rows are ``index[j]`` for ``j < count``.
 
-The torch backend on the CPU takes the host route (the GEMM needs the size on the host). The decision
-between the gathered and the dense GEMM is :func:`skip_closed`; :data:`PATHS` counts which one ran.
+The torch backend on the CPU takes the host route (the GEMM needs the size on the host); the decision
+between the gathered and the dense GEMM is :func:`skip_closed`. The Triton backend takes the device route
+on every training call with one gate vector and input or output gates (``backends/triton/linear.py``):
+its kernels read ``index`` and ``count`` in device memory, so it needs no decision on the host.
+:data:`PATHS` counts which path ran.
 """
 from __future__ import annotations
 
@@ -50,7 +53,12 @@ class OpenSet(NamedTuple):
 
 def open_set(z: torch.Tensor) -> OpenSet:
     """The open set of a gate vector ``z`` (``(G,)``) without a host-device synchronisation."""
-    closed = (z == 0).to(torch.uint8)
+    return open_set_of_closed((z == 0).to(torch.uint8))
+
+
+def open_set_of_closed(closed: torch.Tensor) -> OpenSet:
+    """The open set from the closed flags (``(G,)`` uint8, 1 = closed); the Triton backend computes the
+    flags in a kernel from the seed (``backends/triton/_gate_math.open_set``)."""
     index = torch.sort(closed, stable=True).indices
     count = closed.numel() - closed.sum(dtype=torch.int64)
     return OpenSet(index, count)

@@ -244,3 +244,127 @@ def test_scatter_cols_kernel():
     assert none is None and torch.equal(dw2, dw)
     with pytest.raises(ValueError, match="ko <= k"):
         l0k._philox._cpu.scatter_cols(src.data_ptr(), idx.data_ptr(), 30, 0, 0, dw.data_ptr(), 0, n, k)
+
+
+# ---------------------------------------------------------------------------------------------- Triton
+# The Triton backend's device route: the kernels read the open set (permutation + count) in device memory
+# (``backends/triton/_gate_math.open_set``) on every training call with one gate vector. Under
+# TRITON_INTERPRET=1 on the CPU (the same tests run natively on a GPU).
+
+TDEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _triton_or_skip():
+    pytest.importorskip("triton")
+    from l0kernels.backends.triton.linear import INTERPRET
+    if not (INTERPRET or torch.cuda.is_available()):
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("gate", ["in", "out"])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_triton_skip_equals_dense_reference(gate, density, group_size, rel_err):
+    """The open-set kernels against the torch backend's dense path in float64 (odd shapes, non-contiguous
+    x, leading dims), exact zeros for the closed groups, and the skipping kernels counted as run."""
+    _triton_or_skip()
+    seed = 4321 + DENSITIES.index(density) + 10 * group_size
+    gen = torch.Generator().manual_seed(seed)
+    k, n = 3 * 7, 3 * 6  # multiples of the group sizes; no multiple of the interpreter's 16-blocks
+    x = torch.randn(3, 5, 2 * k, generator=gen, dtype=torch.float64)[..., ::2]
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    b = torch.randn(n, generator=gen, dtype=torch.float64)
+    la = _log_alpha((k if gate == "in" else n) // group_size, density, gen)
+    dy = torch.randn(3, 5, n, generator=gen, dtype=torch.float64)
+    z = gates_for(la, seed, (la.shape[0],), True, CFG, need_grad=False, group_size=group_size)[0]
+
+    def run(backend, dtype, dev):
+        ts = [t.to(dtype).to(dev).requires_grad_() for t in (x, w, la, b)]
+        y = l0k.l0_linear(*ts, seed=seed, gate=gate, group_size=group_size, backend=backend)
+        grads = torch.autograd.grad(y, ts, dy.to(dtype).to(dev))
+        return [t.cpu() for t in (y, *grads)]
+
+    ref = run("torch", torch.float64, "cpu")  # dense: far below the CPU's skipping threshold
+    _active.PATHS.clear()
+    out = run("triton", torch.float32, TDEV)
+    assert _active.PATHS["linear-" + gate, "fwd", "skip"] == 1 and _active.PATHS["linear-" + gate, "bwd", "skip"] == 1
+    assert not any(key[2] == "dense" for key in _active.PATHS)
+    for o, r in zip(out, ref):
+        assert rel_err(o, r) <= 1e-5
+    y, dx, dw, dla, db = out
+    closed = z == 0
+    assert dla.repeat_interleave(group_size)[closed].eq(0).all()
+    if gate == "in":
+        assert dx[..., closed].eq(0).all() and dw[:, closed].eq(0).all()
+    else:
+        assert y[..., closed].eq(0).all() and dw[closed].eq(0).all() and db[closed].eq(0).all()
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("gate", ["in", "out"])
+def test_triton_closed_groups_are_never_read(gate):
+    """A closed group's data is never loaded: an infinite input column (``gate="in"``) or weight row
+    (``gate="out"``) behind a closed gate leaves the output and the other gradients finite, as on the torch
+    backend's skipping path (the dense formula would give ``0 * inf = NaN``)."""
+    _triton_or_skip()
+    gen = torch.Generator().manual_seed(3)
+    k, n = 19, 17
+    x = torch.randn(6, k, generator=gen)
+    w = torch.randn(n, k, generator=gen)
+    la = torch.randn(k if gate == "in" else n, generator=gen) * 3
+    la[4] = -30.0  # closed in every draw
+    if gate == "in":
+        x[:, 4] = float("inf")
+    else:
+        w[4] = float("inf")
+    ts = [t.to(TDEV).requires_grad_() for t in (x, w, la)]
+    y = l0k.l0_linear(*ts, None, seed=12, gate=gate, backend="triton")
+    y.backward(torch.randn(y.shape, generator=gen).to(TDEV))
+    assert torch.isfinite(y).all() and torch.isfinite(ts[2].grad).all()
+    if gate == "in":
+        assert torch.isfinite(ts[1].grad).all() and ts[0].grad[:, 4].eq(0).all()
+    else:
+        assert torch.isfinite(ts[0].grad).all() and y[:, 4].eq(0).all() and ts[1].grad[4].eq(0).all()
+
+
+@pytest.mark.interpret
+def test_triton_open_set_recomputed_per_call_and_switch(monkeypatch, rel_err):
+    """Each seed gives its own open set (the zero output columns follow the drawn gates); with
+    ``_active.ENABLED`` off (``L0K_SKIP_CLOSED=0``) the dense kernels run and give the same result."""
+    _triton_or_skip()
+    x, w, la, b, _ = _linear_case("out", "half", 5, lead=(4,), k=9, n=40)
+    args = [t.float().to(TDEV) for t in (x, w, la, b)]
+    masks = []
+    for seed in (11, 12):
+        z = _gates(la, seed)
+        _active.PATHS.clear()
+        y = l0k.l0_linear(*args, seed=seed, gate="out", backend="triton").cpu()
+        assert _active.PATHS["linear-out", "fwd", "skip"] == 1
+        assert torch.equal(y.eq(0).all(0), z == 0)
+        monkeypatch.setattr(_active, "ENABLED", False)
+        y_dense = l0k.l0_linear(*args, seed=seed, gate="out", backend="triton").cpu()
+        monkeypatch.setattr(_active, "ENABLED", True)
+        assert _active.PATHS["linear-out", "fwd", "dense"] == 1
+        assert rel_err(y, y_dense) <= 1e-6
+        masks.append(z == 0)
+    assert not torch.equal(*masks)
+
+
+@pytest.mark.interpret
+def test_triton_device_open_set_matches_host_route():
+    """``open_set`` of the Triton backend (closed flags from the in-kernel gates + a stable sort) equals
+    the host route's open index of the torch backend's gates, grouped or not, and a tensor seed works."""
+    _triton_or_skip()
+    from l0kernels.backends.triton._gate_math import open_set, seed_tensor
+    gen = torch.Generator().manual_seed(9)
+    for gs in (1, 4):
+        la = torch.randn(23, generator=gen) * 3 - 1
+        for seed in (5, torch.tensor(2**62 + 7)):
+            s = open_set(la.to(TDEV), seed_tensor(seed, la.to(TDEV)), CFG, gs)
+            z = gates_for(la.double(), seed, (23,), True, CFG, need_grad=False, group_size=gs)[0]
+            idx = _active.open_index(z)
+            count = int(s.count)
+            assert s.index.shape == (23 * gs,) and count == idx.numel()
+            assert torch.equal(s.index[:count].cpu(), idx)
+            assert torch.equal(s.index[count:].cpu(), torch.nonzero(z == 0).reshape(-1))

@@ -305,19 +305,24 @@ def aot(kern, ptr_types, consts, default_ptr):
 AOT_LINEAR = AOT_HELPER + r'''
 from l0kernels.backends.triton import linear as L
 blocks = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
-f32 = {"dla_ptr": "*fp32"}
+f32 = {"dla_ptr": "*fp32", "idx_ptr": "*i64", "cnt_ptr": "*i64"}
 for dt, dotf32, prec in (("*bf16", False, "ieee"), ("*fp32", True, "tf32")):
-    for gate, sample, gsize in ((1, True, 1), (2, True, 1), (2, False, 1), (3, False, 1), (1, True, 4), (2, False, 8)):
-        c = dict(GATE=gate, SAMPLE=sample, TRAINING=True, GSIZE=gsize, DOT_F32=dotf32, PRECISION=prec, **blocks)
+    for gate, sample, gsize, open_ in ((1, True, 1, False), (2, True, 1, False), (2, False, 1, False),
+                                       (3, False, 1, False), (1, True, 4, False), (2, False, 8, False),
+                                       (1, False, 1, True), (2, False, 1, True), (1, False, 4, True),
+                                       (2, False, 8, True)):
+        c = dict(GATE=gate, SAMPLE=sample, TRAINING=True, GSIZE=gsize, DOT_F32=dotf32, PRECISION=prec, OPEN=open_,
+                 **blocks)
         aot(L._fwd_kernel, f32, dict(c, HAS_BIAS=True, EPILOGUE=int(gate == 2 and sample)), dt)
         if dt == "*bf16":
             aot(L._dx_kernel, f32, dict(c, STORE_DX=True, NEED_DLA=True), dt)
             aot(L._dw_kernel, f32, dict(c, HAS_BIAS=True, STORE_DW=True, STORE_DB=True, NEED_DLA=True), dt)
     aot(L._fwd_kernel, f32, dict(GATE=0, SAMPLE=False, TRAINING=True, GSIZE=1, DOT_F32=dotf32, PRECISION=prec,
-                                 HAS_BIAS=False,
-                                 EPILOGUE=0, **blocks), dt)
+                                 HAS_BIAS=False, EPILOGUE=0, OPEN=False, **blocks), dt)
     aot(L._pregate_kernel, {}, dict(PER_ELEMENT=True, TRAINING=True, GSIZE=1, BLOCK_R=32, BLOCK_C=128), dt)
     aot(L._pregate_kernel, {}, dict(PER_ELEMENT=False, TRAINING=True, GSIZE=3, BLOCK_R=32, BLOCK_C=128), dt)
+from l0kernels.backends.triton import _gate_math as G
+aot(G._closed_kernel, {"la_ptr": "*fp32", "out_ptr": "*u8"}, dict(GSIZE=4, BLOCK=128), "*fp32")
 print("compiled")
 '''
 

@@ -12,7 +12,8 @@ a seed into that tensor with :func:`seed_tensor`; in eval the kernels never read
 Non-finite ``log_alpha`` (SPEC section 6): the clamps keep a NaN (``tl.maximum`` alone would return 0
 for it on a GPU), so a NaN gives ``z = dz = NaN``, +inf ``z = 1`` and -inf ``z = 0``.
 
-:func:`triton_gates` launches a tiny kernel that evaluates the helpers for given offsets; the
+:func:`open_set` finds the open features of one training gate vector on the device (see
+:mod:`l0kernels._active`). :func:`triton_gates` launches a tiny kernel that evaluates the helpers for given offsets; the
 tests compare it with ``l0kernels._gates.gates_from_uniform(log_alpha, philox_uniform(seed, offsets))``.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import _active
 from ..._philox import seed_on
 
 
@@ -106,3 +108,27 @@ def triton_gates(log_alpha: torch.Tensor, seed, offsets: torch.Tensor, cfg, trai
         _gates_kernel[(triton.cdiv(n, block),)](la, off, z, dz, n, seed_tensor(seed, la), cfg.beta, cfg.gamma, cfg.zeta,
                                                  cfg.eps, TRAINING=training, BLOCK=block)
     return z.reshape(log_alpha.shape), dz.reshape(log_alpha.shape)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _closed_kernel(la_ptr, s_la0, out_ptr, F, seed, beta, gamma, zeta, eps, GSIZE: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """``out[f] = (z == 0)`` for the training gate of feature ``f`` (gate and offset ``f // GSIZE``)."""
+    f = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    mask = f < F
+    la = tl.load(la_ptr + (f // GSIZE) * s_la0, mask=mask, other=0.0)
+    z, _ = gate(la, seed, f // GSIZE, beta, gamma, zeta, eps, True)
+    tl.store(out_ptr + f, (z == 0.0).to(tl.uint8), mask=mask)
+
+
+def open_set(log_alpha: torch.Tensor, seed: torch.Tensor, cfg, group_size: int = 1) -> "_active.OpenSet":
+    """The device open set (:class:`l0kernels._active.OpenSet`) of the training gates drawn from ``seed``
+    (the kernels' seed tensor) for a gate vector ``log_alpha`` (``(G,)``), per feature (``G * group_size``):
+    one gate kernel and a stable sort, no host-device synchronisation, fixed shapes (CUDA-graph safe)."""
+    f = log_alpha.shape[0] * group_size
+    closed = torch.empty((f,), dtype=torch.uint8, device=log_alpha.device)
+    if f:
+        block = 128
+        _closed_kernel[(triton.cdiv(f, block),)](log_alpha, log_alpha.stride(0), closed, f, seed, cfg.beta, cfg.gamma,
+                                                 cfg.zeta, cfg.eps, GSIZE=group_size, BLOCK=block)
+    return _active.open_set_of_closed(closed)

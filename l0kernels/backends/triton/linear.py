@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gate_math import gate, seed_tensor
+from ... import _active
+from ._gate_math import gate, open_set, seed_tensor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -70,8 +71,8 @@ def tuned(reset_to_zero=None):
     def wrap(fn):
         if not AUTOTUNE:
             return fn
-        return triton.autotune(GEMM_CONFIGS, key=["M", "N", "K", "GATE", "SAMPLE", "TRAINING"],
-                               reset_to_zero=reset_to_zero)(fn)
+        key = [a for a in ("M", "N", "K", "GATE", "SAMPLE", "TRAINING", "OPEN") if a in fn.arg_names]
+        return triton.autotune(GEMM_CONFIGS, key=key, reset_to_zero=reset_to_zero)(fn)
     return wrap
 
 
@@ -106,6 +107,25 @@ def _swizzle(pid, grid_a, grid_b, GROUP: tl.constexpr):
 
 
 @triton.jit
+def _open_tile(idx_ptr, cnt_ptr, pos, L, start, ACTIVE: tl.constexpr):
+    """One tile of a gated dimension of length ``L`` at positions ``pos`` (``start`` its first).
+
+    ``ACTIVE`` (the call skips closed groups): positions index the open-set permutation (``idx_ptr``: the
+    open features ascending, then the closed ones; ``cnt_ptr``: the open count, read from device memory),
+    so the features are ``idx[pos]``. Returns ``(features, valid, open, any_open)``: ``valid`` for stores
+    (closed features get their exact zeros there), ``open`` for loads (a closed feature's data is never
+    read), ``any_open`` whether the tile holds an open feature. Else the identity: every valid position
+    is open."""
+    valid = pos < L
+    if ACTIVE:
+        cnt = tl.load(cnt_ptr)
+        feat = tl.load(idx_ptr + pos, mask=valid, other=0)
+        return feat, valid, pos < cnt, start < cnt
+    else:
+        return pos, valid, valid, start < L
+
+
+@triton.jit
 def _load_gate_vec(la_ptr, s_la0, idx, mask, seed, beta, gamma, zeta, eps, TRAINING: tl.constexpr,
                    GSIZE: tl.constexpr):
     """Gates of one vector (``log_alpha`` of shape (G,)) for features ``idx``: gate and noise offset
@@ -117,26 +137,32 @@ def _load_gate_vec(la_ptr, s_la0, idx, mask, seed, beta, gamma, zeta, eps, TRAIN
 
 @tuned(reset_to_zero=["dla_ptr"])
 @triton.jit(do_not_specialize=["seed"])
-def _fwd_kernel(x_ptr, w_ptr, la_ptr, b_ptr, y_ptr, dy_ptr, dla_ptr,
+def _fwd_kernel(x_ptr, w_ptr, la_ptr, b_ptr, y_ptr, dy_ptr, dla_ptr, idx_ptr, cnt_ptr,
                 M, N, K, seed,
                 s_xm, s_xk, s_wn, s_wk, s_la0, s_la1, s_ym, s_yn, s_dym, s_dyn,
                 beta, gamma, zeta, eps,
                 GATE: tl.constexpr, SAMPLE: tl.constexpr, TRAINING: tl.constexpr, GSIZE: tl.constexpr,
                 HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                OPEN: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    pos_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_m = offs_m < M
-    mask_n = offs_n < N
+    k_end = K
+    if OPEN and GATE == 1:  # the K loop runs over the open input features only
+        k_end = tl.load(cnt_ptr)
+    offs_n, mask_n, n_open, n_any = _open_tile(idx_ptr, cnt_ptr, pos_n, N, pid_n * BLOCK_N, OPEN and GATE == 2)
+    if OPEN and GATE == 2:  # a tile of closed output features skips its K loop (and stores zeros)
+        k_end = tl.where(n_any, K, 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask_k = offs_k < K
+    for k0 in range(0, k_end, BLOCK_K):
+        pos_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        offs_k, _, mask_k, _ = _open_tile(idx_ptr, cnt_ptr, pos_k, K, k0, OPEN and GATE == 1)
         a = tl.load(x_ptr + offs_m[:, None] * s_xm + offs_k[None, :] * s_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(w_ptr + offs_n[None, :] * s_wn + offs_k[:, None] * s_wk,
-                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)  # (BLOCK_K, BLOCK_N) = W^T tile
+                    mask=n_open[None, :] & mask_k[:, None], other=0.0)  # (BLOCK_K, BLOCK_N) = W^T tile
         if GATE == 1:  # input gates scale the x tile
             la = tl.load(la_ptr + (offs_k // GSIZE) * s_la0, mask=mask_k, other=0.0)
             if SAMPLE:
@@ -156,7 +182,7 @@ def _fwd_kernel(x_ptr, w_ptr, la_ptr, b_ptr, y_ptr, dy_ptr, dla_ptr,
         else:
             acc += tl.dot(a, b)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + offs_n, mask=n_open, other=0.0).to(tl.float32)[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if EPILOGUE == 0:
         if GATE == 2:  # output gates scale the result
@@ -181,27 +207,33 @@ def _fwd_kernel(x_ptr, w_ptr, la_ptr, b_ptr, y_ptr, dy_ptr, dla_ptr,
 
 @tuned(reset_to_zero=["dla_ptr"])
 @triton.jit(do_not_specialize=["seed"])
-def _dx_kernel(dy_ptr, w_ptr, la_ptr, x_ptr, dx_ptr, dla_ptr,
+def _dx_kernel(dy_ptr, w_ptr, la_ptr, x_ptr, dx_ptr, dla_ptr, idx_ptr, cnt_ptr,
                M, N, K, seed,
                s_dym, s_dyn, s_wn, s_wk, s_la0, s_la1, s_xm, s_xk, s_dxm, s_dxk,
                beta, gamma, zeta, eps,
                GATE: tl.constexpr, SAMPLE: tl.constexpr, TRAINING: tl.constexpr, GSIZE: tl.constexpr,
                STORE_DX: tl.constexpr, NEED_DLA: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+               OPEN: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # Tiles of dX (M, K); the reduction runs over N. BLOCK_N is the reduction block here.
     pid_m, pid_k = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    pos_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     mask_m = offs_m < M
-    mask_k = offs_k < K
+    offs_k, mask_k, k_open, k_any = _open_tile(idx_ptr, cnt_ptr, pos_k, K, pid_k * BLOCK_K, OPEN and GATE == 1)
+    n_end = N
+    if OPEN and GATE == 1:  # a tile of closed input features skips its N loop (and stores zeros)
+        n_end = tl.where(k_any, N, 0)
+    if OPEN and GATE == 2:  # the N loop runs over the open output features only
+        n_end = tl.load(cnt_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        mask_n = offs_n < N
+    for n0 in range(0, n_end, BLOCK_N):
+        pos_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        offs_n, _, mask_n, _ = _open_tile(idx_ptr, cnt_ptr, pos_n, N, n0, OPEN and GATE == 2)
         g = tl.load(dy_ptr + offs_m[:, None] * s_dym + offs_n[None, :] * s_dyn,
                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         w = tl.load(w_ptr + offs_n[:, None] * s_wn + offs_k[None, :] * s_wk,
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+                    mask=mask_n[:, None] & k_open[None, :], other=0.0)
         if GATE == 2:  # output gates scale dY
             la = tl.load(la_ptr + (offs_n // GSIZE) * s_la0, mask=mask_n, other=0.0)
             if SAMPLE:
@@ -232,7 +264,8 @@ def _dx_kernel(dy_ptr, w_ptr, la_ptr, x_ptr, dx_ptr, dla_ptr,
             dz = dzv[None, :]
         if NEED_DLA:
             gq = acc.to(dx_ptr.dtype.element_ty).to(tl.float32)  # dY @ W rounded as the torch backend's
-            x = tl.load(x_ptr + offs_m[:, None] * s_xm + offs_k[None, :] * s_xk, mask=mask, other=0.0)
+            x = tl.load(x_ptr + offs_m[:, None] * s_xm + offs_k[None, :] * s_xk,
+                        mask=mask_m[:, None] & k_open[None, :], other=0.0)
             part = tl.sum(tl.where(mask, gq * x.to(tl.float32) * dz, 0.0), axis=0)
             tl.atomic_add(dla_ptr + offs_k, part, mask=mask_k)
         acc = acc * z
@@ -243,30 +276,35 @@ def _dx_kernel(dy_ptr, w_ptr, la_ptr, x_ptr, dx_ptr, dla_ptr,
 
 @tuned(reset_to_zero=["dla_ptr"])
 @triton.jit(do_not_specialize=["seed"])
-def _dw_kernel(dy_ptr, x_ptr, la_ptr, w_ptr, b_ptr, dw_ptr, db_ptr, dla_ptr,
+def _dw_kernel(dy_ptr, x_ptr, la_ptr, w_ptr, b_ptr, dw_ptr, db_ptr, dla_ptr, idx_ptr, cnt_ptr,
                M, N, K, seed,
                s_dym, s_dyn, s_xm, s_xk, s_la0, s_la1, s_wn, s_wk, s_dwn, s_dwk, s_dla0, s_dla1,
                beta, gamma, zeta, eps,
                GATE: tl.constexpr, SAMPLE: tl.constexpr, TRAINING: tl.constexpr, GSIZE: tl.constexpr,
                HAS_BIAS: tl.constexpr, STORE_DW: tl.constexpr, STORE_DB: tl.constexpr, NEED_DLA: tl.constexpr,
-               DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+               DOT_F32: tl.constexpr, PRECISION: tl.constexpr, OPEN: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # Tiles of dW (N, K); the reduction runs over M. BLOCK_M is the reduction block here.
     pid_n, pid_k = _swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.maximum(tl.cdiv(K, BLOCK_K), 1), GROUP_M)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    mask_n = offs_n < N
-    mask_k = offs_k < K
-    first = (offs_n * 0 + pid_k) == 0  # the programs of the first K tile also write db and the bias term
+    pos_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    pos_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    offs_n, mask_n, n_open, n_any = _open_tile(idx_ptr, cnt_ptr, pos_n, N, pid_n * BLOCK_N, OPEN and GATE == 2)
+    offs_k, mask_k, k_open, k_any = _open_tile(idx_ptr, cnt_ptr, pos_k, K, pid_k * BLOCK_K, OPEN and GATE == 1)
+    first = (pos_n * 0 + pid_k) == 0  # the programs of the first K tile also write db and the bias term
+    m_end = M
+    if OPEN and GATE == 1:  # closed input features: no M loop, except in the first K tile (db)
+        m_end = tl.where(k_any | (pid_k == 0), M, 0)
+    if OPEN and GATE == 2:  # closed output features: no M loop (dW, db, dlog_alpha are zero)
+        m_end = tl.where(n_any, M, 0)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in range(0, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         mask_m = offs_m < M
         g = tl.load(dy_ptr + offs_m[None, :] * s_dym + offs_n[:, None] * s_dyn,
-                    mask=mask_m[None, :] & mask_n[:, None], other=0.0)  # (BLOCK_N, BLOCK_M) = dY^T tile
+                    mask=mask_m[None, :] & n_open[:, None], other=0.0)  # (BLOCK_N, BLOCK_M) = dY^T tile
         a = tl.load(x_ptr + offs_m[:, None] * s_xm + offs_k[None, :] * s_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                    mask=mask_m[:, None] & k_open[None, :], other=0.0)
         if GATE == 1:  # input gates scale x
             la = tl.load(la_ptr + (offs_k // GSIZE) * s_la0, mask=mask_k, other=0.0)
             if SAMPLE:
@@ -294,10 +332,11 @@ def _dw_kernel(dy_ptr, x_ptr, la_ptr, w_ptr, b_ptr, dw_ptr, db_ptr, dla_ptr,
             zv, dzv = _load_gate_vec(la_ptr, s_la0, offs_n, mask_n, seed, beta, gamma, zeta, eps, TRAINING, GSIZE)
             if NEED_DLA:
                 p = acc.to(dw_ptr.dtype.element_ty).to(tl.float32)
-                w = tl.load(w_ptr + offs_n[:, None] * s_wn + offs_k[None, :] * s_wk, mask=mask, other=0.0)
+                w = tl.load(w_ptr + offs_n[:, None] * s_wn + offs_k[None, :] * s_wk,
+                            mask=n_open[:, None] & mask_k[None, :], other=0.0)
                 hdy = tl.sum(tl.where(mask, w.to(tl.float32) * p, 0.0), axis=1)
                 if HAS_BIAS:
-                    bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                    bias = tl.load(b_ptr + offs_n, mask=n_open, other=0.0).to(tl.float32)
                     hdy += tl.where(first, bias * colsum, 0.0)
                 tl.atomic_add(dla_ptr + offs_n * s_dla0, hdy * dzv, mask=mask_n)
             acc = acc * zv[:, None]
@@ -384,9 +423,24 @@ def pregate(a, log_alpha, seed, training, cfg, per_element, group_size=1):
     return out
 
 
+def skips_closed(gate_name: str, sample: bool, training: bool) -> bool:
+    """True where the call runs over the open set of its gates (``_active``'s device route): training with
+    one gate vector (``noise="batch"``) and input or output gates. ``L0K_SKIP_CLOSED=0`` turns it off."""
+    return _active.ENABLED and training and not sample and gate_name in ("in", "out")
+
+
+def _open_args(log_alpha, seed, cfg, group_size, open_, dummy, direction, gate_name, sample, training):
+    """The kernels' ``(idx_ptr, cnt_ptr)``: the open set drawn from ``seed`` when ``open_`` (counted in
+    ``_active.PATHS``), else unused pointers."""
+    if training and not sample and gate_name in ("in", "out"):
+        _active.PATHS["linear-" + gate_name, direction, "skip" if open_ else "dense"] += 1
+    return tuple(open_set(log_alpha, seed, cfg, group_size)) if open_ else (dummy, dummy)
+
+
 def linear_forward(x2, weight, log_alpha, bias, seed, gate_name, sample, training, cfg, group_size=1):
     """``y`` (M, N) for ``x2`` (M, K). ``sample`` means per-example gates (training only); ``group_size``
-    input/output features per gate (the kernels read gate ``k // group_size`` for feature ``k``)."""
+    input/output features per gate (the kernels read gate ``k // group_size`` for feature ``k``). With
+    :func:`skips_closed` the GEMM runs over the open features only and closed ones get exact zeros."""
     m, k = x2.shape
     n = weight.shape[0]
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
@@ -396,16 +450,19 @@ def linear_forward(x2, weight, log_alpha, bias, seed, gate_name, sample, trainin
     seed = seed_tensor(seed if training else None, x2)
     b = bias if bias is not None else y
     code = _GATE_CODE[gate_name]
+    open_ = skips_closed(gate_name, sample, training)
+    idx, cnt = _open_args(log_alpha, seed, cfg, group_size, open_, y, "fwd", gate_name, sample, training) if code != GATE_WEIGHT \
+        else (y, y)
     if code == GATE_IN and sample and _pregate_pays(n):
         x2, code = pregate(x2, log_alpha, seed, training, cfg, False, group_size), 0
     elif code == GATE_WEIGHT and _pregate_pays(m):
         weight, code = pregate(weight, log_alpha, seed, training, cfg, True), 0
     _fwd_kernel[_gemm_grid(m, n, "BLOCK_M", "BLOCK_N")](
-        x2, weight, log_alpha, b, y, y, y, m, n, k, seed,
+        x2, weight, log_alpha, b, y, y, y, idx, cnt, m, n, k, seed,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), *_la_strides(log_alpha),
         y.stride(0), y.stride(1), 0, 0, cfg.beta, cfg.gamma, cfg.zeta, cfg.eps,
         GATE=code, SAMPLE=bool(sample), TRAINING=bool(training), GSIZE=group_size, HAS_BIAS=bias is not None,
-        EPILOGUE=EPI_STORE, DOT_F32=dot_f32, PRECISION=prec, **launch_meta())
+        EPILOGUE=EPI_STORE, DOT_F32=dot_f32, PRECISION=prec, OPEN=open_, **launch_meta())
     return y
 
 
@@ -421,8 +478,9 @@ def linear_backward(dy, x2, weight, log_alpha, bias, seed, gate_name, sample, tr
     dot_f32, prec = dot_flags(x2.dtype)
     seed = seed_tensor(seed if training else None, x2)
     consts = (cfg.beta, cfg.gamma, cfg.zeta, cfg.eps)
+    open_ = skips_closed(gate_name, sample, training)
     flags = dict(GATE=code, SAMPLE=bool(sample), TRAINING=bool(training), GSIZE=group_size, DOT_F32=dot_f32,
-                 PRECISION=prec)
+                 PRECISION=prec, OPEN=open_)
     las = _la_strides(log_alpha)
     dx = torch.empty((m, k), dtype=x2.dtype, device=dev) if need_x else None
     dw = torch.empty((n, k), dtype=weight.dtype, device=dev) if need_w else None
@@ -438,6 +496,10 @@ def linear_backward(dy, x2, weight, log_alpha, bias, seed, gate_name, sample, tr
                 t.zero_()
         return dx, dw, (torch.zeros_like(log_alpha) if need_la else None), db
     dummy = x2  # pointer for arguments a kernel does not touch
+    # the open set drawn again from the seed (as the gates are): nothing gate-shaped is kept from forward
+    idx, cnt = _open_args(log_alpha, seed, cfg, group_size, open_, dummy, "bwd", gate_name, sample,
+                          training) \
+        if code != GATE_WEIGHT else (dummy, dummy)
     unused_dla = torch.empty((1,), dtype=torch.float32, device=dev)  # the autotuner zeroes dla_ptr: never x2
     # dX, and dlog_alpha of input gates
     in_dla = need_la and code == GATE_IN
@@ -452,7 +514,7 @@ def linear_backward(dy, x2, weight, log_alpha, bias, seed, gate_name, sample, tr
         if code == GATE_WEIGHT and _pregate_pays(m):
             w_g, gate_dx = pregate(weight, log_alpha, seed, training, cfg, True), 0
         _dx_kernel[_gemm_grid(m, k, "BLOCK_M", "BLOCK_K")](
-            dy_g, w_g, log_alpha, x2, out, dla, m, n, k, seed,
+            dy_g, w_g, log_alpha, x2, out, dla, idx, cnt, m, n, k, seed,
             dy_g.stride(0), dy_g.stride(1), w_g.stride(0), w_g.stride(1), *las, x2.stride(0), x2.stride(1),
             out.stride(0), out.stride(1), *consts, STORE_DX=need_x, NEED_DLA=in_dla, **dict(flags, GATE=gate_dx),
             **launch_meta())
@@ -467,14 +529,14 @@ def linear_backward(dy, x2, weight, log_alpha, bias, seed, gate_name, sample, tr
             x_g, gate_dw = pregate(x2, log_alpha, seed, training, cfg, False, group_size), 0
         _dw_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * max(triton.cdiv(k, meta["BLOCK_K"]), 1),)](
             dy_g, x_g, log_alpha, weight, bias if bias is not None else dummy, out, db if need_b else dummy, dla,
-            m, n, k, seed, dy_g.stride(0), dy_g.stride(1), x_g.stride(0), x_g.stride(1), *las,
+            idx, cnt, m, n, k, seed, dy_g.stride(0), dy_g.stride(1), x_g.stride(0), x_g.stride(1), *las,
             weight.stride(0), weight.stride(1), out.stride(0), out.stride(1), *dla_s, *consts,
             HAS_BIAS=bias is not None, STORE_DW=need_w, STORE_DB=need_b, NEED_DLA=w_dla, **dict(flags, GATE=gate_dw),
             **launch_meta())
     # dlog_alpha of per-example output gates: recompute h tile by tile, reduce dY * h * dz
     if need_la and code == GATE_OUT and sample:
         _fwd_kernel[_gemm_grid(m, n, "BLOCK_M", "BLOCK_N")](
-            x2, weight, log_alpha, bias if bias is not None else dummy, dummy, dy, dla32, m, n, k, seed,
+            x2, weight, log_alpha, bias if bias is not None else dummy, dummy, dy, dla32, idx, cnt, m, n, k, seed,
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), *las, 0, 0,
             dy.stride(0), dy.stride(1), *consts, HAS_BIAS=bias is not None, EPILOGUE=EPI_DLA_OUT,
             **flags, **launch_meta())
