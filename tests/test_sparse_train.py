@@ -368,3 +368,35 @@ def test_triton_device_open_set_matches_host_route():
             assert s.index.shape == (23 * gs,) and count == idx.numel()
             assert torch.equal(s.index[:count].cpu(), idx)
             assert torch.equal(s.index[count:].cpu(), torch.nonzero(z == 0).reshape(-1))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_triton_conv2d_forward_skips_closed_channels(density, group_size, rel_err):
+    """The Triton convolution's forward over the open channels (device open set) against the torch
+    backend in float64; its backward (cuDNN / aten over every channel) stays exact."""
+    _triton_or_skip()
+    seed = 606 + DENSITIES.index(density) + group_size
+    gen = torch.Generator().manual_seed(seed)
+    c_out = 6 * group_size
+    x = torch.randn(2, 3, 6, 5, generator=gen, dtype=torch.float64).to(memory_format=torch.channels_last)
+    w = torch.randn(c_out, 3, 3, 2, generator=gen, dtype=torch.float64)
+    b = torch.randn(c_out, generator=gen, dtype=torch.float64)
+    la = _log_alpha(c_out // group_size, density, gen)
+    z = gates_for(la, seed, (la.shape[0],), True, CFG, need_grad=False, group_size=group_size)[0]
+
+    def run(backend, dtype, dev):
+        ts = [t.to(dtype).to(dev).requires_grad_() for t in (x, w, la, b)]
+        y = l0k.l0_conv2d(*ts, stride=(1, 2), padding=1, seed=seed, group_size=group_size, backend=backend)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        return [t.cpu() for t in (y, *torch.autograd.grad(y, ts, dy.to(dtype).to(dev)))]
+
+    ref = run("torch", torch.float64, "cpu")
+    _active.PATHS.clear()
+    out = run("triton", torch.float32, TDEV)
+    assert _active.PATHS["conv2d", "fwd", "skip"] == 1 and _active.PATHS["conv2d", "bwd", "dense"] == 1
+    for o, r in zip(out, ref):
+        assert rel_err(o, r) <= 1e-5
+    closed = z == 0
+    assert out[0][:, closed].eq(0).all() and out[2][closed].eq(0).all() and out[4][closed].eq(0).all()

@@ -175,10 +175,11 @@ def test_conv_kernels_compile_for_gpu():
     script = AOT_HELPER + r'''
 from l0kernels.backends.triton import conv2d as C
 blocks = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
-f32 = {"dla_ptr": "*fp32", "colsum_ptr": "*fp32", "zsum_ptr": "*fp32"}
-for sample, epi, gs in ((True, 1, 1), (False, 0, 1), (True, 0, 4)):
+f32 = {"dla_ptr": "*fp32", "colsum_ptr": "*fp32", "zsum_ptr": "*fp32", "idx_ptr": "*i64", "cnt_ptr": "*i64"}
+for sample, epi, gs, open_ in ((True, 1, 1, False), (False, 0, 1, False), (True, 0, 4, False), (False, 0, 1, True),
+                               (False, 0, 4, True)):
     aot(C._conv_fwd_kernel, f32, dict(GATE=2, SAMPLE=sample, TRAINING=True, GSIZE=gs, HAS_BIAS=True, EPILOGUE=epi,
-                                      DOT_F32=False, PRECISION="ieee", **blocks), "*bf16")
+                                      DOT_F32=False, PRECISION="ieee", OPEN=open_, **blocks), "*bf16")
 for gs in (1, 4):
     aot(C._gate_dy_kernel, f32, dict(SAMPLE=True, TRAINING=True, GSIZE=gs, STORE=True, BLOCK_M=64, BLOCK_C=32),
         "*bf16")

@@ -4,11 +4,15 @@ Forward, ``_conv_fwd_kernel``: implicit GEMM over ``M = B*OH*OW`` output pixels,
 channels of a group and ``K = (C_in/groups)*KH*KW`` with ``k = (r*KW + s)*C_in_g + c`` (channel
 fastest, so channels_last inputs are read contiguously; NCHW works through its strides). Bias and
 the gate ``z`` (one per channel for batch/eval noise, ``(b, c)`` with offset ``b*C_out + c`` for
-per-example noise) are applied in the epilogue; the output is channels_last when ``x`` is.
+per-example noise) are applied in the epilogue; the output is channels_last when ``x`` is. In training
+with one gate vector and ``groups == 1`` the channel tiles follow the device open set
+(``_gate_math.open_set``): the GEMM runs over the open channels, closed ones get exact zeros and their
+weights are never read.
 
 Backward (what this file does, and what it does not): the data and weight gradients come from
 ``torch.ops.aten.convolution_backward`` (cuDNN on a GPU), not from Triton implicit-GEMM kernels.
-Triton does the gate work around it:
+So the backward does not skip closed channels (their gradients are zero through the gates,
+but cuDNN computes them). Triton does the gate work around it:
   ``_gate_dy_kernel`` forms ``dY * z`` and reduces the per-channel sums of ``dY`` and ``dY * z``
   (``db`` and the bias part of ``dlog_alpha``) in the same pass;
   ``_wgrad_epilogue_kernel`` (batch/eval noise) turns the un-gated weight gradient ``P`` into
@@ -23,8 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gate_math import gate, seed_tensor
-from .linear import dot_flags, launch_meta, tuned
+from ... import _active
+from ._gate_math import gate, open_set, seed_tensor
+from .linear import _open_tile, dot_flags, launch_meta, tuned
 
 EPI_STORE, EPI_DLA = 0, 1
 
@@ -35,7 +40,7 @@ def _out_size(size, k, s, p, d):
 
 @tuned(reset_to_zero=["dla_ptr"])
 @triton.jit(do_not_specialize=["seed"])
-def _conv_fwd_kernel(x_ptr, w_ptr, la_ptr, b_ptr, y_ptr, dy_ptr, dla_ptr,
+def _conv_fwd_kernel(x_ptr, w_ptr, la_ptr, b_ptr, y_ptr, dy_ptr, dla_ptr, idx_ptr, cnt_ptr,
                      M, N, K, seed,
                      C_OUT, CIN_G, H, W, OH, OW, KW,
                      stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
@@ -44,6 +49,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, la_ptr, b_ptr, y_ptr, dy_ptr, dla_ptr,
                      beta, gamma, zeta, eps,
                      GATE: tl.constexpr, SAMPLE: tl.constexpr, TRAINING: tl.constexpr, GSIZE: tl.constexpr,
                      HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                     OPEN: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # GATE is unused (always output channels); it is in the signature for the shared autotune key.
     # GSIZE output channels share a gate: channel co reads gate co // GSIZE (noise offset likewise).
@@ -57,9 +63,14 @@ def _conv_fwd_kernel(x_ptr, w_ptr, la_ptr, b_ptr, y_ptr, dy_ptr, dla_ptr,
     pid_m = first + (pid % width) % size
     pid_n = (pid % width) // size
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    pos_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_m = offs_m < M
-    mask_n = offs_n < N
+    # OPEN (training, one gate vector, groups == 1): the tile's channels come from the open-set permutation;
+    # a tile of closed channels skips its K loop and stores zeros, a closed channel's weights are never read
+    offs_n, mask_n, n_open, n_any = _open_tile(idx_ptr, cnt_ptr, pos_n, N, pid_n * BLOCK_N, OPEN)
+    k_end = K
+    if OPEN:
+        k_end = tl.where(n_any, K, 0)
     ohw = OH * OW
     bb = offs_m // ohw
     rem = offs_m % ohw
@@ -68,7 +79,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, la_ptr, b_ptr, y_ptr, dy_ptr, dla_ptr,
     co = grp * N + offs_n  # global output channel
     x_base = x_ptr + bb * s_xb + (grp * CIN_G) * s_xc
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         c = offs_k % CIN_G
@@ -80,13 +91,13 @@ def _conv_fwd_kernel(x_ptr, w_ptr, la_ptr, b_ptr, y_ptr, dy_ptr, dla_ptr,
         ok = (mask_m[:, None] & mask_k[None, :]) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         a = tl.load(x_base[:, None] + c[None, :] * s_xc + ih * s_xh + iw * s_xw, mask=ok, other=0.0)
         b = tl.load(w_ptr + co[None, :] * s_wo + c[:, None] * s_wc + r[:, None] * s_wh + s[:, None] * s_ww,
-                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)
+                    mask=n_open[None, :] & mask_k[:, None], other=0.0)
         if DOT_F32:
             acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
         else:
             acc += tl.dot(a, b)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + co, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + co, mask=n_open, other=0.0).to(tl.float32)[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     la = tl.load(la_ptr + (co // GSIZE) * s_la0, mask=mask_n, other=0.0)
     if SAMPLE:
@@ -189,13 +200,19 @@ def _launch_fwd(x, weight, log_alpha, bias, y, dy, dla, stride, padding, dilatio
     ys = y.stride() if epilogue == EPI_STORE else (0, 0, 0, 0)
     dys = dy.stride() if epilogue == EPI_DLA else (0, 0, 0, 0)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), groups)  # noqa: E731
+    seed = seed_tensor(seed if training else None, x)
+    # the forward GEMM skips closed channels (training, one gate vector, groups == 1); backward does not
+    # (cuDNN's convolution_backward runs over every channel, closed ones get their zeros from the gates)
+    open_ = _active.ENABLED and training and not sample and groups == 1 and epilogue == EPI_STORE
+    if training and not sample and epilogue == EPI_STORE:
+        _active.PATHS["conv2d", "fwd", "skip" if open_ else "dense"] += 1
+    idx, cnt = tuple(open_set(log_alpha, seed, cfg, group_size)) if open_ else (x, x)
     _conv_fwd_kernel[grid](
-        x, weight, log_alpha, bias if bias is not None else x, y, dy, dla, m, n, k, seed_tensor(seed if training else None, x),
+        x, weight, log_alpha, bias if bias is not None else x, y, dy, dla, idx, cnt, m, n, k, seed,
         c_out, cin_g, h, w, oh, ow, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         *x.stride(), *weight.stride(), log_alpha.stride(0), *ys, *dys, cfg.beta, cfg.gamma, cfg.zeta, cfg.eps,
         GATE=2, SAMPLE=bool(sample), TRAINING=bool(training), GSIZE=group_size, HAS_BIAS=bias is not None,
-        EPILOGUE=epilogue,
-        DOT_F32=dot_f32, PRECISION=prec, **launch_meta())
+        EPILOGUE=epilogue, DOT_F32=dot_f32, PRECISION=prec, OPEN=open_, **launch_meta())
 
 
 def _channels_last(x: torch.Tensor) -> bool:
@@ -225,6 +242,8 @@ def conv2d_backward(dy, x, weight, log_alpha, bias, stride, padding, dilation, g
     m = bsz * oh * ow
     consts = (cfg.beta, cfg.gamma, cfg.zeta, cfg.eps)
     seed = seed_tensor(seed if training else None, x)
+    if training and not sample:
+        _active.PATHS["conv2d", "bwd", "dense"] += 1  # cuDNN's backward runs over every channel
     colsum = torch.zeros((c_out,), dtype=torch.float32, device=dev)
     zsum = torch.zeros((c_out,), dtype=torch.float32, device=dev)
     dyz = torch.empty_like(dy, memory_format=torch.channels_last if _channels_last(dy) else torch.contiguous_format)
