@@ -13,7 +13,8 @@ Goals: step <= 1.15x dense at density 1.0 and <= 0.6x at 0.3; layer <= (d + 0.15
 
 GPU (``--gpu``; not run yet): 8192 tokens, 4096->4096 and 4096->14336, bfloat16, batch-noise input and
 output gates at density 1.0 / 0.5 / 0.25 / 0.1, ``l0_linear`` forward+backward per available backend
-against ``F.linear`` forward+backward (``triton.testing.do_bench`` medians). Goal <= (d + 0.1)x dense.
+against ``F.linear`` forward+backward (``triton.testing.do_bench`` medians), and the Triton kernels with
+the skipping turned off (``triton-noskip``). Goal <= (d + 0.1)x dense.
 
     nice -n 0 python bench/train_step.py [--reps 300] [--threads N]
     python bench/train_step.py --gpu
@@ -149,8 +150,12 @@ def gpu_rows(ctx: common.BenchContext) -> List[dict]:
                 gcount = k if gate == "in" else n
                 la = common.log_alpha_for_density(gcount, d, device=dev).to(dt).requires_grad_()
                 kw = dict(gate=gate, noise="batch", training=True)
-                for be in ("torch", "triton", "cuda"):
-                    f = lambda be=be: l0k.l0_linear(x, w, la, b, backend=be, **kw)  # noqa: E731
+                # "triton-noskip": the Triton kernels with the skipping off (L0K_SKIP_CLOSED=0), the
+                # reference for what the device open set costs at density 1.0 and saves below it
+                for be in ("torch", "triton", "triton-noskip", "cuda"):
+                    f = lambda be=be: l0k.l0_linear(x, w, la, b, backend=be.split("-")[0], **kw)  # noqa: E731
+                    old = _active.ENABLED
+                    _active.ENABLED = old and be != "triton-noskip"
                     try:
                         fwd = ctx.time_ms(f)
                         fb = ctx.time_ms(lambda: torch.autograd.grad(f(), (x, w, la, b), dy))
@@ -158,6 +163,8 @@ def gpu_rows(ctx: common.BenchContext) -> List[dict]:
                     except (ValueError, RuntimeError) as e:  # a backend that cannot run the call
                         print(f"  {be}: skipped ({type(e).__name__}: {e})", file=sys.stderr)
                         continue
+                    finally:
+                        _active.ENABLED = old
                     rows.append(ctx.row(op="linear_train", gate=gate, noise="batch", dtype="bfloat16",
                                         shape=f"{m}x{k}->{n},density={d}", backend=be, fwd_ms=fwd, fwd_bwd_ms=fb,
                                         dense_fwd_ms=dense_fwd, dense_fwd_bwd_ms=dense, peak_mib=peak,
