@@ -5,7 +5,7 @@
 It reads the json files ``examples/mnist_l0.py`` rewrites after every epoch, so it works on runs that
 are still going or were cut off (each row says how many epochs it is for). Rows: LeNet-5-Caffe L0,
 L0-sep and the dense baseline (``mnist_lenet5.json``, ``mnist_lenet5_sep.json``, ``mnist_lenet5_dense.json``),
-and every ``mnist_lenet300*.json``. Training time is the sum of the per-epoch training seconds
+and every ``mnist_lenet300*.json`` (beside ``mnist_lenet300_dense.json``). Training time is the sum of the per-epoch training seconds
 (evaluation and reporting excluded); the dense row of a model is its time for the same epochs, or,
 when the dense run has fewer epochs, its mean epoch time times that many epochs, marked as an
 extrapolation.
@@ -85,10 +85,11 @@ def dense_time(dense: Optional[Dict], epochs: int, planned: int) -> str:
 def rows(results: str) -> List[Dict]:
     out: List[Dict] = []
     dense5 = load(os.path.join(results, "mnist_lenet5_dense.json"))
+    dense300 = load(os.path.join(results, "mnist_lenet300_dense.json"))
     for path in sorted(glob.glob(os.path.join(results, "mnist_lenet300*.json"))):
         r = load(path)
         if r and "model" in r and "history" in r and r.get("method") != "dense":  # (not the SparsityTarget report)
-            out.append(dict(r=r, file=os.path.basename(path), dense=None))
+            out.append(dict(r=r, file=os.path.basename(path), dense=dense300))
     for tag in ("mnist_lenet5", "mnist_lenet5_sep"):
         r = load(os.path.join(results, tag + ".json"))
         if r:
@@ -114,7 +115,7 @@ def table_lines(results: str) -> List[str]:
             c = cpu_str(r, planned)
             if c:
                 t += f"; {c}" + (" (extrapolated)" if done < planned else "")
-            if model == "LeNet-5-Caffe":
+            if row["dense"] is not None or model == "LeNet-5-Caffe":
                 t += f"; {dense_time(row['dense'], done, planned)}"
             lines.append(f"| {model} | **this repo, {r['method']}, λ = [{lam}]/N, {ep}** "
                          f"([report](docs/results/{rep}); {settings(r)}) | **{arch_str(r['architecture'])}** | "
