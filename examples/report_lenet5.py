@@ -79,7 +79,7 @@ def dense_time(dense: Optional[Dict], epochs: int, planned: int) -> str:
         per = train_seconds(dense) / done
         wall = f"wall ≈{minutes(per * epochs)} for {epochs} epochs (extrapolated from {done} epochs)"
     c = cpu_str(dense, planned)
-    return "dense: " + wall + (f"; {c} (extrapolated)" if c else "")
+    return "dense: " + wall + (f"; {c}" + (" (extrapolated)" if done < planned else "") if c else "")
 
 
 def rows(results: str) -> List[Dict]:
