@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._dispatch import Conv2dCall, LinearCall, backend_names, run_dtype
+from ._dispatch import Conv2dCall, LinearCall, backend_names, is_backend_name, run_dtype
 from ._gates import LINEAR_GATES, NOISE_KINDS, GateConfig
 from ._philox import SEED_MAX, check_seed
 
@@ -24,6 +24,11 @@ def check_choice(value, name: str, choices) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
     return value
+
+
+def check_backend(value) -> str:
+    """``backend=``: one of :func:`l0kernels._dispatch.backend_names` (the list is built only to name them)."""
+    return value if is_backend_name(value) else check_choice(value, "backend", backend_names())
 
 
 def check_bool(value, name: str) -> bool:
@@ -128,7 +133,7 @@ def linear_call(x, weight, log_alpha, bias, *, seed, gate, noise, training, back
     still holds the tensors as given. ``owner``: the layer making the call (see ``LinearCall``)."""
     check_choice(gate, "gate", LINEAR_GATES)
     check_choice(noise, "noise", NOISE_KINDS)
-    check_choice(backend, "backend", backend_names())
+    check_backend(backend)
     check_bool(training, "training")
     if gate == "weight" and noise == "sample":
         raise ValueError("noise='sample' is not defined for gate='weight' (one gate per weight is "
@@ -177,7 +182,7 @@ def conv2d_call(x, weight, log_alpha, bias, stride, padding, dilation, groups, *
                 group_size: int = 1, owner=None) -> Conv2dCall:
     """The checked call; ``autocast`` and ``owner`` as in :func:`linear_call`."""
     check_choice(noise, "noise", NOISE_KINDS)
-    check_choice(backend, "backend", backend_names())
+    check_backend(backend)
     check_bool(training, "training")
     cfg = make_config(beta, gamma, zeta, eps)
     stride = _pair(stride, "stride", 1)

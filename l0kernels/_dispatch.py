@@ -209,6 +209,11 @@ def backend_names() -> Tuple[str, ...]:
     return BACKEND_NAMES + extra
 
 
+def is_backend_name(name) -> bool:
+    """Whether ``backend=name`` names a backend (:func:`backend_names`, without building the list)."""
+    return isinstance(name, str) and (name in BACKEND_NAMES or name in _REGISTRY or name in _LOADERS)
+
+
 def available_backends(call=None) -> List[str]:
     """Names of registered backends (that can run ``call``, when given)."""
     _load_all()

@@ -142,10 +142,19 @@ def l0_conv2d(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bi
 # and dispatched the same way. An eval call is made on the layer's behalf (``owner``), so the built-in
 # backends may serve it from the layer's cached eval plan (l0kernels/backends/_plans.py).
 
+def _params(layer):
+    """``(weight, log_alpha, bias)`` of a layer, straight from its parameter dict where they are there
+    (``nn.Module.__getattr__`` costs about a microsecond a name, which a batch-1 eval call notices)."""
+    p = layer.__dict__["_parameters"]
+    get = lambda name: p[name] if name in p else getattr(layer, name)  # noqa: E731 (parametrized, replaced)
+    return get("weight"), get("log_alpha"), get("bias")
+
+
 def layer_linear(layer, x: torch.Tensor) -> torch.Tensor:
     """``L0Linear.forward``: ``l0_linear`` with a fresh seed in training, the deterministic gates in eval."""
     c, training = layer.cfg, layer.training
-    call = linear_call(x, layer.weight, layer.log_alpha, layer.bias, seed=None, gate=layer.gate, noise=layer.noise,
+    weight, log_alpha, bias = _params(layer)
+    call = linear_call(x, weight, log_alpha, bias, seed=None, gate=layer.gate, noise=layer.noise,
                        training=training, backend=layer.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta, eps=c.eps,
                        autocast=autocast_dtype(x), group_size=layer.group_size, owner=None if training else layer)
     return dispatch(call, layer.backend)
@@ -154,7 +163,8 @@ def layer_linear(layer, x: torch.Tensor) -> torch.Tensor:
 def layer_conv2d(layer, x: torch.Tensor) -> torch.Tensor:
     """``L0Conv2d.forward`` (see :func:`layer_linear`)."""
     c, training = layer.cfg, layer.training
-    call = conv2d_call(x, layer.weight, layer.log_alpha, layer.bias, layer.stride, layer.padding, layer.dilation,
+    weight, log_alpha, bias = _params(layer)
+    call = conv2d_call(x, weight, log_alpha, bias, layer.stride, layer.padding, layer.dilation,
                        layer.groups, seed=None, noise=layer.noise, training=training, backend=layer.backend,
                        beta=c.beta, gamma=c.gamma, zeta=c.zeta, eps=c.eps, autocast=autocast_dtype(x),
                        group_size=layer.group_size, owner=None if training else layer)
