@@ -44,7 +44,7 @@ def autocast_cast(t: Optional[torch.Tensor], autocast: Optional[torch.dtype]) ->
 
 
 class _Call:
-    """What both calls share: the autocast cast and the eval plan's owner."""
+    """What both calls share: the dtype they run in and the autocast cast."""
 
     x: torch.Tensor
     weight: torch.Tensor
