@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import l0kernels as l0k
-from l0kernels._inference import build_linear_plan
+from l0kernels.backends._plans import build_linear_plan
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from ._dispatch import Backend, available_backends, get_backend, register_backen
 from ._gates import GateConfig
 from ._lazy import register_optional_backends as _register_optional_backends
 from ._philox import philox_uniform
+from .backends._plans import clear_eval_cache
 from .backends.torch_backend import L0Conv2dFunction, L0LinearFunction
 from ._compact_hf import register_module_rule
 from .compact import CompactContext, Units, compact, compare, input_select, register_compact_rule, summary
@@ -26,6 +27,6 @@ __all__ = [
     "l0_linear", "l0_conv2d", "L0Linear", "L0Conv2d", "L0LinearFunction", "L0Conv2dFunction",
     "l0_penalty", "l0_regularizer", "SparsityTarget", "seed_gates", "constrain_", "expected_params", "l0_layers",
     "compact", "summary", "compare", "register_compact_rule", "register_module_rule", "CompactContext", "Units",
-    "input_select", "convert",
+    "input_select", "convert", "clear_eval_cache",
     "GateConfig", "Backend", "register_backend", "get_backend", "available_backends", "select_backend",
 ]

@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._dispatch import Conv2dCall, LinearCall, backend_names
+from ._dispatch import Conv2dCall, LinearCall, backend_names, is_backend_name, run_dtype
 from ._gates import LINEAR_GATES, NOISE_KINDS, GateConfig
 from ._philox import SEED_MAX, check_seed
 
@@ -26,6 +26,11 @@ def check_choice(value, name: str, choices) -> str:
     return value
 
 
+def check_backend(value) -> str:
+    """``backend=``: one of :func:`l0kernels._dispatch.backend_names` (the list is built only to name them)."""
+    return value if is_backend_name(value) else check_choice(value, "backend", backend_names())
+
+
 def check_bool(value, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
@@ -44,22 +49,6 @@ def autocast_dtype(x) -> Optional[torch.dtype]:
     except RuntimeError:  # a device type autocast does not know (meta, ...)
         return None
     return torch.get_autocast_dtype(dev)
-
-
-def run_dtype(t: torch.Tensor, autocast: Optional[torch.dtype]) -> torch.dtype:
-    """The dtype ``t`` runs in: under autocast (``autocast`` is its dtype) floating tensors other than
-    float64 are cast to it, as autocast's lower-precision ops (``F.linear``, ``F.conv2d``) cast them."""
-    if autocast is None or not t.is_floating_point() or t.dtype == torch.float64:
-        return t.dtype
-    return autocast
-
-
-def autocast_cast(t: Optional[torch.Tensor], autocast: Optional[torch.dtype]) -> Optional[torch.Tensor]:
-    """``t`` in :func:`run_dtype` (differentiable: gradients reach ``t`` in its own dtype)."""
-    if t is None:
-        return None
-    dt = run_dtype(t, autocast)
-    return t if dt == t.dtype else t.to(dt)
 
 
 def _same(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str,
@@ -138,13 +127,13 @@ def check_linear_group_size(group_size, gate: str, in_features: int, out_feature
 
 
 def linear_call(x, weight, log_alpha, bias, *, seed, gate, noise, training, backend, beta, gamma, zeta,
-                eps=1e-6, autocast: Optional[torch.dtype] = None, group_size: int = 1) -> LinearCall:
+                eps=1e-6, autocast: Optional[torch.dtype] = None, group_size: int = 1, owner=None) -> LinearCall:
     """The checked call. ``autocast``: the dtype of an enclosing ``torch.autocast`` (see
     :func:`autocast_dtype`); the dtypes then must agree once cast (:func:`run_dtype`), and the call
-    still holds the tensors as given."""
+    still holds the tensors as given. ``owner``: the layer making the call (see ``LinearCall``)."""
     check_choice(gate, "gate", LINEAR_GATES)
     check_choice(noise, "noise", NOISE_KINDS)
-    check_choice(backend, "backend", backend_names())
+    check_backend(backend)
     check_bool(training, "training")
     if gate == "weight" and noise == "sample":
         raise ValueError("noise='sample' is not defined for gate='weight' (one gate per weight is "
@@ -173,7 +162,7 @@ def linear_call(x, weight, log_alpha, bias, *, seed, gate, noise, training, back
         if tuple(bias.shape) != (n,):
             raise ValueError(f"bias must have shape ({n},) (out_features), got {tuple(bias.shape)}")
     seed = resolve_seed(seed, training, x.device)
-    return LinearCall(x, weight, log_alpha, bias, seed, gate, noise, training, cfg, group_size)
+    return LinearCall(x, weight, log_alpha, bias, seed, gate, noise, training, cfg, group_size, autocast, owner)
 
 
 def _pair(v, name: str, minimum: int) -> Tuple[int, int]:
@@ -190,10 +179,10 @@ def _pair(v, name: str, minimum: int) -> Tuple[int, int]:
 
 def conv2d_call(x, weight, log_alpha, bias, stride, padding, dilation, groups, *, seed, noise, training,
                 backend, beta, gamma, zeta, eps=1e-6, autocast: Optional[torch.dtype] = None,
-                group_size: int = 1) -> Conv2dCall:
-    """The checked call; ``autocast`` as in :func:`linear_call`."""
+                group_size: int = 1, owner=None) -> Conv2dCall:
+    """The checked call; ``autocast`` and ``owner`` as in :func:`linear_call`."""
     check_choice(noise, "noise", NOISE_KINDS)
-    check_choice(backend, "backend", backend_names())
+    check_backend(backend)
     check_bool(training, "training")
     cfg = make_config(beta, gamma, zeta, eps)
     stride = _pair(stride, "stride", 1)
@@ -236,7 +225,7 @@ def conv2d_call(x, weight, log_alpha, bias, stride, padding, dilation, groups, *
                              f"the dilated kernel ({dilation[0] * (kh - 1) + 1}, {dilation[1] * (kw - 1) + 1})")
     seed = resolve_seed(seed, training, x.device)
     return Conv2dCall(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg,
-                      group_size)
+                      group_size, autocast, owner)
 
 
 def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:

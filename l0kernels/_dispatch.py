@@ -1,30 +1,80 @@
-"""Backend registry and dispatch (xformers style).
+"""Backend registry and dispatch (xformers style): the one route of every gated op, training and eval.
+
+``l0_linear`` / ``l0_conv2d`` and the layers' forward (:mod:`l0kernels.functional`) check their arguments
+once (:mod:`l0kernels._checks`) into a :class:`LinearCall` / :class:`Conv2dCall`, and :func:`dispatch` hands
+it to one backend: its ``run`` in training, its ``eval`` with ``training=False`` (the built-in backends
+serve a layer's eval calls from its cached eval plan, :mod:`l0kernels.backends._plans`; any other backend
+runs the call with the deterministic gates).
 
 Each backend states, for a concrete call, why it cannot take it (a string) or ``None`` if it
 can. ``backend="auto"`` asks the registered backends in priority order and, where more than
-one can run a call on a GPU, times them once per call signature and remembers the winner
-("measured, not guessed", like ``cudnn.benchmark``); under ``torch.compile`` ``auto`` is the torch
-backend (nothing can be timed in a trace, and inductor fuses its plain ops). Naming a backend that cannot run the
-call raises ``ValueError`` with its reason.
+one can run a call on a GPU, lets the autotuner (:mod:`l0kernels._autotune`) time them once per call
+signature; under ``torch.compile`` ``auto`` is the torch backend (nothing can be timed in a trace, and
+inductor fuses its plain ops). Naming a backend that cannot run the call raises ``ValueError`` with its
+reason.
 """
 from __future__ import annotations
 
-import os
-import time
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from ._autotune import AUTOTUNER
 from ._gates import GateConfig
 
 BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
 
 
+def run_dtype(t: torch.Tensor, autocast: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype ``t`` runs in: under autocast (``autocast`` is its dtype) floating tensors other than
+    float64 are cast to it, as autocast's lower-precision ops (``F.linear``, ``F.conv2d``) cast them."""
+    if autocast is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t.dtype
+    return autocast
+
+
+def autocast_cast(t: Optional[torch.Tensor], autocast: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    """``t`` in :func:`run_dtype` (differentiable: gradients reach ``t`` in its own dtype)."""
+    if t is None:
+        return None
+    dt = run_dtype(t, autocast)
+    return t if dt == t.dtype else t.to(dt)
+
+
+class _Call:
+    """What both calls share: the dtype they run in and the autocast cast."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    log_alpha: torch.Tensor
+    bias: Optional[torch.Tensor]
+    autocast: Optional[torch.dtype]
+
+    def cast(self):
+        """The call as it runs: under ``torch.autocast`` (``autocast`` set) ``x``, ``weight``, ``bias`` and
+        ``log_alpha`` cast like ``F.linear``'s inputs (float64 is not cast; differentiable casts, so the
+        gradients reach float32 parameters in float32); else the call itself."""
+        if self.autocast is None:
+            return self
+        ac = self.autocast
+        return dataclasses.replace(self, x=autocast_cast(self.x, ac), weight=autocast_cast(self.weight, ac),
+                                   log_alpha=autocast_cast(self.log_alpha, ac), bias=autocast_cast(self.bias, ac),
+                                   autocast=None)
+
+    @property
+    def run_dtype(self) -> torch.dtype:
+        """The dtype the op runs in (the weight's, or the autocast dtype)."""
+        return run_dtype(self.weight, self.autocast)
+
+
 @dataclass
-class LinearCall:
+class LinearCall(_Call):
     """A validated ``l0_linear`` call. ``seed`` (when ``training``, else None): an int in [0, 2**63) or a
-    0-d int64 tensor (any device; its low 63 bits are the key, ``_philox.seed_bits``)."""
+    0-d int64 tensor (any device; its low 63 bits are the key, ``_philox.seed_bits``). ``autocast``: the
+    dtype of an enclosing ``torch.autocast`` (the tensors are held as given; :meth:`cast` casts them).
+    ``owner``: the layer whose forward made an eval call (its cached eval plans may serve it), else None."""
 
     x: torch.Tensor
     weight: torch.Tensor
@@ -36,18 +86,21 @@ class LinearCall:
     training: bool
     cfg: GateConfig
     group_size: int = 1  # features (input or output) per gate; gate j controls j*g ... j*g+g-1
+    autocast: Optional[torch.dtype] = None
+    owner: Optional[torch.nn.Module] = None
 
     op = "linear"
 
     def signature(self) -> Tuple:
         rows = self.x.numel() // max(self.x.shape[-1], 1) if self.x.dim() else 0
-        return (self.op, self.x.device.type, self.x.dtype, rows, tuple(self.weight.shape), self.gate,
+        return (self.op, self.x.device.type, self.x.dtype, self.autocast, rows, tuple(self.weight.shape), self.gate,
                 self.noise, self.training, self.bias is not None, self.group_size)
 
 
 @dataclass
-class Conv2dCall:
-    """A validated ``l0_conv2d`` call; stride/padding/dilation are int pairs."""
+class Conv2dCall(_Call):
+    """A validated ``l0_conv2d`` call; stride/padding/dilation are int pairs; ``seed``, ``autocast`` and
+    ``owner`` as in :class:`LinearCall`."""
 
     x: torch.Tensor
     weight: torch.Tensor
@@ -62,21 +115,25 @@ class Conv2dCall:
     training: bool
     cfg: GateConfig
     group_size: int = 1  # output channels per gate
+    autocast: Optional[torch.dtype] = None
+    owner: Optional[torch.nn.Module] = None
 
     op = "conv2d"
 
     def signature(self) -> Tuple:
         cl = self.x.is_contiguous(memory_format=torch.channels_last) and not self.x.is_contiguous()
-        return (self.op, self.x.device.type, self.x.dtype, tuple(self.x.shape), tuple(self.weight.shape),
+        return (self.op, self.x.device.type, self.x.dtype, self.autocast, tuple(self.x.shape), tuple(self.weight.shape),
                 self.stride, self.padding, self.dilation, self.groups, self.noise, self.training,
                 self.bias is not None, cl, self.group_size)
 
 
 class Backend:
-    """Interface of a backend. Subclasses override the four methods and set ``name``/``priority``.
+    """Interface of a backend. Subclasses override ``unsupported_linear`` / ``unsupported_conv2d`` and
+    ``linear`` / ``conv2d``, and set ``name``/``priority``; they may override ``eval``.
 
     ``priority``: higher is preferred by ``auto`` when timing is not possible (CPU) or disabled.
     ``auto_eligible``: False keeps a backend out of ``auto`` (the Triton interpreter, for one).
+    ``linear`` / ``conv2d`` take a call whose tensors share one dtype (:meth:`_Call.cast` has run).
     """
 
     name = "?"
@@ -103,15 +160,26 @@ class Backend:
     def run(self, call) -> torch.Tensor:
         return self.linear(call) if call.op == "linear" else self.conv2d(call)
 
+    def tune_key(self, call) -> Tuple:
+        """What, beyond ``call.signature()``, decides how fast this backend runs ``call`` (part of the
+        autotuner's key for ``auto``). The built-in backends add the shape of the eval plan that serves an
+        eval call (how much it skips)."""
+        return ()
+
+    def eval(self, call) -> torch.Tensor:
+        """An eval call (``training=False``, deterministic gates), as it was checked (before the autocast
+        cast). Default: the backend's own ``linear`` / ``conv2d`` on the cast call. The built-in backends
+        run the owner's cached eval plan where one may serve (:func:`l0kernels.backends._plans.serve`)."""
+        return self.run(call.cast())
+
 
 _REGISTRY: Dict[str, Backend] = {}
-_AUTO_CACHE: Dict[Tuple, str] = {}
 _LOADERS: Dict[str, Callable[[], Optional[Backend]]] = {}
 
 
 def register_backend(backend: Backend) -> Backend:
     _REGISTRY[backend.name] = backend
-    _AUTO_CACHE.clear()
+    AUTOTUNER.clear()  # picks made without it (or with a backend it replaces) are stale
     return backend
 
 
@@ -141,6 +209,11 @@ def backend_names() -> Tuple[str, ...]:
     return BACKEND_NAMES + extra
 
 
+def is_backend_name(name) -> bool:
+    """Whether ``backend=name`` names a backend (:func:`backend_names`, without building the list)."""
+    return isinstance(name, str) and (name in BACKEND_NAMES or name in _REGISTRY or name in _LOADERS)
+
+
 def available_backends(call=None) -> List[str]:
     """Names of registered backends (that can run ``call``, when given)."""
     _load_all()
@@ -148,19 +221,6 @@ def available_backends(call=None) -> List[str]:
     if call is None:
         return names
     return [n for n in names if _REGISTRY[n].why_not(call) is None]
-
-
-def _time_backend(b: Backend, call, reps: int = 3) -> float:
-    with torch.no_grad():
-        b.run(call)  # warm-up / compile
-        if call.x.is_cuda:
-            torch.cuda.synchronize(call.x.device)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            b.run(call)
-        if call.x.is_cuda:
-            torch.cuda.synchronize(call.x.device)
-    return (time.perf_counter() - t0) / reps
 
 
 def select_backend(call, name: str) -> Backend:
@@ -181,14 +241,25 @@ def select_backend(call, name: str) -> Backend:
     if not cands:
         reasons = "; ".join(f"{n}: {b.why_not(call)}" for n, b in _REGISTRY.items())
         raise ValueError(f"no backend can run this {call.op} call ({reasons})")
-    if len(cands) == 1 or not call.x.is_cuda or os.environ.get("L0K_AUTO_TUNE", "1") == "0":
-        return cands[0]
-    key = call.signature()
-    if key not in _AUTO_CACHE:
-        times = {b.name: _time_backend(b, call) for b in cands}
-        _AUTO_CACHE[key] = min(times, key=times.get)
-    return _REGISTRY[_AUTO_CACHE[key]]
+    pick = AUTOTUNER.pick(lambda: _tune_key(call, cands), {b.name: (lambda b=b: forward(b, call)) for b in cands},
+                          call.x.device)
+    return _REGISTRY[pick]
+
+
+def _tune_key(call, cands: List[Backend]) -> Tuple:
+    """The autotuner's key of ``call``: its signature and what else the candidates' speed depends on."""
+    return (call.signature(),) + tuple(b.tune_key(call) for b in cands)
+
+
+def forward(backend: Backend, call) -> torch.Tensor:
+    """``call`` on ``backend``: its ``run`` in training, its ``eval`` otherwise; under ``torch.autocast``
+    with autocast off (the op casts its inputs itself, as ``F.linear`` does)."""
+    if call.autocast is None:
+        return backend.run(call) if call.training else backend.eval(call)
+    with torch.autocast(call.x.device.type, enabled=False):
+        return backend.run(call.cast()) if call.training else backend.eval(call)
 
 
 def dispatch(call, name: str) -> torch.Tensor:
-    return select_backend(call, name).run(call)
+    """Run a checked call on the backend ``name`` (or ``auto``'s pick)."""
+    return forward(select_backend(call, name), call)

@@ -105,7 +105,7 @@ def _work_dtype(device: torch.device) -> torch.dtype:
 
 
 def _z_eval(m) -> torch.Tensor:
-    """``z_eval`` per gate of an L0 layer as its eval forward computes it (``_inference``): ``log_alpha`` as it
+    """``z_eval`` per gate of an L0 layer as its eval forward computes it (``backends._plans``): ``log_alpha`` as it
     is, in the gate compute dtype, on its device (the gate helpers run with that device as the default device
     so that none of their allocations come from the caller's default device)."""
     la = m.log_alpha.detach()

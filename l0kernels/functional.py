@@ -1,13 +1,12 @@
 """Public functional API of SPEC section 4: gates, penalties and the gated ops."""
 from __future__ import annotations
 
-import dataclasses
 import numbers
 from typing import Optional, Sequence, Union
 
 import torch
 
-from ._checks import autocast_cast, autocast_dtype, check_tensor, conv2d_call, linear_call, make_config
+from ._checks import autocast_dtype, check_tensor, conv2d_call, linear_call, make_config
 from ._dispatch import dispatch
 from ._gates import (compute_dtype, eval_gates_and_grad, gates_from_uniform, noise_uniform, prob_open_t)
 from ._philox import check_seed
@@ -115,12 +114,9 @@ def l0_linear(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bi
     Under ``torch.autocast`` the op casts like ``F.linear``: float16/bfloat16/float32 ``x``, ``weight``,
     ``bias`` and ``log_alpha`` run in the autocast dtype (float64 is not cast), and so does the output.
     """
-    ac = autocast_dtype(x)
     call = linear_call(x, weight, log_alpha, bias, seed=seed, gate=gate, noise=noise, training=training,
-                       backend=backend, beta=beta, gamma=gamma, zeta=zeta, eps=eps, autocast=ac,
+                       backend=backend, beta=beta, gamma=gamma, zeta=zeta, eps=eps, autocast=autocast_dtype(x),
                        group_size=group_size)
-    if ac is not None:
-        return _dispatch_autocast(call, backend, ac)
     return dispatch(call, backend)
 
 
@@ -135,25 +131,44 @@ def l0_conv2d(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bi
     ``group_size=g``: one gate per ``g`` consecutive output channels, ``log_alpha`` ``(C_out // g,)``.
     Under ``torch.autocast`` the op casts like ``F.conv2d`` (see :func:`l0_linear`).
     """
-    ac = autocast_dtype(x)
     call = conv2d_call(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed=seed, noise=noise,
-                       training=training, backend=backend, beta=beta, gamma=gamma, zeta=zeta, eps=eps, autocast=ac,
-                       group_size=group_size)
-    if ac is not None:
-        return _dispatch_autocast(call, backend, ac)
+                       training=training, backend=backend, beta=beta, gamma=gamma, zeta=zeta, eps=eps,
+                       autocast=autocast_dtype(x), group_size=group_size)
     return dispatch(call, backend)
 
 
-def _dispatch_autocast(call, backend: str, dtype: torch.dtype) -> torch.Tensor:
-    """Run a checked call under ``torch.autocast``: as ``F.linear`` / ``F.conv2d`` do (autocast's
-    lower-precision list), floating inputs other than float64 -- ``x``, ``weight``, ``bias`` and
-    ``log_alpha`` -- are cast to the autocast dtype (every backend takes them in one dtype; the gate math
-    still runs in float32), and the op runs with autocast off. The casts are differentiable, so the
-    gradients reach float32 parameters in float32."""
-    call = dataclasses.replace(call, x=autocast_cast(call.x, dtype), weight=autocast_cast(call.weight, dtype),
-                               log_alpha=autocast_cast(call.log_alpha, dtype), bias=autocast_cast(call.bias, dtype))
-    with torch.autocast(call.x.device.type, enabled=False):
-        return dispatch(call, backend)
+# -- the layers' forward ----------------------------------------------------------------------------------
+# ``L0Linear`` / ``L0Conv2d`` call these: the op above on the layer's parameters and options, checked once
+# and dispatched the same way. An eval call is made on the layer's behalf (``owner``), so the built-in
+# backends may serve it from the layer's cached eval plan (l0kernels/backends/_plans.py).
+
+def _params(layer):
+    """``(weight, log_alpha, bias)`` of a layer, straight from its parameter dict where they are there
+    (``nn.Module.__getattr__`` costs about a microsecond a name, which a batch-1 eval call notices)."""
+    p = layer.__dict__["_parameters"]
+    get = lambda name: p[name] if name in p else getattr(layer, name)  # noqa: E731 (parametrized, replaced)
+    return get("weight"), get("log_alpha"), get("bias")
+
+
+def layer_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """``L0Linear.forward``: ``l0_linear`` with a fresh seed in training, the deterministic gates in eval."""
+    c, training = layer.cfg, layer.training
+    weight, log_alpha, bias = _params(layer)
+    call = linear_call(x, weight, log_alpha, bias, seed=None, gate=layer.gate, noise=layer.noise,
+                       training=training, backend=layer.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta, eps=c.eps,
+                       autocast=autocast_dtype(x), group_size=layer.group_size, owner=None if training else layer)
+    return dispatch(call, layer.backend)
+
+
+def layer_conv2d(layer, x: torch.Tensor) -> torch.Tensor:
+    """``L0Conv2d.forward`` (see :func:`layer_linear`)."""
+    c, training = layer.cfg, layer.training
+    weight, log_alpha, bias = _params(layer)
+    call = conv2d_call(x, weight, log_alpha, bias, layer.stride, layer.padding, layer.dilation,
+                       layer.groups, seed=None, noise=layer.noise, training=training, backend=layer.backend,
+                       beta=c.beta, gamma=c.gamma, zeta=c.zeta, eps=c.eps, autocast=autocast_dtype(x),
+                       group_size=layer.group_size, owner=None if training else layer)
+    return dispatch(call, layer.backend)
 
 
 def gate_derivative_eval(log_alpha: torch.Tensor, *, gamma: float = _GAMMA, zeta: float = _ZETA) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """``L0Linear`` and ``L0Conv2d``: ``nn.Linear`` / ``nn.Conv2d`` with hard-concrete gates, and model-level penalties.
 
-Training-mode forward draws a fresh seed per call from PyTorch's default generator (so
-``torch.manual_seed`` makes runs repeatable) and calls the gated op; eval-mode forward uses the
-deterministic gates through :mod:`l0kernels._inference`.
+Both modes take one route: :func:`l0kernels.functional.layer_linear` / ``layer_conv2d`` check the call once
+and dispatch it. Training-mode forward draws a fresh seed per call from PyTorch's default generator (so
+``torch.manual_seed`` makes runs repeatable); eval-mode forward uses the deterministic gates, served by the
+built-in backends from the layer's cached eval plan (:mod:`l0kernels.backends._plans`).
 """
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import nn
 
-from . import _inference
 from ._checks import check_choice, check_group_size, check_linear_group_size, conv_out_size, _pair
 from ._dispatch import backend_names
 from ._gates import LINEAR_GATES, NOISE_KINDS, GateConfig, eval_gates_and_grad, prob_open_t
 from ._regularizer import layer_regularizer
-from .functional import l0_conv2d, l0_linear
+from .functional import layer_conv2d, layer_linear
 
 LOG_ALPHA_MIN = math.log(1e-2)  # the authors clamp log_alpha to [log 0.01, log 100] after each step
 LOG_ALPHA_MAX = math.log(1e2)
@@ -185,12 +185,7 @@ class L0Linear(_L0Layer):
         self.reset_gates()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return _inference.eval_linear(self, x)
-        c = self.cfg
-        return l0_linear(x, self.weight, self.log_alpha, self.bias, gate=self.gate, noise=self.noise,
-                         training=True, backend=self.backend, beta=c.beta, gamma=c.gamma, zeta=c.zeta, eps=c.eps,
-                         group_size=self.group_size)
+        return layer_linear(self, x)
 
     @property
     def params_per_gate(self) -> int:
@@ -272,13 +267,7 @@ class L0Conv2d(_L0Layer):
         self.reset_gates()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            y = _inference.eval_conv2d(self, x)
-        else:
-            c = self.cfg
-            y = l0_conv2d(x, self.weight, self.log_alpha, self.bias, self.stride, self.padding, self.dilation,
-                          self.groups, noise=self.noise, training=True, backend=self.backend, beta=c.beta,
-                          gamma=c.gamma, zeta=c.zeta, eps=c.eps, group_size=self.group_size)
+        y = layer_conv2d(self, x)
         self.input_hw = (int(x.shape[2]), int(x.shape[3]))  # only after a call that passed its checks
         return y
 

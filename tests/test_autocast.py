@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import l0kernels as l0k
-from l0kernels import _inference
+from l0kernels.backends import _plans
 
 from conftest import TOL
 
@@ -303,8 +303,8 @@ def test_l0linear_eval_mode_plan(dtype, gate, monkeypatch):
         m.log_alpha.normal_(0, 2.5)
     _closed_by_a_hair(m)
     builds = []
-    real = _inference.build_linear_plan
-    monkeypatch.setattr(_inference, "build_linear_plan", lambda mod, *a: builds.append(a) or real(mod, *a))
+    real = _plans.build_linear_plan
+    monkeypatch.setattr(_plans, "build_linear_plan", lambda mod, *a: builds.append(a) or real(mod, *a))
     x = torch.randn(*M_SHAPE, K)
     with torch.no_grad():
         with _ac(dtype):
@@ -317,7 +317,7 @@ def test_l0linear_eval_mode_plan(dtype, gate, monkeypatch):
     assert y.dtype == dtype and y32.dtype == torch.float32
     assert torch.equal(y, y2) and torch.equal(y, y3) and torch.equal(y32, y32b)
     assert len(builds) == 2  # one plan per dtype, each built once, both kept
-    plan, plan32 = _inference.cached_plan(m, dtype), _inference.cached_plan(m, torch.float32)
+    plan, plan32 = _plans.cached_plan(m, dtype), _plans.cached_plan(m, torch.float32)
     assert plan.weight.dtype == dtype and plan32.weight.dtype == torch.float32
     assert (plan.bias is None or plan.bias.dtype == dtype) and (plan.fill is None or plan.fill.dtype == dtype)
     # the gates come from the float32 log_alpha: the same groups are skipped as in float32
@@ -338,7 +338,7 @@ def test_l0linear_eval_mode_plan(dtype, gate, monkeypatch):
         m.weight.mul_(-1.5)
         with _ac(dtype):
             y4 = m(x)
-    assert len(builds) == 3 and _inference.cached_plan(m, torch.float32) is None
+    assert len(builds) == 3 and _plans.cached_plan(m, torch.float32) is None
     ref4 = l0k.l0_linear(x.double(), m.weight.double(), m.log_alpha.double(), m.bias.double(), gate=gate,
                          training=False, backend="torch")
     assert rel(y4, ref4) < 2 * TOL[dtype]
@@ -351,7 +351,7 @@ def test_l0linear_eval_mode_with_grad_uses_the_differentiable_path(dtype):
     x = torch.randn(*M_SHAPE, K)
     with _ac(dtype):
         y = m(x)
-    assert y.dtype == dtype and _inference.cached_plan(m) is None
+    assert y.dtype == dtype and _plans.cached_plan(m) is None
     hand = l0k.l0_linear(*(t.detach().to(dtype) for t in (x, m.weight, m.log_alpha, m.bias)), gate="out",
                          training=False, backend="torch")
     assert torch.equal(y, hand)
@@ -384,8 +384,8 @@ def test_l0conv2d_train_and_eval(dtype, noise, groups, monkeypatch):
 
     m.eval()
     builds = []
-    real = _inference.build_conv_plan
-    monkeypatch.setattr(_inference, "build_conv_plan", lambda mod, *a: builds.append(a) or real(mod, *a))
+    real = _plans.build_conv_plan
+    monkeypatch.setattr(_plans, "build_conv_plan", lambda mod, *a: builds.append(a) or real(mod, *a))
     with torch.no_grad():
         with _ac(dtype):
             ye = m(x)
@@ -395,7 +395,7 @@ def test_l0conv2d_train_and_eval(dtype, noise, groups, monkeypatch):
             ye3 = m(x)
     assert ye.dtype == dtype and torch.equal(ye, ye2) and torch.equal(ye, ye3)
     assert len(builds) == 2
-    plan, plan32 = _inference.cached_plan(m, dtype), _inference.cached_plan(m, torch.float32)
+    plan, plan32 = _plans.cached_plan(m, dtype), _plans.cached_plan(m, torch.float32)
     assert plan.weight.dtype == dtype and torch.equal(plan.weight, plan32.weight.to(dtype))
     assert (plan.out_idx is None and plan32.out_idx is None) or torch.equal(plan.out_idx, plan32.out_idx)
     ref = l0k.l0_conv2d(x.double(), m.weight.double(), m.log_alpha.double(), m.bias.double(), m.stride, m.padding,
@@ -413,7 +413,7 @@ def test_eval_plan_under_autocast_with_float64_layer():
         with _ac(torch.bfloat16), pytest.raises(TypeError, match=r"^weight must have the dtype of x once"):
             m(x.float())
     assert y.dtype == torch.float64 and torch.equal(y, ref)
-    assert list(_inference._CACHES[m]) == [torch.float64]  # one plan: nothing was cast
+    assert list(_plans._CACHES[m]) == [torch.float64]  # one plan: nothing was cast
 
 
 def test_module_dtype_mismatch_under_autocast_names_the_parameter():

@@ -234,7 +234,7 @@ def test_eval_plan_gather_scatter(emu, gate, dtype, rows):
     """The eval kernel (binding op sparse_linear): the layer's compact plan with the gather of x's
     active columns and the scatter of the active outputs, against the PyTorch plan path; 21 rows run
     the tensor-core kernel, 5 the GEMV."""
-    from l0kernels._inference import build_linear_plan, linear_plan_torch
+    from l0kernels.backends._plans import build_linear_plan, linear_plan_torch
     torch.manual_seed(6)
     k, n = 75, 140
     layer = l0k.L0Linear(k, n, gate=gate, backend="torch").to(dtype)
@@ -361,7 +361,7 @@ def test_launcher_choice(emu):
 @pytest.mark.parametrize("gate", ["in", "out", "weight"])
 def test_gemv_eval_plan_float32(emu, gate):
     """sparse_linear's float32 path (the GEMV) on a compact plan: gather, scatter, fill."""
-    from l0kernels._inference import build_linear_plan, linear_plan_torch
+    from l0kernels.backends._plans import build_linear_plan, linear_plan_torch
     torch.manual_seed(11)
     k, n = 90, 50
     layer = l0k.L0Linear(k, n, gate=gate, backend="torch")

@@ -143,10 +143,11 @@ def test_linear_fused_forward_auto_choice_and_backward(rel_err):
     x = _rand(100, 300, dtype=torch.float16).requires_grad_()
     w = _rand(200, 300, dtype=torch.float16, scale=0.1).requires_grad_()
     la = _rand(300, dtype=torch.float16).requires_grad_()
-    cb._GEMM_CHOICE.clear()
+    from l0kernels._autotune import AUTOTUNER
+    AUTOTUNER.clear()
     with gemm_impl("auto"):
         y = CudaL0LinearFunction.apply(x, w, la, None, 11, "in", "batch", True, CFG)
-    assert list(cb._GEMM_CHOICE.values()) in (["fused"], ["two_pass"])
+    assert list(AUTOTUNER.best.values()) in (["fused"], ["two_pass"])
     gs = torch.autograd.grad(y.float().sum(), (x, w, la))
     with gemm_impl("two_pass"):
         y2 = CudaL0LinearFunction.apply(x, w, la, None, 11, "in", "batch", True, CFG)
@@ -162,7 +163,8 @@ def test_linear_fused_forward_auto_choice_and_backward(rel_err):
 def test_eval_sparse_linear_kernel(dtype, gate, rows, rel_err):
     """backend="cuda" eval: the extension's sparse_linear on the layer's compact plan (the GEMV for
     1 and 13 rows, the tensor-core GEMM for 300), against the reference eval forward."""
-    from l0kernels._inference import _linear_runners, cached_plan
+    from l0kernels.backends._plans import cached_plan
+    from l0kernels.backends import cuda as cb
     tensor_cores = rows > 16
     if tensor_cores and (dtype == torch.float32 or torch.cuda.get_device_capability()[0] < 8):
         pytest.skip("the tensor-core eval kernel runs float16 / bfloat16 on sm_80+")
@@ -170,9 +172,9 @@ def test_eval_sparse_linear_kernel(dtype, gate, rows, rel_err):
     with torch.no_grad():
         layer.log_alpha.copy_(torch.randn_like(layer.log_alpha) * 3)
     x = _rand(rows, 300, dtype=dtype)
-    assert list(_linear_runners("cuda", x)) == ["cuda", "torch"]  # auto: the faster of the two
+    assert cb.forward_impls(x) == ("fused", "two_pass")  # auto: the faster of the two
     with gemm_impl("fused"), torch.no_grad():
-        assert list(_linear_runners("cuda", x)) == ["cuda"]
+        assert cb.forward_impls(x) == ("fused",)
         y = layer(x)
     assert cached_plan(layer) is not None
     ref = l0k.l0_linear(x.double().cpu(), layer.weight.double().cpu(), layer.log_alpha.double().cpu(),
@@ -214,7 +216,7 @@ def test_eval_gather_from_a_column_strided_x(gate, rows, rel_err):
     assert x.stride(1) != 1
     with gemm_impl("fused"), torch.no_grad():
         y = layer(x)
-    from l0kernels._inference import cached_plan
+    from l0kernels.backends._plans import cached_plan
     assert cached_plan(layer).in_idx is not None
     ref = l0k.l0_linear(x.double().cpu(), layer.weight.double().cpu(), layer.log_alpha.double().cpu(),
                         layer.bias.double().cpu(), gate=gate, training=False, backend="torch")

@@ -71,9 +71,12 @@ CHILD = textwrap.dedent(r'''
     torch.cuda.is_current_stream_capturing = lambda: False
 
     from l0kernels.backends import cuda as cb
+    from l0kernels._autotune import AUTOTUNER
     assert cb.GEMM_IMPL == "auto"
     fake_ms = {"fused": 1.0, "two_pass": 2.0}
-    cb._time_ms = lambda fn, reps=5: (fn(), fake_ms[calls[-1]])[1]
+    # the one autotuner, as on a GPU: it may time these CPU tensors, with a fake clock
+    AUTOTUNER.can_time = lambda device: True
+    AUTOTUNER.measure = lambda fn, device: (fn(), fake_ms[calls[-1]])[1]
 
     cfg = GateConfig()
     g = torch.Generator().manual_seed(0)
@@ -121,9 +124,15 @@ CHILD = textwrap.dedent(r'''
     cb.CudaL0LinearFunction.apply(xh, wh, lah, None, 99, "weight", "batch", True, cfg)
     assert n_timed > 1 and len(calls) == n_timed + 1 and calls[-1] == "fused", calls
     fake_ms.update(fused=3.0)
-    cb._GEMM_CHOICE.clear()
+    AUTOTUNER.clear()
     cb.CudaL0LinearFunction.apply(xh, wh, lah, None, 99, "weight", "batch", True, cfg)
-    assert calls[-1] == "two_pass" and list(cb._GEMM_CHOICE.values()) == ["two_pass"]
+    assert calls[-1] == "two_pass" and list(AUTOTUNER.best.values()) == ["two_pass"]
+    assert [k[0][0] for k in AUTOTUNER.best] == ["cuda.linear_fwd"]
+    # where nothing may be timed (CPU, torch.compile, L0K_AUTO_TUNE=0): the fixed rule, the picks unread
+    AUTOTUNER.can_time = lambda device: False
+    cb.CudaL0LinearFunction.apply(xh, wh, lah, None, 99, "weight", "batch", True, cfg)
+    assert calls[-1] == "fused"  # _static_choice: 15 rows
+    AUTOTUNER.can_time = lambda device: True
     # the fixed rule while tracing / capturing: fused only for small M
     assert cb._static_choice(torch.empty(256, 64), torch.empty(512, 64), "out", True) == "fused"
     assert cb._static_choice(torch.empty(257, 64), torch.empty(512, 64), "out", True) == "two_pass"
@@ -136,8 +145,8 @@ CHILD = textwrap.dedent(r'''
         assert "gemm_impl" in str(e)
     else:
         raise AssertionError("bad gemm_impl accepted")
-    # the eval glue: _inference's call of sparse_linear against the PyTorch plan path
-    from l0kernels._inference import _cuda_sparse_linear, build_linear_plan, linear_plan_torch
+    # the eval glue: the CUDA backend's call of sparse_linear against the PyTorch plan path
+    from l0kernels.backends._plans import build_linear_plan, linear_plan_torch
     for gate in ("in", "out", "weight"):
         layer = l0k.L0Linear(9, 8, gate=gate, backend="torch").double()
         with torch.no_grad():
@@ -147,16 +156,31 @@ CHILD = textwrap.dedent(r'''
         plan = build_linear_plan(layer)
         assert (plan.idle_idx is not None) == (plan.out_idx is not None) == (gate != "in")
         xe = torch.randn(5, 9, generator=g, dtype=torch.float64)
-        assert torch.allclose(_cuda_sparse_linear(xe, plan), linear_plan_torch(xe, plan))
+        assert torch.allclose(cb._sparse_linear(xe, plan), linear_plan_torch(xe, plan))
     # backend="cuda" eval: the forward choice of the CUDA backend picks between its kernel and cuBLAS
-    import l0kernels._inference as inf
-    inf._cuda_eval_why_not = lambda x: None  # as on a GPU that can run the kernel
-    assert list(inf._linear_runners("cuda", xe)) == ["cuda", "torch"]
+    x16 = torch.randn(5, 9, generator=g)  # float32, 5 rows: the GEMV can run it
+    assert cb.forward_impls(x16) == ("fused", "two_pass")
     with cb.gemm_impl("fused"):
-        assert list(inf._linear_runners("cuda", xe)) == ["cuda"]
+        assert cb.forward_impls(x16) == ("fused",)
     with cb.gemm_impl("two_pass"):
-        assert list(inf._linear_runners("cuda", xe)) == ["torch"]
-    assert list(inf._linear_runners("torch", xe)) == ["torch"]
+        assert cb.forward_impls(x16) == ("two_pass",)
+    assert cb.forward_impls(x16.double()) == ("two_pass",)
+    plan32 = build_linear_plan(layer.float())
+    ran = []
+    real_sparse, real_torch = cb._sparse_linear, cb._plans.linear_plan_torch
+    cb._sparse_linear = lambda x2, p: ran.append("fused") or real_sparse(x2, p)
+    cb._plans.linear_plan_torch = lambda x2, p: ran.append("two_pass") or real_torch(x2, p)
+    fake_ms.update(fused=1.0)
+    AUTOTUNER.measure = lambda fn, device: (fn(), fake_ms[ran[-1]])[1]  # the fake clock of the eval runners
+    AUTOTUNER.clear()
+    y = cb.eval_linear_plan(x16, plan32)
+    assert ran[-1] == "fused" and "two_pass" in ran and [k[0][0] for k in AUTOTUNER.best] == ["cuda.sparse_linear"]
+    ran.clear()
+    cb.eval_linear_plan(x16, plan32)
+    assert ran == ["fused"]  # remembered: not timed again
+    with cb.gemm_impl("two_pass"):
+        assert torch.allclose(cb.eval_linear_plan(x16, plan32), y, atol=1e-6) and ran[-1] == "two_pass"
+    cb._sparse_linear, cb._plans.linear_plan_torch = real_sparse, real_torch
     # fake impls (torch.compile): shapes of every op
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():

@@ -2,13 +2,14 @@
 
 A module with ``backend="X"`` (X not "auto"/"torch") raises the dispatcher's
 ``ValueError("backend='X' cannot run this ... call: <why>")`` in eval -- with and without autograd -- exactly
-where training raises, before any kernel runs; a user-registered backend serves eval through its ``run``.
+where training raises, before any kernel runs; a user-registered backend serves eval through its ``eval``
+(by default its own ``linear`` / ``conv2d``).
 """
 import pytest
 import torch
 
 import l0kernels as l0k
-from l0kernels import _inference
+from l0kernels.backends import _plans
 from l0kernels._dispatch import _REGISTRY, Backend, get_backend
 
 
@@ -50,7 +51,7 @@ def _raises_everywhere(layer, x, pattern):
     with pytest.raises(ValueError, match=pattern):  # again: a cached check must not let it through
         with torch.no_grad():
             layer(x)
-    assert _inference.cached_plan(layer) is None  # raised before any plan (kernel) was built or run
+    assert _plans.cached_plan(layer) is None  # raised before any plan (kernel) was built or run
 
 
 def test_triton_without_interpreter_raises_in_eval_as_in_training(no_interpreter):
@@ -120,7 +121,7 @@ def test_custom_backend_that_accepts_serves_eval(registry):
     rec = registry(Recording())
     for layer, x in _layers("mine_records"):
         layer.eval()
-        _inference.clear_eval_cache(layer)
+        _plans.clear_eval_cache(layer)
         for grad in (False, True):
             rec.calls.clear()
             with torch.set_grad_enabled(grad):
@@ -141,7 +142,7 @@ def test_auto_and_torch_keep_the_plan_path():
             layer.eval()
             with torch.no_grad():
                 layer(x)
-            assert _inference.cached_plan(layer) is not None
+            assert _plans.cached_plan(layer) is not None
 
 
 def test_triton_interpreter_eval_keeps_the_plan_path():
@@ -152,7 +153,62 @@ def test_triton_interpreter_eval_keeps_the_plan_path():
     lin.eval()
     with torch.no_grad():
         y = lin(x)
-    assert _inference.cached_plan(lin) is not None
+    assert _plans.cached_plan(lin) is not None
     lin.backend = "torch"
     with torch.no_grad():
         torch.testing.assert_close(y, lin(x), rtol=1e-4, atol=1e-5)
+
+
+class OwnEval(Recording):
+    """A registered backend with its own eval entry point (``Backend.eval``)."""
+
+    name = "mine_evals"
+
+    def __init__(self):
+        super().__init__()
+        self.evals = []
+
+    def eval(self, call):
+        self.evals.append(call)
+        return super().eval(call)  # the default: its own linear / conv2d on the cast call
+
+
+def test_custom_backend_eval_entry_point(registry):
+    own = registry(OwnEval())
+    for layer, x in _layers("mine_evals"):
+        own.calls.clear(), own.evals.clear()
+        layer.train()
+        layer(x)
+        assert own.evals == [] and len(own.calls) == 1  # training: run, not eval
+        layer.eval()
+        for grad in (False, True):
+            own.calls.clear(), own.evals.clear()
+            with torch.set_grad_enabled(grad):
+                y = layer(x)
+            assert len(own.evals) == 1 and own.evals[0].owner is layer and own.evals[0].training is False
+            assert own.calls == [own.evals[0]]  # no cast outside autocast: the same call
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            yb = layer(x)
+        ev = own.evals[-1]
+        # eval sees the call as checked (autocast noted, tensors as given); run gets it cast
+        assert ev.autocast == torch.bfloat16 and ev.x is x and ev.weight is layer.weight
+        assert own.calls[-1].autocast is None and own.calls[-1].x.dtype == own.calls[-1].weight.dtype == torch.bfloat16
+        assert yb.dtype == torch.bfloat16
+        torch.testing.assert_close(yb.float(), y.detach(), rtol=0.05, atol=0.05)
+        assert _plans.cached_plan(layer) is None  # nothing built on its behalf
+        # the functional API: eval calls without an owner reach the same entry point
+        if isinstance(layer, l0k.L0Linear):
+            y2 = l0k.l0_linear(x, layer.weight, layer.log_alpha, layer.bias, gate="in", training=False,
+                               backend="mine_evals")
+            assert own.evals[-1].owner is None
+            torch.testing.assert_close(y2, y)
+
+
+def test_clear_eval_cache_is_public():
+    lin, x = _layers("auto")[0]
+    lin.eval()
+    with torch.no_grad():
+        lin(x)
+    assert _plans.cached_plan(lin) is not None
+    l0k.clear_eval_cache(torch.nn.Sequential(lin))
+    assert _plans.cached_plan(lin) is None

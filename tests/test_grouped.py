@@ -177,17 +177,17 @@ def test_grouped_modules_eval_plans_and_accounting():
     x = torch.randn(4, 12)
     with torch.no_grad():
         y = lin(x)
-        plan = l0k._inference.cached_plan(lin)
+        plan = l0k.backends._plans.cached_plan(lin)
         assert plan.in_idx.tolist() == [0, 1, 2, 3, 8, 9, 10, 11]  # group 1 (features 4..7) closed
         z = lin.feature_gates()
         torch.testing.assert_close(y, F.linear(x * z, lin.weight, lin.bias))
         h = torch.randn(4, 5)
         y2 = lin_out(h)
-        assert l0k._inference.cached_plan(lin_out).out_idx.tolist() == [3, 4, 5]
+        assert l0k.backends._plans.cached_plan(lin_out).out_idx.tolist() == [3, 4, 5]
         torch.testing.assert_close(y2, F.linear(h, lin_out.weight, lin_out.bias) * lin_out.feature_gates())
         xc = torch.randn(2, 3, 5, 5)
         yc = conv(xc)
-        assert l0k._inference.cached_plan(conv).out_idx.tolist() == [0, 1, 4, 5]
+        assert l0k.backends._plans.cached_plan(conv).out_idx.tolist() == [0, 1, 4, 5]
         torch.testing.assert_close(yc, F.conv2d(xc, conv.weight, conv.bias, padding=1)
                                    * conv.feature_gates()[:, None, None])
     # a gate of an input group controls g * out_features weights; of an output group g * (K + 1)

@@ -1,4 +1,4 @@
-"""Eval-mode structured-sparse paths (l0kernels._inference) and the Triton eval kernels (interpreter on CPU).
+"""Eval-mode structured-sparse paths (l0kernels.backends._plans) and the Triton eval kernels (interpreter on CPU).
 
 Every output is compared with the float64 torch reference ``l0_linear/l0_conv2d(..., training=False)``.
 """
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import l0kernels as l0k
-from l0kernels import _inference
-from l0kernels._inference import build_linear_plan, clear_eval_cache
+from l0kernels.backends import _plans
+from l0kernels.backends._plans import build_linear_plan, clear_eval_cache
 
 from conftest import TOL
 
@@ -111,8 +111,8 @@ def test_conv_eval_matches_reference(kw, rel_err):
 def test_cache_reused_and_invalidated(monkeypatch, rel_err):
     torch.manual_seed(4)
     builds = []
-    real = _inference.build_linear_plan
-    monkeypatch.setattr(_inference, "build_linear_plan", lambda mod: builds.append(1) or real(mod))
+    real = _plans.build_linear_plan
+    monkeypatch.setattr(_plans, "build_linear_plan", lambda mod: builds.append(1) or real(mod))
     m = l0k.L0Linear(13, 7, gate="out").eval()
     randomize_gates(m, 0.4)
     x = torch.randn(4, 13)
@@ -271,9 +271,9 @@ def test_cache_not_shared_by_copies(rel_err):
     x = torch.randn(3, 9)
     with torch.no_grad():
         m(x)
-        assert _inference.cached_plan(m) is not None
+        assert _plans.cached_plan(m) is not None
         m2 = copy.deepcopy(m)
-        assert _inference.cached_plan(m2) is None
+        assert _plans.cached_plan(m2) is None
         m2.weight.mul_(3.0)
         assert rel_err(m2(x), ref_linear(m2, x)) < TOL[torch.float32]
         assert rel_err(m(x), ref_linear(m, x)) < TOL[torch.float32]

@@ -13,10 +13,12 @@ Forward of ``l0_linear``, two implementations:
   bias + gate epilogue, and cuBLAS; every dtype.
 
 ``L0K_CUDA_GEMM`` (or :func:`gemm_impl`) chooses: ``fused``, ``two_pass`` or ``auto`` (default),
-which times both once per call signature and keeps the faster (a fixed rule while ``torch.compile``
-traces or a CUDA graph is captured). ``l0_conv2d`` runs cuDNN plus the epilogue kernel.
-``sparse_linear`` runs an eval plan of :mod:`l0kernels._inference` (the same GEMM, no gates, gathering
-the active inputs and scattering the active outputs). Backward regenerates
+which lets the autotuner (:mod:`l0kernels._autotune`) time both once per call signature and keep the
+faster (a fixed rule, :func:`_static_choice`, where nothing is timed: ``torch.compile``, a CUDA graph
+capture before the signature was timed, ``L0K_AUTO_TUNE=0``). ``l0_conv2d`` runs cuDNN plus the epilogue
+kernel. A layer's eval calls run its cached plan (:mod:`l0kernels.backends._plans`) with the same choice:
+``fused`` is ``sparse_linear`` (the same kernels, no gates, gathering the active inputs and scattering
+the active outputs), ``two_pass`` cuBLAS on the plan. Backward regenerates
 the gates from the seed (no stored mask) and forms the ``log_alpha`` gradients with reduction
 kernels, using the identities of :mod:`l0kernels.backends.torch_backend`.
 
@@ -28,14 +30,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from .._autotune import AUTOTUNER
 from .._dispatch import Backend, Conv2dCall, LinearCall, register_backend
 from .._gates import GateConfig
 from .._philox import seed_on
+from . import _plans
 
 try:
     from .. import _C  # noqa: F401  (loading the library registers torch.ops.l0kernels)
@@ -120,7 +124,6 @@ if GEMM_IMPL not in GEMM_IMPLS:
     raise ValueError(f"L0K_CUDA_GEMM must be one of {GEMM_IMPLS}, got {GEMM_IMPL!r}")
 FUSED_MAX_ROWS = 65535 * 128  # grid rows of csrc/l0_gemm.cuh's 128-row tiles
 GEMV_MAX_ROWS = 16  # csrc/l0_gemv.cuh: gemv::kMaxRows
-_GEMM_CHOICE: Dict[tuple, str] = {}
 
 
 @contextlib.contextmanager
@@ -176,35 +179,46 @@ def _static_choice(x, weight, gate, sample) -> str:
     return "fused"
 
 
-def _time_ms(fn, reps: int = 5) -> float:
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
+def forward_impls(x: torch.Tensor) -> Tuple[str, ...]:
+    """The forward implementations that may run ``x`` (training and eval), in the order ``auto`` prefers
+    untimed: ``("fused",)``, ``("two_pass",)`` or, with ``GEMM_IMPL == "auto"``, both (the autotuner picks)."""
+    if GEMM_IMPL == "two_pass" or fused_why_not(x) is not None:
+        return ("two_pass",)
+    if GEMM_IMPL == "fused":
+        return ("fused",)
+    return ("fused", "two_pass")
 
 
 def _forward_op(x, weight, log_alpha, bias, seed, gate, sample, training, cfg, group_size=1):
     """The forward op to run: ``_ops.linear_fwd_fused`` or ``_ops.linear_fwd``."""
-    if GEMM_IMPL == "two_pass" or fused_why_not(x) is not None:
-        return _ops.linear_fwd
-    if GEMM_IMPL == "fused":
-        return _ops.linear_fwd_fused
-    key = (tuple(x.shape), x.dtype, x.device, tuple(weight.shape), gate, sample, training, bias is not None,
-           group_size)
-    choice = _GEMM_CHOICE.get(key)
-    if choice is None:
-        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-            choice = _static_choice(x, weight, gate, sample)
-        else:
-            times = {name: _time_ms(lambda op=op: op(x, weight, log_alpha, bias, seed, gate, sample, training, cfg,
-                                                     group_size))
-                     for name, op in (("fused", _ops.linear_fwd_fused), ("two_pass", _ops.linear_fwd))}
-            choice = _GEMM_CHOICE[key] = min(times, key=times.get)
-    return _ops.linear_fwd_fused if choice == "fused" else _ops.linear_fwd
+    ops = {"fused": _ops.linear_fwd_fused, "two_pass": _ops.linear_fwd}
+    impls = forward_impls(x)
+    if len(impls) == 1:
+        return ops[impls[0]]
+    key = ("cuda.linear_fwd", tuple(x.shape), x.dtype, x.device, tuple(weight.shape), gate, sample, training,
+           bias is not None, group_size)
+    pick = AUTOTUNER.pick(key, {name: (lambda op=ops[name]: op(x, weight, log_alpha, bias, seed, gate, sample,
+                                                                training, cfg, group_size)) for name in impls},
+                          x.device, fallback=_static_choice(x, weight, gate, sample))
+    return ops[pick]
+
+
+def _sparse_linear(x2: torch.Tensor, plan) -> torch.Tensor:
+    return _ops.sparse_linear(x2, plan.weight, plan.bias, plan.in_idx, plan.out_idx, plan.idle_idx, plan.fill,
+                              plan.out_features)
+
+
+def eval_linear_plan(x2: torch.Tensor, plan) -> torch.Tensor:
+    """Run a linear eval plan on ``x2`` ``(M, K)``: ``fused`` is the extension's ``sparse_linear``,
+    ``two_pass`` cuBLAS on the plan (:func:`forward_impls`; ``auto`` times the two once per plan shape)."""
+    runners = {"fused": _sparse_linear, "two_pass": _plans.linear_plan_torch}
+    impls = forward_impls(x2)
+    if len(impls) == 1:
+        return runners[impls[0]](x2, plan)
+    key = ("cuda.sparse_linear", x2.device, x2.dtype, x2.shape[0], tuple(plan.weight.shape), plan.in_idx is not None,
+           plan.out_idx is not None, plan.fill is not None, plan.out_features)
+    pick = AUTOTUNER.pick(key, {name: (lambda fn=runners[name]: fn(x2, plan)) for name in impls}, x2.device)
+    return runners[pick](x2, plan)
 
 
 class CudaL0LinearFunction(torch.autograd.Function):
@@ -289,8 +303,14 @@ class CudaBackend(Backend):
                                           call.dilation, call.groups, call.seed, call.noise, call.training, call.cfg,
                                           call.group_size)
 
+    def eval(self, call) -> torch.Tensor:
+        return _plans.serve(self, call, eval_linear_plan)
+
+    def tune_key(self, call) -> Tuple:
+        return _plans.plan_signature(call)
+
 
 CUDA_BACKEND = register_backend(CudaBackend())
 
 __all__ = ["CudaBackend", "CudaL0LinearFunction", "CudaL0Conv2dFunction", "cuda_gates", "CUDA_BACKEND", "gemm_impl",
-           "fused_why_not"]
+           "fused_why_not", "forward_impls", "eval_linear_plan"]

@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 from .. import _active
 from .._dispatch import Backend, Conv2dCall, LinearCall, register_backend
 from .._gates import GateConfig, compute_dtype, eval_gates_and_grad, sample_gate_tensor
-from . import _cpu_paths, _skip
+from . import _cpu_paths, _plans, _skip
 
 
 def _save(ctx, x, weight, log_alpha, bias, seed, *extra) -> None:
@@ -355,6 +355,13 @@ class TorchBackend(Backend):
         return L0Conv2dFunction.apply(call.x, call.weight, call.log_alpha, call.bias, call.stride, call.padding,
                                       call.dilation, call.groups, call.seed, call.noise, call.training, call.cfg,
                                       call.group_size)
+
+    def eval(self, call) -> torch.Tensor:
+        """A layer's eval call on its cached plan, in PyTorch (cuBLAS on CUDA); else the op above."""
+        return _plans.serve(self, call, _plans.linear_plan_torch)
+
+    def tune_key(self, call) -> Tuple:
+        return _plans.plan_signature(call)
 
 
 TORCH_BACKEND = register_backend(TorchBackend())

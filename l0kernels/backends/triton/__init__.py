@@ -1,16 +1,21 @@
 """The Triton backend (``backend="triton"``): fused gate + GEMM kernels for ``l0_linear`` and ``l0_conv2d``.
 
+A layer's eval calls run its cached eval plan (:mod:`l0kernels.backends._plans`): linear plans with the
+kernels of ``sparse_eval.py`` (the gather of ``x``'s active columns inside the GEMM loads; a GEMV for
+1-16 rows), conv plans in PyTorch.
+
 Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before this package
 was imported (for tests; never picked by ``backend="auto"`` on the CPU). float16, bfloat16 and
 float32; float64 goes to the torch backend. See ``linear.py`` and ``conv2d.py`` for the kernels.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from ..._dispatch import Backend, Conv2dCall, LinearCall, register_backend
+from .. import _plans
 from ._gate_math import seed_tensor
 from .linear import INTERPRET, TritonL0LinearFunction
 from .conv2d import TritonL0Conv2dFunction
@@ -74,6 +79,14 @@ class TritonBackend(Backend):
         return TritonL0Conv2dFunction.apply(call.x, call.weight, call.log_alpha, call.bias, call.stride,
                                             call.padding, call.dilation, call.groups, call.seed, call.noise,
                                             call.training, call.cfg, call.group_size)
+
+
+    def eval(self, call) -> torch.Tensor:
+        from .sparse_eval import sparse_linear
+        return _plans.serve(self, call, sparse_linear)
+
+    def tune_key(self, call) -> Tuple:
+        return _plans.plan_signature(call)
 
 
 TRITON_BACKEND = register_backend(TritonBackend())

@@ -1,6 +1,6 @@
 """Triton eval-mode kernels for gated linear layers with the zero-gated groups skipped.
 
-They run a :class:`l0kernels._inference.LinearPlan` (compact, gate-prescaled weight; optional
+They run a :class:`l0kernels.backends._plans.LinearPlan` (compact, gate-prescaled weight; optional
 active-column list ``in_idx`` and active-row list ``out_idx``):
 
 * ``_sparse_gemm_kernel``: tiles of ``y[:, out_idx] = x[:, in_idx] @ Wc.T + bc`` with ``tl.dot``; the
