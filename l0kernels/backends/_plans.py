@@ -1,7 +1,8 @@
 """Eval plans: the compact eval form of a gated layer, cached for the backends that serve eval calls from it.
 
 At test time the gates ``z_eval`` are deterministic and many are exactly 0 (SPEC section 1): an eval
-plan is the layer's open set with the deterministic gates folded in -- a :class:`LinearPlan` /
+plan is the layer's open set (found by ``l0kernels._active.open_index``, as a training step that skips
+closed groups finds its own) with the deterministic gates folded in -- a :class:`LinearPlan` /
 :class:`ConvPlan` holding the active input columns and/or output rows, the gate-prescaled compact
 weight and bias. A built-in backend's ``eval`` (``Backend.eval``) calls :func:`serve`: for an eval call
 made by a layer's forward (``call.owner``) it builds the layer's plan on the first call and caches it
@@ -44,6 +45,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .. import _active
 from .._gates import eval_gates_and_grad
 
 # layer -> {plan dtype: (key, plan)}, the latest used last; kept outside the layer so that torch.save /
@@ -154,22 +156,24 @@ def build_linear_plan(module, dtype: Optional[torch.dtype] = None) -> LinearPlan
     gate = module.gate
     in_idx = out_idx = fill = None
     if gate == "in":
-        keep = z != 0  # a NaN gate is kept: its NaN reaches the output, as in the gated op
+        # the open set of the eval gates, found as a training step finds its own (l0kernels._active); a
+        # NaN gate is open: its NaN reaches the output, as in the gated op
+        idx = _active.open_index(z)
         wz = (w.to(cd) * z).to(out)
-        if bool(keep.all()):
+        if idx.numel() == k:
             wc = wz
         else:
-            in_idx = keep.nonzero().flatten()
+            in_idx = idx
             wc = wz.index_select(1, in_idx)
         bc = b.to(out) if b is not None else None
     elif gate == "out":
-        keep = z != 0  # a NaN gate is kept: its NaN reaches the output, as in the gated op
+        idx = _active.open_index(z)
         wz = (w.to(cd) * z[:, None]).to(out)
         bz = (b.to(cd) * z).to(out) if b is not None else None
-        if bool(keep.all()):
+        if idx.numel() == n:
             wc, bc = wz, bz
         else:
-            out_idx = keep.nonzero().flatten()
+            out_idx = idx
             wc = wz.index_select(0, out_idx)
             bc = bz.index_select(0, out_idx) if bz is not None else None
     else:
@@ -205,11 +209,11 @@ def build_conv_plan(module, dtype: Optional[torch.dtype] = None) -> ConvPlan:
     cd = z.dtype
     wz = (w.to(cd) * z[:, None, None, None]).to(out)
     bz = (b.to(cd) * z).to(out) if b is not None else None
-    keep = z != 0  # a NaN gate is kept: its NaN reaches the output, as in the gated op
     out_idx = None
-    if module.groups == 1 and not bool(keep.all()):
-        # grouped convs keep every channel (the groups must stay equal); their gates are folded in
-        out_idx = keep.nonzero().flatten()
+    if module.groups == 1:  # grouped convs keep every channel (the groups must stay equal); gates folded in
+        idx = _active.open_index(z)  # a NaN gate is open: its NaN reaches the output, as in the gated op
+        out_idx = idx if idx.numel() < z.numel() else None
+    if out_idx is not None:
         wz = wz.index_select(0, out_idx)
         bz = bz.index_select(0, out_idx) if bz is not None else None
     return ConvPlan(out_idx, wz.contiguous(), bz, w.shape[0])
