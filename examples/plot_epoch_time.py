@@ -8,7 +8,7 @@ training get cheaper as gates close).
 Reads each file's ``history``: ``--clock cpu`` (default) plots ``train_cpu_seconds``, the process CPU time of
 the training steps of an epoch (without the evaluation), which a loaded, shared machine inflates far less
 than the wall time; ``--clock wall`` plots ``train_seconds``. Writes ``<first file without .json>_epoch_time.png`` (or ``--out``); the L0 run's open input gates of its
-first layer go on a second axis.
+first layer (``--layer``: another one) go on a second axis.
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def main(argv=None) -> int:
     ap.add_argument("dense_json")
     ap.add_argument("--out", default=None)
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    ap.add_argument("--layer", type=int, default=0,
+                    help="which L0 layer's open gates go on the second axis (index into the history's arch)")
     a = ap.parse_args(argv)
     key = "train_cpu_seconds" if a.clock == "cpu" else "train_seconds"
     import matplotlib
@@ -50,9 +52,9 @@ def main(argv=None) -> int:
     ax.set_ylim(bottom=0)
     if hl[0].get("arch"):
         ax2 = ax.twinx()
-        ax2.plot([e["epoch"] for e in hl], [e["arch"][0] for e in hl], color="gray", ls=":", marker=mk,
-                 label="open input gates of the first layer")
-        ax2.set_ylabel("open gates (first layer)")
+        ax2.plot([e["epoch"] for e in hl], [e["arch"][a.layer] for e in hl], color="gray", ls=":", marker=mk,
+                 label=f"open gates of L0 layer {a.layer + 1}")
+        ax2.set_ylabel(f"open gates (L0 layer {a.layer + 1})")
         ax2.set_ylim(bottom=0)
         ax2.legend(loc="upper center")
     ax.legend(loc="lower left")
