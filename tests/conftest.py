@@ -2,7 +2,8 @@
 
 Without a CUDA device the Triton kernels run under the interpreter: ``TRITON_INTERPRET=1`` must
 be set before any ``@triton.jit`` function is defined, so it is set here, before l0kernels'
-Triton backend can be imported. GPU tests are marked ``gpu`` and skip without CUDA.
+Triton backend can be imported. GPU tests are marked ``gpu`` and skip without CUDA. Tests run with one
+intra-op thread (``L0K_TEST_THREADS``).
 """
 import os
 
@@ -10,6 +11,12 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+
+# One intra-op thread (L0K_TEST_THREADS to change it): on a small shared machine (CI: 2 cores) PyTorch's
+# thread pool spins against the other load, and single tests ran 10-25x slower with 2 threads (the
+# SparsityTarget convergence tests: 61-79 s against 6.7 s with one thread). No test depends on threads;
+# the package's C++ CPU kernels are single-threaded.
+torch.set_num_threads(int(os.environ.get("L0K_TEST_THREADS", "1")))
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
