@@ -47,3 +47,34 @@ def rel_err():
 # SPEC section 6 tolerances against the float64 torch reference
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
 TOL_TF32 = 1e-3
+
+
+
+from l0kernels._dispatch import Backend, get_backend  # noqa: E402  (after TRITON_INTERPRET is set above)
+
+
+class RecordingBackend(Backend):
+    """The tests' stand-in backend: runs the torch backend's ops and records the calls it gets in
+    ``self.calls``; subclasses set ``name``, ``priority`` and ``auto`` (whether ``auto`` may pick it)."""
+
+    auto = True
+
+    def __init__(self):
+        self.calls = []
+
+    def auto_eligible(self, call):
+        return self.auto
+
+    def unsupported_linear(self, call):
+        return None
+
+    def unsupported_conv2d(self, call):
+        return None
+
+    def linear(self, call):
+        self.calls.append(call)
+        return get_backend("torch").linear(call)
+
+    def conv2d(self, call):
+        self.calls.append(call)
+        return get_backend("torch").conv2d(call)

@@ -7,30 +7,18 @@ import torch
 import l0kernels as l0k
 from l0kernels import _checks, functional
 from l0kernels._autotune import AUTOTUNER, Autotuner
-from l0kernels._dispatch import _REGISTRY, Backend, get_backend, select_backend
+from l0kernels._dispatch import _REGISTRY, get_backend, select_backend
+from conftest import RecordingBackend
 
 CUDA = torch.device("cuda")  # a device object only: nothing here runs on a GPU
 
 
-class Wrapping(Backend):
+class Wrapping(RecordingBackend):
     """An auto-eligible backend that runs the torch backend's ops (training and eval) and records its calls."""
 
     def __init__(self, name, priority):
-        self.name, self.priority, self.calls = name, priority, []
-
-    def unsupported_linear(self, call):
-        return None
-
-    def unsupported_conv2d(self, call):
-        return None
-
-    def linear(self, call):
-        self.calls.append(call)
-        return get_backend("torch").linear(call)
-
-    def conv2d(self, call):
-        self.calls.append(call)
-        return get_backend("torch").conv2d(call)
+        super().__init__()
+        self.name, self.priority = name, priority
 
 
 @pytest.fixture

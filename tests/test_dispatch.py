@@ -6,6 +6,7 @@ import l0kernels as l0k
 from l0kernels import Backend
 from l0kernels._checks import conv2d_call, linear_call
 from l0kernels._dispatch import _REGISTRY, Conv2dCall, LinearCall, get_backend, select_backend
+from conftest import RecordingBackend
 
 CFG = dict(beta=2 / 3, gamma=-0.1, zeta=1.1)
 
@@ -102,26 +103,9 @@ class Declining(Backend):
         return "declined: conv is not implemented here"
 
 
-class Recording(Backend):
+class Recording(RecordingBackend):
     name = "triton"
     priority = 100
-
-    def __init__(self):
-        self.calls = []
-
-    def unsupported_linear(self, call):
-        return None
-
-    def unsupported_conv2d(self, call):
-        return None
-
-    def linear(self, call):
-        self.calls.append(call)
-        return get_backend("torch").linear(call)
-
-    def conv2d(self, call):
-        self.calls.append(call)
-        return get_backend("torch").conv2d(call)
 
 
 def test_custom_backend_reason_is_in_the_error(registry):

@@ -10,7 +10,8 @@ import torch
 
 import l0kernels as l0k
 from l0kernels.backends import _plans
-from l0kernels._dispatch import _REGISTRY, Backend, get_backend
+from l0kernels._dispatch import _REGISTRY, Backend
+from conftest import RecordingBackend
 
 
 @pytest.fixture
@@ -83,29 +84,10 @@ class Declining(Backend):
         return "declined: no conv here"
 
 
-class Recording(Backend):
+class Recording(RecordingBackend):
     name = "mine_records"
     priority = -1
-
-    def __init__(self):
-        self.calls = []
-
-    def auto_eligible(self, call):
-        return False
-
-    def unsupported_linear(self, call):
-        return None
-
-    def unsupported_conv2d(self, call):
-        return None
-
-    def linear(self, call):
-        self.calls.append(call)
-        return get_backend("torch").linear(call)
-
-    def conv2d(self, call):
-        self.calls.append(call)
-        return get_backend("torch").conv2d(call)
+    auto = False
 
 
 def test_custom_backend_that_declines_raises_in_eval(registry):
