@@ -69,6 +69,12 @@ def open_index(z: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(z).reshape(-1)
 
 
+def may_skip(n_gates: int, macs_per_group: int) -> bool:
+    """Whether :func:`skip_closed` can be true for some open set of ``n_gates`` groups (with all of them
+    closed): False lets a small layer decide without drawing its gates."""
+    return ENABLED and n_gates * macs_per_group >= MIN_SKIPPED_MACS
+
+
 def skip_closed(n_open: int, n_gates: int, macs_per_group: int) -> bool:
     """True where the gathered GEMM over ``n_open`` of ``n_gates`` groups should run instead of the dense one
     (``macs_per_group``: the forward multiply-adds of one group, e.g. ``M * N`` for an input column)."""

@@ -1,4 +1,4 @@
-"""The paper's per-layer regularizer in one fused pass (as cheap as weight decay).
+"""The paper's regularizer in one fused pass per layer and one autograd node per model (as cheap as weight decay).
 
 ``(1/N) * [ sum_g p_g * (lamba * |g| + 0.5 * wd * ||theta_g||^2) + 0.5 * wd * ||theta_ungated||^2 ]``
 
@@ -11,7 +11,9 @@ broadcast of the per-group gradient ...). :class:`RegularizerFunction` keeps onl
 - backward: ``dtheta = (wd / N) * p_g * theta`` written in one pass (the gradient itself is the only
   full-size tensor), ``dlog_alpha = (1/N) * p (1 - p) * (lamba |g| + 0.5 wd ||theta_g||^2)``.
 
-On CPU float32 each is one C++ call (``l0kernels._cpu.reg_forward`` / ``reg_backward``; a layer's whole
+A whole model's regularizer (``l0_regularizer``) is one :class:`RegularizerFunction` node over all its
+layers, a single layer's (``layer.regularizer``) the same node over one. On CPU float32 each layer's pass is
+one C++ call (``l0kernels._cpu.reg_forward`` / ``reg_backward``; a layer's whole
 regularizer then costs about what its small torch ops' dispatch did); elsewhere torch ops, which are the
 reference the tests compare with (``L0K_CPU_KERNELS=0`` turns the C++ calls off).
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -43,73 +45,113 @@ def _in_cpp(log_alpha, weight, bias, axis) -> bool:
             and (bias is None or (bias.dtype is torch.float32 and bias.is_contiguous())))
 
 
+class LayerSpec(NamedTuple):
+    """How one layer's tensors enter the regularizer: the weight viewed as ``(rows, features)`` with the
+    gated features on ``axis``, whether a bias is gated with its row, ``lamba * |g|`` and the gate constants."""
+
+    axis: Optional[int]
+    bias_gated: bool
+    lamba_size: float
+    cfg: GateConfig
+
+
 class RegularizerFunction(torch.autograd.Function):
-    """``apply(log_alpha, weight, bias, axis, bias_gated, lamba_size, weight_decay, n, cfg)`` -> 0-d tensor
-    in the compute dtype (float32 for half types, else the parameters' dtype). ``lamba_size`` is
-    ``lamba * |g|`` (parameters per gate); ``n`` the training-set size."""
+    """``apply(layers, weight_decay, n, out_dtype, *tensors)`` -> 0-d tensor in ``out_dtype``: the sum over
+    ``layers`` (a tuple of :class:`LayerSpec`) of each layer's term, ``tensors`` being ``(log_alpha, weight,
+    bias)`` per layer (bias may be None). One autograd node for a whole model: the Python and autograd cost
+    of a call does not grow with a node per layer (with a node per layer it was most of the cost on the CPU)."""
 
     @staticmethod
-    def forward(ctx, log_alpha, weight, bias, axis: Optional[int], bias_gated: bool, lamba_size: float,
-                weight_decay: float, n: int, cfg: GateConfig):
+    def forward(ctx, layers, weight_decay: float, n: int, out_dtype, *tensors):
         wd = float(weight_decay)
-        shift = cfg.beta * math.log(-cfg.gamma / cfg.zeta)
-        cpp = _in_cpp(log_alpha, weight, bias, axis)
-        if cpp:  # one C++ call: the norms pass over the weight and the G-sized arithmetic
-            g = log_alpha.numel()
-            p = torch.empty(g, dtype=torch.float32)
-            sq = torch.empty(g, dtype=torch.float32)
-            rows = weight.shape[0]
-            term = _cpu.reg_forward(axis, weight.data_ptr(), rows, weight.numel() // rows,
-                                    bias.data_ptr() if bias is not None else 0, bias_gated, log_alpha.data_ptr(), g,
-                                    float(lamba_size), wd, shift, p.data_ptr(), sq.data_ptr())
-            term = torch.tensor(term / n, dtype=torch.float32)
-        else:
-            term, p, sq = _forward_torch(log_alpha, weight, bias, axis, bias_gated, lamba_size, wd, shift)
-            term = term / n
-        ctx.cpp = cpp
-        ctx.save_for_backward(weight, bias, p, sq)
-        ctx.conf = (axis, bias_gated, lamba_size, wd, n, log_alpha.dtype)
-        return term
+        host = 0.0  # the C++ layers' terms, summed in double
+        dev_terms = []
+        saved, cpps = [], []
+        for i, spec in enumerate(layers):
+            log_alpha, weight, bias = tensors[3 * i: 3 * i + 3]
+            shift = spec.cfg.beta * math.log(-spec.cfg.gamma / spec.cfg.zeta)
+            cpp = _in_cpp(log_alpha, weight, bias, spec.axis)
+            if cpp:  # one C++ call: the norms pass over the weight and the G-sized arithmetic
+                g = log_alpha.numel()
+                p = torch.empty(g, dtype=torch.float32)
+                sq = torch.empty(g, dtype=torch.float32)
+                rows = weight.shape[0]
+                host += _cpu.reg_forward(spec.axis, weight.data_ptr(), rows, weight.numel() // rows,
+                                         bias.data_ptr() if bias is not None else 0, spec.bias_gated,
+                                         log_alpha.data_ptr(), g, float(spec.lamba_size), wd, shift, p.data_ptr(),
+                                         sq.data_ptr())
+            else:
+                term, p, sq = _forward_torch(log_alpha, weight, bias, spec.axis, spec.bias_gated, spec.lamba_size,
+                                             wd, shift)
+                dev_terms.append(term.to(out_dtype))
+            cpps.append(cpp)
+            saved += [weight, bias, p, sq]
+        device = tensors[1].device
+        total = torch.tensor(host / n, dtype=out_dtype, device=device) if any(cpps) or not dev_terms else None
+        for t in dev_terms:
+            t = t.to(device) / n
+            total = t if total is None else total + t
+        ctx.cpps = cpps
+        ctx.save_for_backward(*saved)
+        ctx.conf = (layers, wd, n, tuple(t.dtype for t in tensors[0::3]))
+        return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        weight, bias, p, sq = ctx.saved_tensors
-        axis, bias_gated, lamba_size, wd, n, la_dtype = ctx.conf
-        need_la, need_w, need_b = ctx.needs_input_grad[:3]
-        dla = dw = db = None
-        if ctx.cpp:
-            c = float(g) / n
-            rows = weight.shape[0]
-            dla = torch.empty(p.shape, dtype=torch.float32) if need_la else None
-            dw = torch.empty_like(weight) if (need_w and wd) else None
-            db = torch.empty_like(bias) if (need_b and wd and bias is not None) else None
-            _cpu.reg_backward(axis, weight.data_ptr(), rows, weight.numel() // rows,
-                              bias.data_ptr() if bias is not None else 0, bias_gated, p.numel(), p.data_ptr(),
-                              sq.data_ptr(), c, float(lamba_size), wd, dla.data_ptr() if dla is not None else 0,
-                              dw.data_ptr() if dw is not None else 0, db.data_ptr() if db is not None else 0)
-            return dla, dw, db, None, None, None, None, None, None
-        c = g.to(p.dtype) / n
-        if need_la:
-            inner = lamba_size + 0.5 * wd * sq if wd else torch.full_like(p, lamba_size)
-            dla = (c * p * (1 - p) * inner).to(la_dtype)
-        if wd and (need_w or need_b):
-            s = (c * wd) * p  # per gate
-            if axis is None:
-                if need_w:
-                    dw = weight * s.to(weight.dtype)
-                if need_b and bias is not None:
-                    db = bias * (c * wd).to(bias.dtype)
-                return dla, dw, db, None, None, None, None, None, None
-            rows = weight.shape[0]
-            feats = weight.numel() // rows if axis == 1 else rows
-            sf = s.repeat_interleave(feats // s.numel()) if s.numel() != feats else s  # per feature
-            sf = sf.to(weight.dtype)
-            if need_w:  # in the weight's own shape: a fresh tensor, not a view (autograd adds it in place)
-                dw = weight * (sf if axis == 1 else sf.view((rows,) + (1,) * (weight.dim() - 1)))
+        layers, wd, n, la_dtypes = ctx.conf
+        saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad[4:]
+        grads = []
+        g_host = float(g) if any(ctx.cpps) else None  # a CPU scalar (the C++ layers are on the CPU)
+        for i, spec in enumerate(layers):
+            weight, bias, p, sq = saved[4 * i: 4 * i + 4]
+            need_la, need_w, need_b = needs[3 * i: 3 * i + 3]
+            if ctx.cpps[i]:
+                grads += _backward_cpp(spec, weight, bias, p, sq, g_host / n, wd, need_la, need_w, need_b)
+            else:
+                grads += _backward_torch(spec, weight, bias, p, sq, g.to(p.device, p.dtype) / n, wd, la_dtypes[i],
+                                         need_la, need_w, need_b)
+        return (None, None, None, None, *grads)
+
+
+def _backward_cpp(spec, weight, bias, p, sq, c, wd, need_la, need_w, need_b):
+    """``(dlog_alpha, dweight, dbias)`` of one layer in one C++ pass (``c``: the incoming gradient over N)."""
+    rows = weight.shape[0]
+    dla = torch.empty(p.shape, dtype=torch.float32) if need_la else None
+    dw = torch.empty_like(weight) if (need_w and wd) else None
+    db = torch.empty_like(bias) if (need_b and wd and bias is not None) else None
+    _cpu.reg_backward(spec.axis, weight.data_ptr(), rows, weight.numel() // rows,
+                      bias.data_ptr() if bias is not None else 0, spec.bias_gated, p.numel(), p.data_ptr(),
+                      sq.data_ptr(), c, float(spec.lamba_size), wd, dla.data_ptr() if dla is not None else 0,
+                      dw.data_ptr() if dw is not None else 0, db.data_ptr() if db is not None else 0)
+    return [dla, dw, db]
+
+
+def _backward_torch(spec, weight, bias, p, sq, c, wd, la_dtype, need_la, need_w, need_b):
+    """``(dlog_alpha, dweight, dbias)`` of one layer in torch ops (the reference; ``c`` a 0-d tensor)."""
+    axis, bias_gated, lamba_size = spec.axis, spec.bias_gated, spec.lamba_size
+    dla = dw = db = None
+    if need_la:
+        inner = lamba_size + 0.5 * wd * sq if wd else torch.full_like(p, lamba_size)
+        dla = (c * p * (1 - p) * inner).to(la_dtype)
+    if wd and (need_w or need_b):
+        s = (c * wd) * p  # per gate
+        if axis is None:
+            if need_w:
+                dw = weight * s.to(weight.dtype)
             if need_b and bias is not None:
-                db = bias * (sf if bias_gated else (c * wd).to(bias.dtype))
-        return dla, dw, db, None, None, None, None, None, None
+                db = bias * (c * wd).to(bias.dtype)
+            return [dla, dw, db]
+        rows = weight.shape[0]
+        feats = weight.numel() // rows if axis == 1 else rows
+        sf = s.repeat_interleave(feats // s.numel()) if s.numel() != feats else s  # per feature
+        sf = sf.to(weight.dtype)
+        if need_w:  # in the weight's own shape: a fresh tensor, not a view (autograd adds it in place)
+            dw = weight * (sf if axis == 1 else sf.view((rows,) + (1,) * (weight.dim() - 1)))
+        if need_b and bias is not None:
+            db = bias * (sf if bias_gated else (c * wd).to(bias.dtype))
+    return [dla, dw, db]
 
 
 def _forward_torch(log_alpha, weight, bias, axis, bias_gated, lamba_size, wd, shift):
@@ -138,6 +180,7 @@ def _forward_torch(log_alpha, weight, bias, axis, bias_gated, lamba_size, wd, sh
     return term, p, sq
 
 
-def layer_regularizer(log_alpha, weight, bias, axis, bias_gated, lamba_size, weight_decay, n, cfg) -> torch.Tensor:
-    """:class:`RegularizerFunction` applied (arguments checked by the caller)."""
-    return RegularizerFunction.apply(log_alpha, weight, bias, axis, bias_gated, lamba_size, weight_decay, n, cfg)
+def regularizer(layers, tensors, weight_decay, n, out_dtype) -> torch.Tensor:
+    """:class:`RegularizerFunction` applied (arguments checked by the caller): ``layers`` a sequence of
+    :class:`LayerSpec`, ``tensors`` the ``(log_alpha, weight, bias)`` of each."""
+    return RegularizerFunction.apply(tuple(layers), weight_decay, n, out_dtype, *tensors)

@@ -16,8 +16,8 @@ from torch import nn
 
 from ._checks import check_choice, check_group_size, check_linear_group_size, conv_out_size, _pair
 from ._dispatch import backend_names
-from ._gates import LINEAR_GATES, NOISE_KINDS, GateConfig, eval_gates_and_grad, prob_open_t
-from ._regularizer import layer_regularizer
+from ._gates import LINEAR_GATES, NOISE_KINDS, GateConfig, compute_dtype, eval_gates_and_grad, prob_open_t
+from ._regularizer import LayerSpec, regularizer as _regularizer
 from .functional import layer_conv2d, layer_linear
 
 LOG_ALPHA_MIN = math.log(1e-2)  # the authors clamp log_alpha to [log 0.01, log 100] after each step
@@ -117,11 +117,16 @@ class _L0Layer(nn.Module):
         ``weight_decay=wd`` gives a term N times weaker (the authors' ``L0LeNet5``)."""
         _check_coef(lamba, "lamba")
         _check_coef(weight_decay, "weight_decay")
-        if isinstance(N, bool) or not isinstance(N, int) or N < 1:
-            raise ValueError(f"N (training-set size) must be an int >= 1, got {N!r}")
+        _check_n(N)
+        return _regularizer((self._reg_spec(lamba),), self._reg_tensors(), weight_decay, N,
+                            compute_dtype(self.weight.dtype))
+
+    def _reg_spec(self, lamba: float) -> LayerSpec:
         axis, bias_gated = self._reg_layout
-        return layer_regularizer(self.log_alpha, self.weight, self.bias, axis, bias_gated,
-                                 lamba * self.params_per_gate, weight_decay, N, self.cfg)
+        return LayerSpec(axis, bias_gated, lamba * self.params_per_gate, self.cfg)
+
+    def _reg_tensors(self):
+        return (self.log_alpha, self.weight, self.bias)
 
     @torch.no_grad()
     def constrain_(self) -> None:
@@ -138,6 +143,11 @@ class _L0Layer(nn.Module):
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
+
+
+def _check_n(N) -> None:
+    if isinstance(N, bool) or not isinstance(N, int) or N < 1:
+        raise ValueError(f"N (training-set size) must be an int >= 1, got {N!r}")
 
 
 def _check_coef(v, name: str) -> None:
@@ -348,15 +358,22 @@ def l0_regularizer(model: nn.Module, lamba=0.1, weight_decay: float = 0.0, N: in
     layers = [m for _, m in l0_layers(model)]
     if not layers:
         raise ValueError("model has no L0 layers (L0Linear / L0Conv2d)")
-    if isinstance(N, bool) or not isinstance(N, int) or N < 1:
-        raise ValueError(f"N (training-set size) must be an int >= 1, got {N!r}")
+    _check_n(N)
     lambdas = list(lamba) if isinstance(lamba, (list, tuple)) else [lamba] * len(layers)
     if len(lambdas) != len(layers):
         raise ValueError(f"lamba has {len(lambdas)} values but the model has {len(layers)} L0 layers")
     for lam in lambdas:
         _check_coef(lam, "lamba")
     _check_coef(weight_decay, "weight_decay")
-    return torch.stack([m.regularizer(lam, weight_decay, N).float() for m, lam in zip(layers, lambdas)]).sum()
+    # one autograd node for the built-in layers; a subclass with its own ``regularizer`` keeps it
+    own = [(m, lam) for m, lam in zip(layers, lambdas) if type(m).regularizer is not _L0Layer.regularizer]
+    fused = [(m, lam) for m, lam in zip(layers, lambdas) if type(m).regularizer is _L0Layer.regularizer]
+    terms = [m.regularizer(lam, weight_decay, N).float() for m, lam in own]
+    if fused:
+        tensors = [t for m, _ in fused for t in m._reg_tensors()]
+        terms.append(_regularizer(tuple(m._reg_spec(lam) for m, lam in fused), tensors, weight_decay, N,
+                                  torch.float32))
+    return terms[0] if len(terms) == 1 else torch.stack([t.to(terms[-1].device) for t in terms]).sum()
 
 
 def constrain_(model: nn.Module) -> None:

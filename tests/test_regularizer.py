@@ -1,5 +1,6 @@
-"""The fused per-layer regularizer (``l0kernels/_regularizer.py``) against the paper's formula written with
-autograd ops, value and gradients, in float64 and float32 (the C++ group norms), every layer kind."""
+"""The fused regularizer (``l0kernels/_regularizer.py``: one pass per layer, one autograd node per model) against
+the paper's formula written with autograd ops, value and gradients, in float64 and float32 (the C++ group
+norms), every layer kind."""
 import math
 
 import pytest
@@ -8,7 +9,11 @@ import torch
 import l0kernels as l0k
 from l0kernels import L0Conv2d, L0Linear
 from l0kernels._gates import DEFAULT_CONFIG as CFG
-from l0kernels._regularizer import layer_regularizer
+from l0kernels._regularizer import LayerSpec, regularizer
+
+
+def layer_regularizer(la, w, b, axis, bias_gated, lam_size, wd, n, cfg):
+    return regularizer((LayerSpec(axis, bias_gated, lam_size, cfg),), (la, w, b), wd, n, w.dtype)
 
 
 def _reference(la, w, b, axis, bias_gated, lam_size, wd, n):
@@ -92,6 +97,38 @@ def test_model_regularizer_sums_layers():
     model = torch.nn.Sequential(L0Linear(8, 6), torch.nn.ReLU(), L0Linear(6, 4, gate="out"))
     got = l0k.l0_regularizer(model, [0.1, 0.5], 5e-4, 100)
     ref = model[0].regularizer(0.1, 5e-4, 100) + model[2].regularizer(0.5, 5e-4, 100)
+    assert float(got) == pytest.approx(float(ref), rel=1e-6)
+
+
+def test_model_regularizer_is_one_node_with_the_layers_gradients():
+    """A whole model's regularizer is one autograd node over every layer's tensors, the C++ (float32) and
+    torch (float64, weight gates, conv) layers mixed, with each layer's gradients as its own term gives."""
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(L0Linear(8, 6), L0Linear(6, 5, gate="out").double(), L0Linear(5, 4, gate="weight"),
+                                L0Conv2d(2, 3, 3, bias=False), L0Linear(4, 3, bias=False))
+    for m in model:
+        with torch.no_grad():
+            m.log_alpha.normal_(0.0, 2.0)
+    lams = [0.1, 0.5, 1.0, 0.2, 3.0]
+    params = [p for p in model.parameters()]
+    got = l0k.l0_regularizer(model, lams, 0.3, 7)
+    assert got.dtype == torch.float32 and type(got.grad_fn).__name__ == "RegularizerFunctionBackward"
+    g_got = torch.autograd.grad(got * 2.0, params)
+    ref = sum(m.regularizer(lam, 0.3, 7).double() for m, lam in zip(model, lams))
+    g_ref = torch.autograd.grad(ref * 2.0, params)
+    assert float(got) == pytest.approx(float(ref), rel=1e-6)
+    for a, r in zip(g_got, g_ref):
+        assert a.dtype == r.dtype and torch.allclose(a, r, rtol=1e-6, atol=1e-12)
+
+
+def test_model_regularizer_keeps_a_subclass_term():
+    class Doubled(L0Linear):
+        def regularizer(self, lamba, weight_decay=0.0, N=1):
+            return 2 * super().regularizer(lamba, weight_decay, N)
+
+    model = torch.nn.Sequential(L0Linear(5, 4), Doubled(4, 3))
+    got = l0k.l0_regularizer(model, 0.1, 0.2, 3)
+    ref = model[0].regularizer(0.1, 0.2, 3) + 2 * L0Linear.regularizer(model[1], 0.1, 0.2, 3)
     assert float(got) == pytest.approx(float(ref), rel=1e-6)
 
 

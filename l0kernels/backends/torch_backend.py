@@ -82,14 +82,18 @@ def _open_gates(log_alpha: torch.Tensor, seed, cfg: GateConfig, need_grad: bool,
 def _skip_gates(x: torch.Tensor, log_alpha: torch.Tensor, seed, training: bool, noise: str, cfg: GateConfig,
                 group_size: int = 1, macs_per_group: int = 0):
     """:func:`_open_gates` where the call takes the path that skips closed groups (training, one gate
-    vector per call, a CPU tensor, open fraction at most ``_active.DENSE_ABOVE``), else None. Backward
-    draws the same gates again from the seed (``ctx.skip`` records the forward's decision)."""
-    if not (training and noise == "batch" and _active.ENABLED and x.device.type == "cpu") \
+    vector per call, a CPU tensor, :func:`l0kernels._active.skip_closed`), else None. Backward draws the
+    same gates again from the seed (``ctx.skip`` records the forward's decision). A layer too small to
+    skip even with every gate closed decides without drawing the gates."""
+    features = log_alpha.shape[0] * group_size
+    if not (training and noise == "batch" and x.device.type == "cpu" and _active.may_skip(features, macs_per_group)) \
             or torch.compiler.is_compiling():  # the open set's size is data-dependent: no skipping in a trace
         return None
-    z, dz, idx = _open_gates(log_alpha, seed, cfg, False, group_size)
+    z, dz = gates_for(log_alpha, seed, (log_alpha.shape[0],), True, cfg, False, group_size)
     # per feature: a grouped gate's open set lists its features (``macs_per_group`` per feature)
-    return (z, dz, idx) if _active.skip_closed(idx.numel(), z.numel(), macs_per_group) else None
+    if not _active.skip_closed(int(torch.count_nonzero(z)), features, macs_per_group):
+        return None
+    return z, dz, _active.open_index(z)
 
 
 class L0LinearFunction(torch.autograd.Function):
