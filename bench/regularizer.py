@@ -1,6 +1,6 @@
 """The regularizer of LeNet-300-100 (forward+backward of ``l0_regularizer(model, 0.1, 5e-4, N=60000)``) with
-the fused Function (one pass per layer, one autograd node per model; (``l0kernels/_regularizer.py``)) against the same terms written with autograd
-ops (the code it replaced), and against plain weight decay (``0.5 * wd/N * sum ||theta||^2``), interleaved
+the fused Function (``l0kernels/_regularizer.py``: one pass per layer, one autograd node per model) against
+the same terms written with autograd ops (the code it replaced), and against plain weight decay (``0.5 * wd/N * sum ||theta||^2``), interleaved
 medians on the CPU. Usage: ``python bench/regularizer.py [--reps 1000] [--threads N]``."""
 from __future__ import annotations
 
