@@ -370,33 +370,143 @@ def test_triton_device_open_set_matches_host_route():
             assert torch.equal(s.index[count:].cpu(), torch.nonzero(z == 0).reshape(-1))
 
 
-@pytest.mark.interpret
-@pytest.mark.parametrize("density", DENSITIES)
-@pytest.mark.parametrize("group_size", [1, 3])
-def test_triton_conv2d_forward_skips_closed_channels(density, group_size, rel_err):
-    """The Triton convolution's forward over the open channels (device open set) against the torch
-    backend in float64; its backward (cuDNN / aten over every channel) stays exact."""
-    _triton_or_skip()
-    seed = 606 + DENSITIES.index(density) + group_size
+CONV_GEOMS = {"plain": dict(stride=(1, 2), padding=1), "strided": dict(stride=2, padding=(2, 1), dilation=(1, 2))}
+
+
+def _conv_case(density, group_size, seed, channels_last=False, n_gates=9):
+    """Float64 inputs of a small odd convolution (``n_gates * group_size`` output channels: two channel tiles
+    of the interpreter's 16-blocks at group size 2) and the channel gates drawn from ``seed``."""
     gen = torch.Generator().manual_seed(seed)
-    c_out = 6 * group_size
-    x = torch.randn(2, 3, 6, 5, generator=gen, dtype=torch.float64).to(memory_format=torch.channels_last)
+    c_out = n_gates * group_size
+    x = torch.randn(2, 3, 7, 6, generator=gen, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
     w = torch.randn(c_out, 3, 3, 2, generator=gen, dtype=torch.float64)
     b = torch.randn(c_out, generator=gen, dtype=torch.float64)
-    la = _log_alpha(c_out // group_size, density, gen)
-    z = gates_for(la, seed, (la.shape[0],), True, CFG, need_grad=False, group_size=group_size)[0]
+    la = _log_alpha(n_gates, density, gen)
+    z = gates_for(la, seed, (n_gates,), True, CFG, need_grad=False, group_size=group_size)[0]
+    return x, w, la, b, z
 
-    def run(backend, dtype, dev):
-        ts = [t.to(dtype).to(dev).requires_grad_() for t in (x, w, la, b)]
-        y = l0k.l0_conv2d(*ts, stride=(1, 2), padding=1, seed=seed, group_size=group_size, backend=backend)
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        return [t.cpu() for t in (y, *torch.autograd.grad(y, ts, dy.to(dtype).to(dev)))]
 
-    ref = run("torch", torch.float64, "cpu")
+def _conv_run(backend, dtype, dev, x, w, la, b, dy_seed=1, **kw):
+    """``(y, dx, dW, dlog_alpha, db)`` on the CPU; x keeps its memory format."""
+    ts = [t.to(dtype).to(dev).requires_grad_() for t in (x, w, la, b)]
+    y = l0k.l0_conv2d(*ts, backend=backend, **kw)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(dy_seed), dtype=torch.float64)
+    return [t.cpu() for t in (y, *torch.autograd.grad(y, ts, dy.to(dtype).to(dev)))]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("group_size", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("geom", list(CONV_GEOMS))
+def test_triton_conv2d_skips_closed_channels(density, group_size, channels_last, geom, rel_err):
+    """The Triton convolution over the open channels (device open set), forward and backward (implicit-GEMM
+    dgrad/wgrad kernels, no cuDNN), against the torch backend in float64; exact zeros for closed channels."""
+    _triton_or_skip()
+    seed = 606 + DENSITIES.index(density) + group_size
+    x, w, la, b, z = _conv_case(density, group_size, seed, channels_last)
+    kw = dict(seed=seed, group_size=group_size, **CONV_GEOMS[geom])
+    ref = _conv_run("torch", torch.float64, "cpu", x, w, la, b, **kw)
     _active.PATHS.clear()
-    out = run("triton", torch.float32, TDEV)
-    assert _active.PATHS["conv2d", "fwd", "skip"] == 1 and _active.PATHS["conv2d", "bwd", "dense"] == 1
-    for o, r in zip(out, ref):
-        assert rel_err(o, r) <= 1e-5
+    out = _conv_run("triton", torch.float32, TDEV, x, w, la, b, **kw)
+    assert _active.PATHS["conv2d", "fwd", "skip"] == 1 and _active.PATHS["conv2d", "bwd", "skip"] == 1
+    assert not any(key[2] == "dense" for key in _active.PATHS)
+    for name, o, r in zip(("y", "dx", "dW", "dlog_alpha", "db"), out, ref):
+        assert rel_err(o, r) <= 1e-5, name
+    y, dx, dw, dla, db = out
     closed = z == 0
-    assert out[0][:, closed].eq(0).all() and out[2][closed].eq(0).all() and out[4][closed].eq(0).all()
+    assert y[:, closed].eq(0).all() and dw[closed].eq(0).all() and db[closed].eq(0).all()
+    assert dla.repeat_interleave(group_size)[closed].eq(0).all()
+    if closed.all():
+        assert dx.eq(0).all()
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_triton_conv2d_closed_channels_are_never_read(group_size, rel_err):
+    """The skipping backward never loads a closed channel's weights, bias or ``dY``: with inf/NaN there, the
+    output, ``dX`` and the open channels' gradients equal the reference on finite data, and the closed
+    channels' gradients are exact zeros (the dense formula gives ``0 * inf = NaN``)."""
+    _triton_or_skip()
+    seed = 31 + group_size
+    x, w, la, b, z = _conv_case("half", group_size, seed)
+    closed = z == 0
+    assert closed.any() and not closed.all()
+    kw = dict(seed=seed, group_size=group_size, padding=1)
+    ref = _conv_run("torch", torch.float64, "cpu", x, w, la, b, **kw)
+    w_bad, b_bad = w.clone(), b.clone()
+    w_bad[closed] = float("inf")
+    w_bad[closed.nonzero()[0], 0, 0, 0] = float("nan")
+    b_bad[closed] = float("nan")
+    ts = [t.float().to(TDEV).requires_grad_() for t in (x, w_bad, la, b_bad)]
+    y = l0k.l0_conv2d(*ts, backend="triton", **kw)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    dy[:, closed] = float("nan")
+    grads = torch.autograd.grad(y, ts, dy.float().to(TDEV))
+    out = [t.cpu() for t in (y, *grads)]
+    for name, o, r in zip(("y", "dx", "dW", "dlog_alpha", "db"), out, ref):
+        assert torch.isfinite(o).all(), name
+        assert rel_err(o, r) <= 1e-5, name
+    assert out[2][closed].eq(0).all() and out[4][closed].eq(0).all()
+    assert out[3].repeat_interleave(group_size)[closed].eq(0).all()
+
+
+@pytest.mark.interpret
+def test_triton_conv2d_skip_switch_and_dense_calls(monkeypatch, rel_err):
+    """``_active.ENABLED`` off (``L0K_SKIP_CLOSED=0``): forward and backward count "dense" (cuDNN's backward)
+    and agree with the skipping path; per-example noise, eval and ``groups > 1`` never take the skipping
+    backward (only batch-noise training counts a path)."""
+    _triton_or_skip()
+    x, w, la, b, z = _conv_case("half", 1, 8, channels_last=True)
+    kw = dict(seed=8, stride=2, padding=1)
+    _active.PATHS.clear()
+    skip = _conv_run("triton", torch.float32, TDEV, x, w, la, b, **kw)
+    assert _active.PATHS["conv2d", "bwd", "skip"] == 1
+    monkeypatch.setattr(_active, "ENABLED", False)
+    _active.PATHS.clear()
+    dense = _conv_run("triton", torch.float32, TDEV, x, w, la, b, **kw)
+    assert dict(_active.PATHS) == {("conv2d", "fwd", "dense"): 1, ("conv2d", "bwd", "dense"): 1}
+    for o, r in zip(skip, dense):
+        assert rel_err(o, r) <= 1e-5
+    monkeypatch.setattr(_active, "ENABLED", True)
+    _active.PATHS.clear()
+    _conv_run("triton", torch.float32, TDEV, x, w, la, b, noise="sample", **kw)
+    _conv_run("triton", torch.float32, TDEV, x, w, la, b, training=False, **kw)
+    assert not _active.PATHS
+    xg = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    wg = torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    _conv_run("triton", torch.float32, TDEV, xg, wg, la[:6], b[:6], seed=8, groups=2)
+    assert dict(_active.PATHS) == {("conv2d", "fwd", "dense"): 1, ("conv2d", "bwd", "dense"): 1}
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("weight_layout", ["channels_last", "sliced"])
+def test_triton_conv2d_skip_weight_layouts_expanded_dy(weight_layout, rel_err):
+    """The skipping backward with a channels_last or non-contiguous weight, a non-contiguous ``x`` and the
+    stride-0 ``dY`` of ``y.sum()``."""
+    _triton_or_skip()
+    x, w, la, b, z = _conv_case("half", 1, 21)
+    kw = dict(seed=21, padding=(0, 1), dilation=2)
+
+    def every_other(t, dim):  # a non-contiguous view of t (its leaf keeps the strides)
+        return torch.cat([t, t], dim).narrow(dim, 0, 2 * t.shape[dim])[(slice(None),) * dim + (slice(None, None, 2),)]
+
+    def run(backend, dtype):
+        ts = [t.to(dtype).to(TDEV if backend == "triton" else "cpu") for t in (x, w, la, b)]
+        ts[0] = every_other(ts[0], 3)
+        ts[1] = ts[1].to(memory_format=torch.channels_last) if weight_layout == "channels_last" \
+            else every_other(ts[1], 1)
+        ts = [t.detach().requires_grad_() for t in ts]
+        assert not ts[0].is_contiguous() and not ts[1].is_contiguous()
+        y = l0k.l0_conv2d(*ts, backend=backend, **kw)
+        return [t.cpu() for t in (y, *torch.autograd.grad(y.sum(), ts))]
+
+    ref = run("torch", torch.float64)
+    _active.PATHS.clear()
+    out = run("triton", torch.float32)
+    assert _active.PATHS["conv2d", "bwd", "skip"] == 1
+    for name, o, r in zip(("y", "dx", "dW", "dlog_alpha", "db"), out, ref):
+        assert rel_err(o, r) <= 1e-5, name
+    assert out[2][z == 0].eq(0).all()
