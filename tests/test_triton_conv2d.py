@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 import l0kernels as l0k  # noqa: E402
+from l0kernels import _active  # noqa: E402
 
 from conftest import TOL  # noqa: E402
 
@@ -92,6 +93,20 @@ def test_conv2d_matches_torch_float64(geom, noise, training, channels_last):
 def test_conv2d_half_precision(dtype, noise):
     x, w, la, b, kw = make("strided", dtype, True)
     check(*run_both(x, w, la, b, seed=SEED, noise=noise, **kw), TOL[dtype])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_conv2d_half_precision_skipping_backward(dtype, channels_last):
+    """Batch-noise training with groups == 1 runs forward and backward over the open channels only (the
+    implicit-GEMM dgrad/wgrad kernels); in half precision against float64, closed channels exactly zero."""
+    x, w, la, b, kw = make("plain", dtype, channels_last)
+    la[0], la[1] = 10.0, -30.0  # one channel open, one closed in every draw
+    _active.PATHS.clear()
+    y, yr, ps, qs = run_both(x, w, la, b, seed=SEED, noise="batch", **kw)
+    assert _active.PATHS["conv2d", "bwd", "skip"] == 1
+    check(y, yr, ps, qs, TOL[dtype])
+    assert y[:, 1].eq(0).all() and ps[1].grad[1].eq(0).all() and ps[2].grad[1] == 0 and ps[3].grad[1] == 0
 
 
 @pytest.mark.parametrize("noise", ["batch", "sample"])
@@ -181,10 +196,21 @@ for sample, epi, gs, open_ in ((True, 1, 1, False), (False, 0, 1, False), (True,
     aot(C._conv_fwd_kernel, f32, dict(GATE=2, SAMPLE=sample, TRAINING=True, GSIZE=gs, HAS_BIAS=True, EPILOGUE=epi,
                                       DOT_F32=False, PRECISION="ieee", OPEN=open_, **blocks), "*bf16")
 for gs in (1, 4):
-    aot(C._gate_dy_kernel, f32, dict(SAMPLE=True, TRAINING=True, GSIZE=gs, STORE=True, BLOCK_M=64, BLOCK_C=32),
-        "*bf16")
+    aot(C._gate_dy_kernel, f32, dict(SAMPLE=True, TRAINING=True, GSIZE=gs, STORE=True, OPEN=False, BLOCK_M=64,
+                                     BLOCK_C=32), "*bf16")
     aot(C._wgrad_epilogue_kernel, f32, dict(TRAINING=False, GSIZE=gs, HAS_BIAS=True, STORE_DW=True, NEED_DLA=True,
-                                            BLOCK_C=32, BLOCK_K=128), "*bf16")
+                                            OPEN=False, BLOCK_C=32, BLOCK_K=128), "*bf16")
+    # the skipping backward (device open set): its gate kernels, on cuDNN-free float32 P
+    aot(C._gate_dy_kernel, f32, dict(SAMPLE=False, TRAINING=True, GSIZE=gs, STORE=True, OPEN=True, BLOCK_M=64,
+                                     BLOCK_C=32), "*bf16")
+    aot(C._wgrad_epilogue_kernel, dict(f32, p_ptr="*fp32"), dict(TRAINING=True, GSIZE=gs, HAS_BIAS=True,
+                                                                 STORE_DW=True, NEED_DLA=True, OPEN=True, BLOCK_C=32,
+                                                                 BLOCK_K=128), "*bf16")
+for dt, dotf32, prec in (("*bf16", False, "ieee"), ("*fp16", False, "ieee"), ("*fp32", True, "tf32"),
+                         ("*fp32", True, "ieee")):
+    flags = dict(DOT_F32=dotf32, PRECISION=prec, **blocks)
+    aot(C._conv_dgrad_kernel, f32, flags, dt)
+    aot(C._conv_wgrad_kernel, dict(f32, p_ptr="*fp32"), flags, dt)
 print("compiled")
 '''
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
