@@ -1,8 +1,8 @@
 // The one PyTorch-facing file of the CUDA extension l0kernels._C: argument checks, current stream,
 // launchers of csrc/*.cu, cuBLAS (at::mm / at::addmm) and cuDNN (at::convolution /
 // at::convolution_backward) for the GEMMs and convolutions, and the op registrations
-// torch.ops.l0kernels.{uniform, gates, linear_fwd, linear_fwd_fused, sparse_linear, linear_bwd, conv2d_fwd,
-// conv2d_bwd} (CUDA impls here;
+// torch.ops.l0kernels.{uniform, gates, linear_fwd, linear_fwd_fused, sparse_linear, linear_bwd, linear_open_fwd,
+// linear_open_bwd, conv2d_fwd, conv2d_bwd} (CUDA impls here;
 // fake impls for torch.compile in l0kernels/backends/cuda.py).
 #include <Python.h>
 
@@ -536,6 +536,221 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad, const 
   return {fill(dx), fill(dw), fill(dla), fill(db)};
 }
 
+// -- Training over the open set (issue 13) ------------------------------------------------------------------
+// Batch-noise input / output gates: the GEMMs of forward and backward run over the open features only,
+// gathered through the open set of l0kernels/_active.py (`index`: (F,) int64, the open features first;
+// `count`: a 0-d int64 tensor), which the kernels read on the device: no host sync, fixed shapes, so a
+// CUDA graph captures the step. Closed features get exact zeros and their data is never read.
+
+// One launch of the tensor-core GEMM with csrc/l0_gemm.cuh's open-set fields.
+struct OpenGemm {
+  const Tensor& x;  // the A operand's storage: (M, K) K-major, or (K, M) with x_mn
+  const Tensor& w;  // the B operand's storage: (N, K) K-major, or (K, N) with w_mn
+  int64_t M, N, K;
+  bool x_mn = false, w_mn = false, y_trans = false;
+  Tensor x_cols = Tensor(), y_cols = Tensor(), w_rows = Tensor(), w_cols = Tensor(), k_count = Tensor(),
+         n_count = Tensor();
+};
+
+template <typename T>
+void run_open_gemm(const OpenGemm& g, const Tensor& la, const Tensor& bias, const Tensor& y, const int64_t* seed,
+                   int mode, const l0k::GateConfig& cfg, int64_t group) {
+  l0k::GatedGemmParams<T> p{ptr<T>(g.x), g.x.stride(0), ptr<T>(g.w), g.w.stride(0), ptr<T>(la), ptr<T>(bias),
+                            ptr<T>(y), y.stride(0), ptr<const int64_t>(g.x_cols), ptr<const int64_t>(g.y_cols),
+                            g.M, g.N, g.K, seed, mode, false, true,
+                            l0k::gemm::vec_loads_ok(g.x.data_ptr(), g.x.stride(0)), cfg};
+  p.vec_w = l0k::gemm::vec_loads_ok(g.w.data_ptr(), g.w.stride(0));
+  p.group = group;
+  p.w_rows = ptr<const int64_t>(g.w_rows);
+  p.w_cols = ptr<const int64_t>(g.w_cols);
+  p.k_count = ptr<const int64_t>(g.k_count);
+  p.n_count = ptr<const int64_t>(g.n_count);
+  p.x_mn = g.x_mn;
+  p.w_mn = g.w_mn;
+  p.y_trans = g.y_trans;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  std::pair<Tensor, Tensor> ws;  // held until the kernel is queued
+  if (p.M > 0 && p.N > 0) {
+    // split on the full sizes (the open count stays on the device; splits past it find no k-tiles)
+    const int splits = l0k::gemm::choose_splits(p.M, p.N, p.K, sm_count(g.x.device()));
+    if (splits > 1 && !capturing(stream)) {
+      ws = split_workspace(g.x, p.M * p.N, l0k::gemm::grid_cols(p.N) * l0k::gemm::grid_rows(p.M), stream);
+      p.ws = ws.first.data_ptr<float>();
+      p.ws_count = ws.second.data_ptr<int>();
+      p.splits = splits;
+    }
+  }
+  check_launch(l0k::launch_gated_gemm<T>(p, stream), "open-set GEMM");
+}
+
+// float32 (F,): sum over i < L of a[idx[j] * so + i * si] * b[idx[j] * so + i * si] for j < count, else 0
+// (a and b contiguous with the same layout).
+Tensor gathered_dot(const Tensor& a, const Tensor& b, int64_t so, int64_t si, int64_t L, const Tensor& idx,
+                    const Tensor& count) {
+  const int64_t F = idx.numel();
+  Tensor out = at::empty({F}, a.options().dtype(at::kFloat));
+  dispatch_type(a.scalar_type(), "weight", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    check_launch(l0k::launch_gathered_dot<T>(ptr<T>(a), so, si, ptr<T>(b), so, si, idx.data_ptr<int64_t>(),
+                                             count.data_ptr<int64_t>(), F, L, ptr<float>(out),
+                                             c10::cuda::getCurrentCUDAStream()),
+                 "gathered dot");
+  });
+  return out;
+}
+
+// The checked arguments of the open-set ops, beyond linear_args.
+void check_open(const Tensor& x, const LinearArgs& a, const Tensor& index, const Tensor& count, const char* op) {
+  TORCH_CHECK_VALUE(a.mode == 0 || a.mode == 1, "l0kernels CUDA: ", op, " takes gate 'in' or 'out'");
+  const int64_t feats = a.mode == 0 ? a.k : a.n;
+  TORCH_CHECK_VALUE(index.is_cuda() && index.device() == x.device() && index.scalar_type() == at::kLong &&
+                        index.dim() == 1 && index.size(0) == feats && index.is_contiguous(),
+                    "l0kernels CUDA: ", op, ": index must be a contiguous int64 (", feats, ",) tensor on ", x.device(),
+                    ", got ", index.scalar_type(), " ", index.sizes(), " on ", index.device());
+  TORCH_CHECK_VALUE(count.is_cuda() && count.device() == x.device() && count.scalar_type() == at::kLong &&
+                        count.dim() == 0,
+                    "l0kernels CUDA: ", op, ": count must be a 0-d int64 tensor on ", x.device());
+  const at::ScalarType st = x.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16, "l0kernels CUDA: ", op,
+                   " runs float16 and bfloat16 (the tensor-core GEMM), got ", st);
+  TORCH_CHECK_VALUE(cc_major(x.device()) >= 8, "l0kernels CUDA: ", op, " needs compute capability 8.0+");
+}
+
+Tensor unit_cols(const Tensor& t) { return t.stride(-1) == 1 && t.size(-1) > 0 ? t : t.contiguous(); }
+
+// Forward: input gates y = (x[:, o] * z[o]) @ W[:, o]^T + b (the reduction over the open count); output
+// gates y[:, o] = (x @ W[o]^T + b[o]) * z[o], y[:, closed] = 0.
+Tensor linear_open_fwd(const Tensor& x, const Tensor& weight, const Tensor& log_alpha,
+                       const std::optional<Tensor>& bias_in, const Tensor& seed_t, const Tensor& index,
+                       const Tensor& count, std::string gate, at::ArrayRef<double> cfg_v, int64_t group_size) {
+  const LinearArgs a = linear_args(x, weight, log_alpha, bias_in, gate, false, true, cfg_v, group_size);
+  const int64_t* seed = seed_ptr(seed_t, x, true);
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_open(x, a, index, count, "linear_open_fwd");
+  TORCH_CHECK_VALUE(l0k::gemm::grid_rows(a.m) <= 65535, "l0kernels CUDA: linear_open_fwd takes at most ",
+                    65535 * static_cast<int64_t>(l0k::gemm::kBM), " rows of x, got ", a.m);
+  const Tensor x2 = unit_cols(a.x2), w = unit_cols(weight), la = log_alpha.contiguous();
+  const Tensor bias = a.bias.defined() ? a.bias.contiguous() : Tensor();
+  Tensor y = at::empty({a.m, a.n}, x.options());
+  OpenGemm g{x2, w, a.m, a.n, a.k};
+  if (a.mode == 0) {
+    g.x_cols = index;
+    g.w_cols = index;
+    g.k_count = count;
+  } else {
+    g.w_rows = index;
+    g.y_cols = index;
+    g.n_count = count;
+  }
+  dispatch_type(x.scalar_type(), "x", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    run_open_gemm<T>(g, la, bias, y, seed, a.mode, a.cfg, a.group);
+  });
+  return y.view(linear_out_shape(x, a.n));
+}
+
+// Backward over the open set (gates drawn again from the seed). Input gates: dX[:, o] = (dY W[:, o]) z[o],
+// dW[:, o] = dY^T (x[:, o] z[o]), dla[o] = (dz / z)[o] sum_n W[n, o] dW[n, o], db = colsum(dY); output gates:
+// dX = (dY[:, o] z[o]) W[o], dW[o] = z[o] (dY[:, o])^T x (computed as dW^T), db = colsum(dY) z,
+// dla[o] = dz[o] (sum_k W[o, k] dW[o, k] / z[o] + b[o] colsum[o]). Closed features: zeros.
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_open_bwd(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                                           const Tensor& log_alpha,
+                                                           const std::optional<Tensor>& bias_in, const Tensor& seed_t,
+                                                           const Tensor& index, const Tensor& count, std::string gate,
+                                                           at::ArrayRef<double> cfg_v, std::array<bool, 4> mask,
+                                                           int64_t group_size) {
+  const LinearArgs a = linear_args(x, weight, log_alpha, bias_in, gate, false, true, cfg_v, group_size);
+  const int64_t* seed = seed_ptr(seed_t, x, true);
+  check_tensor(grad, "grad", x, -1);
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_open(x, a, index, count, "linear_open_bwd");
+  const int64_t m = a.m, n = a.n, k = a.k;
+  TORCH_CHECK_VALUE(grad.numel() == m * n, "l0kernels CUDA: grad must have ", m * n, " elements (x rows x ", n,
+                    "), got shape ", grad.sizes());
+  const Tensor dy = grad.reshape({m, n}).contiguous(), x2 = a.x2.contiguous(), w = weight.contiguous();
+  const Tensor la = log_alpha.contiguous();
+  const bool need_x = mask[0], need_w = mask[1], need_la = mask[2], need_b = mask[3] && a.bias.defined();
+  Tensor z, dz;
+  if (need_la || (a.mode == 1 && need_b)) std::tie(z, dz) = feature_gates(log_alpha, 1, seed, true, a.cfg, need_la, a.group);
+  Tensor dx, dw, dla, db;
+  auto gemm = [&](const OpenGemm& g, const Tensor& y, int mode) {
+    dispatch_type(x.scalar_type(), "x", [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      run_open_gemm<T>(g, la, Tensor(), y, seed, mode, a.cfg, a.group);
+    });
+  };
+  // the open features' dot products of W and dW (columns for input gates, rows for output gates), and
+  // dlog_alpha scattered from the open positions j < count (closed: 0)
+  auto open_dla = [&](const Tensor& dot_over_z_plus) {
+    const Tensor j = at::arange(index.numel(), index.options());
+    const Tensor dzo = dz.index_select(0, index);
+    const Tensor vals = at::where(j < count, dzo * dot_over_z_plus, at::zeros({}, dzo.options()));
+    return at::zeros_like(dz).scatter_(0, index, vals);
+  };
+  if (a.mode == 0) {
+    if (need_x) {
+      dx = at::empty({m, k}, x.options());
+      OpenGemm g{dy, w, m, k, n};
+      g.w_mn = true;
+      g.w_rows = index;
+      g.y_cols = index;
+      g.n_count = count;
+      gemm(g, dx, l0k::kGateOut);
+    }
+    if (need_w || need_la) {
+      dw = at::empty({n, k}, x.options());
+      OpenGemm g{dy, x2, n, k, m};
+      g.x_mn = true;
+      g.w_mn = true;
+      g.w_rows = index;
+      g.y_cols = index;
+      g.n_count = count;
+      gemm(g, dw, l0k::kGateOut);
+    }
+    if (need_la) {
+      const Tensor dot = gathered_dot(w, dw, 1, k, n, index, count);
+      const Tensor zo = z.index_select(0, index);
+      dla = open_dla(dot / at::where(zo > 0, zo, at::ones({}, zo.options())));
+    }
+    if (need_b) db = col_sum(dy, Tensor(), Tensor(), 0, 1).to(a.bias.scalar_type());
+  } else {
+    if (need_x) {
+      dx = at::empty({m, k}, x.options());
+      OpenGemm g{dy, w, m, k, n};
+      g.x_cols = index;
+      g.w_cols = index;
+      g.k_count = count;
+      g.w_mn = true;
+      gemm(g, dx, l0k::kGateIn);
+    }
+    if (need_w || need_la) {
+      dw = at::empty({n, k}, x.options());
+      OpenGemm g{x2, dy, k, n, m};
+      g.x_mn = true;
+      g.w_mn = true;
+      g.y_trans = true;
+      g.w_rows = index;
+      g.y_cols = index;
+      g.n_count = count;
+      gemm(g, dw, l0k::kGateOut);
+    }
+    const Tensor colsum = (need_b || need_la) ? col_sum(dy, Tensor(), Tensor(), 0, 1) : Tensor();
+    if (need_b) db = (colsum * z).to(a.bias.scalar_type());
+    if (need_la) {
+      const Tensor dot = gathered_dot(w, dw, k, 1, k, index, count);
+      const Tensor zo = z.index_select(0, index);
+      Tensor hdy = dot / at::where(zo > 0, zo, at::ones({}, zo.options()));
+      if (a.bias.defined()) hdy = hdy + (a.bias.to(at::kFloat) * colsum).index_select(0, index);
+      dla = open_dla(hdy);
+    }
+  }
+  if (dla.defined()) dla = per_gate(dla, a.group).to(log_alpha.scalar_type());
+  if (dx.defined()) dx = dx.reshape(x.sizes());
+  if (!need_w) dw = Tensor();
+  auto fill = [&](const Tensor& t) { return t.defined() ? t : empty_result(x); };
+  return {fill(dx), fill(dw), fill(dla), fill(db)};
+}
+
 // Layout of a 4-D tensor for the channel kernels; copies it to x's suggested format if it is neither
 // NCHW- nor NHWC-contiguous.
 Tensor channel_layout(const Tensor& t, const Tensor& x, bool* channels_last) {
@@ -715,6 +930,11 @@ TORCH_LIBRARY(l0kernels, m) {
         "Tensor? fill, int out_features) -> Tensor");
   m.def("linear_bwd(Tensor grad, Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, Tensor? seed, str gate, "
         "bool sample, bool training, float[] cfg, bool[4] mask, int group_size=1) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_open_fwd(Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, Tensor seed, Tensor index, "
+        "Tensor count, str gate, float[] cfg, int group_size=1) -> Tensor");
+  m.def("linear_open_bwd(Tensor grad, Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, Tensor seed, "
+        "Tensor index, Tensor count, str gate, float[] cfg, bool[4] mask, int group_size=1) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
   m.def("conv2d_fwd(Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int[] stride, int[] padding, "
         "int[] dilation, int groups, Tensor? seed, bool sample, bool training, float[] cfg, int group_size=1) -> Tensor");
   m.def("conv2d_bwd(Tensor grad, Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int[] stride, "
@@ -729,6 +949,8 @@ TORCH_LIBRARY_IMPL(l0kernels, CUDA, m) {
   m.impl("linear_fwd_fused", &linear_fwd_fused);
   m.impl("sparse_linear", &sparse_linear);
   m.impl("linear_bwd", &linear_bwd);
+  m.impl("linear_open_fwd", &linear_open_fwd);
+  m.impl("linear_open_bwd", &linear_open_bwd);
   m.impl("conv2d_fwd", &conv2d_fwd);
   m.impl("conv2d_bwd", &conv2d_bwd);
 }

@@ -26,7 +26,7 @@ cudaError_t launch_gemv_rows(const GatedGemmParams<T>& p, cudaStream_t stream) {
 template <typename T>
 cudaError_t launch_gated_gemm(const GatedGemmParams<T>& p, cudaStream_t stream) {
   if (p.M <= 0 || (p.N <= 0 && p.n_idle <= 0)) return cudaSuccess;
-  if (p.M <= gemv::kMaxRows) {
+  if (p.M <= gemv::kMaxRows && !gemm::uses_open_set(p)) {
     if (gemv::grid_cols(p.N) + gemv::grid_idle_cols(p.n_idle) > 0x7fffffff || p.splits < 1 ||
         p.splits > gemv::kMaxSplits || (p.splits > 1 && (p.ws == nullptr || p.ws_count == nullptr))) {
       return cudaErrorInvalidConfiguration;

@@ -81,6 +81,21 @@ struct GatedGemmParams {
   // Grouped gates ("in" / "out"): `group` consecutive features share gate f / group; log_alpha then has
   // K / group or N / group entries and the noise tensor is over the gates (feature_gate).
   int64_t group = 1;
+  // Training over the open set (batch gates, l0kernels/_active.py): the GEMM runs over gathered
+  // features whose number it reads from device memory, so no size reaches the host (no sync, CUDA
+  // graphs). Index maps: GEMM row n of the B operand is row w_rows[n] of w (and feature w_rows[n]:
+  // its output gate and bias), reduction index k reads w column (K-major) / row (MN-major) w_cols[k]
+  // and x column / row x_cols[k] (whose input gate it takes).
+  const int64_t* w_rows = nullptr;
+  const int64_t* w_cols = nullptr;
+  const int64_t* k_count = nullptr;  // device: the reduction runs over k < min(K, *k_count)
+  const int64_t* n_count = nullptr;  // device: GEMM columns n >= min(N, *n_count) are written as zeros, not computed
+  // Operand layouts: K-major (default) reads element (row, k) at ptr[row * ld + k]; MN-major at
+  // ptr[k * ld + row] (x: (K, M) storage, e.g. dY^T; w: (K, N) storage, e.g. W^T). y_trans writes output
+  // (m, n) at y[n' * ldy + m] (n' = y_cols[n] or n) instead of y[m * ldy + n'].
+  bool x_mn = false;
+  bool w_mn = false;
+  bool y_trans = false;
 };
 
 namespace gemm {
@@ -136,6 +151,14 @@ inline bool vec_loads_ok(const void* p, int64_t ld) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % kChunkK == 0;
 }
 
+// Whether a call uses the open-set fields (index maps, device counts, MN-major operands, y_trans):
+// only the tensor-core kernel reads them, so the launcher never sends such a call to the GEMV.
+template <typename T>
+inline bool uses_open_set(const GatedGemmParams<T>& p) {
+  return p.w_rows != nullptr || p.w_cols != nullptr || p.k_count != nullptr || p.n_count != nullptr || p.x_mn ||
+         p.w_mn || p.y_trans;
+}
+
 // Eight consecutive elements, one 16-byte access.
 template <typename T>
 struct alignas(16) Pack8 {
@@ -157,6 +180,46 @@ L0K_UNROLL
     out.v[j] = in ? p[row * ld + (cols != nullptr ? cols[k + j] : k + j)] : from_float<T>(0.0f);
   }
   return out;
+}
+
+// Element (row, k) of a K-major or MN-major operand with optional row / k index maps (see
+// GatedGemmParams), zero outside [0, rows) x [0, K). Eight of them per chunk: along k (K-major, the
+// chunk of load_chunk) or along rows (MN-major: rows r .. r + 7 of column k, one 16-byte access where
+// contiguous).
+template <typename T>
+L0K_DEV Pack8<T> load_chunk_mn(const T* p, int64_t ld, int64_t r, int64_t rows, int64_t k, int64_t K, bool vec,
+                               const int64_t* row_map, const int64_t* k_map) {
+  Pack8<T> out;
+  if (k < K) {
+    const int64_t kk = k_map != nullptr ? k_map[k] : k;
+    if (vec && row_map == nullptr && r + kChunkK <= rows) {
+      return *reinterpret_cast<const Pack8<T>*>(p + kk * ld + r);
+    }
+L0K_UNROLL
+    for (int j = 0; j < kChunkK; ++j) {
+      const int64_t row = r + j;
+      out.v[j] = row < rows ? p[kk * ld + (row_map != nullptr ? row_map[row] : row)] : from_float<T>(0.0f);
+    }
+    return out;
+  }
+L0K_UNROLL
+  for (int j = 0; j < kChunkK; ++j) out.v[j] = from_float<T>(0.0f);
+  return out;
+}
+
+// The same along k (K-major) with a row index map (the B operand's w_rows).
+template <typename T>
+L0K_DEV Pack8<T> load_chunk_rows(const T* p, int64_t ld, int64_t row, int64_t rows, int64_t k, int64_t K, bool vec,
+                                 const int64_t* row_map, const int64_t* k_map) {
+  if (row_map == nullptr || row >= rows) return load_chunk(p, ld, row, rows, k, K, vec, k_map);
+  return load_chunk(p + row_map[row] * ld, ld, 0, 1, k, K, vec, k_map);
+}
+
+// Output (m, n) of the GEMM: its address in y (scatter y_cols, layout y_trans).
+template <typename T>
+L0K_DEV int64_t y_offset(const GatedGemmParams<T>& p, int64_t m, int64_t n) {
+  const int64_t col = p.y_cols != nullptr ? p.y_cols[n] : n;
+  return p.y_trans ? col * p.ldy + m : m * p.ldy + col;
 }
 
 // Idle outputs idle_cols[c0, c0 + cols) of rows [r0, r0 + rows) (clipped to n_idle and M): the fill
@@ -191,6 +254,13 @@ L0K_DEV float feature_gate(const GatedGemmParams<T>& p, int64_t f, int64_t row) 
   return gate_value(p, g, row * (features / p.group) + g);
 }
 
+// The input gate of reduction index k (feature x_cols[k]) and the output gate / bias index of GEMM
+// column n (feature w_rows[n]).
+template <typename T>
+L0K_DEV int64_t k_feature(const GatedGemmParams<T>& p, int64_t k) { return p.x_cols != nullptr ? p.x_cols[k] : k; }
+template <typename T>
+L0K_DEV int64_t n_feature(const GatedGemmParams<T>& p, int64_t n) { return p.w_rows != nullptr ? p.w_rows[n] : n; }
+
 }  // namespace gemm
 
 // The kernel: nvcc, or host C++ under csrc/tests/cuda_emu.h (which defines L0K_CUDA_EMU). Plain host
@@ -217,50 +287,90 @@ __global__ void __launch_bounds__(gemm::kThreads) gated_gemm_kernel(const GatedG
   T* const b_smem = a_smem + 2 * kTileElems;     // [stage][kBN][kLds]
   const int wm = warp / kWarpsN, wn = warp % kWarpsN;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, n0 = static_cast<int64_t>(blockIdx.x) * kBN;
+  // the open set's sizes, read on the device (training over open features), else the full ones
+  const int64_t n_eff = p.n_count != nullptr ? (*p.n_count < 0 ? 0 : (*p.n_count < p.N ? *p.n_count : p.N)) : p.N;
+  const int64_t k_eff = p.k_count != nullptr ? (*p.k_count < 0 ? 0 : (*p.k_count < p.K ? *p.k_count : p.K)) : p.K;
+  if (n0 >= n_eff) {  // a tile of closed features: zeros, written by split 0, nothing read
+    if (blockIdx.z == 0) {
+      const int64_t nc = p.N - n0 < kBN ? p.N - n0 : kBN, nr = p.M - m0 < kBM ? p.M - m0 : kBM;
+      for (int64_t i = tid; i < nc * nr; i += gemm::kThreads) {
+        p.y[y_offset(p, m0 + i / nc, n0 + i % nc)] = from_float<T>(0.0f);
+      }
+    }
+    return;
+  }
   // this block's k-tiles [t_begin, t_end): all of them, or its split's share (grid.z)
-  const int ktiles = static_cast<int>((p.K + kBK - 1) / kBK);
-  const int span = p.splits > 1 ? split_tiles(p.K, p.splits) : ktiles;
+  const int ktiles = static_cast<int>((k_eff + kBK - 1) / kBK);
+  const int span = p.splits > 1 ? split_tiles(k_eff, p.splits) : ktiles;
   const int t_begin = static_cast<int>(blockIdx.z) * span;
   const int t_end = t_begin + span < ktiles ? t_begin + span : ktiles;
   const bool tile_gates = p.mode == kGateIn && !p.per_row;
 
   if (p.mode == kGateOut && !p.per_row && tid < kBN) {
     const int64_t n = n0 + tid;
-    z_n[tid] = n < p.N ? feature_gate(p, n, 0) : 0.0f;
+    z_n[tid] = n < n_eff ? feature_gate(p, n_feature(p, n), 0) : 0.0f;
   }
   auto draw_k_gates = [&](int t) {  // into slot t % 2; read when tile t is stored
     if (tid < kBK) {
       const int64_t k = static_cast<int64_t>(t) * kBK + tid;
-      z_k[t & 1][tid] = k < p.K ? feature_gate(p, k, 0) : 0.0f;
+      z_k[t & 1][tid] = k < k_eff ? feature_gate(p, k_feature(p, k), 0) : 0.0f;
     }
   };
 
+  // A chunk of 8 elements: K-major operands take row id / kChunksPerRow, columns kc .. kc + 7 of the
+  // tile; MN-major ones column id / kMnChunks, rows rc .. rc + 7 (consecutive threads, consecutive rows)
+  constexpr int kMnChunks = kBM / kChunkK;
+  static_assert(kBM == kBN, "the MN-major chunk mapping assumes square block tiles");
   Pack8<T> ra[kChunksA], rb[kChunksB];
   auto load_tile = [&](int t) {  // global -> registers
     const int64_t k0 = static_cast<int64_t>(t) * kBK;
 L0K_UNROLL
     for (int c = 0; c < kChunksA; ++c) {
-      const int id = tid + c * gemm::kThreads, r = id / kChunksPerRow, kc = (id % kChunksPerRow) * kChunkK;
-      ra[c] = load_chunk(p.x, p.ldx, m0 + r, p.M, k0 + kc, p.K, p.vec_x, p.x_cols);
+      const int id = tid + c * gemm::kThreads;
+      if (p.x_mn) {
+        ra[c] = load_chunk_mn(p.x, p.ldx, m0 + (id % kMnChunks) * kChunkK, p.M, k0 + id / kMnChunks, k_eff, p.vec_x,
+                              static_cast<const int64_t*>(nullptr), p.x_cols);
+      } else {
+        ra[c] = load_chunk(p.x, p.ldx, m0 + id / kChunksPerRow, p.M, k0 + (id % kChunksPerRow) * kChunkK, k_eff,
+                           p.vec_x, p.x_cols);
+      }
     }
 L0K_UNROLL
     for (int c = 0; c < kChunksB; ++c) {
-      const int id = tid + c * gemm::kThreads, r = id / kChunksPerRow, kc = (id % kChunksPerRow) * kChunkK;
-      rb[c] = load_chunk(p.w, p.ldw, n0 + r, p.N, k0 + kc, p.K, p.vec_w, static_cast<const int64_t*>(nullptr));
+      const int id = tid + c * gemm::kThreads;
+      if (p.w_mn) {
+        rb[c] = load_chunk_mn(p.w, p.ldw, n0 + (id % kMnChunks) * kChunkK, n_eff, k0 + id / kMnChunks, k_eff, p.vec_w,
+                              p.w_rows, p.w_cols);
+      } else {
+        rb[c] = load_chunk_rows(p.w, p.ldw, n0 + id / kChunksPerRow, n_eff, k0 + (id % kChunksPerRow) * kChunkK, k_eff,
+                                p.vec_w, p.w_rows, p.w_cols);
+      }
     }
   };
   auto store_tile = [&](int t, int stage) {  // registers -> gate -> shared
     const int64_t k0 = static_cast<int64_t>(t) * kBK;
 L0K_UNROLL
     for (int c = 0; c < kChunksA; ++c) {
-      const int id = tid + c * gemm::kThreads, r = id / kChunksPerRow, kc = (id % kChunksPerRow) * kChunkK;
+      const int id = tid + c * gemm::kThreads;
       Pack8<T> a = ra[c];
+      if (p.x_mn) {  // rows rc .. rc + 7 of column kq (batch input gates only: the host never pairs x_mn with
+                     // per-example gates)
+        const int kq = id / kMnChunks, rc = (id % kMnChunks) * kChunkK;
+        const float z = p.mode == kGateIn ? z_k[t & 1][kq] : 1.0f;
+L0K_UNROLL
+        for (int j = 0; j < kChunkK; ++j) {
+          a_smem[stage * kTileElems + (rc + j) * kLds + kq] =
+              p.mode == kGateIn ? from_float<T>(to_float(a.v[j]) * z) : a.v[j];
+        }
+        continue;
+      }
+      const int r = id / kChunksPerRow, kc = (id % kChunksPerRow) * kChunkK;
       const int64_t m = m0 + r;
       if (p.mode == kGateIn && m < p.M) {
 L0K_UNROLL
         for (int j = 0; j < kChunkK; ++j) {
           const int64_t k = k0 + kc + j;
-          if (k < p.K) {
+          if (k < k_eff) {
             const float z = p.per_row ? feature_gate(p, k, m) : z_k[t & 1][kc + j];
             a.v[j] = from_float<T>(to_float(a.v[j]) * z);
           }
@@ -270,8 +380,15 @@ L0K_UNROLL
     }
 L0K_UNROLL
     for (int c = 0; c < kChunksB; ++c) {
-      const int id = tid + c * gemm::kThreads, r = id / kChunksPerRow, kc = (id % kChunksPerRow) * kChunkK;
+      const int id = tid + c * gemm::kThreads;
       Pack8<T> b = rb[c];
+      if (p.w_mn) {  // no weight gates on an MN-major B (the host never asks for them)
+        const int kq = id / kMnChunks, rc = (id % kMnChunks) * kChunkK;
+L0K_UNROLL
+        for (int j = 0; j < kChunkK; ++j) b_smem[stage * kTileElems + (rc + j) * kLds + kq] = b.v[j];
+        continue;
+      }
+      const int r = id / kChunksPerRow, kc = (id % kChunksPerRow) * kChunkK;
       const int64_t n = n0 + r;
       if (p.mode == kGateWeight && n < p.N) {
 L0K_UNROLL
@@ -334,9 +451,13 @@ L0K_UNROLL
 
   // output (m, n) from its sum: + bias, * output gate, scatter, one rounding to T
   auto finish = [&](int64_t m, int64_t n, float v) {
-    if (p.bias != nullptr) v += to_float(p.bias[n]);
+    if (n >= n_eff) {  // a closed feature in an open tile: zero, never computed from its data
+      p.y[y_offset(p, m, n)] = from_float<T>(0.0f);
+      return;
+    }
+    if (p.bias != nullptr) v += to_float(p.bias[n_feature(p, n)]);
     if (p.mode == kGateOut) v *= p.per_row ? feature_gate(p, n, m) : z_n[n - n0];
-    p.y[m * p.ldy + (p.y_cols != nullptr ? p.y_cols[n] : n)] = from_float<T>(v);
+    p.y[y_offset(p, m, n)] = from_float<T>(v);
   };
   const bool split = p.splits > 1;
 

@@ -13,6 +13,7 @@
 #include "l0_gate.cuh"
 #include "l0_gemm.cuh"
 #include "l0_gemv.cuh"
+#include "l0_open.cuh"
 
 namespace l0k {
 
@@ -65,6 +66,13 @@ cudaError_t launch_plane_reduce(const T* a, const T* b, const float* dz, int64_t
 // Row dot products of two contiguous (R, C) matrices: out[r] = sum_c a[r, c] * b[r, c] (float32).
 template <typename T>
 cudaError_t launch_row_dot(const T* a, const T* b, int64_t R, int64_t C, float* out, cudaStream_t stream);
+
+// Dot products over an open set (csrc/l0_open.cuh): out[j] = sum_{i < L} a[idx[j] * a_so + i * a_si] *
+// b[idx[j] * b_so + i * b_si] for j < *count (a device pointer: no host sync), 0 for count <= j < G.
+template <typename T>
+cudaError_t launch_gathered_dot(const T* a, int64_t a_so, int64_t a_si, const T* b, int64_t b_so, int64_t b_si,
+                                const int64_t* idx, const int64_t* count, int64_t G, int64_t L, float* out,
+                                cudaStream_t stream);
 
 // The single-launch gated GEMM. M <= gemv::kMaxRows (16): the GEMV of l0_gemv.cuh, any T. Larger M:
 // the tensor-core kernel of l0_gemm.cuh, T in {__half, __nv_bfloat16} only (float returns

@@ -1,6 +1,7 @@
 // (d) Reductions of the backward passes: column sums of products (dlog_alpha of input gates,
 // sample-noise output gates, bias gradients, NHWC channel sums), per-channel plane sums (NCHW),
-// and row dot products (rowsum(W * P) of the output/channel-gate identity). Float accumulation;
+// row dot products (rowsum(W * P) of the output/channel-gate identity), and the dot products of
+// gathered columns / rows over an open set (csrc/l0_open.cuh). Float accumulation;
 // deterministic (no atomics): column partials per row split are summed by the caller.
 #include "l0_common.cuh"
 #include "l0_kernels.h"
@@ -102,13 +103,27 @@ cudaError_t launch_row_dot(const T* a, const T* b, int64_t R, int64_t C, float* 
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t launch_gathered_dot(const T* a, int64_t a_so, int64_t a_si, const T* b, int64_t b_so, int64_t b_si,
+                                const int64_t* idx, const int64_t* count, int64_t G, int64_t L, float* out,
+                                cudaStream_t stream) {
+  if (G <= 0) return cudaSuccess;
+  if (open_set::grid(G) > 2147483647LL) return cudaErrorInvalidValue;
+  gathered_dot_kernel<T><<<static_cast<unsigned int>(open_set::grid(G)), open_set::kThreads, 0, stream>>>(
+      a, a_so, a_si, b, b_so, b_si, idx, count, G, L, out);
+  return cudaGetLastError();
+}
+
 #define L0K_INST(T)                                                                                          \
   template cudaError_t launch_col_reduce<T>(const T*, int64_t, int64_t, const T*, int64_t, int64_t,           \
                                             const float*, int64_t, int64_t, int64_t, int64_t, int, float*,    \
                                             int*, cudaStream_t);                                              \
   template cudaError_t launch_plane_reduce<T>(const T*, const T*, const float*, int64_t, int64_t, int64_t,    \
                                               int64_t, float*, cudaStream_t);                                 \
-  template cudaError_t launch_row_dot<T>(const T*, const T*, int64_t, int64_t, float*, cudaStream_t);
+  template cudaError_t launch_row_dot<T>(const T*, const T*, int64_t, int64_t, float*, cudaStream_t);         \
+  template cudaError_t launch_gathered_dot<T>(const T*, int64_t, int64_t, const T*, int64_t, int64_t,         \
+                                              const int64_t*, const int64_t*, int64_t, int64_t, float*,       \
+                                              cudaStream_t);
 L0K_INSTANTIATE_FOR_TYPES(L0K_INST)
 #undef L0K_INST
 

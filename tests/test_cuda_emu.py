@@ -70,6 +70,14 @@ def _bind(lib_path):
     fn.gemm_splits = lib.l0k_emu_gemm_splits
     fn.gemm_splits.argtypes = [i64, i64, i64, ctypes.c_int]
     fn.gemm_splits.restype = ctypes.c_int
+    fn.open_gemm = lib.l0k_emu_open_gemm
+    fn.open_gemm.argtypes = [ctypes.c_int, vp, i64, vp, i64, vp, vp, vp, i64, vp, vp, vp, vp, vp, vp, ctypes.c_int,
+                             ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, i64, vp, ctypes.c_int, ctypes.c_int,
+                             f32, f32, f32, f32, i64]
+    fn.open_gemm.restype = ctypes.c_int
+    fn.gathered_dot = lib.l0k_emu_gathered_dot
+    fn.gathered_dot.argtypes = [ctypes.c_int, vp, i64, i64, vp, i64, i64, vp, vp, i64, i64, vp]
+    fn.gathered_dot.restype = ctypes.c_int
     return fn
 
 
@@ -536,3 +544,168 @@ def test_nonfinite_log_alpha_like_reference(emu, impl, gate, noise, training):
     fin = ~ref.isnan()  # none for input gates: a NaN input gate reaches every output
     if fin.any():
         check(y[fin], ref[fin], dtype)
+
+
+# -- training over the open set (issue 13): the GEMMs of the skipping forward and backward ----------------------
+# The kernel reads the open count from device memory and gathers the open features through the open set's
+# permutation (l0kernels/_active.py: open indices first); closed features are never read and get zeros.
+
+def run_open(fn, x, w, y, *, M, N, K, mode, la=None, bias=None, seed=None, x_cols=None, y_cols=None, w_rows=None,
+             w_cols=None, k_count=None, n_count=None, x_mn=False, w_mn=False, y_trans=False, splits=1, group=1,
+             allow_vec=True, cfg=GateConfig()):
+    ptr = (lambda t: None if t is None else t.data_ptr())
+    seed_t = None if seed is None else torch.tensor(seed, dtype=torch.int64)
+    r = fn.open_gemm(DTYPES[x.dtype], ptr(x), x.stride(0), ptr(w), w.stride(0), ptr(la), ptr(bias), ptr(y), y.stride(0),
+                     ptr(x_cols), ptr(y_cols), ptr(w_rows), ptr(w_cols), ptr(k_count), ptr(n_count), int(x_mn),
+                     int(w_mn), int(y_trans), splits, M, N, K, ptr(seed_t), MODES[mode], int(allow_vec), cfg.beta,
+                     cfg.gamma, cfg.zeta, cfg.eps, group)
+    assert r in (0, 1, 2, 3), r
+    return y
+
+
+def _open_case(m, n, k, gate, dtype, density, group, seed=21):
+    """Inputs, the per-feature training gates z, and the open set (index, count) of the gated features."""
+    from l0kernels import _active
+    g = torch.Generator().manual_seed(seed)
+    feats = k if gate == "in" else n
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    dy = torch.randn(m, n, generator=g).to(dtype)
+    ngates = feats // group
+    if density == "one":
+        la = torch.full((ngates,), -9.0)
+        la[ngates // 2] = 9.0
+    else:
+        la = torch.where(torch.rand(ngates, generator=g) < density, torch.tensor(4.0), torch.tensor(-9.0))
+        la = la + 0.3 * torch.randn(ngates, generator=g)
+    la = la.to(dtype)
+    z = l0k.sample_gates(la.float(), 77).repeat_interleave(group)
+    os_ = _active.open_set(z)
+    return x, w, b, dy, la, z, os_.index.contiguous(), os_.count.reshape(())
+
+
+def _poison(t, dim, closed):
+    """``t`` with inf in the closed features along ``dim`` (they must never be read)."""
+    t = t.clone()
+    t.index_fill_(dim, closed, float("inf"))
+    return t
+
+
+OPEN_DENSITIES = [1.0, 0.5, 0.0, "one"]
+
+
+@pytest.mark.parametrize("density", OPEN_DENSITIES)
+@pytest.mark.parametrize("gate,group", [("in", 1), ("out", 1), ("in", 3), ("out", 3)])
+def test_open_forward(emu, gate, group, density):
+    """y over the open features: input gates gather x's and W's open columns, the reduction running to the
+    count read on the device; output gates gather W's open rows and scatter y's, closed columns exactly 0."""
+    dtype = torch.bfloat16
+    m, n, k = 37, 45, 69
+    x, w, b, _, la, z, idx, cnt = _open_case(m, n, k, gate, dtype, density, group)
+    closed = idx[int(cnt):]
+    y = torch.full((m, n), float("nan"), dtype=dtype)
+    if gate == "in":
+        xp, wp = _poison(x, 1, closed), _poison(w, 1, closed)
+        run_open(emu, xp, wp, y, M=m, N=n, K=k, mode="in", la=la, bias=b, seed=77, x_cols=idx, w_cols=idx,
+                 k_count=cnt, group=group)
+    else:
+        wp, bp = _poison(w, 0, closed), _poison(b, 0, closed)
+        run_open(emu, x, wp, y, M=m, N=n, K=k, mode="out", la=la, bias=bp, seed=77, w_rows=idx, y_cols=idx,
+                 n_count=cnt, group=group)
+        assert (y[:, closed] == 0).all()
+    check(y, reference(x, w, la, b, 77, gate, "batch", True, group), dtype)
+
+
+@pytest.mark.parametrize("density", OPEN_DENSITIES)
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("what", ["in-dx", "in-dw", "out-dx", "out-dw"])
+def test_open_backward(emu, what, group, density):
+    """The four GEMMs of the skipping backward against float32 torch: input gates dX[:, o] = (dY W[:, o]) z[o]
+    (B = W^T MN-major, gathered rows), dW[:, o] = dY^T (x[:, o] z[o]) (A = dY^T and B = x^T MN-major);
+    output gates dX = (dY[:, o] z[o]) W[o] (reduction over the open count), dW[o] = (dY[:, o] z[o])^T x
+    (written transposed). Closed features: zeros, and inf in their data changes nothing."""
+    dtype = torch.float16
+    m, n, k = 40, 45, 66
+    gate = what.split("-")[0]
+    x, w, b, dy, la, z, idx, cnt = _open_case(m, n, k, gate, dtype, density, group, seed=5)
+    closed = idx[int(cnt):]
+    xf, wf, dyf = x.float(), w.float(), dy.float()
+    if what == "in-dx":
+        out = torch.full((m, k), float("nan"), dtype=dtype)
+        run_open(emu, dy, _poison(w, 1, closed), out, M=m, N=k, K=n, mode="out", la=la, seed=77, w_rows=idx,
+                 y_cols=idx, n_count=cnt, w_mn=True, group=group)
+        ref = (dyf @ wf) * z
+        zero = out[:, closed]
+    elif what == "in-dw":
+        out = torch.full((n, k), float("nan"), dtype=dtype)
+        run_open(emu, dy, _poison(x, 1, closed), out, M=n, N=k, K=m, mode="out", la=la, seed=77, w_rows=idx,
+                 y_cols=idx, n_count=cnt, x_mn=True, w_mn=True, group=group)
+        ref = dyf.t() @ (xf * z).to(dtype).float()
+        zero = out[:, closed]
+    elif what == "out-dx":
+        out = torch.full((m, k), float("nan"), dtype=dtype)
+        run_open(emu, _poison(dy, 1, closed), _poison(w, 0, closed), out, M=m, N=k, K=n, mode="in", la=la, seed=77,
+                 x_cols=idx, w_cols=idx, k_count=cnt, w_mn=True, group=group)
+        ref = (dyf * z).to(dtype).float() @ wf
+        zero = None
+    else:
+        out = torch.full((n, k), float("nan"), dtype=dtype)
+        run_open(emu, x, _poison(dy, 1, closed), out, M=k, N=n, K=m, mode="out", la=la, seed=77, w_rows=idx,
+                 y_cols=idx, n_count=cnt, x_mn=True, w_mn=True, y_trans=True, group=group)
+        ref = (dyf.t() @ xf) * z[:, None]
+        zero = out[closed]
+    if zero is not None:
+        assert (zero == 0).all()
+    check(out, ref, dtype)
+
+
+@pytest.mark.parametrize("what", ["in-fwd", "out-dx", "in-dw"])
+def test_open_split_k_and_vector_loads(emu, what):
+    """Split-K over the open count (the workspace left zero), and the 16-byte loads of MN-major operands
+    (aligned, row stride a multiple of 8) agree with the scalar path."""
+    dtype = torch.bfloat16
+    m, n, k = 24, 40, 200
+    gate = "out" if what == "out-dx" else "in"
+    x, w, b, dy, la, z, idx, cnt = _open_case(m, n, k, gate, dtype, 0.6, 1, seed=8)
+    outs = []
+    for splits, vec in ((1, True), (3, True), (1, False)):
+        if what == "in-fwd":
+            y = torch.empty((m, n), dtype=dtype)
+            run_open(emu, x, w, y, M=m, N=n, K=k, mode="in", la=la, bias=b, seed=77, x_cols=idx, w_cols=idx,
+                     k_count=cnt, splits=splits, allow_vec=vec)
+        elif what == "out-dx":
+            y = torch.empty((m, k), dtype=dtype)
+            run_open(emu, dy, w, y, M=m, N=k, K=n, mode="in", la=la, seed=77, x_cols=idx, w_cols=idx, k_count=cnt,
+                     w_mn=True, splits=splits, allow_vec=vec)
+        else:
+            y = torch.empty((n, k), dtype=dtype)
+            run_open(emu, dy, x, y, M=n, N=k, K=m, mode="out", la=la, seed=77, w_rows=idx, y_cols=idx, n_count=cnt,
+                     x_mn=True, w_mn=True, splits=splits, allow_vec=vec)
+        outs.append(y)
+    tol = dict(rtol=1e-2, atol=1e-2 * max(1.0, outs[0].float().abs().max().item()))
+    torch.testing.assert_close(outs[1].float(), outs[0].float(), **tol)  # split sums in another order
+    assert torch.equal(outs[2], outs[0])
+
+
+@pytest.mark.parametrize("density", OPEN_DENSITIES)
+@pytest.mark.parametrize("axis", [1, 0])
+@pytest.mark.parametrize("dtype", list(GEMV_DTYPES))
+def test_gathered_dot(emu, dtype, axis, density):
+    """dlog_alpha's dot products over the open set: columns (axis 1: input gates) or rows (axis 0: output
+    gates) of W and dW, to the count read on the device; 0 for closed features, whose data (inf here) is
+    never read."""
+    n, k = 37, 45
+    x, w, _, dy, la, z, idx, cnt = _open_case(5, n, k, "in" if axis == 1 else "out", dtype, density, 1, seed=9)
+    w2 = torch.randn(n, k, generator=torch.Generator().manual_seed(3)).to(dtype)
+    closed = idx[int(cnt):]
+    wa, wb = _poison(w, axis, closed), _poison(w2, axis, closed)
+    feats = k if axis == 1 else n
+    so, si, length = (1, k, n) if axis == 1 else (k, 1, k)
+    out = torch.full((feats,), float("nan"))
+    assert emu.gathered_dot(GEMV_DTYPES[dtype], wa.data_ptr(), so, si, wb.data_ptr(), so, si, idx.data_ptr(),
+                            cnt.data_ptr(), feats, length, out.data_ptr()) == 0
+    full = (w.float() * w2.float()).sum(0 if axis == 1 else 1)
+    ref = torch.zeros(feats)
+    ref[: int(cnt)] = full[idx[: int(cnt)]]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

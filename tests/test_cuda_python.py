@@ -50,6 +50,34 @@ CHILD = textwrap.dedent(r'''
             gs = iter(torch.autograd.grad(y, want, grad))
         return tuple(next(gs) if (m and t is not None) else x.new_empty((0,)) for t, m in zip(leaves, mask))
 
+    def gates(log_alpha, rows, seed, training, cfg_v, need_grad):  # the gate kernel: the reference gates
+        from l0kernels.backends.torch_backend import gates_for
+        shape = ((rows,) if training and rows >= 0 else ()) + tuple(log_alpha.shape)
+        z, dz = gates_for(log_alpha.detach(), seed, shape, training, GateConfig(*cfg_v), need_grad)
+        return z.float(), (dz.float() if need_grad else z.new_empty((0,)))
+
+    def check_open_set(log_alpha, seed, index, count, cfg_v, group_size):  # the open-set ops' contract
+        z = l0k.sample_gates(log_alpha.detach().float(), seed, beta=cfg_v[0], gamma=cfg_v[1], zeta=cfg_v[2],
+                             eps=cfg_v[3]).repeat_interleave(group_size)
+        c = int(count)
+        assert count.dim() == 0 and index.dtype == torch.int64 and sorted(index.tolist()) == list(range(z.numel()))
+        assert (z[index[:c]] != 0).all() and (z[index[c:]] == 0).all(), "open set of other gates"
+        assert index[:c].tolist() == sorted(index[:c].tolist())  # stable: open features ascending
+
+    def open_fwd(x, w, la, b, seed, index, count, gate, cfg, group_size=1):
+        calls.append("open")
+        check_open_set(la, seed, index, count, cfg, group_size)
+        with torch.no_grad():
+            return L0LinearFunction.apply(x, w, la, b, seed, gate, "batch", True, GateConfig(*cfg), group_size)
+
+    def open_bwd(grad, x, w, la, b, seed, index, count, gate, cfg, mask, group_size=1):
+        calls.append("open_bwd")
+        check_open_set(la, seed, index, count, cfg, group_size)
+        return bwd(grad, x, w, la, b, seed, gate, False, True, cfg, mask, group_size)
+
+    lib.impl("gates", gates, "CPU")
+    lib.impl("linear_open_fwd", open_fwd, "CPU")
+    lib.impl("linear_open_bwd", open_bwd, "CPU")
     lib.impl("linear_fwd", fwd("two_pass"), "CPU")
     lib.impl("linear_fwd_fused", fwd("fused"), "CPU")
     lib.impl("linear_bwd", bwd, "CPU")
@@ -93,12 +121,33 @@ CHILD = textwrap.dedent(r'''
                 with cb.gemm_impl(impl):
                     y = cb.CudaL0LinearFunction.apply(x, w, la, b, seed, gate, noise, training, cfg)
                 want = "two_pass" if impl == "two_pass" else "fused"  # 15 rows: the GEMV takes every dtype
+                opened = training and noise == "batch" and gate != "weight" and dtype != torch.float32
+                if opened:  # half types in training with one gate vector: over the open set, whatever impl
+                    want = "open"
+                assert cb.skips_closed(x, gate, noise, training) == opened
                 assert calls[-1] == want, (dtype, gate, impl, calls)
                 ref = L0LinearFunction.apply(x, w, la, b, seed, gate, noise, training, cfg)
                 assert torch.equal(y, ref)
                 gs = torch.autograd.grad(y.float().sum(), (x, w, la, b))
+                assert (calls[-1] == "open_bwd") == opened, calls
                 gr = torch.autograd.grad(ref.float().sum(), (x, w, la, b))
                 assert all(torch.equal(a, r) for a, r in zip(gs, gr))
+    # the open set reaches the ops for grouped gates and a seed tensor; L0K_SKIP_CLOSED=0 turns it off
+    from l0kernels import _active
+    go = torch.Generator().manual_seed(5)  # its own stream: the eval checks below depend on g's
+    for gate, gs_ in (("in", 7), ("out", 2)):
+        xo = torch.randn(6, 7, generator=go).half().requires_grad_()
+        wo = torch.randn(4, 7, generator=go).half().requires_grad_()
+        lao = (torch.randn((7 if gate == "in" else 4) // gs_, generator=go) * 3).half().requires_grad_()
+        calls.clear()
+        y = cb.CudaL0LinearFunction.apply(xo, wo, lao, None, torch.tensor(2 ** 40 + 1), gate, "batch", True, cfg, gs_)
+        y.float().sum().backward()
+        assert calls == ["open", "open_bwd"], calls
+        _active.ENABLED = False
+        calls.clear()
+        cb.CudaL0LinearFunction.apply(xo, wo, lao, None, 3, gate, "batch", True, cfg, gs_).float().sum().backward()
+        assert "open" not in calls and not cb.skips_closed(xo, gate, "batch", True), calls
+        _active.ENABLED = True
     # grouped gates: group_size reaches the ops (forward and backward)
     for gate, noise in [("in", "sample"), ("out", "batch")]:
         xg = torch.randn(3, 5, 8, generator=g).requires_grad_()
@@ -192,6 +241,11 @@ CHILD = textwrap.dedent(r'''
         assert torch.ops.l0kernels.sparse_linear(xf[0], wf, None, None, None, None, None, 4).shape == (5, 4)
         z, dz = torch.ops.l0kernels.gates(laf, 6, sf, True, c, True)
         assert z.shape == (6, 7) and dz.shape == (6, 7)
+        idx, cnt = torch.empty(7, dtype=torch.int64), torch.empty((), dtype=torch.int64)
+        assert torch.ops.l0kernels.linear_open_fwd(xf, wf, laf, None, sf, idx, cnt, "in", c).shape == (3, 5, 4)
+        grads = torch.ops.l0kernels.linear_open_bwd(torch.empty(3, 5, 4, dtype=torch.float16), xf, wf, laf, None, sf,
+                                                    idx, cnt, "in", c, [True, True, True, False])
+        assert [t.shape for t in grads] == [(3, 5, 7), (4, 7), (7,), (0,)]
     print("ok")
 ''')
 
@@ -205,8 +259,8 @@ def _run():
 
 def test_schemas_found():
     names = [re.match(r'(\w+)\(', s).group(1) for s in SCHEMAS]
-    assert names == ["uniform", "gates", "linear_fwd", "linear_fwd_fused", "sparse_linear", "linear_bwd", "conv2d_fwd",
-                     "conv2d_bwd"]
+    assert names == ["uniform", "gates", "linear_fwd", "linear_fwd_fused", "sparse_linear", "linear_bwd",
+                     "linear_open_fwd", "linear_open_bwd", "conv2d_fwd", "conv2d_bwd"]
 
 
 def test_backend_module_with_a_stand_in_extension():

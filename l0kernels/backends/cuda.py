@@ -1,7 +1,7 @@
 """The ``cuda`` backend: the compiled extension ``l0kernels._C`` (``csrc/``).
 
-Ops ``torch.ops.l0kernels.{uniform, gates, linear_fwd, linear_fwd_fused, sparse_linear, linear_bwd, conv2d_fwd,
-conv2d_bwd}`` are registered by the extension (CUDA kernels); their fake (meta) implementations for ``torch.compile``
+Ops ``torch.ops.l0kernels.{uniform, gates, linear_fwd, linear_fwd_fused, sparse_linear, linear_bwd,
+linear_open_fwd, linear_open_bwd, conv2d_fwd, conv2d_bwd}`` are registered by the extension (CUDA kernels); their fake (meta) implementations for ``torch.compile``
 are registered here.
 
 Forward of ``l0_linear``, two implementations:
@@ -22,6 +22,14 @@ the active outputs), ``two_pass`` cuBLAS on the plan. Backward regenerates
 the gates from the seed (no stored mask) and forms the ``log_alpha`` gradients with reduction
 kernels, using the identities of :mod:`l0kernels.backends.torch_backend`.
 
+Training with one gate vector per call (batch noise, input or output gates, float16 / bfloat16, sm_80+:
+:func:`skips_closed`) runs over the open set (``linear_open_fwd`` / ``linear_open_bwd``): the open set is
+found on the device (:func:`open_set`: the gate kernel and a stable sort), and every GEMM of forward and
+backward is the tensor-core kernel over the gathered open features, reading the open count in device
+memory (``csrc/l0_gemm.cuh``'s open-set fields); dlog_alpha's dot products run over the open features only
+(``csrc/l0_open.cuh``). Closed features get exact zeros and their data is never read; no host sync, so a
+CUDA graph captures the step. ``L0K_SKIP_CLOSED=0`` (``_active.ENABLED``) turns it off.
+
 Runs float32, float16 and bfloat16 CUDA tensors; float64 and CPU tensors go to the ``torch``
 backend. Importing this module raises ImportError when the extension is not built, so the lazy
 loader registers a placeholder that gives the reason.
@@ -35,6 +43,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from .. import _active
 from .._autotune import AUTOTUNER
 from .._dispatch import Backend, Conv2dCall, LinearCall, register_backend
 from .._gates import GateConfig
@@ -93,6 +102,16 @@ def _sparse_linear_fake(x, weight, bias, in_idx, out_idx, idle_idx, fill, out_fe
 
 @torch.library.register_fake("l0kernels::linear_bwd")
 def _linear_bwd_fake(grad, x, weight, log_alpha, bias, seed, gate, sample, training, cfg, mask, group_size=1):
+    return _fake_grads(x, weight, log_alpha, bias, mask)
+
+
+@torch.library.register_fake("l0kernels::linear_open_fwd")
+def _linear_open_fwd_fake(x, weight, log_alpha, bias, seed, index, count, gate, cfg, group_size=1):
+    return x.new_empty(tuple(x.shape[:-1]) + (weight.shape[0],))
+
+
+@torch.library.register_fake("l0kernels::linear_open_bwd")
+def _linear_open_bwd_fake(grad, x, weight, log_alpha, bias, seed, index, count, gate, cfg, mask, group_size=1):
     return _fake_grads(x, weight, log_alpha, bias, mask)
 
 
@@ -221,9 +240,26 @@ def eval_linear_plan(x2: torch.Tensor, plan) -> torch.Tensor:
     return runners[pick](x2, plan)
 
 
+def skips_closed(x: torch.Tensor, gate: str, noise: str, training: bool) -> bool:
+    """Whether a training call runs over the open set only (``linear_open_fwd`` / ``linear_open_bwd``): one
+    gate vector per call (batch noise), input or output gates, float16 / bfloat16 on compute capability
+    8.0+ (the tensor-core GEMM of ``csrc/l0_gemm.cuh`` with its open-set fields), ``L0K_SKIP_CLOSED`` on."""
+    return (_active.ENABLED and training and noise == "batch" and gate in ("in", "out")
+            and x.dtype in (torch.float16, torch.bfloat16) and _capability(x.device)[0] >= 8
+            and x.numel() // max(1, x.shape[-1]) <= FUSED_MAX_ROWS)
+
+
+def open_set(log_alpha: torch.Tensor, seed: torch.Tensor, cfg: GateConfig, group_size: int) -> _active.OpenSet:
+    """The open set of a training call's gates (per feature), on the device: the gate kernel and a stable
+    sort, no host sync (the kernels read the count in device memory). Backward draws it again from the seed."""
+    z, _ = cuda_gates(log_alpha, seed, -1, True, cfg)
+    return _active.open_set(z.repeat_interleave(group_size) if group_size != 1 else z)
+
+
 class CudaL0LinearFunction(torch.autograd.Function):
     """``l0_linear`` on the CUDA extension; same arguments as ``L0LinearFunction.apply``:
-    ``apply(x, weight, log_alpha, bias, seed, gate, noise, training, cfg[, group_size])``."""
+    ``apply(x, weight, log_alpha, bias, seed, gate, noise, training, cfg[, group_size])``. Training calls
+    of :func:`skips_closed` run over the open set (the GEMMs skip closed features, forward and backward)."""
 
     @staticmethod
     def forward(ctx, x, weight, log_alpha, bias, seed, gate, noise, training, cfg, group_size=1):
@@ -232,6 +268,14 @@ class CudaL0LinearFunction(torch.autograd.Function):
         sample = noise == "sample"
         ctx.conf = (gate, sample, training, _cfg(cfg))
         ctx.group_size = group_size
+        ctx.open = skips_closed(x, gate, noise, training)
+        if training and noise == "batch" and gate != "weight":
+            _active.PATHS["linear-" + gate, "fwd", "skip" if ctx.open else "dense"] += 1
+        if ctx.open:
+            os_ = open_set(log_alpha, seed, cfg, group_size)
+            ctx.cfg = cfg
+            return _ops.linear_open_fwd(x, weight, log_alpha, bias, seed, os_.index, os_.count, gate, _cfg(cfg),
+                                        group_size)
         op = _forward_op(x, weight, log_alpha, bias, seed, gate, sample, training, _cfg(cfg), group_size)
         return op(x, weight, log_alpha, bias, seed, gate, sample, training, _cfg(cfg), group_size)
 
@@ -242,7 +286,14 @@ class CudaL0LinearFunction(torch.autograd.Function):
         gate, sample, training, cfg = ctx.conf
         mask = [bool(m) for m in ctx.needs_input_grad[:4]]
         mask[3] = mask[3] and bias is not None
-        out = _ops.linear_bwd(dy, x, weight, log_alpha, bias, seed, gate, sample, training, cfg, mask, ctx.group_size)
+        if ctx.open:
+            _active.PATHS["linear-" + gate, "bwd", "skip"] += 1
+            os_ = open_set(log_alpha, seed, ctx.cfg, ctx.group_size)
+            out = _ops.linear_open_bwd(dy, x, weight, log_alpha, bias, seed, os_.index, os_.count, gate, cfg, mask,
+                                       ctx.group_size)
+        else:
+            out = _ops.linear_bwd(dy, x, weight, log_alpha, bias, seed, gate, sample, training, cfg, mask,
+                                  ctx.group_size)
         return _grads(out, mask) + (None,) * 6
 
 
@@ -312,5 +363,5 @@ class CudaBackend(Backend):
 
 CUDA_BACKEND = register_backend(CudaBackend())
 
-__all__ = ["CudaBackend", "CudaL0LinearFunction", "CudaL0Conv2dFunction", "cuda_gates", "CUDA_BACKEND", "gemm_impl",
+__all__ = ["CudaBackend", "CudaL0LinearFunction", "skips_closed", "open_set", "CudaL0Conv2dFunction", "cuda_gates", "CUDA_BACKEND", "gemm_impl",
            "fused_why_not", "forward_impls", "eval_linear_plan"]
