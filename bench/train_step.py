@@ -13,8 +13,8 @@ Goals: step <= 1.15x dense at density 1.0 and <= 0.6x at 0.3; layer <= (d + 0.15
 
 GPU (``--gpu``; not run yet): 8192 tokens, 4096->4096 and 4096->14336, bfloat16, batch-noise input and
 output gates at density 1.0 / 0.5 / 0.25 / 0.1, ``l0_linear`` forward+backward per available backend
-against ``F.linear`` forward+backward (``triton.testing.do_bench`` medians), and the Triton kernels with
-the skipping turned off (``triton-noskip``). Goal <= (d + 0.1)x dense.
+against ``F.linear`` forward+backward (``triton.testing.do_bench`` medians), and the Triton and CUDA kernels
+with the skipping turned off (``triton-noskip``, ``cuda-noskip``). Goal <= (d + 0.1)x dense.
 
     nice -n 0 python bench/train_step.py [--reps 300] [--threads N]
     python bench/train_step.py --gpu
@@ -150,12 +150,13 @@ def gpu_rows(ctx: common.BenchContext) -> List[dict]:
                 gcount = k if gate == "in" else n
                 la = common.log_alpha_for_density(gcount, d, device=dev).to(dt).requires_grad_()
                 kw = dict(gate=gate, noise="batch", training=True)
-                # "triton-noskip": the Triton kernels with the skipping off (L0K_SKIP_CLOSED=0), the
-                # reference for what the device open set costs at density 1.0 and saves below it
-                for be in ("torch", "triton", "triton-noskip", "cuda"):
+                # "<backend>-noskip": the kernels with the skipping off (L0K_SKIP_CLOSED=0: the dense
+                # kernels of before), the reference for what the device open set costs at density 1.0 and
+                # saves below it
+                for be in ("torch", "triton", "triton-noskip", "cuda", "cuda-noskip"):
                     f = lambda be=be: l0k.l0_linear(x, w, la, b, backend=be.split("-")[0], **kw)  # noqa: E731
                     old = _active.ENABLED
-                    _active.ENABLED = old and be != "triton-noskip"
+                    _active.ENABLED = old and not be.endswith("-noskip")
                     try:
                         fwd = ctx.time_ms(f)
                         fb = ctx.time_ms(lambda: torch.autograd.grad(f(), (x, w, la, b), dy))

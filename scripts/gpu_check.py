@@ -46,7 +46,8 @@ XDIST_WORKERS = 8
 # Ids: dtype0/1/2 index the test's own dtype list (test_cuda_gpu.py): DTYPES = float32, float16, bfloat16;
 # the fused forward and sparse_linear tests: float16, bfloat16, float32; the split-K test: float32, bfloat16.
 # FUSED_SHAPES: shape0 = 87 rows (tensor-core GEMM), shape3 = K 0, shape4 = 1 row (GEMV), shape5 = 7 rows
-# N 1030, shape7 = GEMV split over K, shape8 = tensor-core GEMM split over K.
+# N 1030, shape7 = GEMV split over K, shape8 = tensor-core GEMM split over K. The open-set test: gate-group-density-
+# dtype (float16, bfloat16).
 _T = "tests/test_cuda_gpu.py::"
 MEMCHECK_TESTS = [  # this package's own kernels first: a call cut off still checked them
     _T + "test_linear_fused_forward_matches_two_pass_and_reference[shape0-in-batch-True-dtype0]",
@@ -69,6 +70,10 @@ MEMCHECK_TESTS = [  # this package's own kernels first: a call cut off still che
     _T + "test_linear_matches_float64_reference[False-weight-batch-True-dtype2]",
     _T + "test_linear_matches_float64_reference[True-out-sample-False-dtype0]",
     _T + "test_conv2d_matches_float64_reference[sample-True-True-dtype2]",
+    # training over the open set (device counts, gathered operands, MN-major loads, the gathered dot)
+    _T + "test_training_over_the_open_set[in-1-0.5-dtype0]",
+    _T + "test_training_over_the_open_set[out-3-one-dtype1]",
+    _T + "test_training_over_the_open_set[in-3-0.0-dtype1]",
 ]
 # racecheck: the kernels that share memory between threads (GEMM, GEMV, split-K finish, reductions)
 RACECHECK_TESTS = [
@@ -80,6 +85,7 @@ RACECHECK_TESTS = [
     _T + "test_eval_sparse_linear_kernel[300-weight-dtype0]",
     _T + "test_gemv_split_k_workspace_left_zero[dtype0]",
     _T + "test_linear_matches_float64_reference[True-in-batch-True-dtype1]",
+    _T + "test_training_over_the_open_set[out-1-0.5-dtype0]",
 ]
 
 # the benchmark rows (bench/run_bench.py --only) of each call

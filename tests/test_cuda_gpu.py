@@ -341,3 +341,81 @@ def test_opcheck_fake_impls():
     torch.library.opcheck(torch.ops.l0kernels.sparse_linear.default,
                           (x, _rand(3, 7, dtype=torch.float32), b[:3], in_idx, out_idx, idle_idx, b, 5),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.0, "one"])
+@pytest.mark.parametrize("gate,group", [("in", 1), ("out", 1), ("in", 3), ("out", 3)])
+def test_training_over_the_open_set(dtype, density, gate, group, rel_err):
+    """Batch-noise training of half types runs over the open set (linear_open_fwd / linear_open_bwd): equal
+    to the float64 reference at every density, closed features' gradients exactly zero, inf in their weights
+    never read, the open path counted, and L0K_SKIP_CLOSED off (the dense kernels) giving the same."""
+    from l0kernels import _active
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the open-set GEMM needs sm_80+")
+    m, k, n = 70, 141, 99
+    feats = k if gate == "in" else n
+    gen = torch.Generator().manual_seed(hash((gate, group, str(density))) % 1000)
+    ngates = feats // group
+    if density == "one":
+        la = torch.full((ngates,), -9.0)
+        la[ngates // 3] = 9.0
+    else:
+        la = torch.where(torch.rand(ngates, generator=gen) < density, torch.tensor(4.0), torch.tensor(-9.0))
+    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
+    w = (torch.randn(n, k, generator=gen) * 0.1).to(dtype).cuda()
+    b = torch.randn(n, generator=gen).to(dtype).cuda()
+    la = la.to(dtype).cuda()
+    seed = torch.tensor(_seed(), device="cuda")
+    z = l0k.sample_gates(la.float().cpu(), seed.cpu()).repeat_interleave(group)
+    closed = torch.nonzero(z == 0).reshape(-1).cuda()
+    wp = w.clone()
+    wp.index_fill_(1 if gate == "in" else 0, closed, float("inf"))  # closed weights: never read
+    leaves = [t.detach().requires_grad_() for t in (x, wp, la, b)]
+    refs = [t.detach().double().cpu().requires_grad_() for t in (x, w, la, b)]
+    _active.PATHS.clear()
+    out = CudaL0LinearFunction.apply(*leaves, seed, gate, "batch", True, CFG, group)
+    ref = L0LinearFunction.apply(*refs, seed.cpu(), gate, "batch", True, CFG, group)
+    g = torch.randn(m, n, dtype=torch.float64)
+    gs = torch.autograd.grad(out, leaves, g.to(dtype).cuda())
+    gr = torch.autograd.grad(ref, refs, g)
+    assert _active.PATHS["linear-" + gate, "fwd", "skip"] == 1 and _active.PATHS["linear-" + gate, "bwd", "skip"] == 1
+    assert torch.isfinite(out).all() and rel_err(out.cpu(), ref) < TOL[dtype]
+    for name, a, r in zip(("x", "weight", "log_alpha", "bias"), gs, gr):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a.cpu(), r) < TOL[dtype] * 10, name
+    dw = gs[1].cpu()
+    zc = closed.cpu()
+    assert (dw.index_select(1 if gate == "in" else 0, zc) == 0).all()
+    if gate == "out":
+        assert (out.cpu()[:, zc] == 0).all() and (gs[3].cpu()[zc] == 0).all()
+    else:
+        assert (gs[0].cpu()[:, zc] == 0).all()
+    assert (gs[2].cpu().repeat_interleave(group)[zc] == 0).all()
+    old = _active.ENABLED
+    _active.ENABLED = False
+    try:
+        dense = [t.detach().requires_grad_() for t in (x, w, la, b)]
+        out_d = CudaL0LinearFunction.apply(*dense, seed, gate, "batch", True, CFG, group)
+        gd = torch.autograd.grad(out_d, dense, g.to(dtype).cuda())
+    finally:
+        _active.ENABLED = old
+    assert rel_err(out.cpu(), out_d.cpu().double()) < TOL[dtype]
+    for a, d in zip(gs, gd):
+        assert rel_err(a.cpu(), d.cpu().double()) < TOL[dtype] * 10
+
+
+def test_training_over_the_open_set_never_synchronises():
+    """The open-set step reads its counts on the device: a whole forward+backward runs with synchronising
+    CUDA calls turned into errors."""
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the open-set GEMM needs sm_80+")
+    lin = l0k.L0Linear(64, 48, backend="cuda").cuda().half()
+    x = torch.randn(40, 64, device="cuda", dtype=torch.half)
+    lin(x).float().sum().backward()  # warm-up: allocations, the autotuner
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lin(x).float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

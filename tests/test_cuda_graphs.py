@@ -81,15 +81,17 @@ def test_graph_replays_draw_fresh_gates(backend):
     assert torch.isfinite(y1).all() and torch.isfinite(g1).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("gate,noise", [("in", "batch"), ("out", "batch"), ("out", "sample"), ("weight", "batch")])
-def test_graph_reads_seed_tensor_at_replay(backend, gate, noise):
-    """A seed tensor refilled in place between replays gives the gates of that seed (eager, int seed)."""
+def test_graph_reads_seed_tensor_at_replay(backend, gate, noise, dtype):
+    """A seed tensor refilled in place between replays gives the gates of that seed (eager, int seed).
+    bfloat16 with batch in/out gates on the CUDA backend captures its open-set path (device counts)."""
     gen = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randn(24, 40, device="cuda", generator=gen)
-    w = torch.randn(20, 40, device="cuda", generator=gen)
-    la = torch.randn({"in": (40,), "out": (20,), "weight": (20, 40)}[gate], device="cuda", generator=gen)
-    b = torch.randn(20, device="cuda", generator=gen)
+    x = torch.randn(24, 40, device="cuda", generator=gen).to(dtype)
+    w = torch.randn(20, 40, device="cuda", generator=gen).to(dtype)
+    la = torch.randn({"in": (40,), "out": (20,), "weight": (20, 40)}[gate], device="cuda", generator=gen).to(dtype)
+    b = torch.randn(20, device="cuda", generator=gen).to(dtype)
     seed = torch.zeros((), dtype=torch.int64, device="cuda")
 
     def step():
@@ -108,4 +110,5 @@ def test_graph_reads_seed_tensor_at_replay(backend, gate, noise):
         seed.fill_(value)
         graph.replay()
         ref = l0k.l0_linear(x, w, la, b, seed=value, gate=gate, noise=noise, backend=backend)
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
