@@ -293,13 +293,18 @@ def test_thread_sanitizer_finds_no_race(tmp_path):
             "x, w, la, b = t.make(3, 20, 1296, 'in', torch.float32); "
             "print(t.run_emu(fn, x, w, la, b, 1, 'in', 'sample', True, impl='gemv', splits=3)[1]); "
             "x, w, la, b = t.make(20, 30, 200, 'out', torch.float16); "
-            "print(t.run_emu(fn, x, w, la, b, 1, 'out', 'batch', True, impl='gemm', splits=3)[1])") % (
+            "print(t.run_emu(fn, x, w, la, b, 1, 'out', 'batch', True, impl='gemm', splits=3)[1]); "
+            # the open-set path: MN-major operands stored transposed into shared memory, the device counts
+            "x, w, b, dy, la, z, idx, cnt = t._open_case(40, 45, 66, 'in', torch.float16, 0.5, 1); "
+            "y = torch.empty(45, 66, dtype=torch.float16); "
+            "t.run_open(fn, dy, x, y, M=45, N=66, K=40, mode='out', la=la, seed=77, w_rows=idx, y_cols=idx, "
+            "n_count=cnt, x_mn=True, w_mn=True, splits=2); print(True)") % (
         os.path.dirname(__file__), lib)
     # the library is dlopen'ed by an uninstrumented python: the runtime must be preloaded
     env = dict(os.environ, LD_PRELOAD=libtsan, TSAN_OPTIONS="halt_on_error=1 exitcode=66")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert "WARNING: ThreadSanitizer" not in r.stderr, r.stderr[-4000:]
-    assert r.returncode == 0 and r.stdout.split() == ["True", "False", "True", "True"], r.stderr[-4000:]  # load paths as expected
+    assert r.returncode == 0 and r.stdout.split() == ["True", "False", "True", "True", "True"], r.stderr[-4000:]  # load paths as expected
 
 
 # -- the GEMV (csrc/l0_gemv.cuh): 1-16 rows, every dtype ------------------------------------------------------
