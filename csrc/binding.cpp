@@ -550,6 +550,20 @@ struct OpenGemm {
   bool x_mn = false, w_mn = false, y_trans = false;
   Tensor x_cols = Tensor(), y_cols = Tensor(), w_rows = Tensor(), w_cols = Tensor(), k_count = Tensor(),
          n_count = Tensor();
+  // The GEMM's columns are the open features: B's rows gathered, y's columns scattered, zeros past the count.
+  OpenGemm& open_columns(const Tensor& index, const Tensor& count) {
+    w_rows = index;
+    y_cols = index;
+    n_count = count;
+    return *this;
+  }
+  // The reduction runs over the open features: A's and B's k gathered, to the count.
+  OpenGemm& open_reduction(const Tensor& index, const Tensor& count) {
+    x_cols = index;
+    w_cols = index;
+    k_count = count;
+    return *this;
+  }
 };
 
 template <typename T>
@@ -634,13 +648,9 @@ Tensor linear_open_fwd(const Tensor& x, const Tensor& weight, const Tensor& log_
   Tensor y = at::empty({a.m, a.n}, x.options());
   OpenGemm g{x2, w, a.m, a.n, a.k};
   if (a.mode == 0) {
-    g.x_cols = index;
-    g.w_cols = index;
-    g.k_count = count;
+    g.open_reduction(index, count);
   } else {
-    g.w_rows = index;
-    g.y_cols = index;
-    g.n_count = count;
+    g.open_columns(index, count);
   }
   dispatch_type(x.scalar_type(), "x", [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -690,22 +700,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_open_bwd(const Tensor& grad, c
   if (a.mode == 0) {
     if (need_x) {
       dx = at::empty({m, k}, x.options());
-      OpenGemm g{dy, w, m, k, n};
+      OpenGemm g{dy, w, m, k, n};  // dX[:, o] = dY W[:, o]: B = W^T, MN-major
       g.w_mn = true;
-      g.w_rows = index;
-      g.y_cols = index;
-      g.n_count = count;
-      gemm(g, dx, l0k::kGateOut);
+      gemm(g.open_columns(index, count), dx, l0k::kGateOut);
     }
     if (need_w || need_la) {
       dw = at::empty({n, k}, x.options());
-      OpenGemm g{dy, x2, n, k, m};
-      g.x_mn = true;
-      g.w_mn = true;
-      g.w_rows = index;
-      g.y_cols = index;
-      g.n_count = count;
-      gemm(g, dw, l0k::kGateOut);
+      OpenGemm g{dy, x2, n, k, m};  // dW[:, o] = dY^T x[:, o]: A = dY^T, B = x^T, both MN-major
+      g.x_mn = g.w_mn = true;
+      gemm(g.open_columns(index, count), dw, l0k::kGateOut);
     }
     if (need_la) {
       const Tensor dot = gathered_dot(w, dw, 1, k, n, index, count);
@@ -716,23 +719,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_open_bwd(const Tensor& grad, c
   } else {
     if (need_x) {
       dx = at::empty({m, k}, x.options());
-      OpenGemm g{dy, w, m, k, n};
-      g.x_cols = index;
-      g.w_cols = index;
-      g.k_count = count;
+      OpenGemm g{dy, w, m, k, n};  // dX = dY[:, o] W[o]: B = W^T, MN-major, the reduction over o
       g.w_mn = true;
-      gemm(g, dx, l0k::kGateIn);
+      gemm(g.open_reduction(index, count), dx, l0k::kGateIn);
     }
     if (need_w || need_la) {
       dw = at::empty({n, k}, x.options());
-      OpenGemm g{x2, dy, k, n, m};
-      g.x_mn = true;
-      g.w_mn = true;
-      g.y_trans = true;
-      g.w_rows = index;
-      g.y_cols = index;
-      g.n_count = count;
-      gemm(g, dw, l0k::kGateOut);
+      OpenGemm g{x2, dy, k, n, m};  // dW[o]^T = x^T dY[:, o]: A = x^T, B = dY^T, written transposed
+      g.x_mn = g.w_mn = g.y_trans = true;
+      gemm(g.open_columns(index, count), dw, l0k::kGateOut);
     }
     const Tensor colsum = (need_b || need_la) ? col_sum(dy, Tensor(), Tensor(), 0, 1) : Tensor();
     if (need_b) db = (colsum * z).to(a.bias.scalar_type());

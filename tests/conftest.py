@@ -78,3 +78,15 @@ class RecordingBackend(Backend):
     def conv2d(self, call):
         self.calls.append(call)
         return get_backend("torch").conv2d(call)
+
+
+def log_alpha_at_density(ngates: int, density, generator: torch.Generator, jitter: float = 0.0) -> torch.Tensor:
+    """float32 ``log_alpha`` whose training gates are open at about ``density`` (open ones near 4, closed
+    ones near -9: open with probability 0.999 / 1e-4), or with exactly one gate open (``density="one"``);
+    ``jitter`` adds that much normal noise."""
+    if density == "one":
+        la = torch.full((ngates,), -9.0)
+        la[ngates // 2] = 9.0
+        return la
+    la = torch.where(torch.rand(ngates, generator=generator) < density, torch.tensor(4.0), torch.tensor(-9.0))
+    return la + jitter * torch.randn(ngates, generator=generator) if jitter else la

@@ -21,6 +21,8 @@ import torch
 import l0kernels as l0k
 from l0kernels._gates import GateConfig
 
+from conftest import log_alpha_at_density
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 SRC = os.path.join(CSRC, "tests", "gemm_emu.cpp")
@@ -577,14 +579,7 @@ def _open_case(m, n, k, gate, dtype, density, group, seed=21):
     w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
     b = torch.randn(n, generator=g).to(dtype)
     dy = torch.randn(m, n, generator=g).to(dtype)
-    ngates = feats // group
-    if density == "one":
-        la = torch.full((ngates,), -9.0)
-        la[ngates // 2] = 9.0
-    else:
-        la = torch.where(torch.rand(ngates, generator=g) < density, torch.tensor(4.0), torch.tensor(-9.0))
-        la = la + 0.3 * torch.randn(ngates, generator=g)
-    la = la.to(dtype)
+    la = log_alpha_at_density(feats // group, density, g, jitter=0.3).to(dtype)
     z = l0k.sample_gates(la.float(), 77).repeat_interleave(group)
     os_ = _active.open_set(z)
     return x, w, b, dy, la, z, os_.index.contiguous(), os_.count.reshape(())

@@ -16,7 +16,7 @@ import l0kernels as l0k
 from l0kernels._gates import GateConfig, eval_gates_and_grad, gates_from_uniform, noise_uniform
 from l0kernels.backends.torch_backend import L0Conv2dFunction, L0LinearFunction
 
-from conftest import TOL
+from conftest import TOL, log_alpha_at_density
 
 pytestmark = pytest.mark.gpu
 
@@ -355,13 +355,8 @@ def test_training_over_the_open_set(dtype, density, gate, group, rel_err):
         pytest.skip("the open-set GEMM needs sm_80+")
     m, k, n = 70, 141, 99
     feats = k if gate == "in" else n
-    gen = torch.Generator().manual_seed(hash((gate, group, str(density))) % 1000)
-    ngates = feats // group
-    if density == "one":
-        la = torch.full((ngates,), -9.0)
-        la[ngates // 3] = 9.0
-    else:
-        la = torch.where(torch.rand(ngates, generator=gen) < density, torch.tensor(4.0), torch.tensor(-9.0))
+    gen = torch.Generator().manual_seed(7 * group + (gate == "in"))
+    la = log_alpha_at_density(feats // group, density, gen)
     x = torch.randn(m, k, generator=gen).to(dtype).cuda()
     w = (torch.randn(n, k, generator=gen) * 0.1).to(dtype).cuda()
     b = torch.randn(n, generator=gen).to(dtype).cuda()
