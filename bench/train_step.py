@@ -136,6 +136,10 @@ def gpu_rows(ctx: common.BenchContext) -> List[dict]:
     """SPEC-format rows (``common.FIELDS`` + density) for the transformer MLP shapes on CUDA."""
     dev, dt = ctx.device, torch.bfloat16
     rows = []
+    try:
+        from l0kernels.backends import cuda as cuda_backend
+    except ImportError:  # no extension: its rows are skipped below
+        cuda_backend = None
     for m, k, n in GPU_SHAPES:
         g = torch.Generator(device=dev).manual_seed(0)
         x = torch.randn(m, k, device=dev, generator=g).to(dt).requires_grad_()
@@ -155,8 +159,10 @@ def gpu_rows(ctx: common.BenchContext) -> List[dict]:
                 # saves below it
                 for be in ("torch", "triton", "triton-noskip", "cuda", "cuda-noskip"):
                     f = lambda be=be: l0k.l0_linear(x, w, la, b, backend=be.split("-")[0], **kw)  # noqa: E731
-                    old = _active.ENABLED
+                    old, old_below = _active.ENABLED, getattr(cuda_backend, "SKIP_BELOW", None)
                     _active.ENABLED = old and not be.endswith("-noskip")
+                    if cuda_backend is not None:
+                        cuda_backend.SKIP_BELOW = 1.0  # the open-set kernels at every density (vs cuda-noskip)
                     try:
                         fwd = ctx.time_ms(f)
                         fb = ctx.time_ms(lambda: torch.autograd.grad(f(), (x, w, la, b), dy))
@@ -166,6 +172,8 @@ def gpu_rows(ctx: common.BenchContext) -> List[dict]:
                         continue
                     finally:
                         _active.ENABLED = old
+                        if cuda_backend is not None:
+                            cuda_backend.SKIP_BELOW = old_below
                     rows.append(ctx.row(op="linear_train", gate=gate, noise="batch", dtype="bfloat16",
                                         shape=f"{m}x{k}->{n},density={d}", backend=be, fwd_ms=fwd, fwd_bwd_ms=fb,
                                         dense_fwd_ms=dense_fwd, dense_fwd_bwd_ms=dense, peak_mib=peak,

@@ -346,13 +346,15 @@ def test_opcheck_fake_impls():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("density", [1.0, 0.5, 0.0, "one"])
 @pytest.mark.parametrize("gate,group", [("in", 1), ("out", 1), ("in", 3), ("out", 3)])
-def test_training_over_the_open_set(dtype, density, gate, group, rel_err):
+def test_training_over_the_open_set(dtype, density, gate, group, rel_err, monkeypatch):
     """Batch-noise training of half types runs over the open set (linear_open_fwd / linear_open_bwd): equal
     to the float64 reference at every density, closed features' gradients exactly zero, inf in their weights
     never read, the open path counted, and L0K_SKIP_CLOSED off (the dense kernels) giving the same."""
     from l0kernels import _active
+    from l0kernels.backends import cuda as cb
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("the open-set GEMM needs sm_80+")
+    monkeypatch.setattr(cb, "SKIP_BELOW", 1.0)  # the open-set path at every density
     m, k, n = 70, 141, 99
     feats = k if gate == "in" else n
     gen = torch.Generator().manual_seed(7 * group + (gate == "in"))
@@ -405,12 +407,16 @@ def test_training_over_the_open_set_never_synchronises():
     CUDA calls turned into errors."""
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("the open-set GEMM needs sm_80+")
-    lin = l0k.L0Linear(64, 48, backend="cuda").cuda().half()
+    from l0kernels import _active
+    lin = l0k.L0Linear(64, 48, backend="cuda", droprate_init=0.9).cuda().half()
     x = torch.randn(40, 64, device="cuda", dtype=torch.half)
-    lin(x).float().sum().backward()  # warm-up: allocations, the autotuner
+    lin(x).float().sum().backward()  # warm-up: allocations, the autotuner, the first open-fraction read
     torch.cuda.synchronize()
+    _active.PATHS.clear()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        lin(x).float().sum().backward()
+        for _ in range(20):  # the open fraction read again behind an event: still no sync
+            lin(x).float().sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    assert _active.PATHS["linear-in", "fwd", "skip"] == 20  # about 35% open (droprate 0.9): the open-set path

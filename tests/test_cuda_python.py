@@ -108,6 +108,7 @@ CHILD = textwrap.dedent(r'''
 
     cfg = GateConfig()
     g = torch.Generator().manual_seed(0)
+    cb.SKIP_BELOW = 1.0  # the open-set path whatever the density (the plumbing checks below)
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for gate, noise, training in [("in", "batch", True), ("in", "sample", True), ("out", "sample", True),
                                       ("out", "batch", False), ("weight", "batch", True)]:
@@ -148,6 +149,21 @@ CHILD = textwrap.dedent(r'''
         cb.CudaL0LinearFunction.apply(xo, wo, lao, None, 3, gate, "batch", True, cfg, gs_).float().sum().backward()
         assert "open" not in calls and not cb.skips_closed(xo, gate, "batch", True), calls
         _active.ENABLED = True
+    # SKIP_BELOW < 1: a layer takes the open set once its last read open fraction is at most SKIP_BELOW; the
+    # first call knows none (dense), the count is read every _REFRESH_EVERY calls
+    cb.SKIP_BELOW = 0.5
+    for frac, want in ((0.25, "open"), (0.8, "fused")):
+        lad = torch.where(torch.arange(16) < 16 * frac, torch.tensor(6.0), torch.tensor(-9.0)).half().requires_grad_()
+        xd = torch.randn(6, 16, generator=go).half()
+        wd = torch.randn(5, 16, generator=go).half().requires_grad_()
+        seen = []
+        for i in range(3):
+            calls.clear()
+            cb.CudaL0LinearFunction.apply(xd, wd, lad, None, 100 + i, "in", "batch", True, cfg).float().sum().backward()
+            seen.append(calls[0])
+        assert seen == ["fused", want, want], (frac, seen)
+        st = cb._FRACTIONS[lad]
+        assert abs(st.value - frac) < 0.07 and st.calls == 3, (st.value, st.calls)
     # grouped gates: group_size reaches the ops (forward and backward)
     for gate, noise in [("in", "sample"), ("out", "batch")]:
         xg = torch.randn(3, 5, 8, generator=g).requires_grad_()
