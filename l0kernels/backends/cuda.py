@@ -265,13 +265,15 @@ class _OpenFraction:
         self.host = self.event = None
         self.calls = 0
 
-    def update(self, count: Optional[torch.Tensor], features: int, make_count) -> Optional[float]:
+    def update(self, features: int, make_count) -> Optional[float]:
+        """The fraction known now; starts a read of ``make_count()`` (this call's open count) when one is due."""
+        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+            return self.value  # no event queried and no copy inside a trace or a capture
         if self.host is not None and (self.event is None or self.event.query()):
             self.value = float(self.host) / max(features, 1)
             self.host = self.event = None
-        if self.host is None and self.calls % _REFRESH_EVERY == 0 and not torch.compiler.is_compiling() \
-                and not torch.cuda.is_current_stream_capturing():
-            count = make_count() if count is None else count
+        if self.host is None and self.calls % _REFRESH_EVERY == 0:
+            count = make_count()
             if count.is_cuda:
                 self.host = torch.empty((), dtype=torch.int64, pin_memory=True)
                 self.host.copy_(count, non_blocking=True)
@@ -306,7 +308,7 @@ def _takes_open_set(log_alpha: torch.Tensor, seed: torch.Tensor, cfg: GateConfig
     if st is None:
         st = _FRACTIONS[log_alpha] = _OpenFraction()
     features = log_alpha.shape[0] * group_size
-    frac = st.update(None, features, lambda: open_set(log_alpha, seed, cfg, group_size).count)
+    frac = st.update(features, lambda: open_set(log_alpha, seed, cfg, group_size).count)
     return frac is not None and frac <= SKIP_BELOW
 
 
