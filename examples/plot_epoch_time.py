@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     mk = "o" if max(len(hl), len(hd)) < 20 else None
     ax.plot([e["epoch"] for e in hl], [e[key] for e in hl], marker=mk, label=l0.get("method", "L0"))
     ax.plot([e["epoch"] for e in hd], [e[key] for e in hd], marker=mk,
-            label="dense (nn.Linear, Adam weight decay)")
+            label="dense (nn.Linear, the same L2 term with every gate open)")
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"training {'CPU' if a.clock == 'cpu' else 'wall'} time per epoch (s)")
     ax.set_ylim(bottom=0)
