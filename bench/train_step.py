@@ -17,7 +17,7 @@ against ``F.linear`` forward+backward (``triton.testing.do_bench`` medians), and
 with the skipping turned off (``triton-noskip``, ``cuda-noskip``). Goal <= (d + 0.1)x dense.
 
     nice -n 0 python bench/train_step.py [--reps 300] [--threads N]
-    python bench/train_step.py --gpu
+    python bench/train_step.py --gpu [--quick]
 
 Writes ``bench/results/<device>-train-step-<date>.json`` and ``.md`` (the load average is recorded).
 """
@@ -132,15 +132,26 @@ def _rows(meta, bench, names, times) -> List[dict]:
             for n, s in zip(names, stats)]
 
 
-def gpu_rows(ctx: common.BenchContext) -> List[dict]:
-    """SPEC-format rows (``common.FIELDS`` + density) for the transformer MLP shapes on CUDA."""
+def gpu_plan(quick: bool = False):
+    """``(shapes, densities, backends)`` of :func:`gpu_rows`."""
+    backends = ("triton", "triton-noskip", "cuda", "cuda-noskip")
+    if quick:
+        return GPU_SHAPES[:1], (1.0, 0.25), backends
+    return GPU_SHAPES, GPU_DENSITIES, ("torch",) + backends
+
+
+def gpu_rows(ctx: common.BenchContext, quick: bool = False) -> List[dict]:
+    """SPEC-format rows (``common.FIELDS`` + density) for the transformer MLP shapes on CUDA. ``quick`` (the
+    GPU check's second call): 4096->4096 only, densities 1.0 and 0.25, the Triton and CUDA backends with and
+    without the skipping."""
     dev, dt = ctx.device, torch.bfloat16
+    shapes, densities, backends = gpu_plan(quick)
     rows = []
     try:
         from l0kernels.backends import cuda as cuda_backend
     except ImportError:  # no extension: its rows are skipped below
         cuda_backend = None
-    for m, k, n in GPU_SHAPES:
+    for m, k, n in shapes:
         g = torch.Generator(device=dev).manual_seed(0)
         x = torch.randn(m, k, device=dev, generator=g).to(dt).requires_grad_()
         w = (torch.randn(n, k, device=dev, generator=g) / k ** 0.5).to(dt).requires_grad_()
@@ -150,14 +161,14 @@ def gpu_rows(ctx: common.BenchContext) -> List[dict]:
         dense_fwd = ctx.time_ms(lambda: F.linear(x, w, b))
         dense_peak = ctx.peak_mib(lambda: torch.autograd.grad(F.linear(x, w, b), (x, w, b), dy))
         for gate in ("in", "out"):
-            for d in GPU_DENSITIES:
+            for d in densities:
                 gcount = k if gate == "in" else n
                 la = common.log_alpha_for_density(gcount, d, device=dev).to(dt).requires_grad_()
                 kw = dict(gate=gate, noise="batch", training=True)
                 # "<backend>-noskip": the kernels with the skipping off (L0K_SKIP_CLOSED=0: the dense
                 # kernels of before), the reference for what the device open set costs at density 1.0 and
                 # saves below it
-                for be in ("torch", "triton", "triton-noskip", "cuda", "cuda-noskip"):
+                for be in backends:
                     f = lambda be=be: l0k.l0_linear(x, w, la, b, backend=be.split("-")[0], **kw)  # noqa: E731
                     old, old_below = _active.ENABLED, getattr(cuda_backend, "SKIP_BELOW", None)
                     _active.ENABLED = old and not be.endswith("-noskip")
@@ -209,6 +220,7 @@ def cpu_markdown(rows: List[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gpu", action="store_true", help="the GPU rows (CUDA only)")
+    ap.add_argument("--quick", action="store_true", help="with --gpu: one shape, densities 1.0 and 0.25")
     ap.add_argument("--reps", type=int, default=300)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (CPU; 0 = leave as is)")
     ap.add_argument("--out", default=os.path.join(common.HERE, "results"))
@@ -222,7 +234,7 @@ def main(argv=None) -> int:
         meta = common.make_meta(dev, now)
         ctx = common.BenchContext(dev, False, False, a.reps, meta)
         l0k.available_backends()
-        rows = gpu_rows(ctx)
+        rows = gpu_rows(ctx, a.quick)
         common.write_results(rows, a.out, meta["device"], now, "train-step", common.spec_markdown)
         return 0
     if a.threads:

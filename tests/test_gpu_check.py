@@ -191,8 +191,13 @@ def test_bench_selections_pick_the_intended_rows():
     assert sorted(lin) == ["16x4096->4096", "1x4096->4096", "256x4096->4096", "8192x4096->4096"]
     assert inf == [("4096->4096", 0.25)]
     assert {"cuda[fused]", "cuda[two_pass]"} <= set(backends) and "triton" not in backends
-    lin2, inf2, _ = picked(2)
-    assert lin2 == [] and inf2 and not set(inf2) & set(inf)  # call 2: further rows, none twice
+    # call 2: issue 13's training rows, the quick set of bench/train_step.py --gpu
+    (cmd,) = [s for s in gc.plan(2) if s.kind == "bench"][0].cmds
+    assert cmd[1:] == ["bench/train_step.py", "--gpu", "--quick", "--out", "$OUT/bench"]
+    import train_step
+    shapes, densities, backends = train_step.gpu_plan(quick=True)
+    assert shapes == ((8192, 4096, 4096),) and densities == (1.0, 0.25)
+    assert set(backends) == {"triton", "triton-noskip", "cuda", "cuda-noskip"}
 
 
 def test_autotune_switch(tmp_path):
