@@ -183,6 +183,7 @@ def test_triton_nonfinite_like_float64(gate, noise, where, value, training, monk
     if training and noise == "batch" and gate in ("in", "out"):
         from l0kernels import _active
         monkeypatch.setattr(_active, "DENSE_ABOVE", 1.0)
+        monkeypatch.setattr(_active, "CONV_DENSE_ABOVE", 1.0)
         monkeypatch.setattr(_active, "MIN_SKIPPED_MACS", 0)
     ref_y, ref_g = run(torch.float64, "torch")
     y, g = run(torch.float32, "triton")

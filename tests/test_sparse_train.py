@@ -30,6 +30,7 @@ def _log_alpha(g, density, gen):
 def force_skip(monkeypatch):
     """Skip closed groups whenever any gate is closed (not only below the CPU's density threshold)."""
     monkeypatch.setattr(_active, "DENSE_ABOVE", 1.0)
+    monkeypatch.setattr(_active, "CONV_DENSE_ABOVE", 1.0)
     monkeypatch.setattr(_active, "MIN_SKIPPED_MACS", 0)
     monkeypatch.setattr(_active, "ENABLED", True)
     _active.PATHS.clear()
@@ -143,6 +144,21 @@ def test_dense_above_threshold_takes_dense_path(monkeypatch):
     la[0] = -30.0  # 12 of 13 open: above the threshold
     l0k.l0_linear(x, w, la.requires_grad_(), b, seed=1, gate="in", backend="torch").sum().backward()
     assert _active.PATHS["linear-in", "fwd", "dense"] == 1 and not _active.PATHS["linear-in", "fwd", "skip"]
+
+
+def test_linear_and_conv_thresholds(monkeypatch):
+    """With 8 of 10 groups open the linear layer keeps the dense GEMM (its gathers cost more than they save
+    above 70% open on the CPU) and the convolution takes the gathered one (its threshold is 90%)."""
+    monkeypatch.setattr(_active, "MIN_SKIPPED_MACS", 0)
+    _active.PATHS.clear()
+    gen = torch.Generator().manual_seed(5)
+    la = torch.full((10,), 30.0, dtype=torch.float64)
+    la[[2, 7]] = -30.0  # exactly 8 of 10 gates open, whatever the noise
+    x = torch.randn(4, 10, generator=gen, dtype=torch.float64)
+    l0k.l0_linear(x, torch.randn(6, 10, generator=gen, dtype=torch.float64), la, seed=1, gate="in", backend="torch")
+    xc = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64)
+    l0k.l0_conv2d(xc, torch.randn(10, 3, 3, 3, generator=gen, dtype=torch.float64), la, seed=1, backend="torch")
+    assert _active.PATHS["linear-in", "fwd", "dense"] == 1 and _active.PATHS["conv2d", "fwd", "skip"] == 1
 
 
 def test_small_skipped_work_takes_dense_path(monkeypatch):

@@ -80,7 +80,7 @@ def _open_gates(log_alpha: torch.Tensor, seed, cfg: GateConfig, need_grad: bool,
 
 
 def _skip_gates(x: torch.Tensor, log_alpha: torch.Tensor, seed, training: bool, noise: str, cfg: GateConfig,
-                group_size: int = 1, macs_per_group: int = 0):
+                group_size: int = 1, macs_per_group: int = 0, conv: bool = False):
     """:func:`_open_gates` where the call takes the path that skips closed groups (training, one gate
     vector per call, a CPU tensor, :func:`l0kernels._active.skip_closed`), else None. Backward draws the
     same gates again from the seed (``ctx.skip`` records the forward's decision). A layer too small to
@@ -91,7 +91,7 @@ def _skip_gates(x: torch.Tensor, log_alpha: torch.Tensor, seed, training: bool, 
         return None
     z, dz = gates_for(log_alpha, seed, (log_alpha.shape[0],), True, cfg, False, group_size)
     # per feature: a grouped gate's open set lists its features (``macs_per_group`` per feature)
-    if not _active.skip_closed(int(torch.count_nonzero(z)), features, macs_per_group):
+    if not _active.skip_closed(int(torch.count_nonzero(z)), features, macs_per_group, conv):
         return None
     return z, dz, _active.open_index(z)
 
@@ -274,7 +274,8 @@ class L0Conv2dFunction(torch.autograd.Function):
         shape = (x.shape[0], c) if noise == "sample" else (c,)
         # multiply-adds of one output channel, about (the output size from the strides alone)
         macs = x.shape[0] * (x.shape[2] * x.shape[3]) // (stride[0] * stride[1]) * (weight[0].numel())
-        skip = _skip_gates(x, log_alpha, seed, training, noise, cfg, group_size, macs) if groups == 1 else None
+        skip = _skip_gates(x, log_alpha, seed, training, noise, cfg, group_size, macs, conv=True) if groups == 1 \
+            else None
         if training and noise == "batch":
             _active.PATHS["conv2d", "fwd", "skip" if skip else "dense"] += 1
         if skip is not None:
