@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import collections
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 # Gathering the open columns/rows costs one copy of the open part of x and W, the scatter of dW and a few
 # calls; above this open fraction the dense GEMM (with the closed groups multiplied by their zero gate) is
@@ -86,3 +87,71 @@ def skip_closed(n_open: int, n_gates: int, macs_per_group: int, conv: bool = Fal
     above = CONV_DENSE_ABOVE if conv else DENSE_ABOVE
     return (ENABLED and n_open < n_gates and n_open <= above * n_gates
             and (n_gates - n_open) * macs_per_group >= MIN_SKIPPED_MACS)
+
+
+# -- the open fraction of a layer's gates, known on the host without a sync --------------------------------
+# The CUDA backend takes its open-set kernels below a fraction (backends/cuda.py), and ``auto`` re-tunes its
+# backend choice as a layer's fraction falls (l0kernels._dispatch: the fraction's tenth is part of the key),
+# so training that sparsifies moves to the kernels that skip. Read every REFRESH_EVERY calls of a layer.
+REFRESH_EVERY = 16
+
+
+class _OpenFraction:
+    """The last known open fraction of a layer's training gates, kept on the host without a sync: every
+    ``REFRESH_EVERY`` calls the open count of that call's gates is copied to pinned memory behind a CUDA
+    event, and a later call reads it once the event has completed. None until the first read lands; not
+    refreshed while a CUDA graph is captured or under ``torch.compile`` (the last value decides)."""
+
+    __slots__ = ("value", "host", "event", "calls")
+
+    def __init__(self):
+        self.value: Optional[float] = None
+        self.host = self.event = None
+        self.calls = 0
+
+    def update(self, features: int, make_count) -> Optional[float]:
+        """The fraction known now; starts a read of ``make_count()`` (this call's open count) when one is due."""
+        if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            return self.value  # no event queried and no copy inside a trace or a capture
+        if self.host is not None and (self.event is None or self.event.query()):
+            self.value = float(self.host) / max(features, 1)
+            self.host = self.event = None
+        if self.host is None and self.calls % REFRESH_EVERY == 0:
+            count = make_count()
+            if count.is_cuda:
+                self.host = torch.empty((), dtype=torch.int64, pin_memory=True)
+                self.host.copy_(count, non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record()
+            else:  # a CPU tensor (a stand-in extension in the tests): nothing to wait for
+                self.host = count.detach().clone()
+        self.calls += 1
+        return self.value
+
+
+_FRACTIONS = WeakIdKeyDictionary()  # log_alpha -> _OpenFraction (by identity: tensors compare elementwise)
+
+
+def open_fraction(log_alpha: torch.Tensor, features: int, make_count) -> Optional[float]:
+    """The last known open fraction of ``log_alpha``'s training gates (None until one is known);
+    ``make_count()`` gives this call's open count as a 0-d tensor (called only when a read is due)."""
+    st = _FRACTIONS.get(log_alpha)
+    if st is None:
+        st = _FRACTIONS[log_alpha] = _OpenFraction()
+    return st.update(features, make_count)
+
+
+def density_tenth(call) -> Optional[int]:
+    """For a training call with one gate vector (batch noise; input/output gates or conv channels): the tenth
+    of the layer's last known open fraction (0-9), None when unknown or for other calls. Part of ``auto``'s
+    autotuner key, so that a sparsifying layer is timed again as its gates close."""
+    if not call.training or call.noise != "batch" or getattr(call, "gate", "out") == "weight":
+        return None
+
+    def count():
+        from ._gates import sample_gate_tensor
+        z = sample_gate_tensor(call.log_alpha.detach(), call.seed, tuple(call.log_alpha.shape), call.cfg, False)[0]
+        return torch.count_nonzero(z) * call.group_size
+
+    frac = open_fraction(call.log_alpha, call.log_alpha.shape[0] * call.group_size, count)
+    return None if frac is None else min(int(frac * 10), 9)

@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from . import _active
 from ._autotune import AUTOTUNER
 from ._gates import GateConfig
 
@@ -247,8 +248,11 @@ def select_backend(call, name: str) -> Backend:
 
 
 def _tune_key(call, cands: List[Backend]) -> Tuple:
-    """The autotuner's key of ``call``: its signature and what else the candidates' speed depends on."""
-    return (call.signature(),) + tuple(b.tune_key(call) for b in cands)
+    """The autotuner's key of ``call``: its signature, what else the candidates' speed depends on, and for a
+    training call with one gate vector the tenth of the layer's open fraction (``_active.density_tenth``):
+    a backend that skips closed groups may win only once the gates have closed, so ``auto`` times the
+    candidates again each time a sparsifying layer's density enters another tenth (at most ten times)."""
+    return (call.signature(),) + tuple(b.tune_key(call) for b in cands) + (_active.density_tenth(call),)
 
 
 def forward(backend: Backend, call) -> torch.Tensor:

@@ -61,7 +61,7 @@ def _fake_gpu_clock(monkeypatch, seconds):
 def test_training_and_eval_auto_pick_through_the_one_cache(two_backends, monkeypatch, tuner):
     slow, fast = two_backends
     timed = _fake_gpu_clock(monkeypatch, {"slow": 2.0, "fast": 1.0})
-    lin = l0k.L0Linear(6, 4, gate="out")
+    lin = l0k.L0Linear(6, 4, gate="out", noise="sample")  # no density in the key (test_auto_follows_the_density)
     x = torch.randn(3, 6)
     lin(x)  # training: timed once, the faster backend runs
     assert sorted(timed) == ["fast", "slow"] and fast.calls and fast.calls[-1].training
@@ -76,10 +76,10 @@ def test_training_and_eval_auto_pick_through_the_one_cache(two_backends, monkeyp
     (train_key, train_names), (eval_key, eval_names) = tuner.best
     assert train_names == eval_names == ("slow", "fast")
     def signature(training):
-        return functional.linear_call(x, lin.weight, lin.log_alpha, lin.bias, seed=None, gate="out", noise="batch",
-                                      training=training, backend="auto", beta=2 / 3, gamma=-0.1,
-                                      zeta=1.1).signature()
-    assert train_key == (signature(True), (), ()) and eval_key == (signature(False), (), ())
+        return functional.linear_call(x, lin.weight, lin.log_alpha, lin.bias, seed=None, gate="out",
+                                      noise="sample", training=training, backend="auto",
+                                      beta=2 / 3, gamma=-0.1, zeta=1.1).signature()
+    assert train_key == (signature(True), (), (), None) and eval_key == (signature(False), (), (), None)
     # the default Backend.eval: the backend's own op on the layer's call, no plan
     assert not fast.calls[-1].training and fast.calls[-1].owner is lin
     assert l0k.backends._plans.cached_plan(lin) is None
@@ -87,6 +87,35 @@ def test_training_and_eval_auto_pick_through_the_one_cache(two_backends, monkeyp
     monkeypatch.setitem(_REGISTRY, "fast", fast)
     l0k.register_backend(_REGISTRY["slow"])
     assert tuner.best == {}
+
+
+def test_auto_follows_the_density(two_backends, monkeypatch, tuner):
+    """Training with one gate vector: the tenth of the layer's open fraction is part of the key, read without
+    a sync every REFRESH_EVERY calls, so ``auto`` times the backends again as the gates close (a backend that
+    skips closed groups may win only then), once per tenth."""
+    from l0kernels import _active
+    slow, fast = two_backends
+    clock = {"slow": 1.0, "fast": 2.0}
+    timed = _fake_gpu_clock(monkeypatch, clock)
+    monkeypatch.setattr(_active, "REFRESH_EVERY", 1)
+    lin = l0k.L0Linear(40, 4, gate="in")
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        lin.log_alpha.fill_(9.0)  # every gate open
+    lin(x)  # the fraction is not known yet: timed under "unknown"
+    lin(x)  # now known (all open): timed under its tenth
+    assert len(timed) == 4
+    keys = [k[0][-1] for k in tuner.best]
+    assert keys == [None, 9] and list(tuner.best.values()) == ["slow", "slow"] and slow.calls
+    lin(x)
+    assert len(timed) == 4  # the same tenth: remembered
+    clock.update(slow=3.0)  # the skipping backend wins at low density
+    with torch.no_grad():
+        lin.log_alpha[:30] = -9.0  # 10 of 40 open
+    lin(x)  # the count read now lands on the next call
+    lin(x)
+    assert [k[0][-1] for k in tuner.best] == [None, 9, 2] and tuner.best[list(tuner.best)[-1]] == "fast"
+    assert len(timed) == 6 and fast.calls and fast.calls[-1].training
 
 
 def test_eval_auto_key_holds_the_plan_shape(monkeypatch, tuner):

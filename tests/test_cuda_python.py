@@ -150,7 +150,7 @@ CHILD = textwrap.dedent(r'''
         assert "open" not in calls and not cb.skips_closed(xo, gate, "batch", True), calls
         _active.ENABLED = True
     # SKIP_BELOW < 1: a layer takes the open set once its last read open fraction is at most SKIP_BELOW; the
-    # first call knows none (dense), the count is read every _REFRESH_EVERY calls
+    # first call knows none (dense), the count is read every _active.REFRESH_EVERY calls
     cb.SKIP_BELOW = 0.5
     for frac, want in ((0.25, "open"), (0.8, "fused")):
         lad = torch.where(torch.arange(16) < 16 * frac, torch.tensor(6.0), torch.tensor(-9.0)).half().requires_grad_()
@@ -162,7 +162,7 @@ CHILD = textwrap.dedent(r'''
             cb.CudaL0LinearFunction.apply(xd, wd, lad, None, 100 + i, "in", "batch", True, cfg).float().sum().backward()
             seen.append(calls[0])
         assert seen == ["fused", want, want], (frac, seen)
-        st = cb._FRACTIONS[lad]
+        st = _active._FRACTIONS[lad]
         assert abs(st.value - frac) < 0.07 and st.calls == 3, (st.value, st.calls)
     # grouped gates: group_size reaches the ops (forward and backward)
     for gate, noise in [("in", "sample"), ("out", "batch")]:

@@ -29,7 +29,7 @@ backward is the tensor-core kernel over the gathered open features, reading the 
 memory (``csrc/l0_gemm.cuh``'s open-set fields); dlog_alpha's dot products run over the open features only
 (``csrc/l0_open.cuh``). Closed features get exact zeros and their data is never read; no host sync, so a
 CUDA graph captures the step. A layer takes this path once its open fraction, read without a sync
-(:class:`_OpenFraction`), is at most ``L0K_CUDA_SKIP_BELOW`` (:data:`SKIP_BELOW`, default 0.5; 1 always):
+(:func:`l0kernels._active.open_fraction`), is at most ``L0K_CUDA_SKIP_BELOW`` (:data:`SKIP_BELOW`, default 0.5; 1 always):
 above it cuBLAS on the dense problem is expected to be faster. ``L0K_SKIP_CLOSED=0`` (``_active.ENABLED``)
 turns it off.
 
@@ -45,7 +45,6 @@ from typing import Dict, Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _active
 from .._autotune import AUTOTUNER
@@ -246,46 +245,9 @@ def eval_linear_plan(x2: torch.Tensor, plan) -> torch.Tensor:
 
 # The open-set kernels replace cuBLAS, which is faster on large dense GEMMs than the tensor-core kernel of
 # csrc/l0_gemm.cuh: a layer takes them once the open fraction of its gates is at most SKIP_BELOW (1.0: always).
-# The fraction is read without a host sync (_OpenFraction). 0.5 is a guess until measured on a GPU
-# (bench/train_step.py --gpu runs the "cuda" rows with SKIP_BELOW = 1.0 beside "cuda-noskip").
+# The fraction is read without a host sync (l0kernels._active.open_fraction). 0.5 is a guess until measured on
+# a GPU (bench/train_step.py --gpu runs the "cuda" rows with SKIP_BELOW = 1.0 beside "cuda-noskip").
 SKIP_BELOW = float(os.environ.get("L0K_CUDA_SKIP_BELOW", "0.5"))
-_REFRESH_EVERY = 16  # calls between two reads of a layer's open count
-
-
-class _OpenFraction:
-    """The last known open fraction of a layer's training gates, kept on the host without a sync: every
-    ``_REFRESH_EVERY`` calls the open count of that call's gates is copied to pinned memory behind a CUDA
-    event, and a later call reads it once the event has completed. None until the first read lands; not
-    refreshed while a CUDA graph is captured or under ``torch.compile`` (the last value decides)."""
-
-    __slots__ = ("value", "host", "event", "calls")
-
-    def __init__(self):
-        self.value: Optional[float] = None
-        self.host = self.event = None
-        self.calls = 0
-
-    def update(self, features: int, make_count) -> Optional[float]:
-        """The fraction known now; starts a read of ``make_count()`` (this call's open count) when one is due."""
-        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-            return self.value  # no event queried and no copy inside a trace or a capture
-        if self.host is not None and (self.event is None or self.event.query()):
-            self.value = float(self.host) / max(features, 1)
-            self.host = self.event = None
-        if self.host is None and self.calls % _REFRESH_EVERY == 0:
-            count = make_count()
-            if count.is_cuda:
-                self.host = torch.empty((), dtype=torch.int64, pin_memory=True)
-                self.host.copy_(count, non_blocking=True)
-                self.event = torch.cuda.Event()
-                self.event.record()
-            else:  # a stand-in extension on the CPU (tests): nothing to wait for
-                self.host = count.detach().clone()
-        self.calls += 1
-        return self.value
-
-
-_FRACTIONS = WeakIdKeyDictionary()  # log_alpha -> _OpenFraction (by identity: tensors compare elementwise)
 
 
 def skips_closed(x: torch.Tensor, gate: str, noise: str, training: bool) -> bool:
@@ -301,14 +263,11 @@ def skips_closed(x: torch.Tensor, gate: str, noise: str, training: bool) -> bool
 def _takes_open_set(log_alpha: torch.Tensor, seed: torch.Tensor, cfg: GateConfig, group_size: int) -> bool:
     """For a call that :func:`skips_closed` allows: the open-set kernels where the layer's last known open
     fraction is at most :data:`SKIP_BELOW` (always at 1.0), else the dense ones. The open count of this
-    call's gates is copied to the host now and then for the next calls (:class:`_OpenFraction`)."""
+    call's gates is copied to the host now and then for the next calls (:func:`l0kernels._active.open_fraction`)."""
     if SKIP_BELOW >= 1.0:
         return True
-    st = _FRACTIONS.get(log_alpha)
-    if st is None:
-        st = _FRACTIONS[log_alpha] = _OpenFraction()
-    features = log_alpha.shape[0] * group_size
-    frac = st.update(features, lambda: open_set(log_alpha, seed, cfg, group_size).count)
+    frac = _active.open_fraction(log_alpha, log_alpha.shape[0] * group_size,
+                                 lambda: open_set(log_alpha, seed, cfg, group_size).count)
     return frac is not None and frac <= SKIP_BELOW
 
 
