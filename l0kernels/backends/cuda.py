@@ -260,14 +260,14 @@ def skips_closed(x: torch.Tensor, gate: str, noise: str, training: bool) -> bool
             and x.numel() // max(1, x.shape[-1]) <= FUSED_MAX_ROWS)
 
 
-def _takes_open_set(log_alpha: torch.Tensor, seed: torch.Tensor, cfg: GateConfig, group_size: int) -> bool:
+def _takes_open_set(log_alpha: torch.Tensor, group_size: int, this_open_set) -> bool:
     """For a call that :func:`skips_closed` allows: the open-set kernels where the layer's last known open
     fraction is at most :data:`SKIP_BELOW` (always at 1.0), else the dense ones. The open count of this
-    call's gates is copied to the host now and then for the next calls (:func:`l0kernels._active.open_fraction`)."""
+    call's gates (``this_open_set()``, drawn once per call) is copied to the host now and then for the next
+    calls (:func:`l0kernels._active.open_fraction`)."""
     if SKIP_BELOW >= 1.0:
         return True
-    frac = _active.open_fraction(log_alpha, log_alpha.shape[0] * group_size,
-                                 lambda: open_set(log_alpha, seed, cfg, group_size).count)
+    frac = _active.open_fraction(log_alpha, log_alpha.shape[0] * group_size, lambda: this_open_set().count)
     return frac is not None and frac <= SKIP_BELOW
 
 
@@ -290,11 +290,17 @@ class CudaL0LinearFunction(torch.autograd.Function):
         sample = noise == "sample"
         ctx.conf = (gate, sample, training, _cfg(cfg))
         ctx.group_size = group_size
-        ctx.open = skips_closed(x, gate, noise, training) and _takes_open_set(log_alpha, seed, cfg, group_size)
+        drawn = []  # this call's open set, drawn at most once (the open-fraction read and the kernels share it)
+
+        def this_open_set():
+            if not drawn:
+                drawn.append(open_set(log_alpha, seed, cfg, group_size))
+            return drawn[0]
+        ctx.open = skips_closed(x, gate, noise, training) and _takes_open_set(log_alpha, group_size, this_open_set)
         if training and noise == "batch" and gate != "weight":
             _active.PATHS["linear-" + gate, "fwd", "skip" if ctx.open else "dense"] += 1
         if ctx.open:
-            os_ = open_set(log_alpha, seed, cfg, group_size)
+            os_ = this_open_set()
             ctx.cfg = cfg
             return _ops.linear_open_fwd(x, weight, log_alpha, bias, seed, os_.index, os_.count, gate, _cfg(cfg),
                                         group_size)
