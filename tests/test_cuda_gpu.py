@@ -402,6 +402,62 @@ def test_training_over_the_open_set(dtype, density, gate, group, rel_err, monkey
         assert rel_err(a.cpu(), d.cpu().double()) < TOL[dtype] * 10
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.0, "one"])
+@pytest.mark.parametrize("group,channels_last", [(1, False), (2, True)])
+def test_conv2d_training_over_the_open_set(dtype, density, group, channels_last, rel_err, monkeypatch):
+    """Batch-noise training of a half-type convolution runs over the open output channels (im2col and the
+    open-set GEMMs): equal to the float64 reference, closed channels' outputs and gradients exactly zero, inf
+    in their weights never read, the path counted, and the same as cuDNN with L0K_SKIP_CLOSED off."""
+    from l0kernels import _active
+    from l0kernels.backends import cuda as cb
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the open-set GEMM needs sm_80+")
+    monkeypatch.setattr(cb, "SKIP_BELOW", 1.0)
+    c_out = 12
+    gen = torch.Generator().manual_seed(11 * group)
+    la = log_alpha_at_density(c_out // group, density, gen).to(dtype).cuda()
+    x = torch.randn(3, 5, 13, 11, generator=gen).to(dtype).cuda()
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = (torch.randn(c_out, 5, 3, 3, generator=gen) * 0.2).to(dtype).cuda()
+    b = torch.randn(c_out, generator=gen).to(dtype).cuda()
+    conv = ((2, 1), (1, 2), (1, 2), 1)
+    seed = torch.tensor(_seed(), device="cuda")
+    z = l0k.sample_gates(la.float().cpu(), seed.cpu()).repeat_interleave(group)
+    closed = torch.nonzero(z == 0).reshape(-1).cuda()
+    wp = w.clone()
+    wp[closed] = float("inf")
+    leaves = [t.detach().requires_grad_() for t in (x, wp, la, b)]
+    refs = [t.detach().double().cpu().requires_grad_() for t in (x, w, la, b)]
+    _active.PATHS.clear()
+    out = CudaL0Conv2dFunction.apply(*leaves, *conv, seed, "batch", True, CFG, group)
+    ref = L0Conv2dFunction.apply(*refs, *conv, seed.cpu(), "batch", True, CFG, group)
+    g = torch.randn(ref.shape, dtype=torch.float64)
+    gs = torch.autograd.grad(out, leaves, g.to(dtype).cuda())
+    gr = torch.autograd.grad(ref, refs, g)
+    assert _active.PATHS["conv2d", "fwd", "skip"] == 1 and _active.PATHS["conv2d", "bwd", "skip"] == 1
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert torch.isfinite(out).all() and rel_err(out.cpu(), ref) < TOL[dtype]
+    for name, a, r in zip(("x", "weight", "log_alpha", "bias"), gs, gr):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a.cpu(), r) < TOL[dtype] * 10, name
+    zc = closed.cpu()
+    assert (out.cpu()[:, zc] == 0).all() and (gs[1].cpu()[zc] == 0).all() and (gs[3].cpu()[zc] == 0).all()
+    assert (gs[2].cpu().repeat_interleave(group)[zc] == 0).all()
+    old = _active.ENABLED
+    _active.ENABLED = False
+    try:
+        dense = [t.detach().requires_grad_() for t in (x, w, la, b)]
+        out_d = CudaL0Conv2dFunction.apply(*dense, *conv, seed, "batch", True, CFG, group)
+        gd = torch.autograd.grad(out_d, dense, g.to(dtype).cuda())
+    finally:
+        _active.ENABLED = old
+    assert rel_err(out.cpu(), out_d.cpu().double()) < TOL[dtype]
+    for a, d in zip(gs, gd):
+        assert rel_err(a.cpu(), d.cpu().double()) < TOL[dtype] * 10
+
+
 def test_training_over_the_open_set_never_synchronises():
     """The open-set step reads its counts on the device: a whole forward+backward runs with synchronising
     CUDA calls turned into errors."""

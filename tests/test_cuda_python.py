@@ -164,6 +164,58 @@ CHILD = textwrap.dedent(r'''
         assert seen == ["fused", want, want], (frac, seen)
         st = _active._FRACTIONS[lad]
         assert abs(st.value - frac) < 0.07 and st.calls == 3, (st.value, st.calls)
+    # conv2d over the open output channels: im2col + the linear open-set ops (gate "out"), against the float64
+    # reference convolution; closed channels' outputs and gradients exactly zero, channels_last kept, float32 /
+    # groups > 1 / eval dense (that closed weights are never read is the kernels' part: test_cuda_gpu.py)
+    cb.SKIP_BELOW = 1.0
+    rel = lambda a, r: float((a.double() - r).abs().max() / r.abs().max().clamp_min(1e-30))  # noqa: E731
+    conv_cases = [((1, 1), (1, 1), (1, 1), False, 1, 0.5, True), ((2, 1), (0, 2), (1, 2), True, 2, 0.3, True),
+                  ((1, 2), (2, 0), (2, 1), False, 1, 1.0, False), ((1, 1), (0, 0), (1, 1), True, 3, 0.0, True)]
+    for stride, padding, dilation, cl, gsz, dens, with_b in conv_cases:
+        for dtype in (torch.float16, torch.bfloat16):
+            c_out = 6
+            gcount = c_out // gsz
+            perm = torch.randperm(gcount, generator=go)
+            lac = torch.where(perm < round(gcount * dens), torch.tensor(6.0), torch.tensor(-9.0))
+            xc = torch.randn(2, 3, 9, 8, generator=go).to(dtype)
+            wc = (torch.randn(c_out, 3, 3, 2, generator=go) * 0.3).to(dtype)
+            bc = torch.randn(c_out, generator=go).to(dtype) if with_b else None
+            lac = lac.to(dtype)
+            if cl:
+                xc = xc.to(memory_format=torch.channels_last)
+            seed_c = torch.tensor(12345 + gsz)
+            zc = l0k.sample_gates(lac.float(), seed_c).repeat_interleave(gsz)
+            closed = torch.nonzero(zc == 0).reshape(-1)
+            leaves = [t.detach().requires_grad_() if t is not None else None for t in (xc, wc, lac, bc)]
+            refs = [t.detach().double().requires_grad_() if t is not None else None for t in (xc, wc, lac, bc)]
+            assert cb.conv_skips_closed(xc, wc, (stride, padding, dilation, 1), "batch", True)
+            calls.clear()
+            _active.PATHS.clear()
+            yc = cb.CudaL0Conv2dFunction.apply(*leaves, stride, padding, dilation, 1, seed_c, "batch", True, cfg, gsz)
+            rc = L0Conv2dFunction.apply(*refs, stride, padding, dilation, 1, seed_c, "batch", True, cfg, gsz)
+            assert yc.shape == rc.shape and yc.dtype == dtype and rel(yc, rc) < 2e-2, (stride, dtype, rel(yc, rc))
+            assert yc.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+            assert (yc[:, closed] == 0).all() and torch.isfinite(yc).all()
+            gy = torch.randn(rc.shape, generator=go, dtype=torch.float64)
+            want = [t for t in leaves if t is not None]
+            gs = torch.autograd.grad(yc, want, gy.to(dtype))
+            gr = torch.autograd.grad(rc, [t for t in refs if t is not None], gy)
+            assert calls == ["open", "open_bwd"], calls
+            assert _active.PATHS["conv2d", "fwd", "skip"] == 1 and _active.PATHS["conv2d", "bwd", "skip"] == 1
+            for name, a, r in zip(("x", "weight", "log_alpha", "bias"), gs, gr):
+                assert a.shape == r.shape and a.dtype == dtype and torch.isfinite(a).all(), name
+                assert rel(a, r) < 5e-2 or (r == 0).all() and (a == 0).all(), (name, dtype, rel(a, r))
+            assert (gs[1][closed] == 0).all() and (gs[2].repeat_interleave(gsz)[closed] == 0).all()
+            if with_b:
+                assert (gs[3][closed] == 0).all()
+    xc32 = torch.randn(2, 3, 9, 8, generator=go)
+    w32 = torch.randn(6, 3, 3, 3, generator=go)
+    conv1 = ((1, 1), (0, 0), (1, 1), 1)
+    assert not cb.conv_skips_closed(xc32, w32, conv1, "batch", True)  # float32: cuDNN
+    assert not cb.conv_skips_closed(xc32.half(), w32.half(), conv1[:3] + (3,), "batch", True)  # groups
+    assert not cb.conv_skips_closed(xc32.half(), w32.half(), conv1, "sample", True)
+    assert not cb.conv_skips_closed(xc32.half(), w32.half(), conv1, "batch", False)
+    cb.SKIP_BELOW = 0.5
     # grouped gates: group_size reaches the ops (forward and backward)
     for gate, noise in [("in", "sample"), ("out", "batch")]:
         xg = torch.randn(3, 5, 8, generator=g).requires_grad_()

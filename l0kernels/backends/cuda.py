@@ -16,7 +16,7 @@ Forward of ``l0_linear``, two implementations:
 which lets the autotuner (:mod:`l0kernels._autotune`) time both once per call signature and keep the
 faster (a fixed rule, :func:`_static_choice`, where nothing is timed: ``torch.compile``, a CUDA graph
 capture before the signature was timed, ``L0K_AUTO_TUNE=0``). ``l0_conv2d`` runs cuDNN plus the epilogue
-kernel. A layer's eval calls run its cached plan (:mod:`l0kernels.backends._plans`) with the same choice:
+kernel (in training over the open channels: see below). A layer's eval calls run its cached plan (:mod:`l0kernels.backends._plans`) with the same choice:
 ``fused`` is ``sparse_linear`` (the same kernels, no gates, gathering the active inputs and scattering
 the active outputs), ``two_pass`` cuBLAS on the plan. Backward regenerates
 the gates from the seed (no stored mask) and forms the ``log_alpha`` gradients with reduction
@@ -31,7 +31,8 @@ memory (``csrc/l0_gemm.cuh``'s open-set fields); dlog_alpha's dot products run o
 CUDA graph captures the step. A layer takes this path once its open fraction, read without a sync
 (:func:`l0kernels._active.open_fraction`), is at most ``L0K_CUDA_SKIP_BELOW`` (:data:`SKIP_BELOW`, default 0.5; 1 always):
 above it cuBLAS on the dense problem is expected to be faster. ``L0K_SKIP_CLOSED=0`` (``_active.ENABLED``)
-turns it off.
+turns it off. ``l0_conv2d`` with ``groups == 1`` takes the same ops on its im2col form (output gates over
+the channels, :class:`CudaL0Conv2dFunction`, :func:`conv_skips_closed`), under the same rule.
 
 Runs float32, float16 and bfloat16 CUDA tensors; float64 and CPU tensors go to the ``torch``
 backend. Importing this module raises ImportError when the extension is not built, so the lazy
@@ -44,10 +45,12 @@ import os
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .. import _active
 from .._autotune import AUTOTUNER
+from .._checks import conv_out_size
 from .._dispatch import Backend, Conv2dCall, LinearCall, register_backend
 from .._gates import GateConfig
 from .._philox import seed_on
@@ -325,10 +328,45 @@ class CudaL0LinearFunction(torch.autograd.Function):
         return _grads(out, mask) + (None,) * 6
 
 
+def conv_skips_closed(x: torch.Tensor, weight: torch.Tensor, conv, noise: str, training: bool) -> bool:
+    """Whether a training call of ``l0_conv2d`` may run over the open output channels (:func:`skips_closed`'s
+    rule for the GEMM of its im2col form, see :class:`CudaL0Conv2dFunction`): one gate vector per call,
+    ``groups == 1``, float16 / bfloat16 on compute capability 8.0+, at most ``FUSED_MAX_ROWS`` output pixels."""
+    stride, padding, dilation, groups = conv
+    if groups != 1:
+        return False
+    oh, ow = _conv_hw(x, weight, stride, padding, dilation)
+    rows = x.shape[0] * oh * ow
+    return (_active.ENABLED and training and noise == "batch" and x.dtype in (torch.float16, torch.bfloat16)
+            and _capability(x.device)[0] >= 8 and 0 < rows <= FUSED_MAX_ROWS)
+
+
+def _conv_hw(x, weight, stride, padding, dilation):
+    return tuple(conv_out_size(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d]) for d in (0, 1))
+
+
+def _im2col(x, weight, stride, padding, dilation) -> torch.Tensor:
+    """``x`` as the ``(B * OH * OW, C * kh * kw)`` row-major matrix whose product with ``weight.reshape(C_out,
+    -1).T`` is the convolution, rows ordered (b, oh, ow): channels-last order of the output."""
+    cols = F.unfold(x, tuple(weight.shape[2:]), dilation=tuple(dilation), padding=tuple(padding),
+                    stride=tuple(stride))  # (B, C*kh*kw, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
 class CudaL0Conv2dFunction(torch.autograd.Function):
     """``l0_conv2d`` on the CUDA extension; same arguments as ``L0Conv2dFunction.apply``:
     ``apply(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg[,
-    group_size])``."""
+    group_size])``.
+
+    Dense: cuDNN plus the extension's gate kernels (``conv2d_fwd`` / ``conv2d_bwd``). Training calls of
+    :func:`conv_skips_closed` whose layer's open fraction is at most :data:`SKIP_BELOW` run over the open
+    output channels instead: the convolution as the GEMM of its im2col form (``F.unfold``: ``X``, ``(B*OH*OW,
+    C*kh*kw)``), ``Y = X W[o]^T`` with output gates, on the open-set ops of the linear layer
+    (``linear_open_fwd`` / ``linear_open_bwd``: the open count read in device memory, no sync); ``dx`` is
+    ``F.fold`` of ``dX = dY[:, o] W[o]``, ``dW[o] = dY[:, o]^T X``, and ``dlog_alpha`` and ``db`` as for a
+    linear layer's output gates. Closed channels get exact zeros and their weights are never read. The
+    im2col matrix costs ``kh*kw`` times the input's memory (recomputed in backward, not stored); cuDNN has no
+    form that takes the open count from device memory."""
 
     @staticmethod
     def forward(ctx, x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg,
@@ -338,6 +376,25 @@ class CudaL0Conv2dFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, log_alpha, bias, seed)
         ctx.conf = (conv, (noise == "sample", training, _cfg(cfg)))
         ctx.group_size = group_size
+        drawn = []
+
+        def this_open_set():
+            if not drawn:
+                drawn.append(open_set(log_alpha, seed, cfg, group_size))
+            return drawn[0]
+        ctx.open = (conv_skips_closed(x, weight, conv, noise, training)
+                    and _takes_open_set(log_alpha, group_size, this_open_set))
+        if training and noise == "batch":
+            _active.PATHS["conv2d", "fwd", "skip" if ctx.open else "dense"] += 1
+        if ctx.open:
+            ctx.cfg = cfg
+            os_ = this_open_set()
+            c_out = weight.shape[0]
+            oh, ow = _conv_hw(x, weight, *conv[:3])
+            y2 = _ops.linear_open_fwd(_im2col(x, weight, *conv[:3]), weight.reshape(c_out, -1), log_alpha, bias,
+                                      seed, os_.index, os_.count, "out", _cfg(cfg), group_size)
+            y = y2.view(x.shape[0], oh, ow, c_out).permute(0, 3, 1, 2)  # channels-last strides
+            return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
         return _ops.conv2d_fwd(x, weight, log_alpha, bias, *conv, seed, noise == "sample", training, _cfg(cfg),
                                group_size)
 
@@ -348,7 +405,23 @@ class CudaL0Conv2dFunction(torch.autograd.Function):
         conv, rest = ctx.conf
         mask = [bool(m) for m in ctx.needs_input_grad[:4]]
         mask[3] = mask[3] and bias is not None
-        out = _ops.conv2d_bwd(dy, x, weight, log_alpha, bias, *conv, seed, *rest, mask, ctx.group_size)
+        if ctx.open:
+            _active.PATHS["conv2d", "bwd", "skip"] += 1
+            os_ = open_set(log_alpha, seed, ctx.cfg, ctx.group_size)
+            stride, padding, dilation = conv[:3]
+            c_out = weight.shape[0]
+            dy2 = dy.permute(0, 2, 3, 1).reshape(-1, c_out)  # free for a channels-last dY
+            dx2, dw2, dla, db = _ops.linear_open_bwd(dy2, _im2col(x, weight, stride, padding, dilation),
+                                                     weight.reshape(c_out, -1), log_alpha, bias, seed, os_.index,
+                                                     os_.count, "out", rest[2], mask, ctx.group_size)
+            dx = None
+            if mask[0]:
+                dx = F.fold(dx2.view(x.shape[0], -1, dx2.shape[1]).transpose(1, 2), tuple(x.shape[2:]),
+                            tuple(weight.shape[2:]), dilation=tuple(dilation), padding=tuple(padding),
+                            stride=tuple(stride))
+            out = (dx, dw2.view(weight.shape) if mask[1] else None, dla, db)
+        else:
+            out = _ops.conv2d_bwd(dy, x, weight, log_alpha, bias, *conv, seed, *rest, mask, ctx.group_size)
         return _grads(out, mask) + (None,) * 9
 
 
@@ -391,5 +464,5 @@ class CudaBackend(Backend):
 
 CUDA_BACKEND = register_backend(CudaBackend())
 
-__all__ = ["CudaBackend", "CudaL0LinearFunction", "skips_closed", "open_set", "CudaL0Conv2dFunction", "cuda_gates", "CUDA_BACKEND", "gemm_impl",
+__all__ = ["CudaBackend", "CudaL0LinearFunction", "skips_closed", "conv_skips_closed", "open_set", "CudaL0Conv2dFunction", "cuda_gates", "CUDA_BACKEND", "gemm_impl",
            "fused_why_not", "forward_impls", "eval_linear_plan"]
