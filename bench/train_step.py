@@ -151,6 +151,10 @@ def gpu_rows(ctx: common.BenchContext, quick: bool = False) -> List[dict]:
         from l0kernels.backends import cuda as cuda_backend
     except ImportError:  # no extension: its rows are skipped below
         cuda_backend = None
+    try:
+        from l0kernels.backends.triton import _gate_math as triton_gates
+    except ImportError:  # no Triton: its rows are skipped below
+        triton_gates = None
     for m, k, n in shapes:
         g = torch.Generator(device=dev).manual_seed(0)
         x = torch.randn(m, k, device=dev, generator=g).to(dt).requires_grad_()
@@ -171,9 +175,12 @@ def gpu_rows(ctx: common.BenchContext, quick: bool = False) -> List[dict]:
                 for be in backends:
                     f = lambda be=be: l0k.l0_linear(x, w, la, b, backend=be.split("-")[0], **kw)  # noqa: E731
                     old, old_below = _active.ENABLED, getattr(cuda_backend, "SKIP_BELOW", None)
+                    old_tbelow = getattr(triton_gates, "SKIP_BELOW", None)
                     _active.ENABLED = old and not be.endswith("-noskip")
                     if cuda_backend is not None:
                         cuda_backend.SKIP_BELOW = 1.0  # the open-set kernels at every density (vs cuda-noskip)
+                    if triton_gates is not None:
+                        triton_gates.SKIP_BELOW = 1.0  # likewise for Triton (vs triton-noskip)
                     try:
                         fwd = ctx.time_ms(f)
                         fb = ctx.time_ms(lambda: torch.autograd.grad(f(), (x, w, la, b), dy))
@@ -185,6 +192,8 @@ def gpu_rows(ctx: common.BenchContext, quick: bool = False) -> List[dict]:
                         _active.ENABLED = old
                         if cuda_backend is not None:
                             cuda_backend.SKIP_BELOW = old_below
+                        if triton_gates is not None:
+                            triton_gates.SKIP_BELOW = old_tbelow
                     rows.append(ctx.row(op="linear_train", gate=gate, noise="batch", dtype="bfloat16",
                                         shape=f"{m}x{k}->{n},density={d}", backend=be, fwd_ms=fwd, fwd_bwd_ms=fb,
                                         dense_fwd_ms=dense_fwd, dense_fwd_bwd_ms=dense, peak_mib=peak,

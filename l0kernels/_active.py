@@ -141,6 +141,22 @@ def open_fraction(log_alpha: torch.Tensor, features: int, make_count) -> Optiona
     return st.update(features, make_count)
 
 
+def takes_open_set(log_alpha: torch.Tensor, features: int, below: float, make_count=None) -> bool:
+    """The device backends' rule (CUDA: ``L0K_CUDA_SKIP_BELOW``, Triton: ``L0K_TRITON_SKIP_BELOW``): whether a
+    training call that may skip closed groups runs the open-set kernels. Always where ``below >= 1``; else once
+    the layer's last known open fraction (:func:`open_fraction`, ``make_count()`` this call's open count) is at
+    most ``below`` (unknown: the dense kernels). ``make_count=None`` only reads the fraction (a backward taking
+    the decision its forward took, without counting a call)."""
+    if below >= 1.0:
+        return True
+    if make_count is None:
+        st = _FRACTIONS.get(log_alpha)
+        frac = None if st is None else st.value
+    else:
+        frac = open_fraction(log_alpha, features, make_count)
+    return frac is not None and frac <= below
+
+
 def density_tenth(call) -> Optional[int]:
     """For a training call with one gate vector (batch noise; input/output gates or conv channels): the tenth
     of the layer's last known open fraction (0-9), None when unknown or for other calls. Part of ``auto``'s

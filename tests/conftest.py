@@ -19,6 +19,10 @@ HAS_CUDA = torch.cuda.is_available()
 torch.set_num_threads(int(os.environ.get("L0K_TEST_THREADS", "1")))
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The device backends take their open-set kernels only once a layer's open fraction is at most
+# L0K_TRITON_SKIP_BELOW / L0K_CUDA_SKIP_BELOW (0.5 by default): the tests run them at every density (1.0: always),
+# and test_sparse_train.py::test_triton_open_fraction_rule tests the rule itself.
+os.environ.setdefault("L0K_TRITON_SKIP_BELOW", "1")
 
 MNIST_DIR = os.environ.get(
     "L0K_MNIST_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist"))

@@ -345,6 +345,39 @@ def test_triton_closed_groups_are_never_read(gate):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_triton_open_fraction_rule(op, monkeypatch):
+    """Below 1, ``_gate_math.SKIP_BELOW`` decides: a layer's first call knows no open fraction (the dense
+    kernels, forward and backward), later ones take the open-set kernels where the last read fraction is at most
+    SKIP_BELOW (25% open) and the dense ones above it (80%); the backward takes its forward's decision."""
+    _triton_or_skip()
+    from l0kernels.backends.triton import _gate_math
+    monkeypatch.setattr(_gate_math, "SKIP_BELOW", 0.5)
+    gen = torch.Generator().manual_seed(8)
+    for frac, want in ((0.25, "skip"), (0.8, "dense")):
+        la = torch.where(torch.arange(16) < 16 * frac, torch.tensor(6.0), torch.tensor(-9.0)).to(TDEV)
+        la = la.requires_grad_()
+        if op == "linear":
+            x = torch.randn(5, 16, generator=gen).to(TDEV)
+            w = torch.randn(7, 16, generator=gen).to(TDEV).requires_grad_()
+            run = lambda s: l0k.l0_linear(x, w, la, seed=s, backend="triton")  # noqa: E731
+            key = "linear-in"
+        else:
+            x = torch.randn(2, 3, 5, 4, generator=gen).to(TDEV)
+            w = torch.randn(16, 3, 3, 3, generator=gen).to(TDEV).requires_grad_()
+            run = lambda s: l0k.l0_conv2d(x, w, la, seed=s, padding=1, backend="triton")  # noqa: E731
+            key = "conv2d"
+        seen = []
+        for i in range(3):
+            _active.PATHS.clear()
+            run(30 + i).sum().backward()
+            paths = {d: p for (k, d, p), c in _active.PATHS.items() if k == key and c}
+            assert paths["fwd"] == paths["bwd"], _active.PATHS
+            seen.append(paths["fwd"])
+        assert seen == ["dense", want, want], (frac, seen)
+
+
+@pytest.mark.interpret
 def test_triton_open_set_recomputed_per_call_and_switch(monkeypatch, rel_err):
     """Each seed gives its own open set (the zero output columns follow the drawn gates); with
     ``_active.ENABLED`` off (``L0K_SKIP_CLOSED=0``) the dense kernels run and give the same result."""

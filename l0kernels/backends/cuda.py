@@ -265,13 +265,10 @@ def skips_closed(x: torch.Tensor, gate: str, noise: str, training: bool) -> bool
 
 def _takes_open_set(log_alpha: torch.Tensor, group_size: int, this_open_set) -> bool:
     """For a call that :func:`skips_closed` allows: the open-set kernels where the layer's last known open
-    fraction is at most :data:`SKIP_BELOW` (always at 1.0), else the dense ones. The open count of this
-    call's gates (``this_open_set()``, drawn once per call) is copied to the host now and then for the next
-    calls (:func:`l0kernels._active.open_fraction`)."""
-    if SKIP_BELOW >= 1.0:
-        return True
-    frac = _active.open_fraction(log_alpha, log_alpha.shape[0] * group_size, lambda: this_open_set().count)
-    return frac is not None and frac <= SKIP_BELOW
+    fraction is at most :data:`SKIP_BELOW` (:func:`l0kernels._active.takes_open_set`; always at 1.0), else the
+    dense ones. ``this_open_set()``: this call's open set (drawn once per call, shared with the kernels)."""
+    return _active.takes_open_set(log_alpha, log_alpha.shape[0] * group_size, SKIP_BELOW,
+                                  lambda: this_open_set().count)
 
 
 def open_set(log_alpha: torch.Tensor, seed: torch.Tensor, cfg: GateConfig, group_size: int) -> _active.OpenSet:

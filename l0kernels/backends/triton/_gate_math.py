@@ -18,6 +18,8 @@ tests compare it with ``l0kernels._gates.gates_from_uniform(log_alpha, philox_un
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -132,3 +134,25 @@ def open_set(log_alpha: torch.Tensor, seed: torch.Tensor, cfg, group_size: int =
         _closed_kernel[(triton.cdiv(f, block),)](log_alpha, log_alpha.stride(0), closed, f, seed, cfg.beta, cfg.gamma,
                                                  cfg.zeta, cfg.eps, GSIZE=group_size, BLOCK=block)
     return _active.open_set_of_closed(closed)
+
+
+# The open-set kernels gather their operands through the index (no contiguous tile loads), which the dense
+# kernels do not: a layer takes them once its open fraction is at most SKIP_BELOW (1.0: always; the rule is
+# l0kernels._active.takes_open_set, shared with the CUDA backend). 0.5 is a guess until measured on a GPU
+# (bench/train_step.py --gpu runs the "triton" rows with SKIP_BELOW = 1.0 beside "triton-noskip").
+SKIP_BELOW = float(os.environ.get("L0K_TRITON_SKIP_BELOW", "0.5"))
+
+
+def taken_open_set(log_alpha: torch.Tensor, seed: torch.Tensor, cfg, group_size: int, forward: bool):
+    """For a call that may skip closed groups: its device open set where it takes the open-set kernels
+    (:data:`SKIP_BELOW`), else None. The forward reads the layer's open fraction (and now and then starts a
+    copy of this call's count); the backward only reads it, so it takes the forward's decision."""
+    drawn = []
+
+    def this():
+        if not drawn:
+            drawn.append(open_set(log_alpha, seed, cfg, group_size))
+        return drawn[0]
+    take = _active.takes_open_set(log_alpha, log_alpha.shape[0] * group_size, SKIP_BELOW,
+                                  (lambda: this().count) if forward else None)
+    return this() if take else None

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ... import _active
-from ._gate_math import gate, open_set, seed_tensor
+from ._gate_math import gate, seed_tensor, taken_open_set
 from .linear import INTERPRET, _open_tile, _swizzle, dot_flags, launch_meta, tuned
 
 EPI_STORE, EPI_DLA = 0, 1
@@ -309,8 +309,9 @@ def _geometry(x, weight, stride, padding, dilation):
 
 
 def skips_closed(sample: bool, training: bool, groups: int) -> bool:
-    """True where forward and backward run over the open channels (the device open set): training with one
-    gate vector (``noise="batch"``) and ``groups == 1``. ``L0K_SKIP_CLOSED=0`` turns it off."""
+    """True where forward and backward may run over the open channels (the device open set): training with one
+    gate vector (``noise="batch"``) and ``groups == 1``. ``L0K_SKIP_CLOSED=0`` turns it off. They do once the
+    layer's open fraction is at most ``_gate_math.SKIP_BELOW`` (``taken_open_set``)."""
     return _active.ENABLED and training and not sample and groups == 1
 
 
@@ -329,10 +330,12 @@ def _launch_fwd(x, weight, log_alpha, bias, y, dy, dla, stride, padding, dilatio
     dys = dy.stride() if epilogue == EPI_DLA else (0, 0, 0, 0)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), groups)  # noqa: E731
     seed = seed_tensor(seed if training else None, x)
-    open_ = epilogue == EPI_STORE and skips_closed(sample, training, groups)
+    os_ = taken_open_set(log_alpha, seed, cfg, group_size, True) \
+        if epilogue == EPI_STORE and skips_closed(sample, training, groups) else None
+    open_ = os_ is not None
     if epilogue == EPI_STORE:
         _count_path("fwd", sample, training, open_)
-    idx, cnt = tuple(open_set(log_alpha, seed, cfg, group_size)) if open_ else (x, x)
+    idx, cnt = tuple(os_) if open_ else (x, x)
     _conv_fwd_kernel[grid](
         x, weight, log_alpha, bias if bias is not None else x, y, dy, dla, idx, cnt, m, n, k, seed,
         c_out, cin_g, h, w, oh, ow, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
@@ -423,9 +426,10 @@ def conv2d_backward(dy, x, weight, log_alpha, bias, stride, padding, dilation, g
     m = bsz * oh * ow
     consts = (cfg.beta, cfg.gamma, cfg.zeta, cfg.eps)
     seed = seed_tensor(seed if training else None, x)
-    open_ = skips_closed(sample, training, groups)
+    os_ = taken_open_set(log_alpha, seed, cfg, group_size, False) if skips_closed(sample, training, groups) else None
+    open_ = os_ is not None  # the forward's decision (the layer's open fraction, only read here)
     _count_path("bwd", sample, training, open_)
-    idx, cnt = tuple(open_set(log_alpha, seed, cfg, group_size)) if open_ else (x, x)
+    idx, cnt = tuple(os_) if open_ else (x, x)
     colsum = torch.zeros((c_out,), dtype=torch.float32, device=dev)
     zsum = torch.zeros((c_out,), dtype=torch.float32, device=dev)
     dyz = torch.empty_like(dy, memory_format=torch.channels_last if _channels_last(dy) else torch.contiguous_format)

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ... import _active
-from ._gate_math import gate, open_set, seed_tensor
+from ._gate_math import gate, seed_tensor, taken_open_set
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -424,17 +424,21 @@ def pregate(a, log_alpha, seed, training, cfg, per_element, group_size=1):
 
 
 def skips_closed(gate_name: str, sample: bool, training: bool) -> bool:
-    """True where the call runs over the open set of its gates (``_active``'s device route): training with
-    one gate vector (``noise="batch"``) and input or output gates. ``L0K_SKIP_CLOSED=0`` turns it off."""
+    """True where the call may run over the open set of its gates (``_active``'s device route): training with
+    one gate vector (``noise="batch"``) and input or output gates. ``L0K_SKIP_CLOSED=0`` turns it off. It does
+    once the layer's open fraction is at most ``_gate_math.SKIP_BELOW`` (:func:`_open_args`)."""
     return _active.ENABLED and training and not sample and gate_name in ("in", "out")
 
 
-def _open_args(log_alpha, seed, cfg, group_size, open_, dummy, direction, gate_name, sample, training):
-    """The kernels' ``(idx_ptr, cnt_ptr)``: the open set drawn from ``seed`` when ``open_`` (counted in
-    ``_active.PATHS``), else unused pointers."""
+def _open_args(log_alpha, seed, cfg, group_size, dummy, direction, gate_name, sample, training):
+    """``(open, idx_ptr, cnt_ptr)``: whether the kernels run over the open set (:func:`skips_closed` and the
+    open-fraction rule, ``_gate_math.taken_open_set``; counted in ``_active.PATHS``) and its index and count
+    drawn from ``seed``, else unused pointers."""
+    os_ = taken_open_set(log_alpha, seed, cfg, group_size, direction == "fwd") \
+        if skips_closed(gate_name, sample, training) else None
     if training and not sample and gate_name in ("in", "out"):
-        _active.PATHS["linear-" + gate_name, direction, "skip" if open_ else "dense"] += 1
-    return tuple(open_set(log_alpha, seed, cfg, group_size)) if open_ else (dummy, dummy)
+        _active.PATHS["linear-" + gate_name, direction, "skip" if os_ is not None else "dense"] += 1
+    return (False, dummy, dummy) if os_ is None else (True, os_.index, os_.count)
 
 
 def linear_forward(x2, weight, log_alpha, bias, seed, gate_name, sample, training, cfg, group_size=1):
@@ -450,9 +454,8 @@ def linear_forward(x2, weight, log_alpha, bias, seed, gate_name, sample, trainin
     seed = seed_tensor(seed if training else None, x2)
     b = bias if bias is not None else y
     code = _GATE_CODE[gate_name]
-    open_ = skips_closed(gate_name, sample, training)
-    idx, cnt = _open_args(log_alpha, seed, cfg, group_size, open_, y, "fwd", gate_name, sample, training) if code != GATE_WEIGHT \
-        else (y, y)
+    open_, idx, cnt = _open_args(log_alpha, seed, cfg, group_size, y, "fwd", gate_name, sample, training) \
+        if code != GATE_WEIGHT else (False, y, y)
     if code == GATE_IN and sample and _pregate_pays(n):
         x2, code = pregate(x2, log_alpha, seed, training, cfg, False, group_size), 0
     elif code == GATE_WEIGHT and _pregate_pays(m):
@@ -478,9 +481,6 @@ def linear_backward(dy, x2, weight, log_alpha, bias, seed, gate_name, sample, tr
     dot_f32, prec = dot_flags(x2.dtype)
     seed = seed_tensor(seed if training else None, x2)
     consts = (cfg.beta, cfg.gamma, cfg.zeta, cfg.eps)
-    open_ = skips_closed(gate_name, sample, training)
-    flags = dict(GATE=code, SAMPLE=bool(sample), TRAINING=bool(training), GSIZE=group_size, DOT_F32=dot_f32,
-                 PRECISION=prec, OPEN=open_)
     las = _la_strides(log_alpha)
     dx = torch.empty((m, k), dtype=x2.dtype, device=dev) if need_x else None
     dw = torch.empty((n, k), dtype=weight.dtype, device=dev) if need_w else None
@@ -497,9 +497,10 @@ def linear_backward(dy, x2, weight, log_alpha, bias, seed, gate_name, sample, tr
         return dx, dw, (torch.zeros_like(log_alpha) if need_la else None), db
     dummy = x2  # pointer for arguments a kernel does not touch
     # the open set drawn again from the seed (as the gates are): nothing gate-shaped is kept from forward
-    idx, cnt = _open_args(log_alpha, seed, cfg, group_size, open_, dummy, "bwd", gate_name, sample,
-                          training) \
-        if code != GATE_WEIGHT else (dummy, dummy)
+    open_, idx, cnt = _open_args(log_alpha, seed, cfg, group_size, dummy, "bwd", gate_name, sample, training) \
+        if code != GATE_WEIGHT else (False, dummy, dummy)
+    flags = dict(GATE=code, SAMPLE=bool(sample), TRAINING=bool(training), GSIZE=group_size, DOT_F32=dot_f32,
+                 PRECISION=prec, OPEN=open_)
     unused_dla = torch.empty((1,), dtype=torch.float32, device=dev)  # the autotuner zeroes dla_ptr: never x2
     # dX, and dlog_alpha of input gates
     in_dla = need_la and code == GATE_IN
