@@ -14,7 +14,9 @@ Goals: step <= 1.15x dense at density 1.0 and <= 0.6x at 0.3; layer <= (d + 0.15
 GPU (``--gpu``; not run yet): 8192 tokens, 4096->4096 and 4096->14336, bfloat16, batch-noise input and
 output gates at density 1.0 / 0.5 / 0.25 / 0.1, ``l0_linear`` forward+backward per available backend
 against ``F.linear`` forward+backward (``triton.testing.do_bench`` medians), and the Triton and CUDA kernels
-with the skipping turned off (``triton-noskip``, ``cuda-noskip``). Goal <= (d + 0.1)x dense.
+with the skipping turned off (``triton-noskip``, ``cuda-noskip``). Goal <= (d + 0.1)x dense. Then
+``l0_conv2d`` (3x3, channels_last, bf16: batch 32 of 64x56x56 -> 64 and 256x14x14 -> 256) against ``F.conv2d``
+(``gpu_conv_rows``; the CUDA rows are the im2col open-set path).
 
     nice -n 0 python bench/train_step.py [--reps 300] [--threads N]
     python bench/train_step.py --gpu [--quick]
@@ -203,6 +205,72 @@ def gpu_rows(ctx: common.BenchContext, quick: bool = False) -> List[dict]:
     return rows
 
 
+GPU_CONV_SHAPES = ((32, 64, 56, 64), (32, 256, 14, 256))  # batch, C_in, H = W, C_out; 3x3, padding 1, bf16
+
+
+def gpu_conv_plan(quick: bool = False):
+    """``(shapes, densities, backends)`` of :func:`gpu_conv_rows` (quick: the first shape, densities 1.0 and
+    0.25, the CUDA backend with and without skipping: no Triton autotuning inside the GPU check's second call)."""
+    if quick:
+        return GPU_CONV_SHAPES[:1], (1.0, 0.25), ("cuda", "cuda-noskip")
+    return GPU_CONV_SHAPES, GPU_DENSITIES, ("triton", "triton-noskip", "cuda", "cuda-noskip")
+
+
+def gpu_conv_rows(ctx: common.BenchContext, quick: bool = False) -> List[dict]:
+    """SPEC-format rows for ``l0_conv2d`` training (batch noise, channel gates, bf16, channels_last): forward and
+    forward+backward against ``F.conv2d`` (cuDNN); ``cuda`` is the im2col open-set path at every density."""
+    dev, dt = ctx.device, torch.bfloat16
+    shapes, densities, backends = gpu_conv_plan(quick)
+    rows = []
+    try:
+        from l0kernels.backends import cuda as cuda_backend
+    except ImportError:
+        cuda_backend = None
+    try:
+        from l0kernels.backends.triton import _gate_math as triton_gates
+    except ImportError:
+        triton_gates = None
+    for bsz, cin, hw, cout in shapes:
+        g = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(bsz, cin, hw, hw, device=dev, generator=g).to(dt).to(memory_format=torch.channels_last)
+        x.requires_grad_()
+        w = (torch.randn(cout, cin, 3, 3, device=dev, generator=g) / (9 * cin) ** 0.5).to(dt).requires_grad_()
+        b = torch.randn(cout, device=dev, generator=g).to(dt).requires_grad_()
+        dy = torch.randn(bsz, cout, hw, hw, device=dev, generator=g).to(dt).to(memory_format=torch.channels_last)
+        dense = ctx.time_ms(lambda: torch.autograd.grad(F.conv2d(x, w, b, padding=1), (x, w, b), dy))
+        dense_fwd = ctx.time_ms(lambda: F.conv2d(x, w, b, padding=1))
+        for d in densities:
+            la = common.log_alpha_for_density(cout, d, device=dev).to(dt).requires_grad_()
+            for be in backends:
+                f = lambda be=be: l0k.l0_conv2d(x, w, la, b, padding=1, backend=be.split("-")[0])  # noqa: E731
+                old = _active.ENABLED
+                old_below = getattr(cuda_backend, "SKIP_BELOW", None)
+                old_tbelow = getattr(triton_gates, "SKIP_BELOW", None)
+                _active.ENABLED = old and not be.endswith("-noskip")
+                for mod in (cuda_backend, triton_gates):
+                    if mod is not None:
+                        mod.SKIP_BELOW = 1.0
+                try:
+                    fwd = ctx.time_ms(f)
+                    fb = ctx.time_ms(lambda: torch.autograd.grad(f(), (x, w, la, b), dy))
+                    peak = ctx.peak_mib(lambda: torch.autograd.grad(f(), (x, w, la, b), dy))
+                except (ValueError, RuntimeError) as e:
+                    print(f"  conv {be}: skipped ({type(e).__name__}: {e})", file=sys.stderr)
+                    continue
+                finally:
+                    _active.ENABLED = old
+                    if cuda_backend is not None:
+                        cuda_backend.SKIP_BELOW = old_below
+                    if triton_gates is not None:
+                        triton_gates.SKIP_BELOW = old_tbelow
+                shape = f"{bsz}x{cin}x{hw}x{hw}->{cout},3x3,density={d}"
+                rows.append(ctx.row(op="conv2d_train", gate="channel", noise="batch", dtype="bfloat16", shape=shape,
+                                    backend=be, fwd_ms=fwd, fwd_bwd_ms=fb, dense_fwd_ms=dense_fwd,
+                                    dense_fwd_bwd_ms=dense, peak_mib=peak, density=d, goal=d + 0.1))
+                print(f"conv {shape} {be}: {fb:.3f} ms vs dense {dense:.3f} ms ({fb / dense:.2f}x)")
+    return rows
+
+
 def cpu_markdown(rows: List[dict]) -> str:
     f = common.fmt
     r0 = rows[0]
@@ -243,7 +311,7 @@ def main(argv=None) -> int:
         meta = common.make_meta(dev, now)
         ctx = common.BenchContext(dev, False, False, a.reps, meta)
         l0k.available_backends()
-        rows = gpu_rows(ctx, a.quick)
+        rows = gpu_rows(ctx, a.quick) + gpu_conv_rows(ctx, a.quick)
         common.write_results(rows, a.out, meta["device"], now, "train-step", common.spec_markdown)
         return 0
     if a.threads:

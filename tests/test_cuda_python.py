@@ -215,6 +215,10 @@ CHILD = textwrap.dedent(r'''
     assert not cb.conv_skips_closed(xc32.half(), w32.half(), conv1[:3] + (3,), "batch", True)  # groups
     assert not cb.conv_skips_closed(xc32.half(), w32.half(), conv1, "sample", True)
     assert not cb.conv_skips_closed(xc32.half(), w32.half(), conv1, "batch", False)
+    assert cb.conv_skips_closed(xc32.half(), w32.half(), conv1, "batch", True)
+    cb.IM2COL_MAX_BYTES = 2 * 7 * 6 * 27 * 2 - 1  # one byte short of this call's im2col matrix: cuDNN
+    assert not cb.conv_skips_closed(xc32.half(), w32.half(), conv1, "batch", True)
+    cb.IM2COL_MAX_BYTES = 2 << 30
     cb.SKIP_BELOW = 0.5
     # grouped gates: group_size reaches the ops (forward and backward)
     for gate, noise in [("in", "sample"), ("out", "batch")]:

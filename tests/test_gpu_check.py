@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.py")
@@ -198,6 +199,22 @@ def test_bench_selections_pick_the_intended_rows():
     shapes, densities, backends = train_step.gpu_plan(quick=True)
     assert shapes == ((8192, 4096, 4096),) and densities == (1.0, 0.25)
     assert set(backends) == {"triton", "triton-noskip", "cuda", "cuda-noskip"}
+    cshapes, cdens, cbackends = train_step.gpu_conv_plan(quick=True)
+    assert cshapes == ((32, 64, 56, 64),) and cdens == (1.0, 0.25) and cbackends == ("cuda", "cuda-noskip")
+
+
+def test_gpu_conv_rows_run(monkeypatch):
+    """``bench/train_step.py``'s convolution rows, run on the CPU with a one-call clock: the torch backend's rows
+    in the SPEC format (a backend that cannot run the call is skipped, not fatal)."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import common
+    import train_step
+    monkeypatch.setattr(train_step, "gpu_conv_plan", lambda quick=False: (((2, 3, 6, 4),), (1.0, 0.25), ("torch", "cuda")))
+    ctx = common.BenchContext(torch.device("cpu"), False, False, 1, {"device": "cpu"})
+    monkeypatch.setattr(ctx, "time_ms", lambda fn: (fn(), 1.0)[1])
+    rows = train_step.gpu_conv_rows(ctx, quick=True)
+    assert [(r["backend"], r["density"]) for r in rows] == [("torch", 1.0), ("torch", 0.25)]
+    assert all(r["op"] == "conv2d_train" and r["shape"].startswith("2x3x6x6->4,3x3") for r in rows)
 
 
 def test_autotune_switch(tmp_path):

@@ -325,17 +325,24 @@ class CudaL0LinearFunction(torch.autograd.Function):
         return _grads(out, mask) + (None,) * 6
 
 
+# The im2col matrix of a convolution that skips closed channels is materialised (kh*kw times the input); above
+# this many bytes the call keeps cuDNN's dense path instead.
+IM2COL_MAX_BYTES = int(os.environ.get("L0K_CUDA_IM2COL_MAX_BYTES", str(2 << 30)))
+
+
 def conv_skips_closed(x: torch.Tensor, weight: torch.Tensor, conv, noise: str, training: bool) -> bool:
     """Whether a training call of ``l0_conv2d`` may run over the open output channels (:func:`skips_closed`'s
     rule for the GEMM of its im2col form, see :class:`CudaL0Conv2dFunction`): one gate vector per call,
-    ``groups == 1``, float16 / bfloat16 on compute capability 8.0+, at most ``FUSED_MAX_ROWS`` output pixels."""
+    ``groups == 1``, float16 / bfloat16 on compute capability 8.0+, at most ``FUSED_MAX_ROWS`` output pixels
+    and an im2col matrix of at most :data:`IM2COL_MAX_BYTES` (``L0K_CUDA_IM2COL_MAX_BYTES``, 2 GiB)."""
     stride, padding, dilation, groups = conv
     if groups != 1:
         return False
     oh, ow = _conv_hw(x, weight, stride, padding, dilation)
     rows = x.shape[0] * oh * ow
     return (_active.ENABLED and training and noise == "batch" and x.dtype in (torch.float16, torch.bfloat16)
-            and _capability(x.device)[0] >= 8 and 0 < rows <= FUSED_MAX_ROWS)
+            and _capability(x.device)[0] >= 8 and 0 < rows <= FUSED_MAX_ROWS
+            and rows * weight[0].numel() * x.element_size() <= IM2COL_MAX_BYTES)
 
 
 def _conv_hw(x, weight, stride, padding, dilation):
