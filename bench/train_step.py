@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib
 import os
 import sys
 from typing import Dict, List
@@ -142,6 +143,41 @@ def gpu_plan(quick: bool = False):
     return GPU_SHAPES, GPU_DENSITIES, ("torch",) + backends
 
 
+def _skip_modules():
+    """The modules whose ``SKIP_BELOW`` the GPU rows set (the CUDA backend, Triton's gate helpers); None where
+    not importable (no extension, no Triton: their rows are skipped)."""
+    mods = []
+    for name in ("l0kernels.backends.cuda", "l0kernels.backends.triton._gate_math"):
+        try:
+            mods.append(importlib.import_module(name))
+        except ImportError:
+            pass
+    return mods
+
+
+def _time_backend(ctx, be: str, f, grads_of, dy, mods):
+    """``(fwd_ms, fwd_bwd_ms, peak_mib)`` of ``f`` (one call of backend ``be``) and of its backward (``grads_of``
+    the tensors differentiated), or None where the backend cannot run it. ``"<backend>-noskip"``: the kernels
+    with the skipping off (``L0K_SKIP_CLOSED=0``: the dense kernels of before), the reference for what the
+    device open set costs at density 1.0 and saves below it; otherwise the open-set kernels at every density
+    (``SKIP_BELOW = 1``)."""
+    old = _active.ENABLED
+    old_below = [m.SKIP_BELOW for m in mods]
+    _active.ENABLED = old and not be.endswith("-noskip")
+    for m in mods:
+        m.SKIP_BELOW = 1.0
+    try:
+        return (ctx.time_ms(f), ctx.time_ms(lambda: torch.autograd.grad(f(), grads_of, dy)),
+                ctx.peak_mib(lambda: torch.autograd.grad(f(), grads_of, dy)))
+    except (ValueError, RuntimeError) as e:  # a backend that cannot run the call
+        print(f"  {be}: skipped ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
+    finally:
+        _active.ENABLED = old
+        for m, v in zip(mods, old_below):
+            m.SKIP_BELOW = v
+
+
 def gpu_rows(ctx: common.BenchContext, quick: bool = False) -> List[dict]:
     """SPEC-format rows (``common.FIELDS`` + density) for the transformer MLP shapes on CUDA. ``quick`` (the
     GPU check's second call): 4096->4096 only, densities 1.0 and 0.25, the Triton and CUDA backends with and
@@ -149,14 +185,7 @@ def gpu_rows(ctx: common.BenchContext, quick: bool = False) -> List[dict]:
     dev, dt = ctx.device, torch.bfloat16
     shapes, densities, backends = gpu_plan(quick)
     rows = []
-    try:
-        from l0kernels.backends import cuda as cuda_backend
-    except ImportError:  # no extension: its rows are skipped below
-        cuda_backend = None
-    try:
-        from l0kernels.backends.triton import _gate_math as triton_gates
-    except ImportError:  # no Triton: its rows are skipped below
-        triton_gates = None
+    mods = _skip_modules()
     for m, k, n in shapes:
         g = torch.Generator(device=dev).manual_seed(0)
         x = torch.randn(m, k, device=dev, generator=g).to(dt).requires_grad_()
@@ -171,31 +200,12 @@ def gpu_rows(ctx: common.BenchContext, quick: bool = False) -> List[dict]:
                 gcount = k if gate == "in" else n
                 la = common.log_alpha_for_density(gcount, d, device=dev).to(dt).requires_grad_()
                 kw = dict(gate=gate, noise="batch", training=True)
-                # "<backend>-noskip": the kernels with the skipping off (L0K_SKIP_CLOSED=0: the dense
-                # kernels of before), the reference for what the device open set costs at density 1.0 and
-                # saves below it
                 for be in backends:
                     f = lambda be=be: l0k.l0_linear(x, w, la, b, backend=be.split("-")[0], **kw)  # noqa: E731
-                    old, old_below = _active.ENABLED, getattr(cuda_backend, "SKIP_BELOW", None)
-                    old_tbelow = getattr(triton_gates, "SKIP_BELOW", None)
-                    _active.ENABLED = old and not be.endswith("-noskip")
-                    if cuda_backend is not None:
-                        cuda_backend.SKIP_BELOW = 1.0  # the open-set kernels at every density (vs cuda-noskip)
-                    if triton_gates is not None:
-                        triton_gates.SKIP_BELOW = 1.0  # likewise for Triton (vs triton-noskip)
-                    try:
-                        fwd = ctx.time_ms(f)
-                        fb = ctx.time_ms(lambda: torch.autograd.grad(f(), (x, w, la, b), dy))
-                        peak = ctx.peak_mib(lambda: torch.autograd.grad(f(), (x, w, la, b), dy))
-                    except (ValueError, RuntimeError) as e:  # a backend that cannot run the call
-                        print(f"  {be}: skipped ({type(e).__name__}: {e})", file=sys.stderr)
+                    timed = _time_backend(ctx, be, f, (x, w, la, b), dy, mods)
+                    if timed is None:
                         continue
-                    finally:
-                        _active.ENABLED = old
-                        if cuda_backend is not None:
-                            cuda_backend.SKIP_BELOW = old_below
-                        if triton_gates is not None:
-                            triton_gates.SKIP_BELOW = old_tbelow
+                    fwd, fb, peak = timed
                     rows.append(ctx.row(op="linear_train", gate=gate, noise="batch", dtype="bfloat16",
                                         shape=f"{m}x{k}->{n},density={d}", backend=be, fwd_ms=fwd, fwd_bwd_ms=fb,
                                         dense_fwd_ms=dense_fwd, dense_fwd_bwd_ms=dense, peak_mib=peak,
@@ -222,14 +232,7 @@ def gpu_conv_rows(ctx: common.BenchContext, quick: bool = False) -> List[dict]:
     dev, dt = ctx.device, torch.bfloat16
     shapes, densities, backends = gpu_conv_plan(quick)
     rows = []
-    try:
-        from l0kernels.backends import cuda as cuda_backend
-    except ImportError:
-        cuda_backend = None
-    try:
-        from l0kernels.backends.triton import _gate_math as triton_gates
-    except ImportError:
-        triton_gates = None
+    mods = _skip_modules()
     for bsz, cin, hw, cout in shapes:
         g = torch.Generator(device=dev).manual_seed(0)
         x = torch.randn(bsz, cin, hw, hw, device=dev, generator=g).to(dt).to(memory_format=torch.channels_last)
@@ -243,26 +246,10 @@ def gpu_conv_rows(ctx: common.BenchContext, quick: bool = False) -> List[dict]:
             la = common.log_alpha_for_density(cout, d, device=dev).to(dt).requires_grad_()
             for be in backends:
                 f = lambda be=be: l0k.l0_conv2d(x, w, la, b, padding=1, backend=be.split("-")[0])  # noqa: E731
-                old = _active.ENABLED
-                old_below = getattr(cuda_backend, "SKIP_BELOW", None)
-                old_tbelow = getattr(triton_gates, "SKIP_BELOW", None)
-                _active.ENABLED = old and not be.endswith("-noskip")
-                for mod in (cuda_backend, triton_gates):
-                    if mod is not None:
-                        mod.SKIP_BELOW = 1.0
-                try:
-                    fwd = ctx.time_ms(f)
-                    fb = ctx.time_ms(lambda: torch.autograd.grad(f(), (x, w, la, b), dy))
-                    peak = ctx.peak_mib(lambda: torch.autograd.grad(f(), (x, w, la, b), dy))
-                except (ValueError, RuntimeError) as e:
-                    print(f"  conv {be}: skipped ({type(e).__name__}: {e})", file=sys.stderr)
+                timed = _time_backend(ctx, be, f, (x, w, la, b), dy, mods)
+                if timed is None:
                     continue
-                finally:
-                    _active.ENABLED = old
-                    if cuda_backend is not None:
-                        cuda_backend.SKIP_BELOW = old_below
-                    if triton_gates is not None:
-                        triton_gates.SKIP_BELOW = old_tbelow
+                fwd, fb, peak = timed
                 shape = f"{bsz}x{cin}x{hw}x{hw}->{cout},3x3,density={d}"
                 rows.append(ctx.row(op="conv2d_train", gate="channel", noise="batch", dtype="bfloat16", shape=shape,
                                     backend=be, fwd_ms=fwd, fwd_bwd_ms=fb, dense_fwd_ms=dense_fwd,

@@ -343,6 +343,24 @@ def test_opcheck_fake_impls():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def _assert_same_as_dense(apply, tensors, g, out, grads, rel_err):
+    """``apply(*tensors)`` with ``L0K_SKIP_CLOSED`` off (the dense kernels) gives ``out`` and, for the upstream
+    gradient ``g`` (float64, CPU), ``grads``, within the dtype's tolerance."""
+    from l0kernels import _active
+    dtype = out.dtype
+    old = _active.ENABLED
+    _active.ENABLED = False
+    try:
+        dense = [t.detach().requires_grad_() for t in tensors]
+        out_d = apply(*dense)
+        gd = torch.autograd.grad(out_d, dense, g.to(dtype).cuda())
+    finally:
+        _active.ENABLED = old
+    assert rel_err(out.cpu(), out_d.cpu().double()) < TOL[dtype]
+    for a, d in zip(grads, gd):
+        assert rel_err(a.cpu(), d.cpu().double()) < TOL[dtype] * 10
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("density", [1.0, 0.5, 0.0, "one"])
 @pytest.mark.parametrize("gate,group", [("in", 1), ("out", 1), ("in", 3), ("out", 3)])
@@ -389,17 +407,8 @@ def test_training_over_the_open_set(dtype, density, gate, group, rel_err, monkey
     else:
         assert (gs[0].cpu()[:, zc] == 0).all()
     assert (gs[2].cpu().repeat_interleave(group)[zc] == 0).all()
-    old = _active.ENABLED
-    _active.ENABLED = False
-    try:
-        dense = [t.detach().requires_grad_() for t in (x, w, la, b)]
-        out_d = CudaL0LinearFunction.apply(*dense, seed, gate, "batch", True, CFG, group)
-        gd = torch.autograd.grad(out_d, dense, g.to(dtype).cuda())
-    finally:
-        _active.ENABLED = old
-    assert rel_err(out.cpu(), out_d.cpu().double()) < TOL[dtype]
-    for a, d in zip(gs, gd):
-        assert rel_err(a.cpu(), d.cpu().double()) < TOL[dtype] * 10
+    _assert_same_as_dense(lambda *ts: CudaL0LinearFunction.apply(*ts, seed, gate, "batch", True, CFG, group),
+                          (x, w, la, b), g, out, gs, rel_err)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -445,17 +454,8 @@ def test_conv2d_training_over_the_open_set(dtype, density, group, channels_last,
     zc = closed.cpu()
     assert (out.cpu()[:, zc] == 0).all() and (gs[1].cpu()[zc] == 0).all() and (gs[3].cpu()[zc] == 0).all()
     assert (gs[2].cpu().repeat_interleave(group)[zc] == 0).all()
-    old = _active.ENABLED
-    _active.ENABLED = False
-    try:
-        dense = [t.detach().requires_grad_() for t in (x, w, la, b)]
-        out_d = CudaL0Conv2dFunction.apply(*dense, *conv, seed, "batch", True, CFG, group)
-        gd = torch.autograd.grad(out_d, dense, g.to(dtype).cuda())
-    finally:
-        _active.ENABLED = old
-    assert rel_err(out.cpu(), out_d.cpu().double()) < TOL[dtype]
-    for a, d in zip(gs, gd):
-        assert rel_err(a.cpu(), d.cpu().double()) < TOL[dtype] * 10
+    _assert_same_as_dense(lambda *ts: CudaL0Conv2dFunction.apply(*ts, *conv, seed, "batch", True, CFG, group),
+                          (x, w, la, b), g, out, gs, rel_err)
 
 
 def test_training_over_the_open_set_never_synchronises():
