@@ -170,13 +170,15 @@ CHILD = textwrap.dedent(r'''
     cb.SKIP_BELOW = 1.0
     rel = lambda a, r: float((a.double() - r).abs().max() / r.abs().max().clamp_min(1e-30))  # noqa: E731
     conv_cases = [((1, 1), (1, 1), (1, 1), False, 1, 0.5, True), ((2, 1), (0, 2), (1, 2), True, 2, 0.3, True),
-                  ((1, 2), (2, 0), (2, 1), False, 1, 1.0, False), ((1, 1), (0, 0), (1, 1), True, 3, 0.0, True)]
+                  ((1, 2), (2, 0), (2, 1), False, 1, 1.0, False), ((1, 1), (0, 0), (1, 1), True, 3, 0.0, True),
+                  ((2, 2), (1, 1), (1, 1), False, 1, "one", True)]
     for stride, padding, dilation, cl, gsz, dens, with_b in conv_cases:
         for dtype in (torch.float16, torch.bfloat16):
             c_out = 6
             gcount = c_out // gsz
             perm = torch.randperm(gcount, generator=go)
-            lac = torch.where(perm < round(gcount * dens), torch.tensor(6.0), torch.tensor(-9.0))
+            n_open = 1 if dens == "one" else round(gcount * dens)
+            lac = torch.where(perm < n_open, torch.tensor(30.0), torch.tensor(-30.0))
             xc = torch.randn(2, 3, 9, 8, generator=go).to(dtype)
             wc = (torch.randn(c_out, 3, 3, 2, generator=go) * 0.3).to(dtype)
             bc = torch.randn(c_out, generator=go).to(dtype) if with_b else None
@@ -186,6 +188,7 @@ CHILD = textwrap.dedent(r'''
             seed_c = torch.tensor(12345 + gsz)
             zc = l0k.sample_gates(lac.float(), seed_c).repeat_interleave(gsz)
             closed = torch.nonzero(zc == 0).reshape(-1)
+            assert dens != "one" or int((zc != 0).sum()) == 1
             leaves = [t.detach().requires_grad_() if t is not None else None for t in (xc, wc, lac, bc)]
             refs = [t.detach().double().requires_grad_() if t is not None else None for t in (xc, wc, lac, bc)]
             assert cb.conv_skips_closed(xc, wc, (stride, padding, dilation, 1), "batch", True)
