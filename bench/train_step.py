@@ -144,15 +144,17 @@ def gpu_plan(quick: bool = False):
 
 
 def _skip_modules():
-    """The modules whose ``SKIP_BELOW`` the GPU rows set (the CUDA backend, Triton's gate helpers); None where
-    not importable (no extension, no Triton: their rows are skipped)."""
-    mods = []
-    for name in ("l0kernels.backends.cuda", "l0kernels.backends.triton._gate_math"):
+    """``(module, attribute)`` of each open-fraction threshold the GPU rows set (the CUDA backend's linear and
+    conv ones, Triton's); those of a module that does not import (no extension, no Triton) are left out."""
+    out = []
+    for name, attrs in (("l0kernels.backends.cuda", ("SKIP_BELOW", "CONV_SKIP_BELOW")),
+                        ("l0kernels.backends.triton._gate_math", ("SKIP_BELOW",))):
         try:
-            mods.append(importlib.import_module(name))
+            mod = importlib.import_module(name)
         except ImportError:
-            pass
-    return mods
+            continue
+        out += [(mod, a) for a in attrs]
+    return out
 
 
 def _time_backend(ctx, be: str, f, grads_of, dy, mods):
@@ -160,12 +162,12 @@ def _time_backend(ctx, be: str, f, grads_of, dy, mods):
     the tensors differentiated), or None where the backend cannot run it. ``"<backend>-noskip"``: the kernels
     with the skipping off (``L0K_SKIP_CLOSED=0``: the dense kernels of before), the reference for what the
     device open set costs at density 1.0 and saves below it; otherwise the open-set kernels at every density
-    (``SKIP_BELOW = 1``)."""
+    (every threshold of ``mods`` at 1)."""
     old = _active.ENABLED
-    old_below = [m.SKIP_BELOW for m in mods]
+    old_below = [getattr(m, a) for m, a in mods]
     _active.ENABLED = old and not be.endswith("-noskip")
-    for m in mods:
-        m.SKIP_BELOW = 1.0
+    for m, a in mods:
+        setattr(m, a, 1.0)
     try:
         return (ctx.time_ms(f), ctx.time_ms(lambda: torch.autograd.grad(f(), grads_of, dy)),
                 ctx.peak_mib(lambda: torch.autograd.grad(f(), grads_of, dy)))
@@ -174,8 +176,8 @@ def _time_backend(ctx, be: str, f, grads_of, dy, mods):
         return None
     finally:
         _active.ENABLED = old
-        for m, v in zip(mods, old_below):
-            m.SKIP_BELOW = v
+        for (m, a), v in zip(mods, old_below):
+            setattr(m, a, v)
 
 
 def gpu_rows(ctx: common.BenchContext, quick: bool = False) -> List[dict]:

@@ -94,6 +94,26 @@ CHILD = textwrap.dedent(r'''
         return y
 
     lib.impl("sparse_linear", sparse, "CPU")
+
+    def conv_fwd(x, w, la, b, stride, padding, dilation, groups, seed, sample, training, cfg_v, group_size=1):
+        calls.append("conv_dense")
+        with torch.no_grad():
+            return L0Conv2dFunction.apply(x, w, la, b, stride, padding, dilation, groups, seed if training else None,
+                                          "sample" if sample else "batch", training, GateConfig(*cfg_v), group_size)
+
+    def conv_bwd(grad, x, w, la, b, stride, padding, dilation, groups, seed, sample, training, cfg_v, mask,
+                 group_size=1):
+        calls.append("conv_dense_bwd")
+        leaves = [t.detach().requires_grad_(m) if t is not None else None for t, m in zip((x, w, la, b), mask)]
+        with torch.enable_grad():
+            y = L0Conv2dFunction.apply(*leaves, stride, padding, dilation, groups, seed if training else None,
+                                       "sample" if sample else "batch", training, GateConfig(*cfg_v), group_size)
+            want = [t for t, m in zip(leaves, mask) if m and t is not None]
+            gs = iter(torch.autograd.grad(y, want, grad))
+        return tuple(next(gs) if (m and t is not None) else x.new_empty((0,)) for t, m in zip(leaves, mask))
+
+    lib.impl("conv2d_fwd", conv_fwd, "CPU")
+    lib.impl("conv2d_bwd", conv_bwd, "CPU")
     sys.modules["l0kernels._C"] = types.ModuleType("l0kernels._C")
     torch.cuda.get_device_capability = lambda device=None: (9, 0)
     torch.cuda.is_current_stream_capturing = lambda: False
@@ -167,7 +187,7 @@ CHILD = textwrap.dedent(r'''
     # conv2d over the open output channels: im2col + the linear open-set ops (gate "out"), against the float64
     # reference convolution; closed channels' outputs and gradients exactly zero, channels_last kept, float32 /
     # groups > 1 / eval dense (that closed weights are never read is the kernels' part: test_cuda_gpu.py)
-    cb.SKIP_BELOW = 1.0
+    cb.SKIP_BELOW = cb.CONV_SKIP_BELOW = 1.0
     rel = lambda a, r: float((a.double() - r).abs().max() / r.abs().max().clamp_min(1e-30))  # noqa: E731
     conv_cases = [((1, 1), (1, 1), (1, 1), False, 1, 0.5, True), ((2, 1), (0, 2), (1, 2), True, 2, 0.3, True),
                   ((1, 2), (2, 0), (2, 1), False, 1, 1.0, False), ((1, 1), (0, 0), (1, 1), True, 3, 0.0, True),
@@ -222,7 +242,21 @@ CHILD = textwrap.dedent(r'''
     cb.IM2COL_MAX_BYTES = 2 * 7 * 6 * 27 * 2 - 1  # one byte short of this call's im2col matrix: cuDNN
     assert not cb.conv_skips_closed(xc32.half(), w32.half(), conv1, "batch", True)
     cb.IM2COL_MAX_BYTES = 2 << 30
-    cb.SKIP_BELOW = 0.5
+    # the convolution's own open-fraction threshold (CONV_SKIP_BELOW, not SKIP_BELOW): the first call knows no
+    # fraction (cuDNN, forward and backward), later ones take the open set at 25% open, cuDNN at 50%
+    cb.SKIP_BELOW, cb.CONV_SKIP_BELOW = 1.0, 0.3
+    for frac, want in ((0.25, "open"), (0.5, "conv_dense")):
+        lad = torch.where(torch.arange(8) < 8 * frac, torch.tensor(30.0), torch.tensor(-30.0)).half().requires_grad_()
+        xd = torch.randn(2, 3, 6, 5, generator=go).half()
+        wd = torch.randn(8, 3, 3, 3, generator=go).half().requires_grad_()
+        seen = []
+        for i in range(3):
+            calls.clear()
+            cb.CudaL0Conv2dFunction.apply(xd, wd, lad, None, (1, 1), (1, 1), (1, 1), 1, 50 + i, "batch", True,
+                                          cfg).float().sum().backward()
+            seen.append(tuple(calls))
+        assert seen == [("conv_dense", "conv_dense_bwd")] + [(want, want + "_bwd")] * 2, (frac, seen)
+    cb.SKIP_BELOW, cb.CONV_SKIP_BELOW = 0.5, 0.25
     # grouped gates: group_size reaches the ops (forward and backward)
     for gate, noise in [("in", "sample"), ("out", "batch")]:
         xg = torch.randn(3, 5, 8, generator=g).requires_grad_()

@@ -32,7 +32,8 @@ CUDA graph captures the step. A layer takes this path once its open fraction, re
 (:func:`l0kernels._active.open_fraction`), is at most ``L0K_CUDA_SKIP_BELOW`` (:data:`SKIP_BELOW`, default 0.5; 1 always):
 above it cuBLAS on the dense problem is expected to be faster. ``L0K_SKIP_CLOSED=0`` (``_active.ENABLED``)
 turns it off. ``l0_conv2d`` with ``groups == 1`` takes the same ops on its im2col form (output gates over
-the channels, :class:`CudaL0Conv2dFunction`, :func:`conv_skips_closed`), under the same rule.
+the channels, :class:`CudaL0Conv2dFunction`, :func:`conv_skips_closed`), under the same rule with its own
+fraction (``L0K_CUDA_CONV_SKIP_BELOW``, :data:`CONV_SKIP_BELOW`, default 0.25).
 
 Runs float32, float16 and bfloat16 CUDA tensors; float64 and CPU tensors go to the ``torch``
 backend. Importing this module raises ImportError when the extension is not built, so the lazy
@@ -251,6 +252,10 @@ def eval_linear_plan(x2: torch.Tensor, plan) -> torch.Tensor:
 # The fraction is read without a host sync (l0kernels._active.open_fraction). 0.5 is a guess until measured on
 # a GPU (bench/train_step.py --gpu runs the "cuda" rows with SKIP_BELOW = 1.0 beside "cuda-noskip").
 SKIP_BELOW = float(os.environ.get("L0K_CUDA_SKIP_BELOW", "0.5"))
+# A convolution's open-set path also writes and reads its im2col matrix (kh*kw times the input, forward and
+# again in backward) where cuDNN's implicit GEMM reads the input itself: expected to pay only once few channels
+# stay open, so its own, lower guess (bench/train_step.py --gpu's conv rows measure it).
+CONV_SKIP_BELOW = float(os.environ.get("L0K_CUDA_CONV_SKIP_BELOW", "0.25"))
 
 
 def skips_closed(x: torch.Tensor, gate: str, noise: str, training: bool) -> bool:
@@ -263,11 +268,12 @@ def skips_closed(x: torch.Tensor, gate: str, noise: str, training: bool) -> bool
             and x.numel() // max(1, x.shape[-1]) <= FUSED_MAX_ROWS)
 
 
-def _takes_open_set(log_alpha: torch.Tensor, group_size: int, this_open_set) -> bool:
+def _takes_open_set(log_alpha: torch.Tensor, group_size: int, this_open_set, below: Optional[float] = None) -> bool:
     """For a call that :func:`skips_closed` allows: the open-set kernels where the layer's last known open
-    fraction is at most :data:`SKIP_BELOW` (:func:`l0kernels._active.takes_open_set`; always at 1.0), else the
-    dense ones. ``this_open_set()``: this call's open set (drawn once per call, shared with the kernels)."""
-    return _active.takes_open_set(log_alpha, log_alpha.shape[0] * group_size, SKIP_BELOW,
+    fraction is at most ``below`` (default :data:`SKIP_BELOW`; :func:`l0kernels._active.takes_open_set`; always
+    at 1.0), else the dense ones. ``this_open_set()``: this call's open set (drawn once per call, shared with
+    the kernels)."""
+    return _active.takes_open_set(log_alpha, log_alpha.shape[0] * group_size, SKIP_BELOW if below is None else below,
                                   lambda: this_open_set().count)
 
 
@@ -363,7 +369,7 @@ class CudaL0Conv2dFunction(torch.autograd.Function):
     group_size])``.
 
     Dense: cuDNN plus the extension's gate kernels (``conv2d_fwd`` / ``conv2d_bwd``). Training calls of
-    :func:`conv_skips_closed` whose layer's open fraction is at most :data:`SKIP_BELOW` run over the open
+    :func:`conv_skips_closed` whose layer's open fraction is at most :data:`CONV_SKIP_BELOW` run over the open
     output channels instead: the convolution as the GEMM of its im2col form (``F.unfold``: ``X``, ``(B*OH*OW,
     C*kh*kw)``), ``Y = X W[o]^T`` with output gates, on the open-set ops of the linear layer
     (``linear_open_fwd`` / ``linear_open_bwd``: the open count read in device memory, no sync); ``dx`` is
@@ -387,7 +393,7 @@ class CudaL0Conv2dFunction(torch.autograd.Function):
                 drawn.append(open_set(log_alpha, seed, cfg, group_size))
             return drawn[0]
         ctx.open = (conv_skips_closed(x, weight, conv, noise, training)
-                    and _takes_open_set(log_alpha, group_size, this_open_set))
+                    and _takes_open_set(log_alpha, group_size, this_open_set, CONV_SKIP_BELOW))
         if training and noise == "batch":
             _active.PATHS["conv2d", "fwd", "skip" if ctx.open else "dense"] += 1
         if ctx.open:
