@@ -112,3 +112,39 @@ def test_graph_reads_seed_tensor_at_replay(backend, gate, noise, dtype):
         ref = l0k.l0_linear(x, w, la, b, seed=value, gate=gate, noise=noise, backend=backend)
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", [b for b in _backends() if b != "torch"])
+def test_graph_conv_open_set_reads_seed_tensor_at_replay(backend, monkeypatch):
+    """A bfloat16 convolution with batch channel gates captured on its open-set path (the CUDA backend's
+    im2col + open-set GEMMs, Triton's kernels; every open-fraction threshold at 1): each replay with a seed
+    refilled in place gives the output and gradients of that seed's eager call."""
+    from l0kernels.backends.triton import _gate_math
+    monkeypatch.setattr(_gate_math, "SKIP_BELOW", 1.0)
+    if backend == "cuda":
+        from l0kernels.backends import cuda as cb
+        monkeypatch.setattr(cb, "CONV_SKIP_BELOW", 1.0)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(4, 5, 9, 7, device="cuda", generator=gen).bfloat16().to(memory_format=torch.channels_last)
+    w = (torch.randn(12, 5, 3, 3, device="cuda", generator=gen) * 0.2).bfloat16().requires_grad_()
+    la = torch.randn(12, device="cuda", generator=gen).mul(2).bfloat16().requires_grad_()
+    seed = torch.zeros((), dtype=torch.int64, device="cuda")
+
+    def step(s):
+        y = l0k.l0_conv2d(x, w, la, None, padding=1, seed=s, backend=backend)
+        return (y,) + torch.autograd.grad(y.float().square().sum(), (w, la))
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step(seed)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step(seed)
+    for value in (5, 2**40 + 3):
+        seed.fill_(value)
+        graph.replay()
+        for got, ref in zip(outs, step(value)):
+            torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
