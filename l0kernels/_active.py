@@ -49,6 +49,14 @@ ENABLED = os.environ.get("L0K_SKIP_CLOSED", "1") != "0"
 PATHS: "collections.Counter" = collections.Counter()
 
 
+def count_path(op: str, direction: str, path: str) -> None:
+    """Count one eager call in :data:`PATHS`. Not inside a ``torch.compile`` trace: a compiled graph keeps no
+    Python side effects, and a counter read while tracing becomes a guard that fails on the next call (the
+    model recompiled on every call until dynamo's recompile limit, then ran eagerly)."""
+    if not torch.compiler.is_compiling():
+        PATHS[op, direction, path] += 1
+
+
 class OpenSet(NamedTuple):
     """Device form of an open set: ``index[:count]`` are the open gates (ascending), the rest closed."""
 

@@ -89,7 +89,10 @@ _CONFIGS = {}
 
 def make_config(beta, gamma, zeta, eps=1e-6) -> GateConfig:
     """A validated ``GateConfig``; configs already built are reused (a call validates once per set of
-    constants; the types are part of the key, so ``beta=True`` still fails like any bool)."""
+    constants; the types are part of the key, so ``beta=True`` still fails like any bool). Not inside a
+    ``torch.compile`` trace: a cache read there is a guard that fails once the trace has filled it."""
+    if torch.compiler.is_compiling():
+        return GateConfig(beta=beta, gamma=gamma, zeta=zeta, eps=eps)
     key = (type(beta), beta, type(gamma), gamma, type(zeta), zeta, type(eps), eps)
     try:
         cfg = _CONFIGS.get(key)

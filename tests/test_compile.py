@@ -114,3 +114,19 @@ def test_compiled_functional_tensor_seed():
         torch.testing.assert_close(gw, ew, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(gla, ela, rtol=1e-4, atol=1e-5)
     assert counter.frame_count == 1
+
+
+def test_compiled_training_does_not_recompile():
+    """Training calls of a compiled model with one gate vector per call (the calls that take the skipping path
+    in eager mode) reuse one graph: nothing in the traced forward (the path counters, the open-fraction reads)
+    becomes a guard that changes from call to call."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(L0Conv2d(2, 5, 3), torch.nn.Flatten(), L0Linear(5 * 4 * 4, 6, gate="in"),
+                                L0Linear(6, 4, gate="out"))
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    comp = torch.compile(model, backend=counter)
+    x = torch.randn(3, 2, 6, 6, generator=torch.Generator().manual_seed(2))
+    for _ in range(12):
+        comp(x).square().sum().backward()
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations for 12 calls"

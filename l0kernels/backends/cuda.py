@@ -304,7 +304,7 @@ class CudaL0LinearFunction(torch.autograd.Function):
             return drawn[0]
         ctx.open = skips_closed(x, gate, noise, training) and _takes_open_set(log_alpha, group_size, this_open_set)
         if training and noise == "batch" and gate != "weight":
-            _active.PATHS["linear-" + gate, "fwd", "skip" if ctx.open else "dense"] += 1
+            _active.count_path("linear-" + gate, "fwd", "skip" if ctx.open else "dense")
         if ctx.open:
             os_ = this_open_set()
             ctx.cfg = cfg
@@ -321,7 +321,7 @@ class CudaL0LinearFunction(torch.autograd.Function):
         mask = [bool(m) for m in ctx.needs_input_grad[:4]]
         mask[3] = mask[3] and bias is not None
         if ctx.open:
-            _active.PATHS["linear-" + gate, "bwd", "skip"] += 1
+            _active.count_path("linear-" + gate, "bwd", "skip")
             os_ = open_set(log_alpha, seed, ctx.cfg, ctx.group_size)
             out = _ops.linear_open_bwd(dy, x, weight, log_alpha, bias, seed, os_.index, os_.count, gate, cfg, mask,
                                        ctx.group_size)
@@ -395,7 +395,7 @@ class CudaL0Conv2dFunction(torch.autograd.Function):
         ctx.open = (conv_skips_closed(x, weight, conv, noise, training)
                     and _takes_open_set(log_alpha, group_size, this_open_set, CONV_SKIP_BELOW))
         if training and noise == "batch":
-            _active.PATHS["conv2d", "fwd", "skip" if ctx.open else "dense"] += 1
+            _active.count_path("conv2d", "fwd", "skip" if ctx.open else "dense")
         if ctx.open:
             ctx.cfg = cfg
             os_ = this_open_set()
@@ -416,7 +416,7 @@ class CudaL0Conv2dFunction(torch.autograd.Function):
         mask = [bool(m) for m in ctx.needs_input_grad[:4]]
         mask[3] = mask[3] and bias is not None
         if ctx.open:
-            _active.PATHS["conv2d", "bwd", "skip"] += 1
+            _active.count_path("conv2d", "bwd", "skip")
             os_ = open_set(log_alpha, seed, ctx.cfg, ctx.group_size)
             stride, padding, dilation = conv[:3]
             c_out = weight.shape[0]

@@ -111,7 +111,7 @@ class L0LinearFunction(torch.autograd.Function):
         skip = None if gate == "weight" else _skip_gates(x, log_alpha, seed, training, noise, cfg, group_size,
                                                          m * (n if gate == "in" else k))
         if gate != "weight" and training and noise == "batch":
-            _active.PATHS["linear-" + gate, "fwd", "skip" if skip else "dense"] += 1
+            _active.count_path("linear-" + gate, "fwd", "skip" if skip else "dense")
         if skip is not None:
             y, wo = _skip.linear_forward(gate, x2, weight, bias, skip[0], skip[2])
         elif gate == "in" and _cpu_paths.applies(x, weight, log_alpha, not training or noise == "batch"):
@@ -143,7 +143,7 @@ class L0LinearFunction(torch.autograd.Function):
         dy = dy if dy.dim() == 2 else dy.reshape(m, n)
         need_x, need_w, need_la, need_b = ctx.needs_input_grad[:4]
         if ctx.skip:
-            _active.PATHS["linear-" + gate, "bwd", "skip"] += 1
+            _active.count_path("linear-" + gate, "bwd", "skip")
             z, dz, idx = _open_gates(log_alpha, seed, cfg, need_la, group_size)
             dx, dw, dla, db = _skip.linear_backward(gate, dy, x2, weight, wo[0], bias, z, dz, idx, need_x,
                                                     need_w, need_la, need_b)
@@ -277,7 +277,7 @@ class L0Conv2dFunction(torch.autograd.Function):
         skip = _skip_gates(x, log_alpha, seed, training, noise, cfg, group_size, macs, conv=True) if groups == 1 \
             else None
         if training and noise == "batch":
-            _active.PATHS["conv2d", "fwd", "skip" if skip else "dense"] += 1
+            _active.count_path("conv2d", "fwd", "skip" if skip else "dense")
         if skip is not None:
             y, wo = _skip.conv2d_forward(x, weight, bias, (stride, padding, dilation, groups), skip[0], skip[2])
         else:
@@ -300,7 +300,7 @@ class L0Conv2dFunction(torch.autograd.Function):
         need_x, need_w, need_la, need_b = ctx.needs_input_grad[:4]
         shape = (x.shape[0], c) if noise == "sample" else (c,)
         if ctx.skip:
-            _active.PATHS["conv2d", "bwd", "skip"] += 1
+            _active.count_path("conv2d", "bwd", "skip")
             z, dz, idx = _open_gates(log_alpha, seed, cfg, need_la, group_size)
             dx, dw, dla, db = _skip.conv2d_backward(dy, x, weight, wo[0], bias, conv_args, z, dz, idx, need_x,
                                                     need_w, need_la, need_b)

@@ -437,7 +437,7 @@ def _open_args(log_alpha, seed, cfg, group_size, dummy, direction, gate_name, sa
     os_ = taken_open_set(log_alpha, seed, cfg, group_size, direction == "fwd") \
         if skips_closed(gate_name, sample, training) else None
     if training and not sample and gate_name in ("in", "out"):
-        _active.PATHS["linear-" + gate_name, direction, "skip" if os_ is not None else "dense"] += 1
+        _active.count_path("linear-" + gate_name, direction, "skip" if os_ is not None else "dense")
     return (False, dummy, dummy) if os_ is None else (True, os_.index, os_.count)
 
 
