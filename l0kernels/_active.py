@@ -154,9 +154,12 @@ def takes_open_set(log_alpha: torch.Tensor, features: int, below: float, make_co
     training call that may skip closed groups runs the open-set kernels. Always where ``below >= 1``; else once
     the layer's last known open fraction (:func:`open_fraction`, ``make_count()`` this call's open count) is at
     most ``below`` (unknown: the dense kernels). ``make_count=None`` only reads the fraction (a backward taking
-    the decision its forward took, without counting a call)."""
+    the decision its forward took, without counting a call). Inside a ``torch.compile`` trace the dense kernels
+    (below 1): a trace bakes the decision in, and the fraction is mutable state that a guard would watch."""
     if below >= 1.0:
         return True
+    if torch.compiler.is_compiling():
+        return False
     if make_count is None:
         st = _FRACTIONS.get(log_alpha)
         frac = None if st is None else st.value
