@@ -130,3 +130,7 @@ def test_compiled_training_does_not_recompile():
     for _ in range(12):
         comp(x).square().sum().backward()
     assert counter.frame_count == 1, f"{counter.frame_count} compilations for 12 calls"
+    model.eval()  # eval: one more graph (the mode is guarded), reused by later eval calls
+    for _ in range(6):
+        comp(x)
+    assert counter.frame_count == 2, f"{counter.frame_count} compilations after 6 eval calls"
