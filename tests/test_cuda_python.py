@@ -229,6 +229,7 @@ CHILD = textwrap.dedent(r'''
                 assert a.shape == r.shape and a.dtype == dtype and torch.isfinite(a).all(), name
                 assert rel(a, r) < 5e-2 or (r == 0).all() and (a == 0).all(), (name, dtype, rel(a, r))
             assert (gs[1][closed] == 0).all() and (gs[2].repeat_interleave(gsz)[closed] == 0).all()
+            assert gs[0].is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
             if with_b:
                 assert (gs[3][closed] == 0).all()
     xc32 = torch.randn(2, 3, 9, 8, generator=go)

@@ -429,6 +429,8 @@ class CudaL0Conv2dFunction(torch.autograd.Function):
                 dx = F.fold(dx2.view(x.shape[0], -1, dx2.shape[1]).transpose(1, 2), tuple(x.shape[2:]),
                             tuple(weight.shape[2:]), dilation=tuple(dilation), padding=tuple(padding),
                             stride=tuple(stride))
+                if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+                    dx = dx.contiguous(memory_format=torch.channels_last)  # x's layout, as cuDNN's dgrad
             out = (dx, dw2.view(weight.shape) if mask[1] else None, dla, db)
         else:
             out = _ops.conv2d_bwd(dy, x, weight, log_alpha, bias, *conv, seed, *rest, mask, ctx.group_size)
