@@ -6,7 +6,8 @@ with ``p_g = P(z_g != 0) = sigmoid(log_alpha_g - beta * log(-gamma/zeta))``. Wri
 costs several full-size passes and temporaries over the weight (``W**2``, its gradient ``2 W dY``, the
 broadcast of the per-group gradient ...). :class:`RegularizerFunction` keeps only ``G``-sized tensors:
 
-- forward: the group norms ``||theta_g||^2`` in one reduction pass over the weight, then ``G``-sized
+- forward: the group norms ``||theta_g||^2`` in one reduction pass over the weight (one C++ loop, or one
+  ``vector_norm`` kernel: no ``W**2``; a half-type weight is still copied to float32 first), then ``G``-sized
   arithmetic;
 - backward: ``dtheta = (wd / N) * p_g * theta`` written in one pass (the gradient itself is the only
   full-size tensor), ``dlog_alpha = (1/N) * p (1 - p) * (lamba |g| + 0.5 wd ||theta_g||^2)``.
@@ -164,9 +165,9 @@ def _forward_torch(log_alpha, weight, bias, axis, bias_gated, lamba_size, wd, sh
     sq = None
     if wd:
         if axis is None:  # one gate per weight: its "group norm" is the weight's square
-            sq = w2.to(cd).square().reshape(la.shape)
-        else:
-            sq = w2.to(cd).pow(2).sum(0 if axis == 1 else 1)
+            sq = (w2.square() if w2.dtype == cd else w2.to(cd).square_()).reshape(la.shape)
+        else:  # one reduction kernel: no ``w**2`` temporary (half types: still the float32 copy vector_norm makes)
+            sq = torch.linalg.vector_norm(w2, 2, dim=0 if axis == 1 else 1, dtype=cd).square_()
             if b is not None and bias_gated:
                 sq = sq + b.to(cd).square()
             g = la.numel()
