@@ -149,6 +149,22 @@ def open_fraction(log_alpha: torch.Tensor, features: int, make_count) -> Optiona
     return st.update(features, make_count)
 
 
+def taken_open_set(draw, log_alpha: torch.Tensor, features: int, below: float, forward: bool = True):
+    """The device backends' open set of a call that may skip closed groups, where :func:`takes_open_set` says it
+    takes the open-set kernels, else None. ``draw()`` gives this call's :class:`OpenSet` (called at most once:
+    the open-fraction read and the kernels share it). The forward reads the layer's fraction and now and then
+    starts a copy of this call's count; the backward (``forward=False``) only reads it, so it takes its
+    forward's decision."""
+    drawn = []
+
+    def this():
+        if not drawn:
+            drawn.append(draw())
+        return drawn[0]
+    take = takes_open_set(log_alpha, features, below, (lambda: this().count) if forward else None)
+    return this() if take else None
+
+
 def takes_open_set(log_alpha: torch.Tensor, features: int, below: float, make_count=None) -> bool:
     """The device backends' rule (CUDA: ``L0K_CUDA_SKIP_BELOW``, Triton: ``L0K_TRITON_SKIP_BELOW``): whether a
     training call that may skip closed groups runs the open-set kernels. Always where ``below >= 1``; else once

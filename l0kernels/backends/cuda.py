@@ -262,19 +262,19 @@ def skips_closed(x: torch.Tensor, gate: str, noise: str, training: bool) -> bool
     """Whether a training call may run over the open set only (``linear_open_fwd`` / ``linear_open_bwd``): one
     gate vector per call (batch noise), input or output gates, float16 / bfloat16 on compute capability
     8.0+ (the tensor-core GEMM of ``csrc/l0_gemm.cuh`` with its open-set fields), ``L0K_SKIP_CLOSED`` on.
-    It does where the layer's open fraction is at most :data:`SKIP_BELOW` (:func:`_takes_open_set`)."""
+    It does where the layer's open fraction is at most :data:`SKIP_BELOW` (:func:`_taken_open_set`)."""
     return (_active.ENABLED and training and noise == "batch" and gate in ("in", "out")
             and x.dtype in (torch.float16, torch.bfloat16) and _capability(x.device)[0] >= 8
             and x.numel() // max(1, x.shape[-1]) <= FUSED_MAX_ROWS)
 
 
-def _takes_open_set(log_alpha: torch.Tensor, group_size: int, this_open_set, below: Optional[float] = None) -> bool:
-    """For a call that :func:`skips_closed` allows: the open-set kernels where the layer's last known open
-    fraction is at most ``below`` (default :data:`SKIP_BELOW`; :func:`l0kernels._active.takes_open_set`; always
-    at 1.0), else the dense ones. ``this_open_set()``: this call's open set (drawn once per call, shared with
-    the kernels)."""
-    return _active.takes_open_set(log_alpha, log_alpha.shape[0] * group_size, SKIP_BELOW if below is None else below,
-                                  lambda: this_open_set().count)
+def _taken_open_set(log_alpha: torch.Tensor, seed, cfg: GateConfig, group_size: int, below: float):
+    """For a call that :func:`skips_closed` (or :func:`conv_skips_closed`) allows: this call's device open set
+    where the layer's last known open fraction is at most ``below`` (:data:`SKIP_BELOW` or
+    :data:`CONV_SKIP_BELOW`; :func:`l0kernels._active.taken_open_set`, always at 1.0), else None (the dense
+    kernels). The set is drawn once and shared by the fraction read and the kernels."""
+    return _active.taken_open_set(lambda: open_set(log_alpha, seed, cfg, group_size), log_alpha,
+                                  log_alpha.shape[0] * group_size, below)
 
 
 def open_set(log_alpha: torch.Tensor, seed: torch.Tensor, cfg: GateConfig, group_size: int) -> _active.OpenSet:
@@ -296,17 +296,12 @@ class CudaL0LinearFunction(torch.autograd.Function):
         sample = noise == "sample"
         ctx.conf = (gate, sample, training, _cfg(cfg))
         ctx.group_size = group_size
-        drawn = []  # this call's open set, drawn at most once (the open-fraction read and the kernels share it)
-
-        def this_open_set():
-            if not drawn:
-                drawn.append(open_set(log_alpha, seed, cfg, group_size))
-            return drawn[0]
-        ctx.open = skips_closed(x, gate, noise, training) and _takes_open_set(log_alpha, group_size, this_open_set)
+        os_ = _taken_open_set(log_alpha, seed, cfg, group_size, SKIP_BELOW) \
+            if skips_closed(x, gate, noise, training) else None
+        ctx.open = os_ is not None
         if training and noise == "batch" and gate != "weight":
             _active.count_path("linear-" + gate, "fwd", "skip" if ctx.open else "dense")
         if ctx.open:
-            os_ = this_open_set()
             ctx.cfg = cfg
             return _ops.linear_open_fwd(x, weight, log_alpha, bias, seed, os_.index, os_.count, gate, _cfg(cfg),
                                         group_size)
@@ -386,19 +381,13 @@ class CudaL0Conv2dFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, log_alpha, bias, seed)
         ctx.conf = (conv, (noise == "sample", training, _cfg(cfg)))
         ctx.group_size = group_size
-        drawn = []
-
-        def this_open_set():
-            if not drawn:
-                drawn.append(open_set(log_alpha, seed, cfg, group_size))
-            return drawn[0]
-        ctx.open = (conv_skips_closed(x, weight, conv, noise, training)
-                    and _takes_open_set(log_alpha, group_size, this_open_set, CONV_SKIP_BELOW))
+        os_ = _taken_open_set(log_alpha, seed, cfg, group_size, CONV_SKIP_BELOW) \
+            if conv_skips_closed(x, weight, conv, noise, training) else None
+        ctx.open = os_ is not None
         if training and noise == "batch":
             _active.count_path("conv2d", "fwd", "skip" if ctx.open else "dense")
         if ctx.open:
             ctx.cfg = cfg
-            os_ = this_open_set()
             c_out = weight.shape[0]
             oh, ow = _conv_hw(x, weight, *conv[:3])
             y2 = _ops.linear_open_fwd(_im2col(x, weight, *conv[:3]), weight.reshape(c_out, -1), log_alpha, bias,

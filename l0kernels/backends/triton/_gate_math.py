@@ -145,14 +145,7 @@ SKIP_BELOW = float(os.environ.get("L0K_TRITON_SKIP_BELOW", "0.5"))
 
 def taken_open_set(log_alpha: torch.Tensor, seed: torch.Tensor, cfg, group_size: int, forward: bool):
     """For a call that may skip closed groups: its device open set where it takes the open-set kernels
-    (:data:`SKIP_BELOW`), else None. The forward reads the layer's open fraction (and now and then starts a
-    copy of this call's count); the backward only reads it, so it takes the forward's decision."""
-    drawn = []
-
-    def this():
-        if not drawn:
-            drawn.append(open_set(log_alpha, seed, cfg, group_size))
-        return drawn[0]
-    take = _active.takes_open_set(log_alpha, log_alpha.shape[0] * group_size, SKIP_BELOW,
-                                  (lambda: this().count) if forward else None)
-    return this() if take else None
+    (:data:`SKIP_BELOW`, :func:`l0kernels._active.taken_open_set`), else None; the backward (``forward=False``)
+    takes the forward's decision."""
+    return _active.taken_open_set(lambda: open_set(log_alpha, seed, cfg, group_size), log_alpha,
+                                  log_alpha.shape[0] * group_size, SKIP_BELOW, forward)
