@@ -14,7 +14,8 @@ and from units an op cannot shrink (normalisations over the unit dim, ops withou
 layer needs an input unit when one of its kept rows reads it (a nonzero weight) and it is not a dead constant
 the layer can fold into its bias exactly (always for ``Linear``; for a conv when the constant is 0 or there is
 no zero padding). Everything not needed is removed: rows of the producers, columns of the consumers (their
-constants folded into the bias: ``sigmoid(0)``, a BatchNorm shift), BatchNorm entries, attention heads (the
+constants folded into the bias: ``sigmoid(0)``, a BatchNorm shift), BatchNorm entries (a BatchNorm that loses
+every entry becomes ``nn.Identity``: its input has no channels left), attention heads (the
 sizes in ``view``/``reshape``/``expand`` are rewritten), and closed inputs of the model (a plain
 input-selection step, ``index_select`` on a buffer, as the first module).
 
@@ -1072,8 +1073,15 @@ def _compact_graph(model: nn.Module, example_inputs) -> _Plan:
             root[w.node.target] = new
             info[w.node.target] = {"in_keep": in_keep, "out_keep": out_keep, "new": new}
         for node, u in ctx.bns.items():
-            root[node.target] = _slice_bn(ctx.module(node), keep_fn(u.ids).to(ctx.module(node).weight.device
-                                          if ctx.module(node).weight is not None else _CPU))
+            keep = keep_fn(u.ids)
+            if not bool(keep.any()):
+                # every channel removed: its input has no channels left, and a BatchNorm of 0 features raises
+                # when called; the identity maps the empty tensor to the same empty tensor (the channels'
+                # constants are folded where they are read, as for any removed unit)
+                root[node.target] = nn.Identity()
+                continue
+            bn = ctx.module(node)
+            root[node.target] = _slice_bn(bn, keep.to(bn.running_mean.device))
     graph = torch.fx.Graph()
     remap: Dict[Any, Any] = {}
     for node in gm.graph.nodes:
@@ -1186,6 +1194,17 @@ def _as_sequential(gm: torch.fx.GraphModule) -> Optional[nn.Sequential]:
     cur = ph[0]
     mods: List[Tuple[str, nn.Module]] = []
     shape_nodes = set()
+    names = {n.target.replace(".", "_") if n.op == "call_module" else n.name for n in nodes}
+    used: set = set()
+
+    def unique(name: str) -> str:
+        """A module called more than once (``Sequential(a, act, a)``, a shared activation) appears once per call,
+        under its own name at its first call and a new one after: one ``OrderedDict`` key per call."""
+        new, k = name, 1
+        while new in used or (new != name and new in names):
+            new, k = f"{name}_{k}", k + 1
+        used.add(new)
+        return new
     for n in nodes:
         if n.op == "placeholder":
             continue
@@ -1198,12 +1217,12 @@ def _as_sequential(gm: torch.fx.GraphModule) -> Optional[nn.Sequential]:
         if ins != [cur] or not n.args or n.args[0] is not cur:
             return None
         if n.op == "call_module":
-            mods.append((n.target.replace(".", "_"), gm.get_submodule(n.target)))
+            mods.append((unique(n.target.replace(".", "_")), gm.get_submodule(n.target)))
         elif n.op in ("call_function", "call_method"):
             m = _fx_op_module(n)
             if m is None:
                 return None
-            mods.append((n.name, m))
+            mods.append((unique(n.name), m))
         else:
             return None
         cur = n
@@ -1235,8 +1254,9 @@ def compact(model: nn.Module, example_inputs=None) -> nn.Module:
     key/value head goes only with all its query heads). ``example_inputs`` (a tensor or a tuple) gives the
     shapes that reshapes, transposes and attention need; chains of layers need none. The model's closed
     inputs are removed by an input-selection step (an ``index_select`` module); the output keeps its size.
-    A chain becomes an ``nn.Sequential``, any other graph a ``torch.fx.GraphModule``; both load with
-    ``torch.load`` without l0kernels and run under ``torch.export``.
+    A chain becomes an ``nn.Sequential`` (a module called more than once -- a shared activation,
+    ``Sequential(a, act, a)`` -- is one object listed once per call), any other graph a
+    ``torch.fx.GraphModule``; both load with ``torch.load`` without l0kernels and run under ``torch.export``.
 
     Hugging Face ``transformers`` models are compacted by module rules (Llama-style and BERT-style attention
     and FFN blocks) on a deep copy. What cannot be compacted raises ``ValueError`` naming the module or op.
