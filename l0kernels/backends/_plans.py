@@ -7,11 +7,14 @@ closed groups finds its own) with the deterministic gates folded in -- a :class:
 weight and bias. A built-in backend's ``eval`` (``Backend.eval``) calls :func:`serve`: for an eval call
 made by a layer's forward (``call.owner``) it builds the layer's plan on the first call and caches it
 here, keyed by the layer; other backends run the call itself. The cache is rebuilt only when ``weight``,
-``bias`` or ``log_alpha`` change, detected through the tensors' identity, storage pointer and version
-counter (``t._version``; every in-place update through autograd-visible ops, ``optimizer.step()``,
-``load_state_dict`` and ``constrain_()`` bumps it), so calls after the first do no host-device
-synchronisation. Updates made through ``param.data`` are not seen by version counters: call
-:func:`clear_eval_cache` after those.
+``bias`` or ``log_alpha`` change, so calls after the first do no host-device synchronisation. A change is
+seen through the tensors' identity and storage pointer (a new Parameter, a ``.data`` swap, FSDP's
+resharding), their version counters (``t._version``: every in-place op on the parameter or a view of it,
+``load_state_dict``, ``copy_``, the for-loop and foreach optimizers, ``constrain_()``), and a count of
+optimizer steps: every ``step()`` of any ``torch.optim.Optimizer`` (a global post-step hook) makes every
+plan stale, because fused optimizers (``fused=True``) and optimizers that write through ``param.data`` leave
+the version counters alone. What none of these sees -- a write through ``param.data`` outside an optimizer
+step, or a kernel writing the parameter's memory directly -- needs :func:`clear_eval_cache`.
 
 * linear, ``gate="in"``: ``y = x[:, active] @ (W[:, active] * z[active]).T + b``
 * linear, ``gate="out"``: only the active rows are computed and scattered into a zero output
@@ -44,6 +47,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import _active
 from .._gates import eval_gates_and_grad
@@ -86,6 +90,17 @@ class ConvPlan:
     out_channels: int
 
 
+# Steps taken by any torch.optim.Optimizer in this process; part of every plan's key (see the module docstring).
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 def _tensor_key(t: Optional[torch.Tensor]) -> Tuple:
     # identity + storage + version: a new Parameter, a `.data = ...` swap or any tracked in-place update
     return (None,) if t is None else (id(t), t.data_ptr(), t._version)
@@ -94,11 +109,12 @@ def _tensor_key(t: Optional[torch.Tensor]) -> Tuple:
 def _cache_key(call) -> Tuple:
     """What a plan depends on: the op, its options and the parameters' identity and versions."""
     return (call.op, getattr(call, "gate", "out"), call.cfg, getattr(call, "groups", 1), call.group_size,
-            _tensor_key(call.weight), _tensor_key(call.bias), _tensor_key(call.log_alpha))
+            _tensor_key(call.weight), _tensor_key(call.bias), _tensor_key(call.log_alpha), _OPTIMIZER_STEPS[0])
 
 
 def clear_eval_cache(module) -> None:
-    """Drop the cached eval plans of ``module`` and its submodules (needed only after ``.data`` edits)."""
+    """Drop the cached eval plans of ``module`` and its submodules (needed only after writes that neither a
+    version counter nor an optimizer step records, e.g. ``param.data`` edits outside ``optimizer.step()``)."""
     for m in module.modules():
         _CACHES.pop(m, None)
 
