@@ -65,6 +65,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _clamp01(s_bar: torch.Tensor) -> torch.Tensor:
+    """``min(1, max(0, s_bar))``. ``hardtanh``, not ``clamp``: the same values, and where autograd records
+    (the second-order backward replays the gates through autograd) its derivative is 0 on the boundaries,
+    as SPEC section 1 has it."""
+    return torch.nn.functional.hardtanh(s_bar, 0.0, 1.0)
+
+
 def gates_from_uniform(log_alpha: torch.Tensor, u: torch.Tensor, cfg: GateConfig = DEFAULT_CONFIG,
                        need_grad: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Training gate ``z`` and ``dz/dlog_alpha`` from raw uniforms ``u`` (broadcast with ``log_alpha``).
@@ -77,7 +84,7 @@ def gates_from_uniform(log_alpha: torch.Tensor, u: torch.Tensor, cfg: GateConfig
     u = u.to(la.dtype).clamp(cfg.eps, 1.0 - cfg.eps)
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + la) / cfg.beta)
     s_bar = s * (cfg.zeta - cfg.gamma) + cfg.gamma
-    z = s_bar.clamp(0.0, 1.0)
+    z = _clamp01(s_bar)
     if not need_grad:
         return z, None
     inside = ((s_bar > 0) & (s_bar < 1)) | s_bar.isnan()  # a NaN gate has a NaN derivative
@@ -93,7 +100,7 @@ def eval_gates_and_grad(log_alpha: torch.Tensor, cfg: GateConfig = DEFAULT_CONFI
     la = log_alpha.to(compute_dtype(log_alpha.dtype))
     s = torch.sigmoid(la)
     s_bar = s * (cfg.zeta - cfg.gamma) + cfg.gamma
-    z = s_bar.clamp(0.0, 1.0)
+    z = _clamp01(s_bar)
     if not need_grad:
         return z, None
     inside = ((s_bar > 0) & (s_bar < 1)) | s_bar.isnan()  # a NaN gate has a NaN derivative

@@ -30,10 +30,10 @@ import os
 from typing import NamedTuple, Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._gates import GateConfig, compute_dtype
 from ._philox import _cpu
+from ._replay import replay_grads
 
 _CPU_REG = _cpu is not None and hasattr(_cpu, "reg_forward") and os.environ.get("L0K_CPU_KERNELS", "1") != "0"
 
@@ -86,7 +86,7 @@ class RegularizerFunction(torch.autograd.Function):
                                              wd, shift)
                 dev_terms.append(term.to(out_dtype))
             cpps.append(cpp)
-            saved += [weight, bias, p, sq]
+            saved += [log_alpha, weight, bias, p, sq]
         device = tensors[1].device
         total = torch.tensor(host / n, dtype=out_dtype, device=device) if any(cpps) or not dev_terms else None
         for t in dev_terms:
@@ -98,15 +98,29 @@ class RegularizerFunction(torch.autograd.Function):
         return total
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
         layers, wd, n, la_dtypes = ctx.conf
         saved = ctx.saved_tensors
         needs = ctx.needs_input_grad[4:]
+        if torch.is_grad_enabled():  # create_graph=True: the torch formula through autograd (l0kernels/_replay.py)
+            tensors = [t for i in range(len(layers)) for t in saved[5 * i: 5 * i + 3]]
+            out_dtype = g.dtype
+
+            def formula():
+                total = None
+                for i, spec in enumerate(layers):
+                    log_alpha, weight, bias = tensors[3 * i: 3 * i + 3]
+                    shift = spec.cfg.beta * math.log(-spec.cfg.gamma / spec.cfg.zeta)
+                    term = _forward_torch(log_alpha, weight, bias, spec.axis, spec.bias_gated, spec.lamba_size, wd,
+                                          shift)[0].to(g.device, out_dtype) / n
+                    total = term if total is None else total + term
+                return total
+
+            return (None, None, None, None, *replay_grads(formula, tensors, needs, g))
         grads = []
         g_host = float(g) if any(ctx.cpps) else None  # a CPU scalar (the C++ layers are on the CPU)
         for i, spec in enumerate(layers):
-            weight, bias, p, sq = saved[4 * i: 4 * i + 4]
+            weight, bias, p, sq = saved[5 * i + 1: 5 * i + 5]
             need_la, need_w, need_b = needs[3 * i: 3 * i + 3]
             if ctx.cpps[i]:
                 grads += _backward_cpp(spec, weight, bias, p, sq, g_host / n, wd, need_la, need_w, need_b)
@@ -156,18 +170,21 @@ def _backward_torch(spec, weight, bias, p, sq, c, wd, la_dtype, need_la, need_w,
 
 
 def _forward_torch(log_alpha, weight, bias, axis, bias_gated, lamba_size, wd, shift):
-    """``(term, p, sq)`` in torch ops (the reference; any dtype and device)."""
+    """``(term, p, sq)`` in torch ops (the reference; any dtype and device). Differentiable where autograd
+    records (the second-order backward); in place where nothing does."""
     cd = compute_dtype(weight.dtype)
-    la = log_alpha.detach().to(cd)
+    la = log_alpha.to(cd)
     p = torch.sigmoid(la - shift)
-    w2 = weight.detach().reshape(weight.shape[0], -1)
-    b = bias.detach() if bias is not None else None
+    w2 = weight.reshape(weight.shape[0], -1)
+    b = bias
     sq = None
+    recording = torch.is_grad_enabled()
     if wd:
         if axis is None:  # one gate per weight: its "group norm" is the weight's square
-            sq = (w2.square() if w2.dtype == cd else w2.to(cd).square_()).reshape(la.shape)
+            sq = (w2.square() if w2.dtype == cd or recording else w2.to(cd).square_()).reshape(la.shape)
         else:  # one reduction kernel: no ``w**2`` temporary (half types: still the float32 copy vector_norm makes)
-            sq = torch.linalg.vector_norm(w2, 2, dim=0 if axis == 1 else 1, dtype=cd).square_()
+            sq = torch.linalg.vector_norm(w2, 2, dim=0 if axis == 1 else 1, dtype=cd)
+            sq = sq.square() if recording else sq.square_()
             if b is not None and bias_gated:
                 sq = sq + b.to(cd).square()
             g = la.numel()

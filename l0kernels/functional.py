@@ -6,10 +6,11 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._checks import autocast_dtype, check_tensor, conv2d_call, linear_call, make_config
+from ._checks import autocast_dtype, check_tensor, conv2d_call, draw_seed, linear_call, make_config
 from ._dispatch import dispatch
 from ._gates import (compute_dtype, eval_gates_and_grad, gates_from_uniform, noise_uniform, prob_open_t)
 from ._philox import check_seed
+from ._replay import replay_grads
 
 _BETA, _GAMMA, _ZETA = 2.0 / 3.0, -0.1, 1.1
 
@@ -56,13 +57,17 @@ class _GateFromUniform(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_alpha, u, cfg):
         z, dz = gates_from_uniform(log_alpha, u, cfg)
-        ctx.save_for_backward(dz)
+        ctx.save_for_backward(dz, log_alpha, u)
         ctx.shape = log_alpha.shape
+        ctx.cfg = cfg
         return z.to(log_alpha.dtype)
 
     @staticmethod
     def backward(ctx, gz):
-        (dz,) = ctx.saved_tensors
+        dz, log_alpha, u = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the gate formula through autograd (l0kernels/_replay.py)
+            formula = lambda: gates_from_uniform(log_alpha, u, ctx.cfg, need_grad=False)[0].to(log_alpha.dtype)  # noqa: E731
+            return replay_grads(formula, (log_alpha,), (True,), gz) + (None, None)
         g = gz.to(dz.dtype) * dz
         extra = g.dim() - len(ctx.shape)
         if extra:
@@ -114,10 +119,27 @@ def l0_linear(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bi
     Under ``torch.autocast`` the op casts like ``F.linear``: float16/bfloat16/float32 ``x``, ``weight``,
     ``bias`` and ``log_alpha`` run in the autocast dtype (float64 is not cast), and so does the output.
     """
+    if isinstance(x, torch.Tensor) and x.is_nested:
+        return _over_nested_rows(x, lambda x2: l0_linear(x2, weight, log_alpha, bias, seed=seed, gate=gate, noise=noise,
+                                                         training=training, backend=backend, beta=beta, gamma=gamma,
+                                                         zeta=zeta, eps=eps, group_size=group_size))
     call = linear_call(x, weight, log_alpha, bias, seed=seed, gate=gate, noise=noise, training=training,
                        backend=backend, beta=beta, gamma=gamma, zeta=zeta, eps=eps, autocast=autocast_dtype(x),
                        group_size=group_size)
     return dispatch(call, backend)
+
+
+def _over_nested_rows(x: torch.Tensor, run) -> torch.Tensor:
+    """A linear op on a nested (ragged) ``x``, as ``nn.Linear`` takes one (``nn.TransformerEncoder`` hands its
+    layers nested tensors in eval): the rows of every component in one ``(M, K)`` call of ``run`` (one gate
+    draw for the whole call, rows numbered component by component for per-row noise), split back into a
+    nested tensor of the same layout."""
+    parts = x.unbind()
+    k = parts[0].shape[-1] if parts else 0
+    y = run(torch.cat([p.reshape(-1, k) for p in parts]) if parts else x.new_empty((0, k)))
+    n = y.shape[-1]
+    outs = [r.reshape(*p.shape[:-1], n) for p, r in zip(parts, y.split([p.numel() // max(k, 1) for p in parts]))]
+    return torch.nested.as_nested_tensor(outs, layout=x.layout)
 
 
 def l0_conv2d(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -152,6 +174,12 @@ def _params(layer):
 
 def layer_linear(layer, x: torch.Tensor) -> torch.Tensor:
     """``L0Linear.forward``: ``l0_linear`` with a fresh seed in training, the deterministic gates in eval."""
+    if isinstance(x, torch.Tensor) and x.is_nested:
+        seed = draw_seed(x.device) if layer.training else None  # one draw for every component's rows
+        return _over_nested_rows(x, lambda x2: l0_linear(
+            x2, *_params(layer), seed=seed, gate=layer.gate, noise=layer.noise, training=layer.training,
+            backend=layer.backend, beta=layer.cfg.beta, gamma=layer.cfg.gamma, zeta=layer.cfg.zeta, eps=layer.cfg.eps,
+            group_size=layer.group_size))
     c, training = layer.cfg, layer.training
     weight, log_alpha, bias = _params(layer)
     call = linear_call(x, weight, log_alpha, bias, seed=None, gate=layer.gate, noise=layer.noise,

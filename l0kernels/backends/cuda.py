@@ -42,12 +42,12 @@ loader registers a placeholder that gives the reason.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .. import _active
 from .._autotune import AUTOTUNER
@@ -56,6 +56,7 @@ from .._dispatch import Backend, Conv2dCall, LinearCall, register_backend
 from .._gates import GateConfig
 from .._philox import seed_on
 from . import _plans
+from .torch_backend import conv2d_grads_replayed, linear_grads_replayed
 
 try:
     from .. import _C  # noqa: F401  (loading the library registers torch.ops.l0kernels)
@@ -296,23 +297,25 @@ class CudaL0LinearFunction(torch.autograd.Function):
         sample = noise == "sample"
         ctx.conf = (gate, sample, training, _cfg(cfg))
         ctx.group_size = group_size
+        ctx.cfg = cfg
         os_ = _taken_open_set(log_alpha, seed, cfg, group_size, SKIP_BELOW) \
             if skips_closed(x, gate, noise, training) else None
         ctx.open = os_ is not None
         if training and noise == "batch" and gate != "weight":
             _active.count_path("linear-" + gate, "fwd", "skip" if ctx.open else "dense")
         if ctx.open:
-            ctx.cfg = cfg
             return _ops.linear_open_fwd(x, weight, log_alpha, bias, seed, os_.index, os_.count, gate, _cfg(cfg),
                                         group_size)
         op = _forward_op(x, weight, log_alpha, bias, seed, gate, sample, training, _cfg(cfg), group_size)
         return op(x, weight, log_alpha, bias, seed, gate, sample, training, _cfg(cfg), group_size)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         x, weight, log_alpha, bias, seed = ctx.saved_tensors
         gate, sample, training, cfg = ctx.conf
+        if torch.is_grad_enabled():  # create_graph=True: the reference formula through autograd
+            return linear_grads_replayed(dy, x, weight, log_alpha, bias, seed, gate, "sample" if sample else "batch",
+                                         training, ctx.cfg, ctx.group_size, ctx.needs_input_grad) + (None,) * 6
         mask = [bool(m) for m in ctx.needs_input_grad[:4]]
         mask[3] = mask[3] and bias is not None
         if ctx.open:
@@ -343,7 +346,7 @@ def conv_skips_closed(x: torch.Tensor, weight: torch.Tensor, conv, noise: str, t
     rows = x.shape[0] * oh * ow
     return (_active.ENABLED and training and noise == "batch" and x.dtype in (torch.float16, torch.bfloat16)
             and _capability(x.device)[0] >= 8 and 0 < rows <= FUSED_MAX_ROWS
-            and rows * weight[0].numel() * x.element_size() <= IM2COL_MAX_BYTES)
+            and rows * math.prod(weight.shape[1:]) * x.element_size() <= IM2COL_MAX_BYTES)
 
 
 def _conv_hw(x, weight, stride, padding, dilation):
@@ -381,13 +384,13 @@ class CudaL0Conv2dFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, log_alpha, bias, seed)
         ctx.conf = (conv, (noise == "sample", training, _cfg(cfg)))
         ctx.group_size = group_size
+        ctx.cfg = cfg
         os_ = _taken_open_set(log_alpha, seed, cfg, group_size, CONV_SKIP_BELOW) \
             if conv_skips_closed(x, weight, conv, noise, training) else None
         ctx.open = os_ is not None
         if training and noise == "batch":
             _active.count_path("conv2d", "fwd", "skip" if ctx.open else "dense")
         if ctx.open:
-            ctx.cfg = cfg
             c_out = weight.shape[0]
             oh, ow = _conv_hw(x, weight, *conv[:3])
             y2 = _ops.linear_open_fwd(_im2col(x, weight, *conv[:3]), weight.reshape(c_out, -1), log_alpha, bias,
@@ -398,10 +401,13 @@ class CudaL0Conv2dFunction(torch.autograd.Function):
                                group_size)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         x, weight, log_alpha, bias, seed = ctx.saved_tensors
         conv, rest = ctx.conf
+        if torch.is_grad_enabled():  # create_graph=True: the reference formula through autograd
+            return conv2d_grads_replayed(dy, x, weight, log_alpha, bias, tuple(conv), seed,
+                                         "sample" if rest[0] else "batch", rest[1], ctx.cfg, ctx.group_size,
+                                         ctx.needs_input_grad) + (None,) * 9
         mask = [bool(m) for m in ctx.needs_input_grad[:4]]
         mask[3] = mask[3] and bias is not None
         if ctx.open:

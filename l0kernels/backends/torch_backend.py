@@ -17,11 +17,11 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .. import _active
 from .._dispatch import Backend, Conv2dCall, LinearCall, register_backend
 from .._gates import GateConfig, compute_dtype, eval_gates_and_grad, sample_gate_tensor
+from .._replay import replay_grads
 from . import _cpu_paths, _plans, _skip
 
 
@@ -96,6 +96,34 @@ def _skip_gates(x: torch.Tensor, log_alpha: torch.Tensor, seed, training: bool, 
     return z, dz, _active.open_index(z)
 
 
+def linear_formula(x2, weight, log_alpha, bias, seed, gate, noise, training, cfg, group_size=1) -> torch.Tensor:
+    """SPEC section 3's linear op on ``x2`` ``(M, K)`` in plain PyTorch ops: differentiable in every input where
+    autograd records (the second-order backward, :mod:`l0kernels._replay`), the plain forward elsewhere."""
+    n, k = weight.shape
+    z, _ = gates_for(log_alpha, seed, linear_noise_shape(gate, noise, x2.shape[0], n, k, group_size), training, cfg,
+                     need_grad=False, group_size=group_size)
+    zx = z.to(x2.dtype)
+    if gate == "in":
+        return F.linear(x2 * zx, weight, bias)
+    if gate == "out":
+        y = F.linear(x2, weight, bias)
+        return y * zx if torch.is_grad_enabled() else y.mul_(zx)  # in place when nothing records
+    return F.linear(x2, weight * zx, bias)
+
+
+def linear_grads_replayed(dy, x, weight, log_alpha, bias, seed, gate, noise, training, cfg, group_size, needs):
+    """``(dx, dweight, dlog_alpha, dbias)`` of the linear op with a graph (``create_graph=True``): the
+    second-order backward every backend's linear Function takes (:mod:`l0kernels._replay`)."""
+    k = weight.shape[1]
+
+    def formula():
+        x2 = x.reshape(math.prod(x.shape[:-1]), k)
+        y = linear_formula(x2, weight, log_alpha, bias, seed, gate, noise, training, cfg, group_size)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    return replay_grads(formula, (x, weight, log_alpha, bias), needs[:4], dy)
+
+
 class L0LinearFunction(torch.autograd.Function):
     """``l0_linear`` of SPEC section 3 on the torch backend.
 
@@ -117,15 +145,7 @@ class L0LinearFunction(torch.autograd.Function):
         elif gate == "in" and _cpu_paths.applies(x, weight, log_alpha, not training or noise == "batch"):
             y = F.linear(_cpu_paths.in_gate_input(x2, log_alpha, seed, training, cfg, group_size), weight, bias)
         else:
-            z, _ = gates_for(log_alpha, seed, linear_noise_shape(gate, noise, m, n, k, group_size), training, cfg,
-                             need_grad=False, group_size=group_size)
-            zx = z.to(x.dtype)
-            if gate == "in":
-                y = F.linear(x2 * zx, weight, bias)
-            elif gate == "out":
-                y = F.linear(x2, weight, bias).mul_(zx)  # in place: the GEMM's output is ours
-            else:
-                y = F.linear(x2, weight * zx, bias)
+            y = linear_formula(x2, weight, log_alpha, bias, seed, gate, noise, training, cfg, group_size)
         # the skipping path also keeps the gathered weight (its open columns/rows: at most W's size)
         _save(ctx, x, weight, log_alpha, bias, seed, *((wo,) if skip is not None else ()))
         ctx.conf = (gate, noise, training, cfg, group_size)
@@ -133,10 +153,12 @@ class L0LinearFunction(torch.autograd.Function):
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         x, weight, log_alpha, bias, seed, wo = _saved(ctx)
         gate, noise, training, cfg, group_size = ctx.conf
+        if torch.is_grad_enabled():  # create_graph=True: gradients with a graph of their own
+            return linear_grads_replayed(dy, x, weight, log_alpha, bias, seed, gate, noise, training, cfg, group_size,
+                                         ctx.needs_input_grad) + (None,) * 6
         n, k = weight.shape
         x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), k)  # not -1: K may be 0
         m = x2.shape[0]
@@ -260,6 +282,22 @@ def _conv_backward(grad, x, weight, call_args, mask):
                                                list(dilation), False, [0, 0], groups, mask)
 
 
+def conv2d_formula(x, weight, log_alpha, bias, conv_args, seed, noise, training, cfg, group_size=1) -> torch.Tensor:
+    """SPEC section 3's conv2d op in plain PyTorch ops (see :func:`linear_formula`); ``conv_args`` is
+    ``(stride, padding, dilation, groups)``."""
+    c = weight.shape[0] // group_size
+    shape = (x.shape[0], c) if noise == "sample" else (c,)
+    z, _ = gates_for(log_alpha, seed, shape, training, cfg, need_grad=False, group_size=group_size)
+    zx = z.to(x.dtype)
+    return F.conv2d(x, weight, bias, *conv_args) * (zx[:, :, None, None] if zx.dim() == 2 else zx[:, None, None])
+
+
+def conv2d_grads_replayed(dy, x, weight, log_alpha, bias, conv_args, seed, noise, training, cfg, group_size, needs):
+    """``(dx, dweight, dlog_alpha, dbias)`` of the conv2d op with a graph (see :func:`linear_grads_replayed`)."""
+    return replay_grads(lambda: conv2d_formula(x, weight, log_alpha, bias, conv_args, seed, noise, training, cfg,
+                                               group_size), (x, weight, log_alpha, bias), needs[:4], dy)
+
+
 class L0Conv2dFunction(torch.autograd.Function):
     """``l0_conv2d`` of SPEC section 3 (output-channel gates) on the torch backend.
 
@@ -273,7 +311,7 @@ class L0Conv2dFunction(torch.autograd.Function):
         c = weight.shape[0] // group_size
         shape = (x.shape[0], c) if noise == "sample" else (c,)
         # multiply-adds of one output channel, about (the output size from the strides alone)
-        macs = x.shape[0] * (x.shape[2] * x.shape[3]) // (stride[0] * stride[1]) * (weight[0].numel())
+        macs = x.shape[0] * (x.shape[2] * x.shape[3]) // (stride[0] * stride[1]) * math.prod(weight.shape[1:])
         skip = _skip_gates(x, log_alpha, seed, training, noise, cfg, group_size, macs, conv=True) if groups == 1 \
             else None
         if training and noise == "batch":
@@ -281,21 +319,21 @@ class L0Conv2dFunction(torch.autograd.Function):
         if skip is not None:
             y, wo = _skip.conv2d_forward(x, weight, bias, (stride, padding, dilation, groups), skip[0], skip[2])
         else:
-            z, _ = gates_for(log_alpha, seed, shape, training, cfg, need_grad=False, group_size=group_size)
-            h = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-            zx = z.to(x.dtype)
-            y = h * (zx[:, :, None, None] if zx.dim() == 2 else zx[:, None, None])
+            y = conv2d_formula(x, weight, log_alpha, bias, (stride, padding, dilation, groups), seed, noise, training,
+                               cfg, group_size)
         _save(ctx, x, weight, log_alpha, bias, seed, *((wo,) if skip is not None else ()))
         ctx.conf = (stride, padding, dilation, groups, noise, training, cfg, group_size)
         ctx.skip = skip is not None
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         x, weight, log_alpha, bias, seed, wo = _saved(ctx)
         stride, padding, dilation, groups, noise, training, cfg, group_size = ctx.conf
         conv_args = (stride, padding, dilation, groups)
+        if torch.is_grad_enabled():  # create_graph=True: gradients with a graph of their own
+            return conv2d_grads_replayed(dy, x, weight, log_alpha, bias, conv_args, seed, noise, training, cfg,
+                                         group_size, ctx.needs_input_grad) + (None,) * 9
         c = weight.shape[0] // group_size
         need_x, need_w, need_la, need_b = ctx.needs_input_grad[:4]
         shape = (x.shape[0], c) if noise == "sample" else (c,)

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from ... import _active
+from ..torch_backend import conv2d_grads_replayed
 from ._gate_math import gate, seed_tensor, taken_open_set
 from .linear import INTERPRET, _open_tile, _swizzle, dot_flags, launch_meta, tuned
 
@@ -508,6 +509,10 @@ class TritonL0Conv2dFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, log_alpha, bias = ctx.saved_tensors
         stride, padding, dilation, groups, seed, sample, training, cfg, group_size = ctx.conf
+        if torch.is_grad_enabled():  # create_graph=True: the reference formula through autograd
+            return conv2d_grads_replayed(dy, x, weight, log_alpha, bias, (stride, padding, dilation, groups), seed,
+                                         "sample" if sample else "batch", training, cfg, group_size,
+                                         ctx.needs_input_grad) + (None,) * 9
         need_x, need_w, need_la, need_b = ctx.needs_input_grad[:4]
         dx, dw, dla, db = conv2d_backward(dy, x, weight, log_alpha, bias, stride, padding, dilation, groups, seed,
                                           sample, training, cfg, need_x, need_w, need_la, need_b, group_size)

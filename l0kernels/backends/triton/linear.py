@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ... import _active
+from ..torch_backend import linear_grads_replayed
 from ._gate_math import gate, seed_tensor, taken_open_set
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -567,6 +568,10 @@ class TritonL0LinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, log_alpha, bias = ctx.saved_tensors
         seed, gate_name, sample, training, cfg, group_size = ctx.conf
+        if torch.is_grad_enabled():  # create_graph=True: the reference formula through autograd
+            return linear_grads_replayed(dy, x, weight, log_alpha, bias, seed, gate_name,
+                                         "sample" if sample else "batch", training, cfg, group_size,
+                                         ctx.needs_input_grad) + (None,) * 6
         n, k = weight.shape
         x2 = x.reshape(rows(x), k)
         need_x, need_w, need_la, need_b = ctx.needs_input_grad[:4]
