@@ -1,6 +1,7 @@
 """Argument checks shared by every public entry point (SPEC section 5). Nothing here launches a kernel."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -18,6 +19,18 @@ def check_tensor(t, name: str, *, float_only: bool = True) -> torch.Tensor:
     if float_only and t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {t.dtype}")
     return t
+
+
+def is_int(v) -> bool:
+    """An integer as PyTorch takes one: a Python int or a numpy integer scalar (``numbers.Integral``), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_int(v, name: str, what: str = "an int") -> int:
+    """``v`` as a Python int (see :func:`is_int`), else a ``TypeError`` naming ``name``."""
+    if not is_int(v):
+        raise TypeError(f"{name} must be {what}, got {type(v).__name__}")
+    return int(v)
 
 
 def check_choice(value, name: str, choices) -> str:
@@ -107,8 +120,7 @@ def make_config(beta, gamma, zeta, eps=1e-6) -> GateConfig:
 
 def check_group_size(group_size, features: int, what: str) -> int:
     """``group_size``: an int >= 1 that divides ``features`` (the number of ``what`` the gates group)."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    group_size = check_int(group_size, "group_size")
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if features % group_size:
@@ -120,8 +132,7 @@ def check_group_size(group_size, features: int, what: str) -> int:
 def check_linear_group_size(group_size, gate: str, in_features: int, out_features: int) -> int:
     """``group_size`` of a linear layer's gates: 1 for ``gate="weight"``, else a divisor of the gated features."""
     if gate == "weight":
-        if isinstance(group_size, bool) or not isinstance(group_size, int):
-            raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+        group_size = check_int(group_size, "group_size")
         if group_size != 1:
             raise ValueError(f"group_size must be 1 for gate='weight' (one gate per weight), got {group_size}")
         return group_size
@@ -171,9 +182,9 @@ def linear_call(x, weight, log_alpha, bias, *, seed, gate, noise, training, back
 def _pair(v, name: str, minimum: int) -> Tuple[int, int]:
     if isinstance(v, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got bool")
-    if isinstance(v, int):
+    if is_int(v):
         v = (v, v)
-    if not isinstance(v, (tuple, list)) or len(v) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+    if not isinstance(v, (tuple, list)) or len(v) != 2 or not all(is_int(i) for i in v):
         raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
     if min(v) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {tuple(v)}")
@@ -191,8 +202,7 @@ def conv2d_call(x, weight, log_alpha, bias, stride, padding, dilation, groups, *
     stride = _pair(stride, "stride", 1)
     padding = _pair(padding, "padding", 0)
     dilation = _pair(dilation, "dilation", 1)
-    if isinstance(groups, bool) or not isinstance(groups, int):
-        raise TypeError(f"groups must be an int, got {type(groups).__name__}")
+    groups = check_int(groups, "groups")
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
     check_tensor(x, "x")
@@ -206,6 +216,9 @@ def conv2d_call(x, weight, log_alpha, bias, stride, padding, dilation, groups, *
     _same(weight, "weight", x, "x", autocast)
     _same(log_alpha, "log_alpha", x, "x", autocast)
     c_out, c_in_g, kh, kw = weight.shape
+    if c_out == 0:
+        raise ValueError("weight must have at least one output channel (PyTorch's convolution has no form "
+                         "without output channels), got shape " + str(tuple(weight.shape)))
     if c_out % groups:
         raise ValueError(f"weight's out_channels ({c_out}) must be divisible by groups ({groups})")
     if x.shape[1] != c_in_g * groups:

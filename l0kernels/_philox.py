@@ -116,6 +116,8 @@ def check_seed(seed, name: str = "seed"):
                             f"dtype {seed.dtype}")
         if seed.dim() != 0:
             raise ValueError(f"{name} as a tensor must be 0-d (one int64 value), got shape {tuple(seed.shape)}")
+        if seed.is_meta:
+            raise ValueError(f"{name} must hold a value: a tensor on the meta device has none")
         return seed
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"{name} must be an int in [0, 2**63) or a 0-d torch.int64 tensor, got "

@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import nn
 
-from ._checks import check_choice, check_group_size, check_linear_group_size, conv_out_size, _pair
+from ._checks import FLOAT_DTYPES, check_choice, check_group_size, check_int, is_int, check_linear_group_size, conv_out_size, _pair
 from ._dispatch import backend_names
 from ._gates import LINEAR_GATES, NOISE_KINDS, GateConfig, compute_dtype, eval_gates_and_grad, prob_open_t
 from ._regularizer import LayerSpec, regularizer as _regularizer
@@ -33,11 +33,17 @@ def _check_droprate(p) -> float:
 
 
 def _check_positive_int(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    v = check_int(v, name)
     if v < 0:
         raise ValueError(f"{name} must be >= 0, got {v}")
     return v
+
+
+def _check_dtype(dtype) -> Optional[torch.dtype]:
+    """A layer's ``dtype=``: None (PyTorch's default) or a floating dtype its parameters can learn in."""
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be None or a floating dtype (float16, bfloat16, float32 or float64), got {dtype!r}")
+    return dtype
 
 
 class _L0Layer(nn.Module):
@@ -117,7 +123,7 @@ class _L0Layer(nn.Module):
         ``weight_decay=wd`` gives a term N times weaker (the authors' ``L0LeNet5``)."""
         _check_coef(lamba, "lamba")
         _check_coef(weight_decay, "weight_decay")
-        _check_n(N)
+        N = _check_n(N)
         return _regularizer((self._reg_spec(lamba),), self._reg_tensors(), weight_decay, N,
                             compute_dtype(self.weight.dtype))
 
@@ -145,9 +151,10 @@ class _L0Layer(nn.Module):
         return s
 
 
-def _check_n(N) -> None:
-    if isinstance(N, bool) or not isinstance(N, int) or N < 1:
+def _check_n(N) -> int:
+    if not is_int(N) or N < 1:
         raise ValueError(f"N (training-set size) must be an int >= 1, got {N!r}")
+    return int(N)
 
 
 def _check_coef(v, name: str) -> None:
@@ -177,11 +184,11 @@ class L0Linear(_L0Layer):
         check_choice(gate, "gate", LINEAR_GATES)
         if gate == "weight" and noise == "sample":
             raise ValueError("noise='sample' is not defined for gate='weight'; use noise='batch'")
-        check_linear_group_size(group_size, gate, in_features, out_features)
+        group_size = check_linear_group_size(group_size, gate, in_features, out_features)
         self.gate = gate
         self.group_size = group_size
         self._init_gate_options(noise, droprate_init, beta, gamma, zeta, backend)
-        fk = {"device": device, "dtype": dtype}
+        fk = {"device": device, "dtype": _check_dtype(dtype)}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **fk))
         self.bias = nn.Parameter(torch.empty(out_features, **fk)) if bias else None
         la_shape = {"in": (in_features // group_size,), "out": (out_features // group_size,),
@@ -252,19 +259,22 @@ class L0Conv2d(_L0Layer):
         super().__init__()
         self.in_channels = _check_positive_int(in_channels, "in_channels")
         self.out_channels = _check_positive_int(out_channels, "out_channels")
+        if self.out_channels == 0:
+            raise ValueError("out_channels must be >= 1 (PyTorch's convolution has no form without output channels)")
         self.kernel_size = _pair(kernel_size, "kernel_size", 1)
         self.stride = _pair(stride, "stride", 1)
         self.padding = _pair(padding, "padding", 0)
         self.dilation = _pair(dilation, "dilation", 1)
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        if not is_int(groups) or groups < 1:
             raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+        groups = int(groups)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible "
                              f"by groups ({groups})")
         self.groups = groups
-        self.group_size = check_group_size(group_size, out_channels, "out_channels")
+        self.group_size = group_size = check_group_size(group_size, out_channels, "out_channels")
         self._init_gate_options(noise, droprate_init, beta, gamma, zeta, backend)
-        fk = {"device": device, "dtype": dtype}
+        fk = {"device": device, "dtype": _check_dtype(dtype)}
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **fk))
         self.bias = nn.Parameter(torch.empty(out_channels, **fk)) if bias else None
         self.log_alpha = nn.Parameter(torch.empty(out_channels // group_size, **fk))
@@ -358,7 +368,7 @@ def l0_regularizer(model: nn.Module, lamba=0.1, weight_decay: float = 0.0, N: in
     layers = [m for _, m in l0_layers(model)]
     if not layers:
         raise ValueError("model has no L0 layers (L0Linear / L0Conv2d)")
-    _check_n(N)
+    N = _check_n(N)
     lambdas = list(lamba) if isinstance(lamba, (list, tuple)) else [lamba] * len(layers)
     if len(lambdas) != len(layers):
         raise ValueError(f"lamba has {len(lambdas)} values but the model has {len(layers)} L0 layers")
