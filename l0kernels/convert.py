@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ._checks import check_choice
+from ._checks import check_choice, check_int
 from ._dispatch import backend_names
 from ._gates import LINEAR_GATES, NOISE_KINDS
 from .modules import L0Conv2d, L0Linear, _L0Layer
@@ -170,8 +170,7 @@ def convert(model: nn.Module, *, gate: str = "in", include: Matcher = None, excl
     check_choice(gate, "gate", LINEAR_GATES)
     check_choice(noise, "noise", NOISE_KINDS)
     check_choice(backend, "backend", backend_names())
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    group_size = check_int(group_size, "group_size")
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if gate == "weight" and noise == "sample":
@@ -202,6 +201,41 @@ def convert(model: nn.Module, *, gate: str = "in", include: Matcher = None, excl
                 in_encoder.add(id(child))
 
     new_of: Dict[int, _L0Layer] = {}
+    rng = _rng_state(model) if droprate_init is not None else None  # the new gates draw from the global RNG
+    try:
+        _build_layers(slots, names, new_of, in_mha, inc, exc, gate=gate, group_size=group_size, noise=noise,
+                      droprate_init=droprate_init, backend=backend)
+    except BaseException:
+        if rng is not None:  # a failed call changes nothing, the random streams included
+            _restore_rng_state(rng)
+        raise
+
+    # everything is built: only now is the model changed
+    for key in new_of.keys() & in_encoder:
+        new_of[key].register_forward_pre_hook(_keep_slow_path)
+    for parent, cname, _, m in slots:
+        if parent is not None and id(m) in new_of:
+            parent._modules[cname] = new_of[id(m)]
+    return new_of.get(id(model), model)
+
+
+def _rng_state(model: nn.Module):
+    """PyTorch's default generators that drawing the model's new gates can advance: the CPU one and those of
+    the CUDA devices its parameters are on."""
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    return torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in cuda]
+
+
+def _restore_rng_state(state) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for d, s in cuda:
+        torch.cuda.set_rng_state(s, d)
+
+
+def _build_layers(slots, names, new_of, in_mha, inc, exc, **options) -> None:
+    """The L0 layer of every matching ``nn.Linear`` / ``nn.Conv2d`` into ``new_of`` (by the module's id); raises
+    ``ValueError`` for an explicitly included layer that cannot be converted. Changes nothing in the model."""
     seen = set()
     for _, _, qual, m in slots:
         if id(m) in seen:
@@ -228,16 +262,7 @@ def convert(model: nn.Module, *, gate: str = "in", include: Matcher = None, excl
             if explicit:
                 raise ValueError(f"module '{qual}' ({type(m).__name__}) cannot be converted: {why}")
             continue
-        new_of[id(m)] = _new_layer(m, qual, gate=gate, group_size=group_size, noise=noise,
-                                   droprate_init=droprate_init, backend=backend)
-
-    # everything is built: only now is the model changed
-    for key in new_of.keys() & in_encoder:
-        new_of[key].register_forward_pre_hook(_keep_slow_path)
-    for parent, cname, _, m in slots:
-        if parent is not None and id(m) in new_of:
-            parent._modules[cname] = new_of[id(m)]
-    return new_of.get(id(model), model)
+        new_of[id(m)] = _new_layer(m, qual, **options)
 
 
 __all__ = ["convert", "OPEN_LOG_ALPHA"]

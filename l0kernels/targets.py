@@ -168,6 +168,25 @@ class SparsityTarget(nn.Module):
                 h.remove()
             self._hooks = []
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, all or nothing: ``nn.Module`` copies the entries it can before it
+        raises for the others, so on an error every buffer (and the host step count) is put back as it was."""
+        saved = {name: b.detach().clone() for name, b in self._buffers.items() if b is not None}
+        steps = self._steps
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except BaseException:
+            with torch.no_grad():
+                for name, b in saved.items():
+                    current = self._buffers.get(name)
+                    if current is not None and current.shape == b.shape and current.dtype == b.dtype \
+                            and current.device == b.device:
+                        current.copy_(b)
+                    else:  # ``assign=True`` may have replaced the tensor itself
+                        self._buffers[name] = b
+            self._steps = steps
+            raise
+
     def _record_shapes(self, example_inputs) -> None:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         hooks = [m.register_forward_pre_hook(self._shape_hook) for m in self._flop_layers]
