@@ -41,6 +41,7 @@ layers have the dtype and device of the layers they replace.
 from __future__ import annotations
 
 import copy
+import math
 import operator
 import warnings
 from collections import OrderedDict
@@ -1280,7 +1281,9 @@ def _first_tensor(out):
 def compare(original: nn.Module, compacted: nn.Module, example_inputs) -> Dict[str, float]:
     """Run both models (eval, no grad) on ``example_inputs`` (a tensor or a tuple of positional inputs) and
     report the largest differences over their tensor outputs: ``max_abs`` (max |a - b|), ``max_rel``
-    (max_abs / max |original|) and ``norm_rel`` (||a - b|| / ||original||, SPEC section 6's measure)."""
+    (max_abs / max |original|) and ``norm_rel`` (||a - b|| / ||original||, SPEC section 6's measure). A NaN in
+    either output makes the measures NaN, and an infinity where the other output differs makes them inf or
+    NaN: a difference that cannot be measured is never reported as 0 (equal infinities differ by 0)."""
     ex = _as_tuple(example_inputs)
     res = {"max_abs": 0.0, "max_rel": 0.0, "norm_rel": 0.0}
     states = [(m, m.training) for m in (original, compacted)]
@@ -1297,14 +1300,20 @@ def compare(original: nn.Module, compacted: nn.Module, example_inputs) -> Dict[s
         if a.shape != b.shape:
             raise ValueError(f"compare: output shapes differ: {tuple(a.shape)} and {tuple(b.shape)}")
         a64, b64 = a.detach().double(), b.detach().to(device=a.device).double()
-        diff = (a64 - b64).abs()
+        same = a64 == b64  # equal infinities differ by nothing; a NaN on either side is never "the same"
+        diff = torch.where(same, torch.zeros_like(a64), (a64 - b64).abs())
         mx = float(diff.max()) if diff.numel() else 0.0
         scale = float(a64.abs().max()) if a64.numel() else 0.0
-        nr = float((a64 - b64).norm() / a64.norm()) if float(a64.norm()) > 0 else float((a64 - b64).norm())
-        res["max_abs"] = max(res["max_abs"], mx)
-        res["max_rel"] = max(res["max_rel"], mx / scale if scale > 0 else mx)
-        res["norm_rel"] = max(res["norm_rel"], nr)
+        dn = float(torch.where(same, torch.zeros_like(a64), a64 - b64).norm())
+        nr = dn / float(a64.norm()) if float(a64.norm()) > 0 else dn
+        for key, v in (("max_abs", mx), ("max_rel", mx / scale if scale > 0 else mx), ("norm_rel", nr)):
+            res[key] = _nan_max(res[key], v)
     return res
+
+
+def _nan_max(a: float, b: float) -> float:
+    """``max`` that keeps NaN (Python's ``max(0.0, nan)`` is 0.0)."""
+    return a if math.isnan(a) else b if math.isnan(b) else max(a, b)
 
 
 # -- summary -----------------------------------------------------------------------------------------------
