@@ -7,6 +7,7 @@ through these functions; the Triton and CUDA backends have their own single copi
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
@@ -31,7 +32,7 @@ class GateConfig:
     def __post_init__(self):
         for name in ("beta", "gamma", "zeta", "eps"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
                 raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
             if not math.isfinite(v):
                 raise ValueError(f"{name} must be finite, got {v}")

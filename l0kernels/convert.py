@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -176,7 +177,7 @@ def convert(model: nn.Module, *, gate: str = "in", include: Matcher = None, excl
     if gate == "weight" and noise == "sample":
         raise ValueError("noise='sample' is not defined for gate='weight'; use noise='batch'")
     if droprate_init is not None:
-        if isinstance(droprate_init, bool) or not isinstance(droprate_init, (int, float)):
+        if isinstance(droprate_init, bool) or not isinstance(droprate_init, numbers.Real):
             raise TypeError(f"droprate_init must be None or a float in (0, 1), got {type(droprate_init).__name__}")
         if not 0.0 < float(droprate_init) < 1.0:
             raise ValueError(f"droprate_init must be None or in (0, 1), got {droprate_init}")

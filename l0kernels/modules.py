@@ -25,7 +25,7 @@ LOG_ALPHA_MAX = math.log(1e2)
 
 
 def _check_droprate(p) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"droprate_init must be a float in (0, 1), got {type(p).__name__}")
     if not 0.0 < float(p) < 1.0:
         raise ValueError(f"droprate_init must be in (0, 1), got {p}")

@@ -307,6 +307,9 @@ def test_numpy_integers_are_integers():
     assert y.shape == (1, 4, 5, 3)
     reg = l0k.l0_regularizer(torch.nn.Sequential(m), N=np.int32(100))
     assert torch.allclose(reg, l0k.l0_regularizer(torch.nn.Sequential(m), N=100))
+    m32 = l0k.L0Linear(4, 6, droprate_init=np.float32(0.3), beta=np.float32(0.5), gamma=np.float64(-0.2))
+    assert m32.droprate_init == pytest.approx(0.3) and m32.cfg.beta == 0.5
+    l0k.convert(torch.nn.Sequential(torch.nn.Linear(3, 2)), droprate_init=np.float32(0.4))
     with pytest.raises(TypeError, match="group_size"):
         l0k.L0Linear(4, 6, group_size=np.float64(2.0))
     with pytest.raises(TypeError, match="group_size"):
