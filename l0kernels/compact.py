@@ -1262,8 +1262,51 @@ def compact(model: nn.Module, example_inputs=None) -> nn.Module:
     Hugging Face ``transformers`` models are compacted by module rules (Llama-style and BERT-style attention
     and FFN blocks) on a deep copy. What cannot be compacted raises ``ValueError`` naming the module or op.
     """
-    plan = _compact_plan(model, example_inputs)
+    plan = _compact_plan(model, example_inputs)  # checks model; works on a deep copy
+    _retie(plan.model, _shared_parameters(model))
     return plan.model.eval()
+
+
+def _shared_parameters(model: nn.Module) -> List[List[Tuple[str, str]]]:
+    """Groups of ``(module name, parameter name)`` that hold one Parameter object (tied weights), by the
+    qualified names of ``named_modules``."""
+    holders: Dict[int, List[Tuple[str, str]]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((mname, pname))
+    return [h for h in holders.values() if len(h) > 1]
+
+
+def _retie(compacted: nn.Module, shared: List[List[Tuple[str, str]]]) -> None:
+    """Parameters tied in the original model stay one Parameter in the compacted one: where compact rebuilt a
+    holder (gates folded in) and the tensors are still equal, every holder gets the first one's Parameter; a
+    tie the gates broke (a gated layer that changed one holder's weight) raises ``ValueError`` naming them --
+    untying would make the model larger. Groups whose names the compacted model does not have (a traced graph
+    renames its modules) are left as they are."""
+    for group in shared:
+        found = []
+        for mname, pname in group:
+            try:
+                mod = compacted.get_submodule(mname)
+            except AttributeError:
+                break
+            p = mod._parameters.get(pname)
+            if p is None:
+                break
+            found.append((mod, pname, p))
+        else:
+            first = found[0][2]
+            if all(p is first for _, _, p in found):
+                continue
+            if not all(p.shape == first.shape and p.dtype == first.dtype and p.device == first.device
+                       and torch.equal(p, first) for _, _, p in found):
+                names = ", ".join(f"'{m}.{n}'" if m else f"'{n}'" for m, n in group)
+                raise ValueError(f"compact: {names} share one Parameter (tied weights) in the model, but the gates "
+                                 "of the layer holding it change it for only some of them; untying them would make "
+                                 "the model larger (convert() leaves tied layers ungated)")
+            for mod, pname, _ in found:
+                mod._parameters[pname] = first
 
 
 def _first_tensor(out):

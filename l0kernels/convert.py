@@ -24,6 +24,15 @@ Choices (see README, "Converting a model"):
 * ``nn.TransformerEncoderLayer``'s eval fast path (``torch._transformer_encoder_layer_fwd``) reads
   ``linear1.weight`` / ``linear2.weight`` directly; torch skips it when a submodule has a forward hook, so
   the L0 layers that replace them get a no-op forward pre-hook (:func:`_keep_slow_path`).
+* transformers' ``Conv1D`` (GPT-2's ``c_attn``, ``c_fc``, ``c_proj``: a linear layer storing its weight
+  ``(in, out)``) becomes an ``L0Linear`` holding the transposed weight as a new Parameter (build the optimizer
+  after ``convert``); the bias stays the same object.
+* A layer whose weight Parameter another module holds too (tied weights: a language model's output layer and
+  its input embedding) is left alone by ``include=None`` and raises when ``include`` names it: its gates could
+  not shrink the other holder with it, and ``compact`` keeps tied weights tied.
+* Layers whose gates would be bypassed in ways no rule here knows -- a parent reading ``self.proj.weight`` in
+  its own forward -- are found by running the model when ``example_inputs`` are given (see :func:`convert`).
+  ``include`` matching no layer at all warns.
 * Layers held by several parents (one module registered twice) become one L0 layer held by all of them.
   A module matches when any of its qualified names matches ``include`` and none matches ``exclude``.
 * Everything is checked before anything is replaced: a call that raises leaves the model as it was.
@@ -36,6 +45,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import numbers
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -81,6 +91,24 @@ def _keep_slow_path(module, args):
 
 def _keeps_forward(m: nn.Module, base) -> bool:
     return type(m).forward is base.forward
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2, GPT): a linear layer whose weight is stored ``(in, out)``."""
+    cls = type(m)
+    return (cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+            and isinstance(getattr(m, "nf", None), int) and isinstance(getattr(m, "nx", None), int))
+
+
+def _base_of(m: nn.Module) -> Optional[type]:
+    """The layer type ``m`` converts as (``nn.Linear``, ``nn.Conv2d`` or transformers' ``Conv1D``), or None."""
+    if isinstance(m, nn.Linear):
+        return nn.Linear
+    if isinstance(m, nn.Conv2d):
+        return nn.Conv2d
+    if _is_conv1d(m):
+        return type(m)
+    return None
 
 
 def _check_param(m: nn.Module, qual: str) -> None:
@@ -130,8 +158,9 @@ def _new_layer(m: nn.Module, qual: str, *, gate, group_size, noise, droprate_ini
     open_init = droprate_init is None
     p = 1.0 / (1.0 + math.exp(OPEN_LOG_ALPHA)) if open_init else droprate_init
     try:
-        if isinstance(m, nn.Linear):
-            new = L0Linear(m.in_features, m.out_features, bias=m.bias is not None, gate=gate, noise=noise,
+        if isinstance(m, nn.Linear) or _is_conv1d(m):
+            k, n = (m.in_features, m.out_features) if isinstance(m, nn.Linear) else (m.nx, m.nf)
+            new = L0Linear(k, n, bias=m.bias is not None, gate=gate, noise=noise,
                            droprate_init=p, backend=backend, group_size=group_size, device="meta", dtype=w.dtype)
         else:
             new = L0Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, _conv_padding(m, qual),
@@ -141,7 +170,9 @@ def _new_layer(m: nn.Module, qual: str, *, gate, group_size, noise, droprate_ini
         if str(e).startswith(f"module '{qual}'"):
             raise
         raise type(e)(f"module '{qual}' ({type(m).__name__}) cannot be converted: {e}") from e
-    new.weight = w  # the same Parameter objects (optimizer state, tied weights survive)
+    if _is_conv1d(m):  # stored (in, out): the L0 layer holds the transposed copy, a new Parameter
+        w = nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
+    new.weight = w  # otherwise the same Parameter objects (optimizer state, tied weights survive)
     new.bias = m.bias
     new.log_alpha = nn.Parameter(torch.empty(new.log_alpha.shape, device=w.device, dtype=w.dtype))
     with torch.no_grad():
@@ -155,8 +186,9 @@ def _new_layer(m: nn.Module, qual: str, *, gate, group_size, noise, droprate_ini
 
 def convert(model: nn.Module, *, gate: str = "in", include: Matcher = None, exclude: Matcher = None,
             group_size: int = 1, noise: str = "batch", droprate_init: Optional[float] = None,
-            backend: str = "auto") -> nn.Module:
-    """Replace ``nn.Linear`` / ``nn.Conv2d`` layers of ``model`` by ``L0Linear`` / ``L0Conv2d``, in place.
+            backend: str = "auto", example_inputs=None) -> nn.Module:
+    """Replace ``nn.Linear`` / ``nn.Conv2d`` (and transformers' ``Conv1D``) layers of ``model`` by ``L0Linear`` /
+    ``L0Conv2d``, in place.
 
     ``include`` / ``exclude``: a glob pattern (``fnmatch`` on the qualified name from ``named_modules()``),
     a list of them, or a callable ``(name, module) -> bool``; ``include=None`` takes every such layer.
@@ -165,6 +197,11 @@ def convert(model: nn.Module, *, gate: str = "in", include: Matcher = None, excl
     ``droprate_init=None``: gates start open, so the eval output is unchanged. Already-converted layers
     are left alone. Returns ``model`` (or the new layer when ``model`` itself is converted). See the module
     docstring for what is skipped, what raises and why.
+
+    ``example_inputs`` (a tensor or a tuple of positional inputs): the converted model is run on them once (eval
+    mode, no grad) to find layers whose ``weight``/``bias`` something else reads during the forward (a parent
+    calling ``F.linear(x, self.proj.weight)``): their gates would never act. Such a layer raises ``ValueError``
+    when ``include`` names it explicitly, else it is left unconverted with a warning naming it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -206,18 +243,113 @@ def convert(model: nn.Module, *, gate: str = "in", include: Matcher = None, excl
     try:
         _build_layers(slots, names, new_of, in_mha, inc, exc, gate=gate, group_size=group_size, noise=noise,
                       droprate_init=droprate_init, backend=backend)
+        # everything is built: only now is the model changed (and put back if the example run fails)
+        for key in new_of.keys() & in_encoder:
+            new_of[key].register_forward_pre_hook(_keep_slow_path)
+        _swap(slots, new_of)
+        if example_inputs is not None and new_of:
+            _drop_bypassed(model, slots, names, new_of, inc, example_inputs)
     except BaseException:
         if rng is not None:  # a failed call changes nothing, the random streams included
             _restore_rng_state(rng)
         raise
-
-    # everything is built: only now is the model changed
-    for key in new_of.keys() & in_encoder:
-        new_of[key].register_forward_pre_hook(_keep_slow_path)
-    for parent, cname, _, m in slots:
-        if parent is not None and id(m) in new_of:
-            parent._modules[cname] = new_of[id(m)]
+    if inc is not None and not _matched_any(slots, names, inc):
+        warnings.warn(f"convert(): include={include!r} matched no nn.Linear, nn.Conv2d or Conv1D layer (nor an L0 "
+                      "layer); nothing was converted", UserWarning, stacklevel=2)
     return new_of.get(id(model), model)
+
+
+def _swap(slots, new_of, back: bool = False) -> None:
+    """Put the layers of ``new_of`` (original module id -> new layer) in their slots; ``back``: put the
+    original modules back where those new layers sit."""
+    old_of = {id(new_of[id(m)]): m for _, _, _, m in slots if id(m) in new_of}
+    for parent, cname, _, m in slots:
+        if parent is None:
+            continue
+        if not back and id(m) in new_of:
+            parent._modules[cname] = new_of[id(m)]
+        elif back and id(parent._modules[cname]) in old_of:
+            parent._modules[cname] = old_of[id(parent._modules[cname])]
+
+
+def _matched_any(slots, names, inc) -> bool:
+    for _, _, _, m in slots:
+        if isinstance(m, _L0Layer) or _base_of(m) is not None:
+            if any(_call_matcher(inc, q, m, "include") for q in names[id(m)]):
+                return True
+    return False
+
+
+class _ReadWatch:
+    """Records reads of the new layers' ``weight``/``bias`` made from outside their own forward, while the
+    model runs on the example inputs. ``nn.Module.__getattr__`` serves parameter reads, so the watched layers
+    get a subclass for the run whose ``__getattr__`` records; their own forward reads the parameter dict
+    directly (``l0kernels.functional``) and is marked as inside."""
+
+    def __init__(self):
+        self.read: Dict[int, str] = {}
+        self.inside = 0
+        self.classes: Dict[type, type] = {}
+
+    def watched_class(self, cls: type) -> type:
+        if cls not in self.classes:
+            watch = self
+
+            def __getattr__(layer, name):
+                if name in ("weight", "bias") and not watch.inside:
+                    watch.read.setdefault(id(layer), name)
+                return cls.__getattr__(layer, name)
+
+            def forward(layer, *args, **kwargs):
+                watch.inside += 1
+                try:
+                    return cls.forward(layer, *args, **kwargs)
+                finally:
+                    watch.inside -= 1
+
+            self.classes[cls] = type(cls.__name__, (cls,), {"__getattr__": __getattr__, "forward": forward})
+        return self.classes[cls]
+
+
+def _drop_bypassed(model, slots, names, new_of, inc, example_inputs) -> None:
+    """Run the converted model on ``example_inputs`` and undo the conversion of every layer whose parameters
+    were read from outside its forward (see :func:`convert`); on any error put every original layer back."""
+    ex = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    watch = _ReadWatch()
+    layers = list(new_of.values())
+    classes = [type(m) for m in layers]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for m in layers:
+            m.__class__ = watch.watched_class(type(m))
+        try:
+            with torch.no_grad():
+                model.eval()(*ex)
+        finally:
+            for m, cls in zip(layers, classes):
+                m.__class__ = cls
+            for m, t in modes:
+                m.training = t
+        old_of = {id(new): m for _, _, _, m in slots for new in [new_of.get(id(m))] if new is not None}
+        bypassed = {key: new for key, new in new_of.items() if id(new) in watch.read}
+        if not bypassed:
+            return
+        labels = [f"'{names[key][0]}' ({watch.read[id(new)]})" for key, new in bypassed.items()]
+        explicit = [names[key][0] for key in bypassed
+                    if inc is not None and any(_call_matcher(inc, q, old_of[id(new_of[key])], "include")
+                                               for q in names[key])]
+        why = ("its parent reads the layer's parameters directly during the forward (e.g. F.linear(x, "
+               "layer.weight)), so gates there would never act")
+        if explicit:
+            raise ValueError(f"cannot convert {', '.join(labels)}: {why}")
+        warnings.warn(f"convert(): left {', '.join(labels)} unconverted: {why}", UserWarning, stacklevel=3)
+        _swap(slots, bypassed, back=True)
+        for key in bypassed:
+            del new_of[key]
+    except BaseException:
+        _swap(slots, new_of, back=True)
+        new_of.clear()
+        raise
 
 
 def _rng_state(model: nn.Module):
@@ -238,11 +370,17 @@ def _build_layers(slots, names, new_of, in_mha, inc, exc, **options) -> None:
     """The L0 layer of every matching ``nn.Linear`` / ``nn.Conv2d`` into ``new_of`` (by the module's id); raises
     ``ValueError`` for an explicitly included layer that cannot be converted. Changes nothing in the model."""
     seen = set()
+    shared: Dict[int, List[str]] = {}  # Parameter id -> the modules holding it
+    for _, _, qual, m in slots:
+        for p in m._parameters.values():
+            if p is not None and qual not in shared.setdefault(id(p), []):
+                shared[id(p)].append(qual)
     for _, _, qual, m in slots:
         if id(m) in seen:
             continue
         seen.add(id(m))
-        if isinstance(m, _L0Layer) or not isinstance(m, (nn.Linear, nn.Conv2d)):
+        base = None if isinstance(m, _L0Layer) else _base_of(m)
+        if base is None:
             continue
         quals = names[id(m)]
         if inc is None:
@@ -251,9 +389,12 @@ def _build_layers(slots, names, new_of, in_mha, inc, exc, **options) -> None:
             explicit = hit = any(_call_matcher(inc, q, m, "include") for q in quals)
         if not hit or (exc is not None and any(_call_matcher(exc, q, m, "exclude") for q in quals)):
             continue
-        base = nn.Linear if isinstance(m, nn.Linear) else nn.Conv2d
         why = None
-        if id(m) in in_mha:
+        tied = [q for q in shared.get(id(m._parameters.get("weight")), ()) if q not in quals]
+        if tied:
+            why = (f"its weight is the Parameter of '{tied[0]}' too (tied weights), which its gates could not "
+                   "shrink with it")
+        elif id(m) in in_mha:
             why = ("nn.MultiheadAttention reads this layer's weight directly (F.multi_head_attention_forward), "
                    "so its gates would be bypassed")
         elif not _keeps_forward(m, base):
