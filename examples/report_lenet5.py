@@ -1,6 +1,6 @@
-"""Table 1 from the MNIST histories: ``docs/results/mnist_lenet5_table.md`` / ``.png`` and the README's table.
+"""Table 1 from the MNIST histories: ``docs/results/mnist_lenet5_table.md`` / ``.png`` and the table in ``docs/results.md``.
 
-    python examples/report_lenet5.py                 # reads docs/results/mnist_*.json, rewrites the table
+    python examples/report_lenet5.py                 # reads docs/results/mnist_*.json, rewrites the tables
 
 It reads the json files ``examples/mnist_l0.py`` rewrites after every epoch, so it works on runs that
 are still going or were cut off (each row says how many epochs it is for). Rows: LeNet-5-Caffe L0,
@@ -97,7 +97,8 @@ def rows(results: str) -> List[Dict]:
     return out
 
 
-def table_lines(results: str) -> List[str]:
+def table_lines(results: str, link_dir: str = "docs/results") -> List[str]:
+    """The table's rows; each run's report is linked as ``link_dir/<report>.md``."""
     lines = [TABLE_HEADER + " training time (this machine) |", "|---|---|---|---|---|"]
     found = rows(results)
     for model, key in (("LeNet-300-100", "lenet300"), ("LeNet-5-Caffe", "lenet5")):
@@ -118,13 +119,14 @@ def table_lines(results: str) -> List[str]:
             if row["dense"] is not None or model == "LeNet-5-Caffe":
                 t += f"; {dense_time(row['dense'], done, planned)}"
             lines.append(f"| {model} | **this repo, {r['method']}, λ = [{lam}]/N, {ep}** "
-                         f"([report](docs/results/{rep}); {settings(r)}) | **{arch_str(r['architecture'])}** | "
+                         f"([report]({link_dir}/{rep}); {settings(r)}) | **{arch_str(r['architecture'])}** | "
                          f"**{100 * r['test_error']:.2f}%** | {t} |")
     return lines
 
 
-def update_readme(readme: str, lines: List[str]) -> bool:
-    with open(readme) as f:
+def update_doc(doc: str, lines: List[str]) -> bool:
+    """Replace the table that starts with ``TABLE_HEADER`` in ``doc``; False when it has none."""
+    with open(doc) as f:
         text = f.read().split("\n")
     start = next((i for i, l in enumerate(text) if l.startswith(TABLE_HEADER)), None)
     if start is None:
@@ -133,7 +135,7 @@ def update_readme(readme: str, lines: List[str]) -> bool:
     while end < len(text) and text[end].startswith("|"):
         end += 1
     text[start:end] = lines
-    with open(readme, "w") as f:
+    with open(doc, "w") as f:
         f.write("\n".join(text))
     return True
 
@@ -211,7 +213,8 @@ def write_md(results: str, lines: List[str], png: Optional[str]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", default=os.path.join(REPO, "docs", "results"))
-    p.add_argument("--readme", default=os.path.join(REPO, "README.md"), help="'' to leave it alone")
+    p.add_argument("--doc", default=os.path.join(REPO, "docs", "results.md"),
+                   help="the markdown file whose Table 1 is rewritten ('' to leave it alone)")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
     lines = table_lines(a.results)
@@ -219,8 +222,10 @@ def main(argv=None) -> int:
     md = write_md(a.results, lines, png)
     print("\n".join(lines))
     print(f"wrote {md}" + (f" and {png}" if png else ""))
-    if a.readme:
-        print("README table updated" if update_readme(a.readme, lines) else f"no table in {a.readme}")
+    if a.doc:
+        link_dir = os.path.relpath(a.results, os.path.dirname(os.path.abspath(a.doc))).replace(os.sep, "/")
+        doc_lines = table_lines(a.results, link_dir)
+        print(f"table updated in {a.doc}" if update_doc(a.doc, doc_lines) else f"no table in {a.doc}")
     return 0
 
 

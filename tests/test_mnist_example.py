@@ -147,14 +147,28 @@ def test_report_fills_table_from_partial_histories(fake_mnist, tmp_path):
     res = tmp_path / "res"
     assert ex.main(_argv(tmp_path, "--model", "lenet5", "--sep", "--epochs", "2")) == 0
     assert ex.main(_argv(tmp_path, "--model", "lenet5", "--dense", "--out", str(tmp_path / "d"))) == 0
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n\n" + rep.TABLE_HEADER + "\n|---|---|---|---|\n| old | row | x | y |\n\nafter\n")
-    assert rep.main(["--results", str(res), "--readme", str(readme), "--no-plot"]) == 0
-    text = readme.read_text()
+    doc = tmp_path / "results.md"
+    doc.write_text("intro\n\n" + rep.TABLE_HEADER + "\n|---|---|---|---|\n| old | row | x | y |\n\nafter\n")
+    assert rep.main(["--results", str(res), "--doc", str(doc), "--no-plot"]) == 0
+    text = doc.read_text()
     assert "| old | row |" not in text and text.startswith("intro\n") and text.endswith("\nafter\n")
     assert "20-25-45-462" in text and "9-18-65-25" in text
     sep = [l for l in text.split("\n") if "this repo, L0-sep" in l]
     assert len(sep) == 1 and "2 epochs" in sep[0] and "extrapolated from 1 epochs" in sep[0]
+    assert "([report](res/mnist_lenet5_sep.md);" in sep[0]  # linked relative to the doc
     assert "CPU " in sep[0] and "× 2 = " in sep[0]
     assert "init kaiming" in sep[0] and "EMA off" in sep[0]
     assert "this repo, L0-sep" in (res / "mnist_lenet5_table.md").read_text()
+
+
+def test_report_default_doc_is_docs_results_md(monkeypatch, tmp_path):
+    """Without ``--doc`` the report rewrites the table in docs/results.md (which has it), linking ``results/``."""
+    doc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "results.md")
+    with open(doc) as f:
+        assert any(l.startswith(rep.TABLE_HEADER) for l in f)
+    seen = []
+    monkeypatch.setattr(rep, "update_doc", lambda path, lines: seen.append((path, lines)) or True)
+    monkeypatch.setattr(rep, "table_lines", lambda results, link_dir="docs/results": [link_dir])
+    monkeypatch.setattr(rep, "write_md", lambda results, lines, png: str(tmp_path / "table.md"))  # writes nothing
+    assert rep.main(["--results", os.path.join(os.path.dirname(doc), "results"), "--no-plot"]) == 0
+    assert [(os.path.abspath(p), l) for p, l in seen] == [(doc, ["results"])]
