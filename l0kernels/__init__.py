@@ -12,6 +12,7 @@ from .backends.torch_backend import L0Conv2dFunction, L0LinearFunction
 from ._compact_hf import register_module_rule
 from .compact import CompactContext, Units, compact, compare, input_select, register_compact_rule, summary
 from .convert import convert
+from .save import load_compact, save_compact
 from .functional import deterministic_gates, expected_l0, l0_conv2d, l0_linear, prob_open, sample_gates
 from .distributed import seed_gates
 from .targets import SparsityTarget
@@ -27,6 +28,6 @@ __all__ = [
     "l0_linear", "l0_conv2d", "L0Linear", "L0Conv2d", "L0LinearFunction", "L0Conv2dFunction",
     "l0_penalty", "l0_regularizer", "SparsityTarget", "seed_gates", "constrain_", "expected_params", "l0_layers",
     "compact", "summary", "compare", "register_compact_rule", "register_module_rule", "CompactContext", "Units",
-    "input_select", "convert", "clear_eval_cache",
+    "input_select", "convert", "save_compact", "load_compact", "clear_eval_cache",
     "GateConfig", "Backend", "register_backend", "get_backend", "available_backends", "select_backend",
 ]
