@@ -89,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--speed-every", type=int, default=10,
                    help="re-time inference for the report every this many epochs (and at the last)")
     p.add_argument("--train-size", type=int, default=None, help="use the first N training images (smoke runs)")
+    p.add_argument("--inputs", choices=["unit", "standardized"], default="unit",
+                   help="unit: pixels in [0, 1], as the authors' data loader (ToTensor) feeds them; "
+                        "standardized: then shifted and scaled by MNIST's mean and std")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
@@ -264,9 +267,15 @@ def report(a, model_eval, history: List[Dict], dense_arch, input_shape, device, 
     return r
 
 
+def inputs_text(r: Dict) -> str:
+    """How the run's pixels were fed; runs recorded before ``--inputs`` existed standardised them."""
+    how = r["settings"].get("inputs", "standardized")
+    return "pixels in [0, 1] (the authors' loader)" if how == "unit" else "pixels standardised with MNIST's mean and std"
+
+
 def settings_line(a, r: Dict) -> str:
     wd = r["weight_decay_passed"]
-    return (f"Init: {a.init}; L2 term: weight_decay {a.weight_decay:g} in the {a.wd_convention} convention, i.e. "
+    return (f"Inputs: {inputs_text(r)}. Init: {a.init}; L2 term: weight_decay {a.weight_decay:g} in the {a.wd_convention} convention, i.e. "
             f"{wd:g} passed to the regularizer = (1/N) * 0.5 * {wd:g} * p_g * ||theta_g||^2 per group; "
             f"EMA: {a.ema or 'off'}. Training time: {r['train_seconds_total'] / 60:.1f} min for {r['epochs_done']} "
             f"epochs ({r['train_seconds_total'] / r['epochs_done']:.1f} s per epoch; with evaluation and "
@@ -384,7 +393,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     torch.manual_seed(a.seed)
-    xtr, ytr, xte, yte = load_mnist(a.data)
+    xtr, ytr, xte, yte = load_mnist(a.data, normalize=a.inputs == "standardized")
     if a.train_size:
         xtr, ytr = xtr[:a.train_size], ytr[:a.train_size]
     input_shape = (784,) if a.model == "lenet300" else (1, 28, 28)

@@ -24,11 +24,17 @@ ex = _load("mnist_l0")
 rep = _load("report_lenet5")
 
 
+LOADS = []  # the ``normalize`` argument of every load_mnist call the example made
+
+
 @pytest.fixture
 def fake_mnist(monkeypatch):
     g = torch.Generator().manual_seed(0)
+    calls = LOADS
+    calls.clear()
 
-    def load(folder):
+    def load(folder, normalize=True):
+        calls.append(normalize)
         return (torch.randn(120, 1, 28, 28, generator=g), torch.randint(0, 10, (120,), generator=g),
                 torch.randn(50, 1, 28, 28, generator=g), torch.randint(0, 10, (50,), generator=g))
 
@@ -172,3 +178,13 @@ def test_report_default_doc_is_docs_results_md(monkeypatch, tmp_path):
     monkeypatch.setattr(rep, "write_md", lambda results, lines, png: str(tmp_path / "table.md"))  # writes nothing
     assert rep.main(["--results", os.path.join(os.path.dirname(doc), "results"), "--no-plot"]) == 0
     assert [(os.path.abspath(p), l) for p, l in seen] == [(doc, ["results"])]
+
+
+@pytest.mark.parametrize("flag,normalize", [((), False), (("--inputs", "standardized"), True),
+                                            (("--inputs", "unit"), False)])
+def test_inputs_follow_the_authors_loader_by_default(fake_mnist, tmp_path, flag, normalize):
+    """The authors feed ToTensor() pixels in [0, 1]; --inputs standardized shifts and scales them."""
+    assert ex.main(_argv(tmp_path, "--model", "lenet300", *flag)) == 0
+    assert LOADS == [normalize]
+    r = ex.parse_args(["--model", "lenet300", *flag])
+    assert r.inputs == ("standardized" if normalize else "unit")
