@@ -1,9 +1,9 @@
 """Pieces shared by the benchmark scripts of ``bench/`` (no script imports another script).
 
-- :class:`BenchContext` (timing, peak memory, SPEC section 7 rows), :data:`FIELDS`, :data:`DT`;
+- :class:`BenchContext` (timing, peak memory, docs/design.md §7 rows), :data:`FIELDS`, :data:`DT`;
 - :data:`EXTRA_SUITES`: suites ``suite(ctx) -> rows`` that ``run_bench.py`` runs after its own
   (``inference_suite.py`` appends to it when imported);
-- :func:`spec_markdown` (the SPEC table), :func:`interleaved_ms`: medians of several functions timed one call each per round (other load on the
+- :func:`spec_markdown` (the docs/design.md table), :func:`interleaved_ms`: medians of several functions timed one call each per round (other load on the
   machine hits them alike), :func:`make_meta`, :func:`write_results`, :func:`fmt`;
 - the CPU layer cases of ``cpu_ratio.py`` / ``test_bench_cpu.py`` (:data:`CASES`, :func:`make`);
 - :func:`log_alpha_for_density`: gates whose drawn density is a given fraction.
@@ -114,7 +114,7 @@ def fmt(v, nd=3):
 
 
 def spec_markdown(rows: List[dict]) -> str:
-    """The markdown table of SPEC section 7 rows."""
+    """The markdown table of docs/design.md §7 rows."""
     head = ("| op | gate | noise | dtype | shape | backend | fwd ms | fwd+bwd ms | dense fwd ms | dense fwd+bwd ms "
             "| fwd+bwd / dense | peak MiB | dense peak MiB |")
     lines = [head, "|" + "---|" * 13]
@@ -133,7 +133,7 @@ def spec_markdown(rows: List[dict]) -> str:
 
 
 def write_results(rows, out_dir, device, now, kind, markdown):
-    """Write ``<device>[-kind]-<date>.json`` and the ``.md`` table beside it (SPEC section 7)."""
+    """Write ``<device>[-kind]-<date>.json`` and the ``.md`` table beside it (docs/design.md §7)."""
     os.makedirs(out_dir, exist_ok=True)
     tag = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in device).strip("-")
     stem = os.path.join(out_dir, f"{tag}{'-' + kind if kind else ''}-{now.strftime('%Y-%m-%dT%H%M%S')}")

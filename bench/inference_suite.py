@@ -1,4 +1,4 @@
-"""Inference rows of SPEC section 7: eval-mode ``L0Linear`` with structured gate sparsity.
+"""Inference rows of docs/design.md §7: eval-mode ``L0Linear`` with structured gate sparsity.
 
 For the linear shapes (784->300, 300->100 float32; 4096->4096, 4096->14336 bfloat16 on CUDA) at gate
 density 1.0 / 0.5 / 0.25 / 0.1 (input and output gates) and batch 1, 16, 8192, times the module's

@@ -1,7 +1,7 @@
-"""Benchmarks of SPEC section 7: every gated op against its dense baseline, for every backend that
+"""Benchmarks of docs/design.md §7: every gated op against its dense baseline, for every backend that
 ``l0kernels.available_backends(call)`` says can run the call (torch, triton, and cuda once built).
 
-    python bench/run_bench.py                 # CUDA: all SPEC shapes, triton.testing.do_bench medians
+    python bench/run_bench.py                 # CUDA: all docs/design.md §7 shapes, triton.testing.do_bench medians
     python bench/run_bench.py --cpu --quick   # no GPU: LeNet shapes only, time.perf_counter medians
     python bench/run_bench.py --only 'shape=*x4096->4096' --only 'backend=cuda[fused],cuda[two_pass]'
 
@@ -10,7 +10,7 @@ noise, backend; the inference rows also density, batch, with shapes K->N) matche
 patterns; rows without that key are not filtered by it. The dense baselines are always measured. Each row
 is printed as it is measured, so a run cut off by a time limit still leaves its numbers in the log.
 
-Writes ``bench/results/<device>-<date>.json`` (a list of rows with the fields of SPEC section 7:
+Writes ``bench/results/<device>-<date>.json`` (a list of rows with the fields of docs/design.md §7:
 op, gate, noise, dtype, shape, backend, fwd_ms, fwd_bwd_ms, dense_fwd_ms, dense_fwd_bwd_ms, peak_mib,
 dense_peak_mib, device, torch, triton, commit, date) and a markdown table beside it.
 
@@ -46,13 +46,13 @@ from common import DT, EXTRA_SUITES, BenchContext, make_meta, parse_only, spec_m
 
 LINEAR_MODES = [("in", "batch"), ("in", "sample"), ("out", "batch"), ("out", "sample"), ("weight", "batch")]
 
-# (suite, M, K, N, dtype); SPEC section 7
+# (suite, M, K, N, dtype); docs/design.md §7
 LINEAR_SHAPES = [
     ("lenet300", 100, 784, 300, "float32"),
     ("lenet300", 100, 300, 100, "float32"),
     ("transformer_mlp", 8192, 4096, 4096, "bfloat16"),
     ("transformer_mlp", 8192, 4096, 14336, "bfloat16"),
-    # small batches, where the CUDA backend's single-launch forward should pay (not a SPEC shape)
+    # small batches, where the CUDA backend's single-launch forward should pay (not a docs/design.md §7 shape)
     ("small_m", 1, 4096, 4096, "bfloat16"),
     ("small_m", 16, 4096, 4096, "bfloat16"),
     ("small_m", 256, 4096, 4096, "float16"),

@@ -5,7 +5,7 @@ test run (testpaths=tests):
 
 Each case times forward+backward of the gated op on the triton and torch backends and the dense
 baseline (``F.linear``/``F.conv2d``, same dtype and layout), synchronising the device inside the timed call.
-``bench/run_bench.py`` writes the SPEC section 7 tables; this file is for quick A/B comparisons.
+``bench/run_bench.py`` writes the docs/design.md §7 tables; this file is for quick A/B comparisons.
 """
 import pytest
 import torch

@@ -181,7 +181,7 @@ def _time_backend(ctx, be: str, f, grads_of, dy, mods):
 
 
 def gpu_rows(ctx: common.BenchContext, quick: bool = False) -> List[dict]:
-    """SPEC-format rows (``common.FIELDS`` + density) for the transformer MLP shapes on CUDA. ``quick`` (the
+    """design.md §7-format rows (``common.FIELDS`` + density) for the transformer MLP shapes on CUDA. ``quick`` (the
     GPU check's second call): 4096->4096 only, densities 1.0 and 0.25, the Triton and CUDA backends with and
     without the skipping."""
     dev, dt = ctx.device, torch.bfloat16
@@ -229,7 +229,7 @@ def gpu_conv_plan(quick: bool = False):
 
 
 def gpu_conv_rows(ctx: common.BenchContext, quick: bool = False) -> List[dict]:
-    """SPEC-format rows for ``l0_conv2d`` training (batch noise, channel gates, bf16, channels_last): forward and
+    """design.md §7-format rows for ``l0_conv2d`` training (batch noise, channel gates, bf16, channels_last): forward and
     forward+backward against ``F.conv2d`` (cuDNN); ``cuda`` is the im2col open-set path at every density."""
     dev, dt = ctx.device, torch.bfloat16
     shapes, densities, backends = gpu_conv_plan(quick)

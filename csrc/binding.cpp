@@ -80,7 +80,7 @@ l0k::GateConfig make_cfg(at::ArrayRef<double> cfg) {
                          static_cast<float>(cfg[3])};
 }
 
-// The seed (SPEC section 10): a 0-d int64 tensor on `ref`'s device whose address the kernels get; they
+// The seed (docs/design.md §10): a 0-d int64 tensor on `ref`'s device whose address the kernels get; they
 // read its value on the device (load_seed: low 63 bits), so no host sync, and a CUDA graph replays the
 // read. None only in eval (nullptr: no kernel reads it).
 const int64_t* seed_ptr(const std::optional<Tensor>& seed, const Tensor& ref, bool training) {

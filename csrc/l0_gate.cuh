@@ -1,4 +1,4 @@
-// Hard-concrete gate math of SPEC section 1 in float: the one CUDA C++ copy of the formulas.
+// Hard-concrete gate math of docs/design.md §1 in float: the one CUDA C++ copy of the formulas.
 // Host and device (qualifiers from l0_philox.cuh's L0K_HD); no PyTorch headers.
 #pragma once
 
@@ -42,7 +42,7 @@ L0K_HD bool inside01_(float v) { return isnan_(v) || (v > 0.0f && v < 1.0f); }
 
 // Training gate from a raw uniform: z = clamp(s * (zeta - gamma) + gamma, 0, 1) and
 // dz/dlog_alpha = (zeta - gamma) * s * (1 - s) / beta where 0 < s_bar < 1, else 0.
-// Non-finite log_alpha (SPEC section 6): NaN gives z = dz = NaN; +inf gives z = 1, -inf z = 0, dz = 0.
+// Non-finite log_alpha (docs/design.md §6): NaN gives z = dz = NaN; +inf gives z = 1, -inf z = 0, dz = 0.
 L0K_HD void gate_from_uniform(float log_alpha, float u_raw, const GateConfig& c, float* z, float* dz) {
   const float u = fminf(fmaxf(u_raw, c.eps), 1.0f - c.eps);
   const float s = sigmoidf_((logf(u) - log1pf(-u) + log_alpha) / c.beta);
@@ -64,14 +64,14 @@ L0K_HD void gate_eval(float log_alpha, const GateConfig& c, float* z, float* dz)
   }
 }
 
-// The key of a seed tensor (SPEC section 10): kernels read the seed from device memory (a 0-d int64
+// The key of a seed tensor (docs/design.md §10): kernels read the seed from device memory (a 0-d int64
 // tensor; drawn on the device, it needs no host sync, and a CUDA graph replay reads the new value), and
 // take its low 63 bits. nullptr (eval, no gates) gives 0.
 L0K_HD uint64_t load_seed(const int64_t* seed) {
   return seed != nullptr ? static_cast<uint64_t>(*seed) & 0x7FFFFFFFFFFFFFFFull : 0ull;
 }
 
-// Gate for noise-tensor element i (row-major offset, SPEC section 2) with parameter log_alpha.
+// Gate for noise-tensor element i (row-major offset, docs/design.md §2) with parameter log_alpha.
 L0K_HD void gate_at(float log_alpha, uint64_t seed, uint64_t i, bool training, const GateConfig& c,
                     float* z, float* dz) {
   if (training) {

@@ -27,7 +27,7 @@ template <typename T>
 cudaError_t launch_gates(const T* log_alpha, int64_t numel, int64_t groups, const int64_t* seed, bool training,
                          GateConfig cfg, float* z, float* dz, cudaStream_t stream);
 
-// Raw uniforms u_raw(seed, offsets[i]) (SPEC section 2) for n int64 offsets (>= 0); for testing the stream.
+// Raw uniforms u_raw(seed, offsets[i]) (docs/design.md §2) for n int64 offsets (>= 0); for testing the stream.
 cudaError_t launch_uniform(const int64_t* offsets, int64_t n, const int64_t* seed, float* out, cudaStream_t stream);
 
 // out[r, c] = a[r, c] * (b ? b[r, c] : 1) * (z ? z[r * zs_r + c * zs_c] : 1), out contiguous (R, C).

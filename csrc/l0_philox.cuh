@@ -1,4 +1,4 @@
-// Philox4x32-10 exactly as Triton's tl.rand (SPEC section 2): the one CUDA C++ copy of the stream.
+// Philox4x32-10 exactly as Triton's tl.rand (docs/design.md §2): the one CUDA C++ copy of the stream.
 //
 // Usable from device code (nvcc) and from plain host C++ (g++): the qualifiers are behind L0K_HD.
 // u_raw(seed, i): key (seed lo, seed hi), counter (i lo, i hi, 0, 0); ten rounds; word c0 mapped to
@@ -57,7 +57,7 @@ L0K_HD float uint_to_uniform(uint32_t c) {
   return static_cast<float>(x) * 4.6566127342e-10f;
 }
 
-// u_raw(seed, i) of SPEC section 2.
+// u_raw(seed, i) of docs/design.md §2.
 L0K_HD float philox_uniform(uint64_t seed, uint64_t offset) {
   return uint_to_uniform(philox_c0(seed, offset));
 }

@@ -1,6 +1,6 @@
 """Open sets: the groups (input columns, output rows, output channels) whose gate is not exactly 0.
 
-A sampled hard-concrete gate is exactly 0 with probability ``1 - p_open`` (SPEC section 1), and then its
+A sampled hard-concrete gate is exactly 0 with probability ``1 - p_open`` (docs/design.md §1), and then its
 whole group contributes nothing to the output and gets exactly zero gradients (``dz/dlog_alpha = 0`` on
 the clamped region). A training call with one gate vector (``noise="batch"``) can therefore run its GEMM
 or convolution over the open groups only; the open set is recomputed on every call from the gates drawn

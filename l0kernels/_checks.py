@@ -1,4 +1,4 @@
-"""Argument checks shared by every public entry point (SPEC section 5). Nothing here launches a kernel."""
+"""Argument checks shared by every public entry point (docs/design.md §5). Nothing here launches a kernel."""
 from __future__ import annotations
 
 import numbers
@@ -78,7 +78,7 @@ def _same(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str,
 
 
 def resolve_seed(seed, training: bool, device):
-    """Validate ``seed`` (an int or a 0-d int64 tensor, SPEC section 10); in training draw one on
+    """Validate ``seed`` (an int or a 0-d int64 tensor, docs/design.md §10); in training draw one on
     ``device`` when it is None (:func:`draw_seed`)."""
     if seed is not None:
         seed = check_seed(seed)

@@ -205,7 +205,7 @@ def get_backend(name: str) -> Backend:
 
 
 def backend_names() -> Tuple[str, ...]:
-    """Names ``backend=`` accepts: SPEC's four plus any backend a user registered."""
+    """Names ``backend=`` accepts: the contract's (docs/design.md) four plus any backend a user registered."""
     extra = tuple(sorted(n for n in list(_REGISTRY) + list(_LOADERS) if n not in BACKEND_NAMES))
     return BACKEND_NAMES + extra
 

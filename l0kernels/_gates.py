@@ -1,4 +1,4 @@
-"""Hard-concrete gate math of SPEC section 1, in PyTorch. The one Python copy of the formulas.
+"""Hard-concrete gate math of docs/design.md §1, in PyTorch. The one Python copy of the formulas.
 
 Every torch-side computation of a gate, its derivative, the test-time gate or P(open) goes
 through these functions; the Triton and CUDA backends have their own single copies
@@ -69,7 +69,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _clamp01(s_bar: torch.Tensor) -> torch.Tensor:
     """``min(1, max(0, s_bar))``. ``hardtanh``, not ``clamp``: the same values, and where autograd records
     (the second-order backward replays the gates through autograd) its derivative is 0 on the boundaries,
-    as SPEC section 1 has it."""
+    as docs/design.md §1 has it."""
     return torch.nn.functional.hardtanh(s_bar, 0.0, 1.0)
 
 
@@ -110,7 +110,7 @@ def eval_gates_and_grad(log_alpha: torch.Tensor, cfg: GateConfig = DEFAULT_CONFI
 
 
 def noise_uniform(seed, shape: Sequence[int], device) -> torch.Tensor:
-    """``u_raw`` for a noise tensor of ``shape``: offset = row-major flat index (SPEC section 2)."""
+    """``u_raw`` for a noise tensor of ``shape``: offset = row-major flat index (docs/design.md §2)."""
     n = 1
     for d in shape:
         n *= int(d)

@@ -1,4 +1,4 @@
-"""Philox4x32-10 exactly as Triton's ``tl.rand`` (SPEC section 2), in Python.
+"""Philox4x32-10 exactly as Triton's ``tl.rand`` (docs/design.md §2), in Python.
 
 This is the only Python implementation of the stream. The same rounds run on numpy ``uint64``
 arrays (CPU tensors) and, one word per tensor, on torch ``int64`` tensors (any other device, and
@@ -55,7 +55,7 @@ def _philox_c0(seed: int, off, ops):
 
     The state is kept as two stacked pairs ``X = (c0, c2)`` and ``Y = (c1, c3)`` so one round is
     a handful of whole-array ops: ``p = X * (A, B)``; ``X' = rev(hi(p)) ^ Y ^ (k0, k1)``;
-    ``Y' = rev(lo(p))`` -- exactly SPEC section 2's ``c0' = mulhi(B, c2) ^ c1 ^ k0``,
+    ``Y' = rev(lo(p))`` -- exactly docs/design.md §2's ``c0' = mulhi(B, c2) ^ c1 ^ k0``,
     ``c2' = mulhi(A, c0) ^ c3 ^ k1``, ``c1' = lo(B c2)``, ``c3' = lo(A c0)``.
     """
     off = off.reshape(-1)  # a 0-d offsets array would broadcast against the (2, 1) round constants
@@ -106,7 +106,7 @@ def _compiling() -> bool:
 
 
 def check_seed(seed, name: str = "seed"):
-    """A valid seed (SPEC section 10): an int in ``[0, 2**63)`` is returned as an int, a 0-d
+    """A valid seed (docs/design.md §10): an int in ``[0, 2**63)`` is returned as an int, a 0-d
     ``torch.int64`` tensor (any device) as itself. A tensor's value is not range-checked (that would
     read it on the host: a sync for a device tensor); every backend takes its low 63 bits
     (``seed & (2**63 - 1)``, :func:`seed_bits`), so a negative value ``v`` acts as ``v + 2**63``."""
@@ -171,7 +171,7 @@ def philox_uniform(seed, offsets, *, device=None, _force_torch: bool = False,
                    _force_numpy: bool = False) -> torch.Tensor:
     """Uniform float32 draws ``u_raw(seed, i)`` for every offset ``i``, bit-exact with ``tl.rand``.
 
-    ``seed`` is an int in ``[0, 2**63)`` or a 0-d int64 tensor (SPEC section 10). ``offsets`` is an
+    ``seed`` is an int in ``[0, 2**63)`` or a 0-d int64 tensor (docs/design.md §10). ``offsets`` is an
     integer tensor (any shape, any device, values in ``[0, 2**63)``) or an int (returns ``arange(offsets)``).
     The result has the offsets' shape and device.
     """

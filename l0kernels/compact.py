@@ -1324,7 +1324,7 @@ def _first_tensor(out):
 def compare(original: nn.Module, compacted: nn.Module, example_inputs) -> Dict[str, float]:
     """Run both models (eval, no grad) on ``example_inputs`` (a tensor or a tuple of positional inputs) and
     report the largest differences over their tensor outputs: ``max_abs`` (max |a - b|), ``max_rel``
-    (max_abs / max |original|) and ``norm_rel`` (||a - b|| / ||original||, SPEC section 6's measure). A NaN in
+    (max_abs / max |original|) and ``norm_rel`` (||a - b|| / ||original||, docs/design.md §6's measure). A NaN in
     either output makes the measures NaN, and an infinity where the other output differs makes them inf or
     NaN: a difference that cannot be measured is never reported as 0 (equal infinities differ by 0)."""
     ex = _as_tuple(example_inputs)

@@ -1,4 +1,4 @@
-"""``convert()``: put hard-concrete gates into an existing model, in place (SPEC section 8).
+"""``convert()``: put hard-concrete gates into an existing model, in place (docs/design.md §8).
 
 Every ``nn.Linear`` and ``nn.Conv2d`` whose qualified name matches ``include`` and not ``exclude`` becomes
 an :class:`~l0kernels.L0Linear` / :class:`~l0kernels.L0Conv2d` that holds the layer's own ``weight`` and
@@ -14,8 +14,8 @@ Choices (see README, "Converting a model"):
   gates are then open with ``p_open = sigmoid(3 - beta log(-gamma / zeta)) ~= 0.990`` and equal 1 with
   probability ``~0.80`` (they dip below 1 otherwise), and ``l0_penalty`` starts at ``~0.99`` per gate. The
   value is deterministic (no random numbers are drawn); the layers' ``droprate_init`` is recorded as
-  ``sigmoid(-3)``, so ``reset_gates()`` redraws around the same mean. A float ``droprate_init`` uses SPEC
-  section 1's initialisation instead (the eval output then changes).
+  ``sigmoid(-3)``, so ``reset_gates()`` redraws around the same mean. A float ``droprate_init`` uses the
+  initialisation of docs/design.md §1 instead (the eval output then changes).
 * Only exact ``nn.Linear`` / ``nn.Conv2d`` and subclasses that keep their ``forward`` (e.g.
   ``NonDynamicallyQuantizableLinear``) are converted. Subclasses with their own ``forward`` compute
   something else than ``F.linear`` / ``F.conv2d``: they are skipped by the default ``include=None`` and raise

@@ -1,4 +1,4 @@
-"""Public functional API of SPEC section 4: gates, penalties and the gated ops."""
+"""Public functional API of docs/design.md §4: gates, penalties and the gated ops."""
 from __future__ import annotations
 
 import numbers
@@ -40,8 +40,8 @@ def sample_gates(log_alpha: torch.Tensor, seed: Union[int, torch.Tensor], shape:
     """Training gates ``z`` for a noise tensor of ``shape`` (default: ``log_alpha``'s shape).
 
     ``shape`` must end with ``log_alpha.shape``; e.g. ``(M, G)`` for per-example gates. Offsets
-    are the row-major index into ``shape`` (SPEC section 2). Differentiable in ``log_alpha``.
-    ``seed``: an int in ``[0, 2**63)`` or a 0-d int64 tensor on any device (SPEC section 10).
+    are the row-major index into ``shape`` (docs/design.md §2). Differentiable in ``log_alpha``.
+    ``seed``: an int in ``[0, 2**63)`` or a 0-d int64 tensor on any device (docs/design.md §10).
     """
     check_tensor(log_alpha, "log_alpha")
     cfg = make_config(beta, gamma, zeta, eps)
@@ -106,14 +106,14 @@ def l0_linear(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bi
               *, seed: Optional[Union[int, torch.Tensor]] = None, gate: str = "in", noise: str = "batch",
               training: bool = True, backend: str = "auto", beta: float = _BETA, gamma: float = _GAMMA,
               zeta: float = _ZETA, eps: float = 1e-6, group_size: int = 1) -> torch.Tensor:
-    """Hard-concrete gated linear layer (SPEC section 3).
+    """Hard-concrete gated linear layer (docs/design.md §3).
 
     ``gate="in"``: ``y = (x * z) @ W.T + b``, ``log_alpha`` is ``(K,)``;
     ``gate="out"``: ``y = (x @ W.T + b) * z``, ``(N,)``; ``gate="weight"``: ``y = x @ (W * Z).T + b``, ``(N, K)``.
     ``noise="batch"`` draws one gate vector per call, ``"sample"`` one per row of ``x.reshape(-1, K)``.
-    ``group_size=g`` (``gate="in"``/``"out"``, SPEC section 8): one gate per ``g`` consecutive features,
+    ``group_size=g`` (``gate="in"``/``"out"``, docs/design.md §8): one gate per ``g`` consecutive features,
     ``log_alpha`` of shape ``(K // g,)`` / ``(N // g,)``; the noise tensor is over the gates.
-    ``seed``: an int in ``[0, 2**63)`` or a 0-d int64 tensor (any device; SPEC section 10). In training with
+    ``seed``: an int in ``[0, 2**63)`` or a 0-d int64 tensor (any device; docs/design.md §10). In training with
     ``seed=None`` one is drawn as a 0-d int64 tensor on ``x``'s device from PyTorch's default generator.
     With ``training=False`` the deterministic gates are used and ``seed`` is ignored.
     Under ``torch.autocast`` the op casts like ``F.linear``: float16/bfloat16/float32 ``x``, ``weight``,
@@ -147,7 +147,7 @@ def l0_conv2d(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bi
               seed: Optional[Union[int, torch.Tensor]] = None, noise: str = "batch", training: bool = True,
               backend: str = "auto", beta: float = _BETA, gamma: float = _GAMMA, zeta: float = _ZETA,
               eps: float = 1e-6, group_size: int = 1) -> torch.Tensor:
-    """``conv2d(x, W, b, ...) * z[..., c, None, None]`` with one gate per output channel (SPEC section 3).
+    """``conv2d(x, W, b, ...) * z[..., c, None, None]`` with one gate per output channel (docs/design.md §3).
 
     ``x`` is ``(B, C_in, H, W)`` (NCHW or channels_last); ``noise="sample"`` draws gates ``(B, C_out)``.
     ``group_size=g``: one gate per ``g`` consecutive output channels, ``log_alpha`` ``(C_out // g,)``.

@@ -62,7 +62,7 @@ class _L0Layer(nn.Module):
         self.cfg = GateConfig(beta=beta, gamma=gamma, zeta=zeta)
 
     def reset_gates(self) -> None:
-        """``log_alpha ~ N(log(1-p) - log(p), 0.01)`` with ``p = droprate_init`` (SPEC section 1)."""
+        """``log_alpha ~ N(log(1-p) - log(p), 0.01)`` with ``p = droprate_init`` (docs/design.md §1)."""
         if self.log_alpha.is_meta:  # no values to draw (and meta normal_ would import torch._dynamo)
             return
         p = self.droprate_init
@@ -197,7 +197,7 @@ class L0Linear(_L0Layer):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Weights and bias as ``nn.Linear``; gates as SPEC section 1."""
+        """Weights and bias as ``nn.Linear``; gates as docs/design.md §1."""
         nn.Linear.reset_parameters(self)
         self.reset_gates()
 
@@ -206,7 +206,7 @@ class L0Linear(_L0Layer):
 
     @property
     def params_per_gate(self) -> int:
-        """Parameters one gate controls (SPEC section 1's "group size"): ``group_size`` weight columns,
+        """Parameters one gate controls (docs/design.md §1's "group size"): ``group_size`` weight columns,
         ``group_size`` weight rows (+ their biases), or one weight."""
         if self.gate == "in":
             return self.out_features * self.group_size
@@ -282,7 +282,7 @@ class L0Conv2d(_L0Layer):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Weights and bias as ``nn.Conv2d``; gates as SPEC section 1."""
+        """Weights and bias as ``nn.Conv2d``; gates as docs/design.md §1."""
         nn.Conv2d.reset_parameters(self)
         self.reset_gates()
 

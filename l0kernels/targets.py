@@ -1,4 +1,4 @@
-"""Sparsity targets instead of lambda (SPEC section 9): a Lagrangian controller with warm-up.
+"""Sparsity targets instead of lambda (docs/design.md §9): a Lagrangian controller with warm-up.
 
 ``SparsityTarget`` turns "keep 10% of the parameters" into a penalty whose multipliers are learned by
 gradient ascent, as the structured-pruning papers do (Wang, Wohlwend, Lei 2020, "Structured Pruning of
@@ -71,7 +71,7 @@ def _rows_per_example(shape: Tuple[int, ...]) -> int:
 
 
 class SparsityTarget(nn.Module):
-    """Drive an L0 model to a target fraction of its parameters, FLOPs or gates (SPEC section 9).
+    """Drive an L0 model to a target fraction of its parameters, FLOPs or gates (docs/design.md §9).
 
     ::
 

@@ -48,7 +48,7 @@ def rel_err():
     return f
 
 
-# SPEC section 6 tolerances against the float64 torch reference
+# docs/design.md §6 tolerances against the float64 torch reference
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
 TOL_TF32 = 1e-3
 

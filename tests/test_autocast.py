@@ -3,7 +3,7 @@
 Under autocast, float16/bfloat16/float32 ``x``, ``weight``, ``bias`` and ``log_alpha`` run in the autocast dtype
 (float64 is not cast) and the output has that dtype; the gradients reach float32 parameters in float32.
 Every check compares the autocast call with the same op run on tensors cast by hand (bit for bit where both
-run the same kernels) and with the float64 reference of the float32 tensors (SPEC section 6 tolerances).
+run the same kernels) and with the float64 reference of the float32 tensors (docs/design.md §6 tolerances).
 The eval-mode layers build their compact plans in the autocast dtype from the float32 parameters and keep
 them cached beside the float32 plans.
 """
@@ -87,8 +87,8 @@ def test_linear_casts_like_hand_cast(dtype, gate, noise, training):
 
 def check_near_float64(run, tensors, dtype, gen_seed):
     """``run`` under autocast against the float64 reference, on the float32 values (output and the gradients of x,
-    weight and bias within twice the SPEC tolerance: the inputs' rounding to ``dtype`` counts too) and on the values
-    rounded to ``dtype`` (SPEC section 6 tolerance). The log_alpha gradient sums products over the other dimension
+    weight and bias within twice the the contract's tolerance (docs/design.md §6): the inputs' rounding to ``dtype`` counts too) and on the values
+    rounded to ``dtype`` (docs/design.md §6 tolerance). The log_alpha gradient sums products over the other dimension
     of small odd shapes and is compared on the rounded values only, within three times the tolerance (measured
     worst case over 400 draws: 2.0e-2 bfloat16, 2.5e-3 float16)."""
     ps = [leaf(t) for t in tensors]
@@ -218,7 +218,7 @@ def test_other_checks_unchanged_under_autocast():
 
 
 def test_mismatch_still_raises_outside_autocast():
-    """SPEC section 5: without autocast, no argument is cast."""
+    """docs/design.md §5: without autocast, no argument is cast."""
     x, w, la, b = linear_tensors("in")
     xb = x.to(torch.bfloat16)
     with pytest.raises(TypeError, match=r"^weight must have the dtype of x \(torch.bfloat16\), got torch.float32$"):

@@ -593,7 +593,7 @@ def test_summary_under_meta_default_device_is_unchanged():
 
 
 def _check_outputs(c, model, x, rel_err):
-    """The compacted model against a float64 CPU copy of ``model`` (SPEC section 6: TOL of x's dtype) and
+    """The compacted model against a float64 CPU copy of ``model`` (docs/design.md §6: TOL of x's dtype) and
     against the eval model itself in x's dtype and on its device (both are within TOL of the float64 one:
     2 * TOL)."""
     dtype = x.dtype

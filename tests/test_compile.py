@@ -1,4 +1,4 @@
-"""``torch.compile`` of L0 models (SPEC section 10) on the CPU: training forward and backward, fresh gates
+"""``torch.compile`` of L0 models (docs/design.md §10) on the CPU: training forward and backward, fresh gates
 on every call, the eager result for the same seeds, and eval mode; ``fullgraph=True`` and graph breaks
 allowed. Compiling is slow on a small CPU, so one model carries every gate kind and noise:
 ``L0Conv2d`` (sample noise) -> ``L0Linear`` input gates (batch) -> output gates (sample) -> weight gates.

@@ -1,4 +1,4 @@
-"""l0k.convert (SPEC section 8): gates put into existing models, in place."""
+"""l0k.convert (docs/design.md §8): gates put into existing models, in place."""
 import copy
 import math
 
@@ -147,7 +147,7 @@ def test_device_dtype_and_open_gates(dtype):
         assert bool((m.deterministic_gates() == 1).all())  # z_eval exactly 1
         assert float(m.log_alpha.detach().float().min()) > m.cfg.open_threshold
         assert not m.log_alpha.is_meta
-    # droprate_init given: SPEC's initialisation (z_eval ~ 0.5 at p = 0.5)
+    # droprate_init given: the contract's (docs/design.md) initialisation (z_eval ~ 0.5 at p = 0.5)
     m2 = l0k.convert(nn.Sequential(nn.Linear(7, 5)), droprate_init=0.5)[0]
     assert float(m2.log_alpha.abs().max()) < 0.1
     # training mode flag is kept

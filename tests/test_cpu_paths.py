@@ -1,6 +1,6 @@
 """The torch backend's CPU fast paths (``l0kernels._cpu`` via ``backends/_cpu_paths.py`` and the C++ gate
 kernel of ``_gates.py``) against the plain torch code they stand in for, and the gates against the
-float64 formula (SPEC section 6: within 1e-6)."""
+float64 formula (docs/design.md §6: within 1e-6)."""
 import pytest
 import torch
 

@@ -101,7 +101,7 @@ def run_emu(fn, x, w, la, b, seed, gate, noise, training, allow_vec=True, cfg=Ga
     if y is None:
         y = torch.full((m, n), float("nan"), dtype=x.dtype)
     ptr = (lambda t: None if t is None else t.data_ptr())
-    # the seed as the kernels take it: the address of a 0-d int64 tensor (SPEC section 10), read in the kernel
+    # the seed as the kernels take it: the address of a 0-d int64 tensor (docs/design.md §10), read in the kernel
     seed_t = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
     vec = fn(GEMV_DTYPES[x.dtype], IMPLS[impl], ptr(x), x.stride(0), ptr(w), w.stride(0), ptr(None if la is None else la.contiguous()),
              ptr(b), ptr(y), y.stride(0), ptr(x_cols), ptr(y_cols), ptr(idle_cols),
@@ -535,7 +535,7 @@ def test_w_keeps_vector_loads_when_x_cannot(emu, impl, rows):
 @pytest.mark.parametrize("gate,noise,training", [("in", "batch", True), ("out", "sample", True),
                                                  ("weight", "batch", False), ("in", "batch", False)])
 def test_nonfinite_log_alpha_like_reference(emu, impl, gate, noise, training):
-    """NaN and +-inf in log_alpha (SPEC section 6): the fused kernels' gates are NaN, 1 and 0 like the float64
+    """NaN and +-inf in log_alpha (docs/design.md §6): the fused kernels' gates are NaN, 1 and 0 like the float64
     reference (csrc/l0_gate.cuh keeps a NaN through the clamp), so the outputs are NaN exactly where the
     reference is; the seed comes as a pointer to a 0-d int64 tensor."""
     m = 20 if impl == "gemm" else 3

@@ -242,7 +242,7 @@ def test_eval_idle_outputs_in_one_launch(rel_err):
 @pytest.mark.parametrize("backend", ["cuda", "auto", "torch"])
 @pytest.mark.parametrize("gate", ["in", "out", "weight"])
 def test_eval_calls_after_the_first_never_synchronise(backend, gate):
-    """SPEC/issue: the eval path builds (and times) its plan once; later calls make no host-device
+    """the contract: the eval path builds (and times) its plan once; later calls make no host-device
     synchronisation. torch.cuda's sync debug mode raises on any synchronising call."""
     layer = l0k.L0Linear(300, 200, gate=gate, backend=backend).to("cuda", torch.bfloat16).eval()
     with torch.no_grad():

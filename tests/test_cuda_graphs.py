@@ -1,4 +1,4 @@
-"""CUDA graphs of an L0 training step (SPEC section 10; needs a GPU: marked ``gpu``, skipped without one).
+"""CUDA graphs of an L0 training step (docs/design.md §10; needs a GPU: marked ``gpu``, skipped without one).
 
 A layer in training draws its seed with ``torch.randint`` on the input's device: inside a captured graph
 that is a Philox kernel of PyTorch's default CUDA generator, whose offset the graph advances on every

@@ -345,7 +345,7 @@ CHILD = textwrap.dedent(r'''
     with FakeTensorMode():
         xf, wf, laf = torch.empty(3, 5, 7, dtype=torch.float16), torch.empty(4, 7, dtype=torch.float16), torch.empty(7, dtype=torch.float16)
         c = [cfg.beta, cfg.gamma, cfg.zeta, cfg.eps]
-        sf = torch.empty((), dtype=torch.int64)  # the seed: a 0-d int64 tensor (SPEC section 10)
+        sf = torch.empty((), dtype=torch.int64)  # the seed: a 0-d int64 tensor (docs/design.md §10)
         assert torch.ops.l0kernels.linear_fwd_fused(xf, wf, laf, None, sf, "in", False, True, c).shape == (3, 5, 4)
         assert torch.ops.l0kernels.linear_fwd(xf, wf, laf, None, sf, "in", False, True, c).shape == (3, 5, 4)
         assert torch.ops.l0kernels.sparse_linear(xf[0], wf, None, None, None, None, None, 4).shape == (5, 4)

@@ -1,4 +1,4 @@
-"""Backend registry and dispatch (SPEC section 4: "auto", "torch", named backends that say why they cannot run)."""
+"""Backend registry and dispatch (docs/design.md §4: "auto", "torch", named backends that say why they cannot run)."""
 import pytest
 import torch
 
@@ -140,7 +140,7 @@ def test_custom_backend_receives_validated_calls(registry):
     y = l0k.l0_linear(x, w, la, b, gate="in", noise="sample")  # auto: the highest priority that can run it
     assert len(rec.calls) == 1
     call = rec.calls[-1]
-    # a drawn seed: a 0-d int64 tensor on x's device (SPEC section 10)
+    # a drawn seed: a 0-d int64 tensor on x's device (docs/design.md §10)
     assert isinstance(call, LinearCall) and call.training and isinstance(call.seed, torch.Tensor)
     assert call.seed.dtype == torch.int64 and call.seed.dim() == 0 and call.seed.device == x.device
     assert 0 <= int(call.seed) < 2**63 and call.noise == "sample" and call.gate == "in"

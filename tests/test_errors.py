@@ -1,4 +1,4 @@
-"""Bad input (SPEC section 5): ValueError / TypeError naming the argument, raised before any kernel runs,
+"""Bad input (docs/design.md §5): ValueError / TypeError naming the argument, raised before any kernel runs,
 leaving modules and PyTorch's RNG untouched."""
 import math
 

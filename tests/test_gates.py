@@ -1,4 +1,4 @@
-"""Hard-concrete gates (SPEC section 1) and their offsets (SPEC section 2).
+"""Hard-concrete gates (docs/design.md §1) and their offsets (docs/design.md §2).
 
 The float64 formulas are written out here, independently of ``l0kernels._gates``; only the raw
 uniforms come from ``philox_uniform`` (tested bit for bit against ``tl.rand`` in test_philox.py).
@@ -16,7 +16,7 @@ BETA, GAMMA, ZETA, EPS = 2.0 / 3.0, -0.1, 1.1, 1e-6
 CONSTS = [(BETA, GAMMA, ZETA), (0.5, -0.2, 1.05), (0.9, -0.05, 1.3)]
 
 
-# ---- the SPEC formulas, float64 -------------------------------------------------------------------------
+# ---- the contract's formulas (docs/design.md §1), float64 -------------------------------------------------------------------------
 def spec_s(log_alpha, u_raw, beta=BETA):
     u = u_raw.double().clamp(EPS, 1 - EPS)
     return torch.sigmoid((torch.log(u) - torch.log(1 - u) + log_alpha.double()) / beta)

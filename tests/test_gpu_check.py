@@ -205,7 +205,7 @@ def test_bench_selections_pick_the_intended_rows():
 
 def test_gpu_conv_rows_run(monkeypatch):
     """``bench/train_step.py``'s convolution rows, run on the CPU with a one-call clock: the torch backend's rows
-    in the SPEC format (a backend that cannot run the call is skipped, not fatal)."""
+    in the docs/design.md §7 format (a backend that cannot run the call is skipped, not fatal)."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
     import common
     import train_step

@@ -1,8 +1,8 @@
-"""Grouped gates (SPEC section 8, ``group_size=g``): one gate per g consecutive features / channels.
+"""Grouped gates (docs/design.md §8, ``group_size=g``): one gate per g consecutive features / channels.
 
 Every backend that runs on the CPU (torch plain, torch's C++ CPU paths, the Triton interpreter on tiny
 shapes) against an explicit float64 reference: gates of the noise tensor over the *gates* (offsets
-``g`` / ``m*G + g``), ``repeat_interleave``'d to the features, and autograd through the SPEC formulas.
+``g`` / ``m*G + g``), ``repeat_interleave``'d to the features, and autograd through the contract's formulas.
 """
 import pytest
 import torch

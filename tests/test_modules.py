@@ -1,4 +1,4 @@
-"""``L0Linear`` / ``L0Conv2d`` and the model-level penalties (SPEC sections 1, 3, 4)."""
+"""``L0Linear`` / ``L0Conv2d`` and the model-level penalties (docs/design.md §1, 3, 4)."""
 import copy
 import inspect
 import io
@@ -132,7 +132,7 @@ def test_training_repeatable_fresh_per_call_and_eval_deterministic(make):
     with torch.no_grad():  # the cached sparse eval path agrees with the differentiable one
         e2 = m(x)
     assert torch.allclose(e1, e2, rtol=1e-5, atol=1e-6)
-    # eval output is the SPEC formula with z_eval
+    # eval output is the contract's formula with z_eval
     z = l0k.deterministic_gates(m.log_alpha.detach())
     if isinstance(m, L0Conv2d):
         ref = nn.functional.conv2d(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups) * z[:, None, None]
@@ -237,7 +237,7 @@ def test_l0_penalty_is_sum_of_expected_l0_and_differentiable():
 
 
 def _hand_regularizer(m, lam, wd, N):
-    """SPEC section 1: (1/N) sum_g p_g (lam |g| + 0.5 wd ||theta_g||^2), plus the ungated bias decay."""
+    """docs/design.md §1: (1/N) sum_g p_g (lam |g| + 0.5 wd ||theta_g||^2), plus the ungated bias decay."""
     p = p_open(m.log_alpha)
     w = m.weight.detach().double()
     b = m.bias.detach().double() if m.bias is not None else None
@@ -272,7 +272,7 @@ def test_l0_regularizer_matches_hand_formula(lam, wd, N):
     assert all(m.log_alpha.grad is not None and m.log_alpha.grad.abs().sum() > 0 for m in layers)
     if wd:
         assert all(m.weight.grad is not None for m in layers)
-    # group sizes as SPEC: in -> out_features; out -> in_features + 1 with bias; conv -> in/groups*kh*kw (+1)
+    # group sizes as docs/design.md: in -> out_features; out -> in_features + 1 with bias; conv -> in/groups*kh*kw (+1)
     assert [m.params_per_gate for m in layers] == [3 * 9 + 1, 2 * 3 * 2, 7, 7 + 1, 1, 4]
     assert [m.group_size for m in layers] == [1] * 6
 

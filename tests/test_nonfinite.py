@@ -1,4 +1,4 @@
-"""NaN and +-inf in ``x``, ``weight``, ``bias`` and ``log_alpha`` (SPEC section 6, README "Numerics").
+"""NaN and +-inf in ``x``, ``weight``, ``bias`` and ``log_alpha`` (docs/design.md §6, README "Numerics").
 
 The reference is the torch backend in float64. Its gates: a NaN ``log_alpha`` gives a NaN gate (sigmoid
 and clamp keep NaN) and a NaN derivative; +inf gives gate 1, -inf gate 0, both with derivative 0. The rest is

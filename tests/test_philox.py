@@ -1,4 +1,4 @@
-"""``philox_uniform`` against Triton's ``tl.rand`` (SPEC section 2), bit for bit.
+"""``philox_uniform`` against Triton's ``tl.rand`` (docs/design.md §2), bit for bit.
 
 The Triton kernel runs under ``TRITON_INTERPRET=1`` on CPU (tests/conftest.py sets it before any
 kernel is defined) and compiled on a GPU when one is present.
@@ -143,7 +143,7 @@ def test_seed_accepts_numpy_and_tensor_ints():
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("seed", [0, 5, 2**32 + 7, 2**62 + 12345, 2**63 - 1])
 def test_tensor_seed_same_stream(path, seed):
-    """A 0-d int64 tensor seed gives the int seed's draws bit for bit on every path (SPEC section 10)."""
+    """A 0-d int64 tensor seed gives the int seed's draws bit for bit on every path (docs/design.md §10)."""
     gen = torch.Generator().manual_seed(seed % 1000)
     off = torch.randint(0, 2**40, (29,), generator=gen)
     ref = philox_uniform(seed, off, **path)
@@ -167,7 +167,7 @@ def test_negative_tensor_seed_is_masked(path, v):
     (torch.tensor([1, 2]), ValueError), (torch.tensor([7]), ValueError),
 ])
 def test_seed_validation(seed, exc):
-    """Ints out of [0, 2**63), non-int types, tensors other than 0-d int64 (SPEC section 10)."""
+    """Ints out of [0, 2**63), non-int types, tensors other than 0-d int64 (docs/design.md §10)."""
     with pytest.raises(exc, match="seed"):
         philox_uniform(seed, torch.arange(4))
 

@@ -1,6 +1,6 @@
-"""The torch backend (the reference) against autograd through the SPEC section 3 formulas.
+"""The torch backend (the reference) against autograd through the docs/design.md §3 formulas.
 
-``formula_linear`` / ``formula_conv2d`` below are SPEC section 3 written with plain differentiable
+``formula_linear`` / ``formula_conv2d`` below are docs/design.md §3 written with plain differentiable
 ops, gates from ``sample_gates`` (training) or ``deterministic_gates`` (eval); autograd
 differentiates them. The backend's hand-written backward must agree with it, and pass
 ``gradcheck`` in float64, in every mode.
@@ -19,7 +19,7 @@ LINEAR_MODES = [("in", "batch"), ("in", "sample"), ("out", "batch"), ("out", "sa
 GRAD_SETS = {"all": (1, 1, 1, 1), "x": (1, 0, 0, 0), "w_b": (0, 1, 0, 1), "la": (0, 0, 1, 0), "x_la": (1, 0, 1, 0)}
 
 
-# ---- SPEC section 3 as plain autograd -------------------------------------------------------------------
+# ---- docs/design.md §3 as plain autograd -------------------------------------------------------------------
 def formula_gates(log_alpha, seed, noise_shape, training):
     if training:
         return l0k.sample_gates(log_alpha, seed, noise_shape)

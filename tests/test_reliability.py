@@ -89,7 +89,7 @@ def test_eval_after_an_optimizer_writing_through_data():
 # -- 3. gradients of gradients --------------------------------------------------------------------------
 
 def _gates64(la, seed, shape, training):
-    """The contract's gates in float64 autograd ops (SPEC section 1), per gate."""
+    """The contract's gates in float64 autograd ops (docs/design.md §1), per gate."""
     la = la.double()
     if not training:
         return F.hardtanh(torch.sigmoid(la) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)

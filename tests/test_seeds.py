@@ -1,4 +1,4 @@
-"""Seeds as tensors (SPEC section 10): the functional ops and ``sample_gates`` take an int or a 0-d int64
+"""Seeds as tensors (docs/design.md §10): the functional ops and ``sample_gates`` take an int or a 0-d int64
 tensor with the same result; layers draw their seed as a tensor on the input's device; checks name ``seed``."""
 import pytest
 import torch

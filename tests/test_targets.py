@@ -1,4 +1,4 @@
-"""``l0k.SparsityTarget`` (SPEC section 9): penalty, warm-up, multiplier ascent, convergence, finalize_, metrics, errors."""
+"""``l0k.SparsityTarget`` (docs/design.md §9): penalty, warm-up, multiplier ascent, convergence, finalize_, metrics, errors."""
 import math
 
 import pytest
@@ -266,7 +266,7 @@ def test_grouped_gates_when_available():
     try:
         lin = l0k.L0Linear(8, 3, gate="in", group_size=2, backend="torch")
     except TypeError:
-        pytest.skip("L0Linear has no group_size yet (grouped gates, SPEC section 8)")
+        pytest.skip("L0Linear has no group_size yet (grouped gates, docs/design.md §8)")
     model = nn.Sequential(lin)
     _randomize_gates(model)
     ctl = l0k.SparsityTarget(model, 0.5)

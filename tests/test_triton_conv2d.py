@@ -1,7 +1,7 @@
 """Triton backend, ``l0_conv2d`` (CPU under TRITON_INTERPRET=1; the same tests run natively on a GPU).
 
 Output-channel gates, batch and per-example noise, training and eval, stride/padding/dilation/groups,
-NCHW and channels_last, against the torch backend run in float64 (SPEC section 6 tolerances).
+NCHW and channels_last, against the torch backend run in float64 (docs/design.md §6 tolerances).
 """
 import itertools
 

@@ -1,6 +1,6 @@
 """Triton backend, ``l0_linear`` (CPU under TRITON_INTERPRET=1; the same tests run natively on a GPU).
 
-Every mode of SPEC section 3 against the torch backend run in float64 (SPEC section 6 tolerances),
+Every mode of docs/design.md §3 against the torch backend run in float64 (docs/design.md §6 tolerances),
 gates against the float64 formula for the same (seed, offset), odd shapes that are no multiple
 of any block, non-contiguous and leading-dim inputs, zero-size M, and what autograd keeps.
 """

@@ -1,13 +1,13 @@
 // l0kernels._cpu: the CPU kernels of the torch backend. No PyTorch or numpy headers: the caller passes
 // raw addresses of contiguous buffers. The random stream and the gate formulas come from
-// csrc/l0_philox.cuh and csrc/l0_gate.cuh, the one C++ copy of SPEC sections 1 and 2 (shared with the
+// csrc/l0_philox.cuh and csrc/l0_gate.cuh, the one C++ copy of docs/design.md §1 and §2 (shared with the
 // CUDA kernels); nothing here re-derives them.
 //
 // Speed: the loops are written so that GCC vectorizes them. On x86-64 Linux every kernel is compiled
 // twice (target_clones: AVX2 and the baseline, picked at load time) and logf/log1pf/expf are declared
 // SIMD so the vectorized loops call glibc's libmvec; setup.py adds the flags that allows
 // (-fno-math-errno, -ffinite-math-only, ...; never -ffast-math, which would change the process's FP
-// state). Elsewhere the same code runs scalar. The results match the float64 formula within SPEC's
+// state). Elsewhere the same code runs scalar. The results match the float64 formula within the contract's (docs/design.md)
 // 1e-6 for gates (tests/test_gates.py).
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -423,7 +423,7 @@ static PyObject* uniform_range(PyObject*, PyObject* args) {
 }
 
 // gates(seed, training, la_addr, g, n, z_addr, dz_addr, beta, gamma, zeta, eps): gates of a noise
-// tensor of n elements (row-major offsets 0..n-1, SPEC section 2) whose element i has parameter
+// tensor of n elements (row-major offsets 0..n-1, docs/design.md §2) whose element i has parameter
 // log_alpha[i % g]: z[i] and, when dz_addr != 0, dz/dlog_alpha[i]; float32. Training: the sampled
 // gate; else the test-time gate (n must then be g).
 static PyObject* gates(PyObject*, PyObject* args) {

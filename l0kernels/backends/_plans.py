@@ -1,6 +1,6 @@
 """Eval plans: the compact eval form of a gated layer, cached for the backends that serve eval calls from it.
 
-At test time the gates ``z_eval`` are deterministic and many are exactly 0 (SPEC section 1): an eval
+At test time the gates ``z_eval`` are deterministic and many are exactly 0 (docs/design.md §1): an eval
 plan is the layer's open set (found by ``l0kernels._active.open_index``, as a training step that skips
 closed groups finds its own) with the deterministic gates folded in -- a :class:`LinearPlan` /
 :class:`ConvPlan` holding the active input columns and/or output rows, the gate-prescaled compact

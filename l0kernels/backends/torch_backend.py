@@ -1,4 +1,4 @@
-"""The reference backend: SPEC section 3 in plain PyTorch, on any device.
+"""The reference backend: docs/design.md §3 in plain PyTorch, on any device.
 
 Two autograd Functions, :class:`L0LinearFunction` and :class:`L0Conv2dFunction`. Forward
 draws the gates from ``(seed, offset)``; backward draws them again. Autograd keeps x, weight,
@@ -97,7 +97,7 @@ def _skip_gates(x: torch.Tensor, log_alpha: torch.Tensor, seed, training: bool, 
 
 
 def linear_formula(x2, weight, log_alpha, bias, seed, gate, noise, training, cfg, group_size=1) -> torch.Tensor:
-    """SPEC section 3's linear op on ``x2`` ``(M, K)`` in plain PyTorch ops: differentiable in every input where
+    """docs/design.md §3's linear op on ``x2`` ``(M, K)`` in plain PyTorch ops: differentiable in every input where
     autograd records (the second-order backward, :mod:`l0kernels._replay`), the plain forward elsewhere."""
     n, k = weight.shape
     z, _ = gates_for(log_alpha, seed, linear_noise_shape(gate, noise, x2.shape[0], n, k, group_size), training, cfg,
@@ -125,7 +125,7 @@ def linear_grads_replayed(dy, x, weight, log_alpha, bias, seed, gate, noise, tra
 
 
 class L0LinearFunction(torch.autograd.Function):
-    """``l0_linear`` of SPEC section 3 on the torch backend.
+    """``l0_linear`` of docs/design.md §3 on the torch backend.
 
     ``apply(x, weight, log_alpha, bias, seed, gate, noise, training, cfg[, group_size])``; ``x`` is
     ``(..., K)``; ``group_size`` (default 1) features per gate for ``gate="in"``/``"out"``.
@@ -283,7 +283,7 @@ def _conv_backward(grad, x, weight, call_args, mask):
 
 
 def conv2d_formula(x, weight, log_alpha, bias, conv_args, seed, noise, training, cfg, group_size=1) -> torch.Tensor:
-    """SPEC section 3's conv2d op in plain PyTorch ops (see :func:`linear_formula`); ``conv_args`` is
+    """docs/design.md §3's conv2d op in plain PyTorch ops (see :func:`linear_formula`); ``conv_args`` is
     ``(stride, padding, dilation, groups)``."""
     c = weight.shape[0] // group_size
     shape = (x.shape[0], c) if noise == "sample" else (c,)
@@ -299,7 +299,7 @@ def conv2d_grads_replayed(dy, x, weight, log_alpha, bias, conv_args, seed, noise
 
 
 class L0Conv2dFunction(torch.autograd.Function):
-    """``l0_conv2d`` of SPEC section 3 (output-channel gates) on the torch backend.
+    """``l0_conv2d`` of docs/design.md §3 (output-channel gates) on the torch backend.
 
     ``apply(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg[,
     group_size])``; ``group_size`` (default 1) output channels per gate.

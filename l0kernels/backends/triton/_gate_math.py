@@ -1,15 +1,15 @@
-"""Hard-concrete gate math of SPEC section 1 as ``@triton.jit`` helpers: the one Triton copy.
+"""Hard-concrete gate math of docs/design.md §1 as ``@triton.jit`` helpers: the one Triton copy.
 
 Every Triton kernel of l0kernels draws its gates through :func:`gate`. The uniform draw is
-``tl.rand(seed, offset)`` (Philox4x32-10, SPEC section 2); ``offset`` must be an int64 tensor so
+``tl.rand(seed, offset)`` (Philox4x32-10, docs/design.md §2); ``offset`` must be an int64 tensor so
 that offsets >= 2**32 reach the counter's high word. All math runs in float32.
 
-The seed reaches the kernels as a pointer to a 0-d int64 tensor on the device (SPEC section 10), loaded
+The seed reaches the kernels as a pointer to a 0-d int64 tensor on the device (docs/design.md §10), loaded
 in the kernel (its low 63 bits are the key): a seed drawn on the device by a tensor op is read there,
 with no host sync, and a CUDA graph replays the load, not a value captured at launch. Host code turns
 a seed into that tensor with :func:`seed_tensor`; in eval the kernels never read it.
 
-Non-finite ``log_alpha`` (SPEC section 6): the clamps keep a NaN (``tl.maximum`` alone would return 0
+Non-finite ``log_alpha`` (docs/design.md §6): the clamps keep a NaN (``tl.maximum`` alone would return 0
 for it on a GPU), so a NaN gives ``z = dz = NaN``, +inf ``z = 1`` and -inf ``z = 0``.
 
 :func:`open_set` finds the open features of one training gate vector on the device (see
@@ -37,7 +37,7 @@ def seed_tensor(seed, ref: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def uniform(seed_ptr, offset):
-    """``u_raw(seed, offset)`` of SPEC section 2 (``offset`` int64) for the seed at ``seed_ptr``."""
+    """``u_raw(seed, offset)`` of docs/design.md §2 (``offset`` int64) for the seed at ``seed_ptr``."""
     return tl.rand(tl.load(seed_ptr) & 0x7FFFFFFFFFFFFFFF, offset)
 
 

@@ -4,7 +4,7 @@ an ``l0_linear``/``l0_conv2d`` call in its graph as one opaque op (with fake/met
 ``TritonBackend`` calls these ops while ``torch.compiler.is_compiling()``; eager calls use the
 autograd Functions of ``linear.py``/``conv2d.py`` directly (no dispatcher overhead). Ops:
 ``l0kernels_triton::linear``, ``linear_backward``, ``conv2d``, ``conv2d_backward``. ``sample`` is
-``training and noise == "sample"``; ``seed`` is a 0-d int64 tensor on the input's device (SPEC section 10:
+``training and noise == "sample"``; ``seed`` is a 0-d int64 tensor on the input's device (docs/design.md §10:
 a seed drawn in the graph stays a tensor, read by the kernels), None when ``training`` is False.
 """
 from __future__ import annotations

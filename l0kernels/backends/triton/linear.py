@@ -1,7 +1,7 @@
 """``l0_linear`` on Triton: three tiled GEMM kernels, their launchers and the autograd Function.
 
 Shapes: ``x2 = x.reshape(-1, K)`` is ``(M, K)``, ``W`` is ``(N, K)``, ``y`` is ``(M, N)``. Gates are
-drawn inside the kernels from ``(seed, offset)`` with the offsets of SPEC section 2 (in/out batch:
+drawn inside the kernels from ``(seed, offset)`` with the offsets of docs/design.md §2 (in/out batch:
 ``g``; sample: ``m*G + g``; weight: ``n*K + k``), so they equal the torch backend's bit for bit in
 ``u``. Nothing gate-shaped is stored: backward draws the gates again.
 

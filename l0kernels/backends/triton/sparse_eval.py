@@ -15,7 +15,7 @@ GEMV's among configurations pruned to what its row count fits in registers.
 Outputs that are not computed (zeros for closed output gates, the ungated bias for all-zero rows of
 weight gates) are written by extra programs of the same launch, from the plan's ``idle_idx``
 (:func:`sparse_linear` pre-fills instead for a plan without it). Accumulation is in float32; float32 inputs use
-``input_precision="ieee"`` (SPEC section 6 asks 1e-5 against float64). Under ``TRITON_INTERPRET=1``
+``input_precision="ieee"`` (docs/design.md §6 asks 1e-5 against float64). Under ``TRITON_INTERPRET=1``
 the dot inputs are upcast to float32 (the interpreter's bfloat16 ``tl.dot`` is wrong).
 """
 from __future__ import annotations
