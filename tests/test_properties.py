@@ -329,30 +329,26 @@ def triton_ready():
         pytest.skip(f"triton backend cannot run here: {why}")
 
 
-# A non-contiguous bias is left out of these properties (contiguous_bias=True): the Triton kernels read it
-# as contiguous; test_triton_noncontiguous_bias below pins that defect down.
-
 @pytest.mark.interpret
 @settings(max_examples=TRITON_LINEAR_EXAMPLES, **COMMON)
-@given(case=linear_cases(dtypes=(torch.float32,), contiguous_bias=True))
+@given(case=linear_cases(dtypes=(torch.float32,)))
 def test_linear_matches_contract_triton(triton_ready, case):
     run_linear(case, "triton")
 
 
 @pytest.mark.interpret
 @settings(max_examples=TRITON_CONV_EXAMPLES, **COMMON)
-@given(case=conv_cases(dtypes=(torch.float32,), contiguous_bias=True))
+@given(case=conv_cases(dtypes=(torch.float32,)))
 def test_conv2d_matches_contract_triton(triton_ready, case):
     run_conv(case, "triton")
 
 
 @pytest.mark.interpret
-@pytest.mark.xfail(strict=True, reason="Triton backend reads a non-contiguous bias as if it were contiguous "
-                                       "(linear and conv2d; wrong y, and wrong dlog_alpha for gated biases)")
 @pytest.mark.parametrize("op", ["linear-in", "linear-out", "linear-weight", "conv2d"])
 def test_triton_noncontiguous_bias(triton_ready, op):
-    """Minimal case: a (2,) bias that is every other element of a buffer (stride 2, storage offset 1), the
-    other inputs contiguous, batch noise, training. Eval fails the same way."""
+    """A (2,) bias that is every other element of a buffer (stride 2, storage offset 1), the other inputs
+    contiguous, batch noise, training: the kernels once read it as contiguous (wrong y, and a wrong dlog_alpha
+    for gated biases)."""
     common = dict(noise="batch", training=True, group_size=1, bias=True, dtype=torch.float32, consts=DEFAULT_CONST,
                   la_params=(0.0, 1.0), seed=11, seed_kind="int", data_seed=7, layout_draws=[0, 0, 0, 1],
                   contiguous_bias=False)

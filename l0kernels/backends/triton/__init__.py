@@ -63,20 +63,20 @@ class TritonBackend(Backend):
     def linear(self, call: LinearCall) -> torch.Tensor:
         if _compiling():
             from ._ops import linear_op
-            return linear_op(call.x, call.weight, call.log_alpha, call.bias, _seed(call), call.gate,
+            return linear_op(call.x, call.weight, call.log_alpha, _bias(call), _seed(call), call.gate,
                              call.training and call.noise == "sample", call.training, call.cfg.beta,
                              call.cfg.gamma, call.cfg.zeta, call.cfg.eps, call.group_size)
-        return TritonL0LinearFunction.apply(call.x, call.weight, call.log_alpha, call.bias, call.seed, call.gate,
+        return TritonL0LinearFunction.apply(call.x, call.weight, call.log_alpha, _bias(call), call.seed, call.gate,
                                             call.noise, call.training, call.cfg, call.group_size)
 
     def conv2d(self, call: Conv2dCall) -> torch.Tensor:
         if _compiling():
             from ._ops import conv2d_op
-            return conv2d_op(call.x, call.weight, call.log_alpha, call.bias, list(call.stride), list(call.padding),
+            return conv2d_op(call.x, call.weight, call.log_alpha, _bias(call), list(call.stride), list(call.padding),
                              list(call.dilation), call.groups, _seed(call),
                              call.training and call.noise == "sample", call.training, call.cfg.beta,
                              call.cfg.gamma, call.cfg.zeta, call.cfg.eps, call.group_size)
-        return TritonL0Conv2dFunction.apply(call.x, call.weight, call.log_alpha, call.bias, call.stride,
+        return TritonL0Conv2dFunction.apply(call.x, call.weight, call.log_alpha, _bias(call), call.stride,
                                             call.padding, call.dilation, call.groups, call.seed, call.noise,
                                             call.training, call.cfg, call.group_size)
 
@@ -87,6 +87,13 @@ class TritonBackend(Backend):
 
     def tune_key(self, call) -> Tuple:
         return _plans.plan_signature(call)
+
+
+def _bias(call) -> Optional[torch.Tensor]:
+    """The call's bias as the kernels read it: one element after the other (a strided view is copied; autograd
+    takes the gradient back to the view)."""
+    b = call.bias
+    return b if b is None or b.is_contiguous() else b.contiguous()
 
 
 TRITON_BACKEND = register_backend(TritonBackend())
