@@ -413,7 +413,7 @@ Tensor linear_fwd_fused(const Tensor& x, const Tensor& weight, const Tensor& log
   return y.view(linear_out_shape(x, a.n));
 }
 
-// Eval plan of an L0Linear (l0kernels/_inference.py LinearPlan) in one launch (the GEMV for 1-16 rows,
+// Eval plan of an L0Linear (l0kernels/backends/_plans.py LinearPlan) in one launch (the GEMV for 1-16 rows,
 // else the tensor-core GEMM; conditions in check_gemm_kernel):
 // y[:, out_idx] = x[:, in_idx] @ weight.T + bias, the other columns fill (zeros when undefined).
 // x (M, K) any row stride; weight (N', K') compact; in_idx (K',) / out_idx (N',) int64 or undefined;

@@ -6,7 +6,7 @@
 //   gate "out":    y = (x @ W^T + b) * z_out     z_out: (N,) batch / eval, (M, N) per example
 //
 // Offsets are the row-major index into the noise tensor (docs/design.md §2), as in gates.cu.
-// Eval plans (l0kernels/_inference.py) use it without gates (kGateNone) on the compact,
+// Eval plans (l0kernels/backends/_plans.py) use it without gates (kGateNone) on the compact,
 // gate-folded weight, gathering the active columns of x in the loads (x_cols) and scattering the
 // active outputs in the epilogue (y_cols).
 // Structure: 128 x 128 x 32 block tiles, 8 warps of 64 x 32 outputs, register-staged double

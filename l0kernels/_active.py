@@ -18,9 +18,13 @@ Two representations of one open set of ``G`` gates:
   at ``count``); the gathered columns/rows are ``index[j]`` for ``j < count``.
 
 The torch backend on the CPU takes the host route (the GEMM needs the size on the host); the decision
-between the gathered and the dense GEMM is :func:`skip_closed`. The Triton backend takes the device route
-on every training call with one gate vector and input or output gates (``backends/triton/linear.py``):
-its kernels read ``index`` and ``count`` in device memory, so it needs no decision on the host.
+between the gathered and the dense GEMM is :func:`skip_closed`. The Triton and CUDA backends take the
+device route on training calls with one gate vector (input or output gates, conv channels) once the layer's
+last known open fraction is at most their threshold (:func:`takes_open_set`; the fraction is read without a
+sync): their kernels read ``index`` and ``count`` in device memory. The CUDA backward takes its forward's
+decision (kept in the autograd context); the Triton backward reads the layer's fraction again, which is its
+forward's unless another forward of the same layer refreshed it in between (both paths give the same
+gradients; only non-finite values in closed groups and the counts in :data:`PATHS` can differ).
 :data:`PATHS` counts which path ran.
 """
 from __future__ import annotations

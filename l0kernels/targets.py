@@ -4,8 +4,8 @@
 gradient ascent, as the structured-pruning papers do (Wang, Wohlwend, Lei 2020, "Structured Pruning of
 Large Language Models"; Xia, Zhong, Chen 2022, CoFi): the loss gets ``lambda_1 (E - t) + lambda_2 (E - t)^2``
 where ``E`` is the expected fraction of the metric (differentiable in ``log_alpha``) and ``t`` the current
-target; after each optimizer step ``step()`` raises the multipliers along their gradient
-(``lambda_1 += lr (E - t)``, ``lambda_2 += lr (E - t)^2``), so the penalty grows until ``E`` meets ``t``.
+target; after each optimizer step ``step()`` moves the multipliers (a proportional-integral rule with
+anti-windup on ``E - t``, see :class:`SparsityTarget`), so the penalty grows until ``E`` meets ``t``.
 ``finalize_()`` then makes the deterministic (test-time) gates meet the target.
 """
 from __future__ import annotations
