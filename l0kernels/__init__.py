@@ -1,7 +1,7 @@
 """l0kernels: fused kernels for L0-regularized networks with hard-concrete gates.
 
 Louizos, Welling, Kingma, "Learning Sparse Neural Networks through L0 Regularization"
-(ICLR 2018, arXiv 1712.01312). The contract every backend shares is summarised in README.md.
+(ICLR 2018, arXiv 1712.01312). The contract every backend shares is docs/design.md.
 """
 from ._dispatch import Backend, available_backends, get_backend, register_backend, select_backend
 from ._gates import GateConfig

@@ -4,7 +4,7 @@ most 8 files back from ``$OUT``, no deeper than two folders). Run from the repos
 
     python3 scripts/gpu_check.py --call 1   # <= 7 min: versions and paths; build _C (sm_90) and import it;
                                             # the CUDA GPU tests; the Triton GPU tests (autotuning off);
-                                            # the benchmark rows behind the README's claims
+                                            # the benchmark rows behind docs/benchmarks.md's claims
     python3 scripts/gpu_check.py --call 2   # <= 4 min: compute-sanitizer memcheck and racecheck over chosen
                                             # tests, then the further benchmark rows that fit
     python3 scripts/gpu_check.py --call 1 --dry-run [--json]   # print steps, limits and files; run nothing
@@ -89,7 +89,7 @@ RACECHECK_TESTS = [
     _T + "test_training_over_the_open_set[out-1-0.5-dtype0]",
 ]
 
-# the benchmark rows (bench/run_bench.py --only) of call 1: the README's claims: small_m (1, 16, 256 rows) and
+# the benchmark rows (bench/run_bench.py --only) of call 1: docs/benchmarks.md's claims: small_m (1, 16, 256 rows) and
 # 8192x4096->4096, fused vs two-pass vs dense; the eval (inference) row 4096->4096 at density 0.25 (batches 1,
 # 16, 8192). Call 2 benchmarks issue 13's training rows instead (bench/train_step.py --gpu --quick: 8192 tokens,
 # 4096->4096, bf16, input and output gates at density 1.0 and 0.25, Triton and CUDA with and without skipping).
