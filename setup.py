@@ -16,6 +16,7 @@ Environment switches:
   wrapper scripts (see ``_cuda_home``); the choice and the reason are printed.
 - ``L0K_SKIP_CPU_EXT=1`` / ``L0K_CPU_SIMD=0``: skip the CPU kernels ``l0kernels._cpu``, or build them scalar.
 """
+import importlib.util
 import os
 import platform
 import re
@@ -101,8 +102,16 @@ def _cuda_ext_kwargs():
                 extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"] + gencode})
 
 
+def _build_flag(name: str) -> bool:
+    """A build switch, as ``l0kernels/config.py`` declares it (loaded by path: the package itself needs torch)."""
+    spec = importlib.util.spec_from_file_location("_l0kernels_config", os.path.join(_ROOT, "l0kernels", "config.py"))
+    config = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look the module up
+    spec.loader.exec_module(config)
+    return config.build_flag(name)
+
+
 def _cuda_ext_modules():
-    if os.environ.get("L0K_SKIP_CUDA", "0") == "1":
+    if _build_flag("L0K_SKIP_CUDA"):
         return _skip("L0K_SKIP_CUDA=1")
     try:
         import torch
@@ -113,7 +122,7 @@ def _cuda_ext_modules():
     home, why = _cuda_home()
     if home is None:
         return _skip(why)
-    if not torch.cuda.is_available() and os.environ.get("L0K_FORCE_CUDA", "0") != "1":
+    if not torch.cuda.is_available() and not _build_flag("L0K_FORCE_CUDA"):
         return _skip("torch.cuda.is_available() is False (set L0K_FORCE_CUDA=1 to build anyway)")
     # torch.utils.cpp_extension fixes its CUDA_HOME when first imported: set it before, and on the module
     # in case something imported it already.
@@ -137,11 +146,11 @@ def _cpu_ext_modules():
     -ffast-math (its startup code would flush denormals for the whole process). Under -ffinite-math-only
     the NaN tests of ``csrc/l0_gate.cuh`` compare bits (a float compare would be folded away). ``L0K_CPU_SIMD=0`` builds
     the plain scalar version."""
-    if os.environ.get("L0K_SKIP_CPU_EXT", "0") == "1":
+    if _build_flag("L0K_SKIP_CPU_EXT"):
         return []
     args, libs, macros = ["-O3", "-std=c++17"], [], []
     if (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
-            and os.environ.get("L0K_CPU_SIMD", "1") != "0"):
+            and _build_flag("L0K_CPU_SIMD")):
         args += ["-fno-math-errno", "-fno-trapping-math", "-ffinite-math-only", "-fno-signed-zeros"]
         libs, macros = ["mvec"], [("L0K_LIBMVEC", "1")]
     return [Extension("l0kernels._cpu", ["csrc/host/cpu_kernels.cpp"], include_dirs=[_CSRC],

@@ -30,11 +30,11 @@ gradients; only non-finite values in closed groups and the counts in :data:`PATH
 from __future__ import annotations
 
 import collections
-import os
 from typing import NamedTuple, Optional
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
+from . import config
 
 # Gathering the open columns/rows costs one copy of the open part of x and W, the scatter of dW and a few
 # calls; above this open fraction the dense GEMM (with the closed groups multiplied by their zero gate) is
@@ -43,10 +43,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 # convolution gains already at 90% open (oneDNN pads the channel count: 0.82x on LeNet-5's conv2), so it has
 # its own threshold. Below MIN_SKIPPED_MACS multiply-adds skipped the dense path runs too (small layers: the
 # calls cost more than they save; LeNet-300-100's 300->100 layer at 75% open skips 0.75M).
-DENSE_ABOVE = float(os.environ.get("L0K_SKIP_DENSE_ABOVE", "0.7"))
-CONV_DENSE_ABOVE = float(os.environ.get("L0K_SKIP_CONV_DENSE_ABOVE", "0.9"))
-MIN_SKIPPED_MACS = int(os.environ.get("L0K_SKIP_MIN_MACS", str(1 << 20)))
-ENABLED = os.environ.get("L0K_SKIP_CLOSED", "1") != "0"
+DENSE_ABOVE = config.SKIP_DENSE_ABOVE
+CONV_DENSE_ABOVE = config.SKIP_CONV_DENSE_ABOVE
+MIN_SKIPPED_MACS = config.SKIP_MIN_MACS
+ENABLED = config.SKIP_CLOSED
 
 # ("linear-in" | "linear-out" | "conv2d", "fwd" | "bwd", "skip" | "dense") -> number of calls; tests and
 # benchmarks read it to see which path ran.

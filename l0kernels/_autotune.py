@@ -16,11 +16,11 @@ caller's ``fallback`` (the first candidate: the callers list them in their order
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable, Dict, Hashable, Optional, Union
 
 import torch
+from . import config
 
 Key = Union[Hashable, Callable[[], Hashable]]
 
@@ -42,7 +42,7 @@ class Autotuner:
 
     def can_time(self, device: torch.device) -> bool:
         """Whether picks for ``device`` may be measured (and read): a CUDA device, no trace, tuning on."""
-        return (device.type == "cuda" and os.environ.get("L0K_AUTO_TUNE", "1") != "0"
+        return (device.type == "cuda" and config.auto_tune()
                 and not torch.compiler.is_compiling())
 
     def measure(self, fn: Callable[[], object], device: torch.device) -> float:

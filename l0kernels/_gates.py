@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
 
+from . import config
 from ._philox import _compiling, _cpu, check_seed, philox_range, seed_int
 
 NOISE_KINDS = ("batch", "sample")
@@ -131,8 +131,7 @@ def sample_gate_tensor(log_alpha: torch.Tensor, seed, shape: Sequence[int], cfg:
 # about ten whole-tensor torch ops; the same values within float32 rounding of the transcendental
 # functions (tests/test_cpu_paths.py compares the two). L0K_CPU_KERNELS=0 turns it off. float64
 # always takes the torch ops: that path is the reference that gradcheck checks.
-_CPU_GATE_KERNEL = _cpu is not None and hasattr(_cpu, "gates") and \
-    os.environ.get("L0K_CPU_KERNELS", "1") != "0"
+_CPU_GATE_KERNEL = _cpu is not None and hasattr(_cpu, "gates") and config.CPU_KERNELS
 
 
 def _use_cpu_kernel(log_alpha: torch.Tensor) -> bool:

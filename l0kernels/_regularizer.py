@@ -26,16 +26,16 @@ gates). ``G`` gates over ``F`` features: gate ``j`` covers features ``j*F/G ... 
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple, Optional
 
 import torch
 
+from . import config
 from ._gates import GateConfig, compute_dtype
 from ._philox import _cpu
 from ._replay import replay_grads
 
-_CPU_REG = _cpu is not None and hasattr(_cpu, "reg_forward") and os.environ.get("L0K_CPU_KERNELS", "1") != "0"
+_CPU_REG = _cpu is not None and hasattr(_cpu, "reg_forward") and config.CPU_KERNELS
 
 
 def _in_cpp(log_alpha, weight, bias, axis) -> bool:

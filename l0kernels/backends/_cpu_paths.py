@@ -17,17 +17,16 @@ float64, which gradcheck checks); ``tests/test_cpu_paths.py`` compares the two.
 """
 from __future__ import annotations
 
-import os
 import threading
 from typing import Optional
 
 import torch
 
+from .. import config
 from .._gates import GateConfig
 from .._philox import _compiling, _cpu, seed_int
 
-ENABLED = (_cpu is not None and hasattr(_cpu, "gate_backward")
-           and os.environ.get("L0K_CPU_KERNELS", "1") != "0")
+ENABLED = _cpu is not None and hasattr(_cpu, "gate_backward") and config.CPU_KERNELS
 _WORKSPACE_MAX = 1 << 20  # floats (4 MiB): larger inputs get a fresh tensor, their GEMM dwarfs the pass
 
 

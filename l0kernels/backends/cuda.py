@@ -43,12 +43,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from .. import config
 from .. import _active
 from .._autotune import AUTOTUNER
 from .._checks import conv_out_size
@@ -146,9 +146,7 @@ def cuda_gates(log_alpha: torch.Tensor, seed, rows: int = -1, training: bool = T
 
 
 GEMM_IMPLS = ("auto", "fused", "two_pass")
-GEMM_IMPL = os.environ.get("L0K_CUDA_GEMM", "auto")
-if GEMM_IMPL not in GEMM_IMPLS:
-    raise ValueError(f"L0K_CUDA_GEMM must be one of {GEMM_IMPLS}, got {GEMM_IMPL!r}")
+GEMM_IMPL = config.CUDA_GEMM  # one of GEMM_IMPLS (l0kernels.config checks it)
 FUSED_MAX_ROWS = 65535 * 128  # grid rows of csrc/l0_gemm.cuh's 128-row tiles
 GEMV_MAX_ROWS = 16  # csrc/l0_gemv.cuh: gemv::kMaxRows
 
@@ -252,11 +250,11 @@ def eval_linear_plan(x2: torch.Tensor, plan) -> torch.Tensor:
 # csrc/l0_gemm.cuh: a layer takes them once the open fraction of its gates is at most SKIP_BELOW (1.0: always).
 # The fraction is read without a host sync (l0kernels._active.open_fraction). 0.5 is a guess until measured on
 # a GPU (bench/train_step.py --gpu runs the "cuda" rows with SKIP_BELOW = 1.0 beside "cuda-noskip").
-SKIP_BELOW = float(os.environ.get("L0K_CUDA_SKIP_BELOW", "0.5"))
+SKIP_BELOW = config.CUDA_SKIP_BELOW
 # A convolution's open-set path also writes and reads its im2col matrix (kh*kw times the input, forward and
 # again in backward) where cuDNN's implicit GEMM reads the input itself: expected to pay only once few channels
 # stay open, so its own, lower guess (bench/train_step.py --gpu's conv rows measure it).
-CONV_SKIP_BELOW = float(os.environ.get("L0K_CUDA_CONV_SKIP_BELOW", "0.25"))
+CONV_SKIP_BELOW = config.CUDA_CONV_SKIP_BELOW
 
 
 def skips_closed(x: torch.Tensor, gate: str, noise: str, training: bool) -> bool:
@@ -331,7 +329,7 @@ class CudaL0LinearFunction(torch.autograd.Function):
 
 # The im2col matrix of a convolution that skips closed channels is materialised (kh*kw times the input); above
 # this many bytes the call keeps cuDNN's dense path instead.
-IM2COL_MAX_BYTES = int(os.environ.get("L0K_CUDA_IM2COL_MAX_BYTES", str(2 << 30)))
+IM2COL_MAX_BYTES = config.CUDA_IM2COL_MAX_BYTES
 
 
 def conv_skips_closed(x: torch.Tensor, weight: torch.Tensor, conv, noise: str, training: bool) -> bool:

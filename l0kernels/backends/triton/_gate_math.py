@@ -18,12 +18,12 @@ tests compare it with ``l0kernels._gates.gates_from_uniform(log_alpha, philox_un
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ... import config
 from ... import _active
 from ..._philox import seed_on
 
@@ -140,7 +140,7 @@ def open_set(log_alpha: torch.Tensor, seed: torch.Tensor, cfg, group_size: int =
 # kernels do not: a layer takes them once its open fraction is at most SKIP_BELOW (1.0: always; the rule is
 # l0kernels._active.takes_open_set, shared with the CUDA backend). 0.5 is a guess until measured on a GPU
 # (bench/train_step.py --gpu runs the "triton" rows with SKIP_BELOW = 1.0 beside "triton-noskip").
-SKIP_BELOW = float(os.environ.get("L0K_TRITON_SKIP_BELOW", "0.5"))
+SKIP_BELOW = config.TRITON_SKIP_BELOW
 
 
 def taken_open_set(log_alpha: torch.Tensor, seed: torch.Tensor, cfg, group_size: int, forward: bool):

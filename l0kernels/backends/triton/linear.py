@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import config
 from ... import _active
 from ..torch_backend import linear_grads_replayed
 from ._gate_math import gate, seed_tensor, taken_open_set
@@ -53,7 +54,7 @@ EPI_STORE, EPI_DLA_OUT = 0, 1
 INTERPRET_META = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
 # On a GPU with L0K_TRITON_AUTOTUNE=0: one fixed configuration (fast start, no tuning runs).
 GPU_DEFAULT_META = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
-AUTOTUNE = not INTERPRET and os.environ.get("L0K_TRITON_AUTOTUNE", "1") != "0"
+AUTOTUNE = not INTERPRET and config.TRITON_AUTOTUNE
 
 
 def _cfg(bm, bn, bk, warps, stages, group=8):
@@ -404,7 +405,7 @@ def _gemm_grid(a: int, b: int, block_a: str, block_b: str):
 # backward: once per K tile). Where that dimension spans more than PREGATE_MIN_TILES tiles of 64, the
 # operand is gated once by ``_pregate_kernel`` into a temporary (freed after the call, never saved for
 # backward) and the GEMM runs without gates. -1 turns this off (always gate on load).
-PREGATE_MIN_TILES = int(os.environ.get("L0K_TRITON_PREGATE_TILES", "4"))
+PREGATE_MIN_TILES = config.TRITON_PREGATE_TILES
 
 
 def _pregate_pays(other_dim: int) -> bool:

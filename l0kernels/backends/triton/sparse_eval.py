@@ -25,13 +25,14 @@ import os
 import torch
 import triton
 import triton.language as tl
+from ... import config
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GEMV_MAX_ROWS = 16
 # the kernels below are interpreted when TRITON_INTERPRET=1 was set before this module was imported
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # On a GPU the tiles are autotuned once per shape (L0K_TRITON_AUTOTUNE=0: the fixed tiles below).
-AUTOTUNE = not INTERPRET and os.environ.get("L0K_TRITON_AUTOTUNE", "1") != "0"
+AUTOTUNE = not INTERPRET and config.TRITON_AUTOTUNE
 
 
 def _gemv_cfg(bn, bk, warps):
