@@ -94,3 +94,12 @@ def log_alpha_at_density(ngates: int, density, generator: torch.Generator, jitte
         return la
     la = torch.where(torch.rand(ngates, generator=generator) < density, torch.tensor(4.0), torch.tensor(-9.0))
     return la + jitter * torch.randn(ngates, generator=generator) if jitter else la
+
+
+def randomize_bn(bn):
+    """Trained-looking BatchNorm statistics and affine parameters (random, in place)."""
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.3, 3.0)
+        bn.weight.normal_()
+        bn.bias.normal_()

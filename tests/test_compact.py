@@ -13,7 +13,7 @@ import l0kernels as l0k
 from l0kernels._gates import eval_gates_and_grad
 from l0kernels.compact import compact, summary
 
-from conftest import TOL
+from conftest import TOL, randomize_bn
 
 CLOSED, OPEN = -6.0, 5.0  # z_eval == 0 / z_eval == 1
 
@@ -30,14 +30,6 @@ def random_closed(layer, p):
     closed = torch.rand(layer.log_alpha.shape) < p
     set_gates(layer, closed)
     return closed
-
-
-def randomize_bn(bn):
-    with torch.no_grad():
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.3, 3.0)
-        bn.weight.normal_()
-        bn.bias.normal_()
 
 
 def check_same(model, x, rel_err, tol=None):

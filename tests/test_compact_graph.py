@@ -12,7 +12,7 @@ from torch import nn
 import l0kernels as l0k
 from l0kernels import compact, compare
 
-from conftest import TOL
+from conftest import TOL, randomize_bn
 
 CLOSED = -6.0
 
@@ -23,14 +23,6 @@ def set_gates(layer, closed):
         la = layer.log_alpha
         la.copy_(torch.rand_like(la) * 6 - 2)
         la[closed] = CLOSED
-
-
-def randomize_bn(bn):
-    with torch.no_grad():
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.3, 3.0)
-        bn.weight.normal_()
-        bn.bias.normal_()
 
 
 def n_params(m):

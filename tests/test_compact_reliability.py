@@ -13,6 +13,7 @@ except ImportError:
     st = None
 
 import l0kernels as l0k
+from conftest import randomize_bn
 from l0kernels import compact
 
 CLOSED, OPEN = -10.0, 10.0
@@ -25,14 +26,6 @@ def close(layer, closed):
         if not isinstance(closed, torch.Tensor):
             closed = torch.rand(la.shape) < closed
         la.copy_(torch.where(closed, torch.tensor(CLOSED), torch.tensor(OPEN)))
-
-
-def randomize_bn(bn):
-    with torch.no_grad():
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.3, 3.0)
-        bn.weight.normal_()
-        bn.bias.normal_()
 
 
 def check(model, x, example=False):
