@@ -5,7 +5,8 @@
 It reads the json files ``examples/mnist_l0.py`` rewrites after every epoch, so it works on runs that
 are still going or were cut off (each row says how many epochs it is for). Rows: LeNet-5-Caffe L0,
 L0-sep and the dense baseline (``mnist_lenet5.json``, ``mnist_lenet5_sep.json``, ``mnist_lenet5_dense.json``),
-and every ``mnist_lenet300*.json`` (beside ``mnist_lenet300_dense.json``). Training time is the sum of the per-epoch training seconds
+the same two with the authors' inputs (``mnist_lenet5_unit.json``, ``mnist_lenet5_sep_unit.json``), and every
+``mnist_lenet300*.json`` (beside ``mnist_lenet300_dense.json``). Training time is the sum of the per-epoch training seconds
 (evaluation and reporting excluded); the dense row of a model is its time for the same epochs, or,
 when the dense run has fewer epochs, its mean epoch time times that many epochs, marked as an
 extrapolation.
@@ -48,7 +49,8 @@ def settings(r: Dict) -> str:
     wd, passed, n = s.get("weight_decay"), r.get("weight_decay_passed", s.get("weight_decay")), r["N"]
     l2 = f"per-example, {wd:g}·N passed" if passed != wd and abs(passed - wd * n) <= 1e-9 * passed else \
         f"per-N, {passed:g} passed" + ("" if "wd_convention" in s else " (old default)")
-    return f"init {init}, L2 {l2}, EMA {s.get('ema') or 'off'}"
+    inputs = "inputs in [0, 1]" if s.get("inputs") == "unit" else "inputs standardised"  # older runs: standardised
+    return f"{inputs}, init {init}, L2 {l2}, EMA {s.get('ema') or 'off'}"
 
 
 def minutes(sec: float) -> str:
@@ -90,7 +92,7 @@ def rows(results: str) -> List[Dict]:
         r = load(path)
         if r and "model" in r and "history" in r and r.get("method") != "dense":  # (not the SparsityTarget report)
             out.append(dict(r=r, file=os.path.basename(path), dense=dense300))
-    for tag in ("mnist_lenet5", "mnist_lenet5_sep"):
+    for tag in ("mnist_lenet5", "mnist_lenet5_sep", "mnist_lenet5_unit", "mnist_lenet5_sep_unit"):
         r = load(os.path.join(results, tag + ".json"))
         if r:
             out.append(dict(r=r, file=tag + ".json", dense=dense5))
@@ -192,8 +194,9 @@ def write_md(results: str, lines: List[str], png: Optional[str]) -> str:
     out += lines
     out += ["", "Known differences from the authors' LeNet-5 setup (`train_lenet5.py`, `models.py`, `l0_layers.py` of "
             "AMLab-Amsterdam/L0_regularization), besides the epochs a row is for:",
-            "- inputs: `l0kernels.data.load_mnist` standardises the pixels with MNIST's mean and std; the authors "
-            "feed `ToTensor()` values in [0, 1];",
+            "- inputs: the authors feed `ToTensor()` values in [0, 1], as `examples/mnist_l0.py --inputs unit` (its "
+            "default) does; rows marked \"inputs standardised\" shifted and scaled the pixels by MNIST's mean and std "
+            "(`--inputs standardized`);",
             "- the λ cost of a gated conv channel: here `λ · (in·k·k + 1)` (weights and bias); the authors' "
             "`L0Conv2d._reg_w` charges `λ` per weight but subtracts it for the bias (`λ · (in·k·k − 1)`);",
             "- the gate noise and the random streams differ (Philox seeds here, `torch` RNG there), so single runs "
@@ -217,7 +220,7 @@ def main(argv=None) -> int:
                    help="the markdown file whose Table 1 is rewritten ('' to leave it alone)")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
-    lines = table_lines(a.results)
+    lines = table_lines(a.results, ".")  # the table file sits beside the reports
     png = None if a.no_plot else plot(a.results, os.path.join(a.results, "mnist_lenet5_table.png"))
     md = write_md(a.results, lines, png)
     print("\n".join(lines))
