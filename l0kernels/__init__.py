@@ -8,7 +8,7 @@ from ._gates import GateConfig
 from ._lazy import register_optional_backends as _register_optional_backends
 from ._philox import philox_uniform
 from .backends._plans import clear_eval_cache
-from .backends.torch_backend import L0Conv2dFunction, L0LinearFunction
+from .backends.torch import L0Conv2dFunction, L0LinearFunction
 from ._compact_hf import register_module_rule
 from .compact import CompactContext, Units, compact, compare, input_select, register_compact_rule, summary
 from .convert import convert

@@ -85,7 +85,7 @@ CUDA_IM2COL_MAX_BYTES: int = _declare(
 # -- run time: kernels and tuning ---------------------------------------------------------------------------
 CPU_KERNELS: bool = _declare(
     "L0K_CPU_KERNELS", "1", "0: the torch backend ignores the C++ CPU kernels (gates, fast paths, regularizer); "
-    "the Philox stream still uses them (same bits)", "import", "_gates, _regularizer, backends._cpu_paths", _on)
+    "the Philox stream still uses them (same bits)", "import", "_gates, _regularizer, backends.torch.cpu_paths", _on)
 CUDA_GEMM: str = _declare(
     "L0K_CUDA_GEMM", "auto", "CUDA extension, l0_linear forward: fused (one launch), two_pass (cuBLAS + gate "
     "kernels) or auto (timed)", "import", "backends.cuda.GEMM_IMPL", str, ("auto", "fused", "two_pass"))

@@ -1,4 +1,4 @@
-"""The torch backend's CPU fast paths (``l0kernels._cpu`` via ``backends/_cpu_paths.py`` and the C++ gate
+"""The torch backend's CPU fast paths (``l0kernels._cpu`` via ``backends/torch/cpu_paths.py`` and the C++ gate
 kernel of ``_gates.py``) against the plain torch code they stand in for, and the gates against the
 float64 formula (docs/design.md §6: within 1e-6)."""
 import pytest
@@ -7,7 +7,7 @@ import torch
 import l0kernels as l0k
 from l0kernels import _active, _gates
 from l0kernels._philox import _cpu, philox_range
-from l0kernels.backends import _cpu_paths
+from l0kernels.backends.torch import cpu_paths
 from conftest import TOL
 
 pytestmark = pytest.mark.skipif(_cpu is None, reason="l0kernels._cpu was not built")
@@ -25,11 +25,11 @@ def plain(monkeypatch):
     """Turns the C++ paths off for the duration of a block: ``with plain(): ...``."""
     class _Off:
         def __enter__(self):
-            monkeypatch.setattr(_cpu_paths, "ENABLED", False)
+            monkeypatch.setattr(cpu_paths, "ENABLED", False)
             monkeypatch.setattr(_gates, "_CPU_GATE_KERNEL", False)
 
         def __exit__(self, *exc):
-            monkeypatch.setattr(_cpu_paths, "ENABLED", True)
+            monkeypatch.setattr(cpu_paths, "ENABLED", True)
             monkeypatch.setattr(_gates, "_CPU_GATE_KERNEL", True)
     return _Off
 
@@ -100,8 +100,8 @@ def test_linear_fast_path_matches_plain_torch(gate, training, bias, grads, plain
     kw = dict(seed=2**33 + 5, gate=gate, noise="batch", training=training)
     calls = []
     for name in ("in_gate_input", "gate_backward"):
-        fn = getattr(_cpu_paths, name)
-        monkeypatch.setattr(_cpu_paths, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
+        fn = getattr(cpu_paths, name)
+        monkeypatch.setattr(cpu_paths, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
     y, g = _fwd_bwd(x, w, la, b, grads, **kw)
     # the C++ paths ran: input gates' forward always, the backward wherever dlog_alpha is wanted
     assert ("in_gate_input" in calls) == (gate == "in")
@@ -159,16 +159,16 @@ def test_float64_never_takes_the_fast_path():
     x = torch.randn(4, 5, dtype=torch.float64)
     w = torch.randn(3, 5, dtype=torch.float64)
     la = torch.randn(5, dtype=torch.float64)
-    assert not _cpu_paths.applies(x, w, la, True)
-    assert _cpu_paths.applies(x.float(), w.float(), la.float(), True)
-    assert not _cpu_paths.applies(x.float(), w.float().t().contiguous().t(), la.float(), True)
-    assert not _cpu_paths.applies(x.float(), w.float(), la.float(), False)  # per-example gates
+    assert not cpu_paths.applies(x, w, la, True)
+    assert cpu_paths.applies(x.float(), w.float(), la.float(), True)
+    assert not cpu_paths.applies(x.float(), w.float().t().contiguous().t(), la.float(), True)
+    assert not cpu_paths.applies(x.float(), w.float(), la.float(), False)  # per-example gates
 
 
 def test_env_switch_turns_the_cpu_kernels_off():
     import subprocess
     import sys
-    code = ("import l0kernels._gates as g, l0kernels.backends._cpu_paths as p; "
+    code = ("import l0kernels._gates as g, l0kernels.backends.torch.cpu_paths as p; "
             "print(g._CPU_GATE_KERNEL, p.ENABLED)")
     out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "L0K_CPU_KERNELS": "0"},
                          capture_output=True, text=True, check=True).stdout.split()

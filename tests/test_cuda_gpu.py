@@ -14,7 +14,7 @@ import torch
 
 import l0kernels as l0k
 from l0kernels._gates import GateConfig, eval_gates_and_grad, gates_from_uniform, noise_uniform
-from l0kernels.backends.torch_backend import L0Conv2dFunction, L0LinearFunction
+from l0kernels.backends.torch import L0Conv2dFunction, L0LinearFunction
 
 from conftest import TOL, log_alpha_at_density
 

@@ -25,7 +25,7 @@ CHILD = textwrap.dedent(r'''
     import torch
     import l0kernels as l0k
     from l0kernels._gates import GateConfig
-    from l0kernels.backends.torch_backend import L0Conv2dFunction, L0LinearFunction
+    from l0kernels.backends.torch import L0Conv2dFunction, L0LinearFunction
 
     assert "cuda" not in sys.modules.get("l0kernels.backends", types.ModuleType("x")).__dict__
     lib = torch.library.Library("l0kernels", "DEF")
@@ -51,7 +51,7 @@ CHILD = textwrap.dedent(r'''
         return tuple(next(gs) if (m and t is not None) else x.new_empty((0,)) for t, m in zip(leaves, mask))
 
     def gates(log_alpha, rows, seed, training, cfg_v, need_grad):  # the gate kernel: the reference gates
-        from l0kernels.backends.torch_backend import gates_for
+        from l0kernels.backends.torch import gates_for
         shape = ((rows,) if training and rows >= 0 else ()) + tuple(log_alpha.shape)
         z, dz = gates_for(log_alpha.detach(), seed, shape, training, GateConfig(*cfg_v), need_grad)
         return z.float(), (dz.float() if need_grad else z.new_empty((0,)))

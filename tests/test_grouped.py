@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import l0kernels as l0k
 from l0kernels import _gates
 from l0kernels._philox import _cpu
-from l0kernels.backends import _cpu_paths
+from l0kernels.backends.torch import cpu_paths
 from conftest import TOL, TOL_TF32
 
 SEED = 2**40 + 123
@@ -57,11 +57,11 @@ def backend(request, monkeypatch):
             pytest.skip("needs a GPU and the CUDA extension")
         return "cuda"
     if name == "torch":
-        monkeypatch.setattr(_cpu_paths, "ENABLED", False)
+        monkeypatch.setattr(cpu_paths, "ENABLED", False)
         monkeypatch.setattr(_gates, "_CPU_GATE_KERNEL", False)
         return "torch"
     if name == "torch_cpp":
-        if _cpu is None or not _cpu_paths.ENABLED:
+        if _cpu is None or not cpu_paths.ENABLED:
             pytest.skip("l0kernels._cpu was not built")
         return "torch"
     pytest.importorskip("triton")

@@ -14,7 +14,7 @@ import torch
 
 import l0kernels as l0k
 import l0kernels._gates as gates_mod
-from l0kernels.backends import _cpu_paths
+from l0kernels.backends.torch import cpu_paths
 from l0kernels._gates import DEFAULT_CONFIG, eval_gates_and_grad, sample_gate_tensor
 
 VALUES = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
@@ -25,9 +25,9 @@ LINEAR_MODES = [("in", "batch"), ("in", "sample"), ("out", "batch"), ("out", "sa
 def cpu_path(request, monkeypatch):
     """The torch backend's two float32 CPU paths: the C++ kernels (default) and the plain torch ops."""
     if request.param == "plain":
-        monkeypatch.setattr(_cpu_paths, "ENABLED", False)
+        monkeypatch.setattr(cpu_paths, "ENABLED", False)
         monkeypatch.setattr(gates_mod, "_CPU_GATE_KERNEL", False)
-    elif not (_cpu_paths.ENABLED and gates_mod._CPU_GATE_KERNEL):
+    elif not (cpu_paths.ENABLED and gates_mod._CPU_GATE_KERNEL):
         pytest.skip("the C++ CPU kernels are not built")
     return request.param
 

@@ -6,7 +6,7 @@ import torch
 import l0kernels as l0k
 import l0kernels._gates as gates_mod
 from l0kernels._checks import draw_seed
-from l0kernels.backends import _cpu_paths
+from l0kernels.backends.torch import cpu_paths
 
 SEEDS = [0, 77, 2**32 + 5, 2**63 - 1]
 
@@ -14,7 +14,7 @@ SEEDS = [0, 77, 2**32 + 5, 2**63 - 1]
 @pytest.fixture(params=["cpp", "plain"])
 def cpu_path(request, monkeypatch):
     if request.param == "plain":
-        monkeypatch.setattr(_cpu_paths, "ENABLED", False)
+        monkeypatch.setattr(cpu_paths, "ENABLED", False)
         monkeypatch.setattr(gates_mod, "_CPU_GATE_KERNEL", False)
     return request.param
 

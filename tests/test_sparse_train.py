@@ -1,4 +1,4 @@
-"""Training that skips closed groups (``l0kernels._active``, ``backends/_skip.py``): the gathered path of
+"""Training that skips closed groups (``l0kernels._active``, ``backends/torch/skip.py``): the gathered path of
 the torch backend against its dense path in float64, exact zero gradients for closed groups, the open
 set recomputed per call, and a check that the skipping path actually ran (``_active.PATHS``)."""
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 import l0kernels as l0k
 from l0kernels import _active
-from l0kernels.backends.torch_backend import gates_for
+from l0kernels.backends.torch import gates_for
 from l0kernels._gates import DEFAULT_CONFIG as CFG
 from conftest import TOL
 
@@ -246,17 +246,17 @@ def test_device_open_set(density):
 
 @pytest.mark.skipif(not hasattr(getattr(l0k._philox, "_cpu", None), "scatter_cols"), reason="l0kernels._cpu not built")
 def test_scatter_cols_kernel():
-    from l0kernels.backends import _skip
+    from l0kernels.backends.torch import skip
     gen = torch.Generator().manual_seed(4)
     n, k = 7, 19
     idx = torch.tensor([0, 3, 4, 11, 18])
     src = torch.randn(n, 5, generator=gen)
     wo = torch.randn(n, 5, generator=gen)
     ratio = torch.rand(5, generator=gen)
-    dw, dlo = _skip._scatter_cols(src, idx, wo, ratio, n, k)
+    dw, dlo = skip._scatter_cols(src, idx, wo, ratio, n, k)
     assert torch.equal(dw, torch.zeros(n, k).index_copy_(1, idx, src))
     assert torch.allclose(dlo, (wo * src).sum(0) * ratio, rtol=1e-6, atol=1e-6)
-    dw2, none = _skip._scatter_cols(src, idx, None, None, n, k)
+    dw2, none = skip._scatter_cols(src, idx, None, None, n, k)
     assert none is None and torch.equal(dw2, dw)
     with pytest.raises(ValueError, match="ko <= k"):
         l0k._philox._cpu.scatter_cols(src.data_ptr(), idx.data_ptr(), 30, 0, 0, dw.data_ptr(), 0, n, k)

@@ -20,7 +20,7 @@ kernel (in training over the open channels: see below). A layer's eval calls run
 ``fused`` is ``sparse_linear`` (the same kernels, no gates, gathering the active inputs and scattering
 the active outputs), ``two_pass`` cuBLAS on the plan. Backward regenerates
 the gates from the seed (no stored mask) and forms the ``log_alpha`` gradients with reduction
-kernels, using the identities of :mod:`l0kernels.backends.torch_backend`.
+kernels, using the identities of :mod:`l0kernels.backends.torch.reference`.
 
 Training with one gate vector per call (batch noise, input or output gates, float16 / bfloat16, sm_80+:
 :func:`skips_closed`) runs over the open set (``linear_open_fwd`` / ``linear_open_bwd``): the open set is
@@ -56,7 +56,7 @@ from .._dispatch import Backend, Conv2dCall, LinearCall, register_backend
 from .._gates import GateConfig
 from .._philox import seed_on
 from . import _plans
-from .torch_backend import conv2d_grads_replayed, linear_grads_replayed
+from .torch import conv2d_grads_replayed, linear_grads_replayed
 
 try:
     from .. import _C  # noqa: F401  (loading the library registers torch.ops.l0kernels)

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ... import _active
-from ..torch_backend import conv2d_grads_replayed
+from ..torch import conv2d_grads_replayed
 from ._gate_math import gate, seed_tensor, taken_open_set
 from .linear import INTERPRET, _open_tile, _swizzle, dot_flags, launch_meta, tuned
 

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from ... import config
 from ... import _active
-from ..torch_backend import linear_grads_replayed
+from ..torch import linear_grads_replayed
 from ._gate_math import gate, seed_tensor, taken_open_set
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -10,7 +10,7 @@ For one gate vector per call, with ``o`` the open indices of the drawn gates ``z
 
 Closed groups get exact zeros (the zero-filled gradient tensors), never computed. Everything here is
 plain PyTorch and works in every dtype (float64 is the reference the tests compare with); the caller
-(``torch_backend.py``) takes it on the CPU only, where reading the open count costs nothing.
+(``reference.py``) takes it on the CPU only, where reading the open count costs nothing.
 """
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._checks import conv_out_size
-from .._gates import compute_dtype
-from .._philox import _cpu
-from . import _cpu_paths
+from ..._checks import conv_out_size
+from ..._gates import compute_dtype
+from ..._philox import _cpu
+from . import cpu_paths
 
 
 def _scatter_in_cpp(dwo: torch.Tensor, wo: torch.Tensor) -> bool:
-    return (_cpu_paths.ENABLED and hasattr(_cpu, "scatter_cols") and dwo.is_cpu and dwo.dtype is torch.float32
+    return (cpu_paths.ENABLED and hasattr(_cpu, "scatter_cols") and dwo.is_cpu and dwo.dtype is torch.float32
             and wo.dtype is torch.float32 and dwo.is_contiguous() and wo.is_contiguous())
 
 

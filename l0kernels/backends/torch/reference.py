@@ -1,4 +1,4 @@
-"""The reference backend: docs/design.md §3 in plain PyTorch, on any device.
+"""The torch backend's reference: docs/design.md §3 in plain PyTorch, on any device.
 
 Two autograd Functions, :class:`L0LinearFunction` and :class:`L0Conv2dFunction`. Forward
 draws the gates from ``(seed, offset)``; backward draws them again. Autograd keeps x, weight,
@@ -8,21 +8,21 @@ output; it is formed from GEMMs backward does anyway:
 ``sum_m dY[m,n] h[m,n] = sum_k W[n,k] (dY^T x)[n,k] + b[n] sum_m dY[m,n]``.
 Per-example output gates recompute ``h`` (one extra GEMM/conv) instead of storing it.
 Training calls with one gate vector per call on the CPU run over the open groups only
-(``_skip.py``, :mod:`l0kernels._active`); they also keep the gathered weight for the backward.
+(:mod:`.skip`, :mod:`l0kernels._active`); they also keep the gathered weight for the backward. Float32 CPU
+calls with one gate vector take the C++ fast paths (:mod:`.cpu_paths`) where they do not skip.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .. import _active
-from .._dispatch import Backend, Conv2dCall, LinearCall, register_backend
-from .._gates import GateConfig, compute_dtype, eval_gates_and_grad, sample_gate_tensor
-from .._replay import replay_grads
-from . import _cpu_paths, _plans, _skip
+from ... import _active
+from ..._gates import GateConfig, compute_dtype, eval_gates_and_grad, sample_gate_tensor
+from ..._replay import replay_grads
+from . import cpu_paths, skip
 
 
 def _save(ctx, x, weight, log_alpha, bias, seed, *extra) -> None:
@@ -136,20 +136,20 @@ class L0LinearFunction(torch.autograd.Function):
         n, k = weight.shape
         x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), k)  # not -1: K may be 0
         m = x2.shape[0]
-        skip = None if gate == "weight" else _skip_gates(x, log_alpha, seed, training, noise, cfg, group_size,
+        opened = None if gate == "weight" else _skip_gates(x, log_alpha, seed, training, noise, cfg, group_size,
                                                          m * (n if gate == "in" else k))
         if gate != "weight" and training and noise == "batch":
-            _active.count_path("linear-" + gate, "fwd", "skip" if skip else "dense")
-        if skip is not None:
-            y, wo = _skip.linear_forward(gate, x2, weight, bias, skip[0], skip[2])
-        elif gate == "in" and _cpu_paths.applies(x, weight, log_alpha, not training or noise == "batch"):
-            y = F.linear(_cpu_paths.in_gate_input(x2, log_alpha, seed, training, cfg, group_size), weight, bias)
+            _active.count_path("linear-" + gate, "fwd", "skip" if opened else "dense")
+        if opened is not None:
+            y, wo = skip.linear_forward(gate, x2, weight, bias, opened[0], opened[2])
+        elif gate == "in" and cpu_paths.applies(x, weight, log_alpha, not training or noise == "batch"):
+            y = F.linear(cpu_paths.in_gate_input(x2, log_alpha, seed, training, cfg, group_size), weight, bias)
         else:
             y = linear_formula(x2, weight, log_alpha, bias, seed, gate, noise, training, cfg, group_size)
         # the skipping path also keeps the gathered weight (its open columns/rows: at most W's size)
-        _save(ctx, x, weight, log_alpha, bias, seed, *((wo,) if skip is not None else ()))
+        _save(ctx, x, weight, log_alpha, bias, seed, *((wo,) if opened is not None else ()))
         ctx.conf = (gate, noise, training, cfg, group_size)
-        ctx.skip = skip is not None
+        ctx.skip = opened is not None
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
     @staticmethod
@@ -167,14 +167,14 @@ class L0LinearFunction(torch.autograd.Function):
         if ctx.skip:
             _active.count_path("linear-" + gate, "bwd", "skip")
             z, dz, idx = _open_gates(log_alpha, seed, cfg, need_la, group_size)
-            dx, dw, dla, db = _skip.linear_backward(gate, dy, x2, weight, wo[0], bias, z, dz, idx, need_x,
+            dx, dw, dla, db = skip.linear_backward(gate, dy, x2, weight, wo[0], bias, z, dz, idx, need_x,
                                                     need_w, need_la, need_b)
             if dx is not None:
                 dx = dx.reshape(x.shape)
             if dla is not None:
                 dla = sum_groups(dla, group_size).to(log_alpha.dtype)
             return dx, dw, dla, db, None, None, None, None, None, None
-        if need_la and gate != "weight" and _cpu_paths.applies(x, weight, log_alpha, not training or noise == "batch"):
+        if need_la and gate != "weight" and cpu_paths.applies(x, weight, log_alpha, not training or noise == "batch"):
             dx, dw, dla, db = _cpu_linear_backward(dy, x2, weight, log_alpha, bias, seed, gate, training, cfg,
                                                    need_x, need_w, need_b, group_size)
             if dx is not None and x.dim() != 2:
@@ -256,10 +256,10 @@ class L0LinearFunction(torch.autograd.Function):
 def _cpu_linear_backward(dy, x2, weight, log_alpha, bias, seed, gate, training, cfg, need_x, need_w, need_b,
                          group_size=1):
     """The backward of input/output gates with one gate vector per call on the CPU paths
-    (``_cpu_paths.gate_backward``): the same GEMMs as a dense layer plus one C++ pass for dlog_alpha."""
+    (``cpu_paths.gate_backward``): the same GEMMs as a dense layer plus one C++ pass for dlog_alpha."""
     dx = db = None
     if gate == "in":
-        dw, dla, z = _cpu_paths.gate_backward(1, dy.t() @ x2, weight, log_alpha, seed, training, cfg,
+        dw, dla, z = cpu_paths.gate_backward(1, dy.t() @ x2, weight, log_alpha, seed, training, cfg,
                                               group_size=group_size)
         if need_x:
             dx = (dy @ weight).mul_(z)
@@ -267,7 +267,7 @@ def _cpu_linear_backward(dy, x2, weight, log_alpha, bias, seed, gate, training, 
             db = dy.sum(0)
     else:
         colsum = dy.sum(0)
-        dw, dla, z = _cpu_paths.gate_backward(0, dy.t() @ x2, weight, log_alpha, seed, training, cfg,
+        dw, dla, z = cpu_paths.gate_backward(0, dy.t() @ x2, weight, log_alpha, seed, training, cfg,
                                               bias * colsum if bias is not None else None, group_size)
         if need_x:
             dx = (dy * z) @ weight
@@ -312,18 +312,18 @@ class L0Conv2dFunction(torch.autograd.Function):
         shape = (x.shape[0], c) if noise == "sample" else (c,)
         # multiply-adds of one output channel, about (the output size from the strides alone)
         macs = x.shape[0] * (x.shape[2] * x.shape[3]) // (stride[0] * stride[1]) * math.prod(weight.shape[1:])
-        skip = _skip_gates(x, log_alpha, seed, training, noise, cfg, group_size, macs, conv=True) if groups == 1 \
+        opened = _skip_gates(x, log_alpha, seed, training, noise, cfg, group_size, macs, conv=True) if groups == 1 \
             else None
         if training and noise == "batch":
-            _active.count_path("conv2d", "fwd", "skip" if skip else "dense")
-        if skip is not None:
-            y, wo = _skip.conv2d_forward(x, weight, bias, (stride, padding, dilation, groups), skip[0], skip[2])
+            _active.count_path("conv2d", "fwd", "skip" if opened else "dense")
+        if opened is not None:
+            y, wo = skip.conv2d_forward(x, weight, bias, (stride, padding, dilation, groups), opened[0], opened[2])
         else:
             y = conv2d_formula(x, weight, log_alpha, bias, (stride, padding, dilation, groups), seed, noise, training,
                                cfg, group_size)
-        _save(ctx, x, weight, log_alpha, bias, seed, *((wo,) if skip is not None else ()))
+        _save(ctx, x, weight, log_alpha, bias, seed, *((wo,) if opened is not None else ()))
         ctx.conf = (stride, padding, dilation, groups, noise, training, cfg, group_size)
-        ctx.skip = skip is not None
+        ctx.skip = opened is not None
         return y
 
     @staticmethod
@@ -340,7 +340,7 @@ class L0Conv2dFunction(torch.autograd.Function):
         if ctx.skip:
             _active.count_path("conv2d", "bwd", "skip")
             z, dz, idx = _open_gates(log_alpha, seed, cfg, need_la, group_size)
-            dx, dw, dla, db = _skip.conv2d_backward(dy, x, weight, wo[0], bias, conv_args, z, dz, idx, need_x,
+            dx, dw, dla, db = skip.conv2d_backward(dy, x, weight, wo[0], bias, conv_args, z, dz, idx, need_x,
                                                     need_w, need_la, need_b)
             if dla is not None:
                 dla = sum_groups(dla, group_size).to(log_alpha.dtype)
@@ -376,35 +376,3 @@ class L0Conv2dFunction(torch.autograd.Function):
         if dla is not None:
             dla = sum_groups(dla, group_size).to(log_alpha.dtype)
         return dx, dw, dla, db, None, None, None, None, None, None, None, None, None
-
-
-class TorchBackend(Backend):
-    """Plain PyTorch; runs every call on every device. The reference for every other backend."""
-
-    name = "torch"
-    priority = 0
-
-    def unsupported_linear(self, call: LinearCall) -> Optional[str]:
-        return None
-
-    def unsupported_conv2d(self, call: Conv2dCall) -> Optional[str]:
-        return None
-
-    def linear(self, call: LinearCall) -> torch.Tensor:
-        return L0LinearFunction.apply(call.x, call.weight, call.log_alpha, call.bias, call.seed, call.gate,
-                                      call.noise, call.training, call.cfg, call.group_size)
-
-    def conv2d(self, call: Conv2dCall) -> torch.Tensor:
-        return L0Conv2dFunction.apply(call.x, call.weight, call.log_alpha, call.bias, call.stride, call.padding,
-                                      call.dilation, call.groups, call.seed, call.noise, call.training, call.cfg,
-                                      call.group_size)
-
-    def eval(self, call) -> torch.Tensor:
-        """A layer's eval call on its cached plan, in PyTorch (cuBLAS on CUDA); else the op above."""
-        return _plans.serve(self, call, _plans.linear_plan_torch)
-
-    def tune_key(self, call) -> Tuple:
-        return _plans.plan_signature(call)
-
-
-TORCH_BACKEND = register_backend(TorchBackend())

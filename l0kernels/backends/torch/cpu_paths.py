@@ -11,7 +11,7 @@ pass each (``l0kernels._cpu``, built from ``csrc/host/cpu_kernels.cpp`` on the s
 - backward, input or output gates: ``P = dY^T x`` comes from the GEMM a dense layer runs too; one
   pass then gives ``dlog_alpha = dz * sum(W * P)`` and scales ``P`` into ``dW`` in place.
 
-The plain torch code beside them in ``torch_backend.py`` is the reference (and the only path in
+The plain torch code beside them in ``reference.py`` is the reference (and the only path in
 float64, which gradcheck checks); ``tests/test_cpu_paths.py`` compares the two.
 ``L0K_CPU_KERNELS=0`` turns these paths (and the C++ gate kernel of ``_gates.py``) off.
 """
@@ -22,9 +22,9 @@ from typing import Optional
 
 import torch
 
-from .. import config
-from .._gates import GateConfig
-from .._philox import _compiling, _cpu, seed_int
+from ... import config
+from ..._gates import GateConfig
+from ..._philox import _compiling, _cpu, seed_int
 
 ENABLED = _cpu is not None and hasattr(_cpu, "gate_backward") and config.CPU_KERNELS
 _WORKSPACE_MAX = 1 << 20  # floats (4 MiB): larger inputs get a fresh tensor, their GEMM dwarfs the pass
