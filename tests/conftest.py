@@ -10,6 +10,13 @@ import os
 import pytest
 import torch
 
+from _model_zoo import define_torchvision_op_schemas  # noqa: E402  (tests/; imports only torch)
+
+# torchvision's PyPI wheel is a CUDA build: its C++ ops do not load with the CPU torch, and its import (which
+# transformers does too, once pillow is installed) then stops on torchvision::nms / qnms. Define those two schemas
+# before anything imports transformers or torchvision; nothing is done without torchvision or where its ops load.
+define_torchvision_op_schemas()
+
 HAS_CUDA = torch.cuda.is_available()
 
 # One intra-op thread (L0K_TEST_THREADS to change it): on a small shared machine (CI: 2 cores) PyTorch's
