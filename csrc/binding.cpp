@@ -3,7 +3,7 @@
 // at::convolution_backward) for the GEMMs and convolutions, and the op registrations
 // torch.ops.l0kernels.{uniform, gates, linear_fwd, linear_fwd_fused, sparse_linear, linear_bwd, linear_open_fwd,
 // linear_open_bwd, conv2d_fwd, conv2d_bwd} (CUDA impls here;
-// fake impls for torch.compile in l0kernels/backends/cuda.py).
+// Python wrappers with their fake impls for torch.compile in l0kernels/backends/cuda/ops.py).
 #include <Python.h>
 
 #include <algorithm>

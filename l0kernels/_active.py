@@ -102,7 +102,7 @@ def skip_closed(n_open: int, n_gates: int, macs_per_group: int, conv: bool = Fal
 
 
 # -- the open fraction of a layer's gates, known on the host without a sync --------------------------------
-# The CUDA backend takes its open-set kernels below a fraction (backends/cuda.py), and ``auto`` re-tunes its
+# The CUDA backend takes its open-set kernels below a fraction (backends/cuda/), and ``auto`` re-tunes its
 # backend choice as a layer's fraction falls (l0kernels._dispatch: the fraction's tenth is part of the key),
 # so training that sparsifies moves to the kernels that skip. Read every REFRESH_EVERY calls of a layer.
 REFRESH_EVERY = 16

@@ -1,4 +1,4 @@
-"""The Python side of the CUDA backend (``l0kernels/backends/cuda.py``) on the CPU, without the extension.
+"""The Python side of the CUDA backend (``l0kernels/backends/cuda/``) on the CPU, without the extension.
 
 A child process stands in for ``l0kernels._C``: it defines the ``l0kernels`` op schemas (copied from
 ``csrc/binding.cpp``, checked against it here) with CPU implementations from the torch backend, then
@@ -293,10 +293,10 @@ CHILD = textwrap.dedent(r'''
     assert calls[-1] == "fused"  # _static_choice: 15 rows
     AUTOTUNER.can_time = lambda device: True
     # the fixed rule while tracing / capturing: fused only for small M
-    assert cb._static_choice(torch.empty(256, 64), torch.empty(512, 64), "out", True) == "fused"
-    assert cb._static_choice(torch.empty(257, 64), torch.empty(512, 64), "out", True) == "two_pass"
-    assert cb._static_choice(torch.empty(16, 64), torch.empty(512, 64), "in", True) == "two_pass"
-    assert cb._static_choice(torch.empty(16, 64), torch.empty(512, 64), "in", False) == "fused"
+    assert cb.functions._static_choice(torch.empty(256, 64), torch.empty(512, 64), "out", True) == "fused"
+    assert cb.functions._static_choice(torch.empty(257, 64), torch.empty(512, 64), "out", True) == "two_pass"
+    assert cb.functions._static_choice(torch.empty(16, 64), torch.empty(512, 64), "in", True) == "two_pass"
+    assert cb.functions._static_choice(torch.empty(16, 64), torch.empty(512, 64), "in", False) == "fused"
     try:
         with cb.gemm_impl("cublas"):
             pass
