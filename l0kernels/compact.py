@@ -25,6 +25,11 @@ its weight row reads is a constant that passes through the layer exactly (a clos
 zero row, a row reading only dead units); element-wise ops, BatchNorm (eval statistics), max/adaptive pooling,
 dropout and reshapes carry constants (``f(0)`` need not be 0); a product is 0 where a factor is 0.
 
+The graph is traced from the eval forward (a ``self.training`` branch takes its eval side; torchvision's
+``stochastic_depth`` is then the identity). An op none of whose inputs carries units (size arithmetic such as
+``h // 2``, input checks such as ``torch._assert(h == 224)``, helpers of parameters only) gives an output
+without units, whatever it is; splits (``chunk``, ``split``, ``unbind``) keep their input's units whole.
+
 Grouped convolutions (``groups > 1``) stay valid grouped convolutions: a group goes whole (outputs and input
 block) or stays whole (reading its whole input block). A conv keeps at least one output channel.
 
@@ -729,6 +734,10 @@ def _builtin_rules():
         r[f] = "frozen"
     if hasattr(F, "rms_norm"):
         r[F.rms_norm] = "frozen"
+    # splits into several tensors: a unit dim cut into equal chunks would no longer split the same way once
+    # units go, so the input keeps its units (exact; the layers after a split keep what they read)
+    for f in (torch.chunk, torch.split, torch.tensor_split, torch.unbind):
+        r[f] = "frozen"
     r[getattr] = _rule_shape
     r[torch.mean] = _rule_mean
     # methods
@@ -745,7 +754,7 @@ def _builtin_rules():
     r["size"] = _rule_shape
     r["dim"] = _rule_shape
     r["mean"] = _rule_mean
-    for m in ("softmax", "log_softmax", "matmul"):
+    for m in ("softmax", "log_softmax", "matmul", "chunk", "split", "tensor_split", "unbind"):
         r[m] = "frozen"
     return r
 
@@ -764,7 +773,25 @@ def _rule_for(ctx, node):
     t = node.target
     if t in _RULES:
         return _RULES[t], None
+    if _is_stochastic_depth(t):
+        return _rule_stochastic_depth, None
     return _BUILTIN.get(t), None
+
+
+def _is_stochastic_depth(target) -> bool:
+    """torchvision's ``stochastic_depth`` (EfficientNet, ConvNeXt), recognised without importing torchvision."""
+    return getattr(target, "__name__", None) == "stochastic_depth" and \
+        str(getattr(target, "__module__", "")).startswith("torchvision.")
+
+
+def _rule_stochastic_depth(ctx, node):
+    """``stochastic_depth(x, p, mode, training)``: the identity when ``training`` is False (the eval model
+    compact works on); a traced ``training=True`` drops rows at random, which no compacted model can match."""
+    training = node.args[3] if len(node.args) > 3 else node.kwargs.get("training", True)
+    if training is not False:
+        raise ValueError(f"compact: '{_label(node)}' ({node.name}) was traced in training mode; compact the model "
+                         "in eval mode (model.eval())")
+    return _rule_passthrough(ctx, node)
 
 
 _BUILTIN: Dict[Any, Any] = {}
@@ -785,11 +812,18 @@ class _LeafTracer(torch.fx.Tracer):
 
 
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
+    """The model's graph as its eval forward runs (compact works on the eval model: a forward that reads
+    ``self.training`` is traced with False); the modules' training flags are put back afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
     try:
+        model.eval()
         graph = _LeafTracer().trace(model)
     except Exception as e:  # data-dependent control flow and the like
         raise ValueError(f"compact: cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); "
                          f"a module that does not trace can be made a leaf with register_compact_rule") from e
+    finally:
+        for m, t in modes:
+            m.training = t
     return torch.fx.GraphModule(model, graph)
 
 
@@ -842,6 +876,10 @@ def _analyse(gm: torch.fx.GraphModule, values) -> CompactContext:
                     ctx.freeze(ctx.env.get(a))
                 continue
             rule, what = _rule_for(ctx, node)
+            if rule is None and node.op in ("call_function", "call_method") and not any(
+                    a in ctx.env or a.op == "placeholder" for a in node.all_input_nodes):
+                rule = _rule_shape  # no input carries units, so neither does the output: size arithmetic
+                # (``h // 2``), input checks (``torch._assert(h == 224)``), helpers of parameters only
             if rule is None:
                 where = f"module {node.target!r} ({what})" if node.op == "call_module" else f"'{_label(node)}'"
                 raise ValueError(f"compact: no rule for {where} at node {node.name!r}: register one with "

@@ -499,3 +499,43 @@ def test_zero_value_head_goes(rel_err):
     close_heads(model.o, [], 4)
     c = check_same(model, torch.randn(2, 5, 16), rel_err)
     assert c.v.out_features == 4 and c.q.out_features == 8 and c.o.in_features == 8
+
+
+class _SizeArithmetic(nn.Module):
+    """Sizes computed from the input (``// 2``), an input check, a channel split, a ``self.training`` branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = l0k.L0Conv2d(3, 8, 3, padding=1)
+        self.conv2 = l0k.L0Conv2d(8, 6, 3, padding=1)
+        self.fc = l0k.L0Linear(6, 4)
+
+    def forward(self, x):
+        torch._assert(x.shape[1] == 3, "three input channels")
+        h = self.conv1(x)
+        a, b = h.chunk(2, dim=1)
+        h = torch.cat((F.relu(a), b * 2.0), dim=1)
+        if self.training:
+            h = h * 0.5
+        h = self.conv2(h)
+        n, c = h.size(0), h.size(1)
+        h = h.reshape(n, c, h.size(2) * h.size(3) // 2, 2).mean(dim=(2, 3))
+        return self.fc(h)
+
+
+def test_size_arithmetic_asserts_and_splits_compact_exactly(rel_err):
+    torch.manual_seed(21)
+    model = _SizeArithmetic()
+    set_gates(model.conv1, torch.tensor([1, 0, 0, 1, 0, 0, 0, 1], dtype=torch.bool))
+    set_gates(model.conv2, torch.tensor([0, 1, 0, 0, 1, 0], dtype=torch.bool))
+    set_gates(model.fc, torch.tensor([0, 0, 1, 0, 0, 0], dtype=torch.bool))
+    x = torch.randn(2, 3, 6, 6)
+    c = check_same(model, x, rel_err)
+    convs = [m for m in c.modules() if isinstance(m, nn.Conv2d)]
+    assert convs[0].out_channels == 8  # split into equal chunks: conv1's channels stay
+    assert convs[1].out_channels == 3  # conv2: its two closed channels and the one fc does not read go
+    model.train()  # compact traces the eval forward whatever mode the model is in, and puts the modes back
+    c = compact(model, x)
+    assert model.training and model.conv1.training
+    with torch.no_grad():
+        assert rel_err(c(x), model.eval()(x)) < 1e-5

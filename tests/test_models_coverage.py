@@ -36,17 +36,8 @@ TOL = 1e-5  # docs/design.md §6, float32
 _NO_RULE = "ValueError: compact: no rule for 'call_function {0}' at node '{0}': register one with " \
            "l0kernels.register_compact_rule"
 COMPACT_FAILS = {
-    # torchvision.ops.stochastic_depth (the residual branches of EfficientNet and ConvNeXt; the identity in eval)
-    "efficientnet_b0": _NO_RULE.format("stochastic_depth"),
-    "convnext_tiny": _NO_RULE.format("stochastic_depth"),
-    # sizes computed from x.size() with //: ShuffleNet's channel shuffle (channels // groups), MaxViT's window
-    # partition (H // 7)
-    "shufflenet_v2_x0_5": _NO_RULE.format("floordiv"),
-    "maxvit_t": _NO_RULE.format("floordiv"),
-    # Swin's relative position bias (an fx-wrapped function)
-    "swin_t": _NO_RULE.format("_get_relative_position_bias"),
-    # the input check torch._assert(h == self.image_size, ...) of VisionTransformer._process_input
-    "vit_b_16": _NO_RULE.format("eq"),
+    # Swin's patch merging pads and concatenates strided slices in an fx-wrapped function
+    "swin_t": _NO_RULE.format("_patch_merging_pad"),
 }
 
 # compact keeps every parameter although the closed gates make units removable: no module rule for these blocks
