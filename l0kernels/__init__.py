@@ -13,7 +13,8 @@ from ._compact_hf import register_module_rule
 from .compact import CompactContext, Units, compact, compare, input_select, register_compact_rule, summary
 from .convert import convert
 from .save import load_compact, save_compact
-from .functional import deterministic_gates, expected_l0, l0_conv2d, l0_linear, prob_open, sample_gates
+from .functional import (deterministic_gates, expected_l0, explain_conv2d, explain_linear, l0_conv2d, l0_linear,
+                         prob_open, sample_gates)
 from .distributed import seed_gates
 from .targets import SparsityTarget
 from .modules import (L0Conv2d, L0Linear, constrain_, expected_params, l0_layers, l0_penalty,
@@ -30,4 +31,5 @@ __all__ = [
     "compact", "summary", "compare", "register_compact_rule", "register_module_rule", "CompactContext", "Units",
     "input_select", "convert", "save_compact", "load_compact", "clear_eval_cache",
     "GateConfig", "Backend", "register_backend", "get_backend", "available_backends", "select_backend",
+    "explain_linear", "explain_conv2d",
 ]

@@ -18,19 +18,20 @@ Two representations of one open set of ``G`` gates:
   at ``count``); the gathered columns/rows are ``index[j]`` for ``j < count``.
 
 The torch backend on the CPU takes the host route (the GEMM needs the size on the host); the decision
-between the gathered and the dense GEMM is :func:`skip_closed`. The Triton and CUDA backends take the
-device route on training calls with one gate vector (input or output gates, conv channels) once the layer's
-last known open fraction is at most their threshold (:func:`takes_open_set`; the fraction is read without a
-sync): their kernels read ``index`` and ``count`` in device memory. The CUDA backward takes its forward's
-decision (kept in the autograd context); the Triton backward reads the layer's fraction again, which is its
-forward's unless another forward of the same layer refreshed it in between (both paths give the same
-gradients; only non-finite values in closed groups and the counts in :data:`PATHS` can differ).
-:data:`PATHS` counts which path ran.
+between the gathered and the dense GEMM is :func:`skip_reasons` (none: gather). The Triton and CUDA
+backends take the device route on training calls with one gate vector (input or output gates, conv
+channels) once the layer's last known open fraction is at most their threshold (:func:`takes_open_set`,
+:func:`fraction_reasons`; the fraction is read without a sync): their kernels read ``index`` and ``count``
+in device memory. The CUDA backward takes its forward's decision (kept in the autograd context); the
+Triton backward reads the layer's fraction again, which is its forward's unless another forward of the
+same layer refreshed it in between (both paths give the same gradients; only non-finite values in closed
+groups and the counts in :data:`PATHS` can differ). :data:`PATHS` counts which path ran. Every backend
+shares :func:`call_reasons` (why a call cannot skip at all).
 """
 from __future__ import annotations
 
 import collections
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -86,19 +87,38 @@ def open_index(z: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(z).reshape(-1)
 
 
-def may_skip(n_gates: int, macs_per_group: int) -> bool:
-    """Whether :func:`skip_closed` can be true for some open set of ``n_gates`` groups (with all of them
-    closed): False lets a small layer decide without drawing its gates."""
-    return ENABLED and n_gates * macs_per_group >= MIN_SKIPPED_MACS
+def call_reasons(training: bool, sample: bool) -> List[str]:
+    """Why a call cannot skip closed groups on any backend (empty: it may): ``L0K_SKIP_CLOSED=0``
+    (:data:`ENABLED`), an eval call, per-example gates (``sample``)."""
+    out = [] if ENABLED else ["skipping closed groups is off (L0K_SKIP_CLOSED=0)"]
+    if not training:
+        out.append("an eval call (eval plans skip closed groups instead)")
+    if sample:
+        out.append("noise='sample': one gate vector per example, no one open set")
+    return out
 
 
-def skip_closed(n_open: int, n_gates: int, macs_per_group: int, conv: bool = False) -> bool:
-    """True where the gathered GEMM (or convolution, ``conv``) over ``n_open`` of ``n_gates`` groups should run
-    instead of the dense one (``macs_per_group``: the forward multiply-adds of one group, e.g. ``M * N`` for an
-    input column)."""
-    above = CONV_DENSE_ABOVE if conv else DENSE_ABOVE
-    return (ENABLED and n_open < n_gates and n_open <= above * n_gates
-            and (n_gates - n_open) * macs_per_group >= MIN_SKIPPED_MACS)
+def skip_reasons(n_gates: int, macs_per_group: int, n_open: Optional[int] = None, conv: bool = False) -> List[str]:
+    """For a call that may skip (:func:`call_reasons`), why the host route's gathered GEMM (or convolution,
+    ``conv``) over the ``n_open`` open groups of ``n_gates`` should not run instead of the dense one
+    (``macs_per_group``: the forward multiply-adds of one group, e.g. ``M * N`` for an input column); empty
+    where it should. ``n_open=None``: before the gates are drawn, whether any open set could (with every group
+    closed), so that a layer too small to gain decides without drawing them."""
+    if n_open is None:
+        if n_gates * macs_per_group < MIN_SKIPPED_MACS:
+            return [f"too small: with every group closed it would skip {n_gates * macs_per_group} multiply-adds, "
+                    f"fewer than L0K_SKIP_MIN_MACS={MIN_SKIPPED_MACS}"]
+        return []
+    above, switch = (CONV_DENSE_ABOVE, "L0K_SKIP_CONV_DENSE_ABOVE") if conv else (DENSE_ABOVE, "L0K_SKIP_DENSE_ABOVE")
+    out = []
+    if n_open >= n_gates:
+        out.append("every group of this call is open")
+    elif n_open > above * n_gates:
+        out.append(f"{n_open} of {n_gates} groups of this call are open, more than {switch}={above:g}")
+    if n_open < n_gates and (n_gates - n_open) * macs_per_group < MIN_SKIPPED_MACS:
+        out.append(f"its {n_gates - n_open} closed groups would skip {(n_gates - n_open) * macs_per_group} "
+                   f"multiply-adds, fewer than L0K_SKIP_MIN_MACS={MIN_SKIPPED_MACS}")
+    return out
 
 
 # -- the open fraction of a layer's gates, known on the host without a sync --------------------------------
@@ -171,21 +191,39 @@ def taken_open_set(draw, log_alpha: torch.Tensor, features: int, below: float, f
 
 def takes_open_set(log_alpha: torch.Tensor, features: int, below: float, make_count=None) -> bool:
     """The device backends' rule (CUDA: ``L0K_CUDA_SKIP_BELOW``, Triton: ``L0K_TRITON_SKIP_BELOW``): whether a
-    training call that may skip closed groups runs the open-set kernels. Always where ``below >= 1``; else once
-    the layer's last known open fraction (:func:`open_fraction`, ``make_count()`` this call's open count) is at
-    most ``below`` (unknown: the dense kernels). ``make_count=None`` only reads the fraction (a backward taking
-    the decision its forward took, without counting a call). Inside a ``torch.compile`` trace the dense kernels
-    (below 1): a trace bakes the decision in, and the fraction is mutable state that a guard would watch."""
+    training call that may skip closed groups runs the open-set kernels, i.e. :func:`fraction_reasons` gives
+    none once the layer's fraction is refreshed (:func:`open_fraction`, ``make_count()`` this call's open
+    count). ``make_count=None`` only reads the fraction (a backward taking the decision its forward took,
+    without counting a call)."""
+    if make_count is not None and below < 1.0 and not torch.compiler.is_compiling():
+        open_fraction(log_alpha, features, make_count)
+    return not fraction_reasons(log_alpha, below)
+
+
+def known_fraction(log_alpha: torch.Tensor) -> Optional[float]:
+    """The last known open fraction of ``log_alpha``'s training gates, None until one is known (read only: no
+    call counted, no read started)."""
+    st = _FRACTIONS.get(log_alpha)
+    return None if st is None else st.value
+
+
+def fraction_reasons(log_alpha: torch.Tensor, below: float, switch: str = "the threshold") -> List[str]:
+    """Why a training call of the layer whose gates are ``log_alpha`` does not take the open-set kernels at
+    threshold ``below`` (``switch``: its name) now; empty where it does. Always where ``below >= 1``; else once
+    the layer's last known open fraction (:func:`known_fraction`) is at most ``below`` (unknown: the dense
+    kernels). Inside a ``torch.compile`` trace the dense kernels (below 1): a trace bakes the decision in, and
+    the fraction is mutable state that a guard would watch."""
     if below >= 1.0:
-        return True
+        return []
     if torch.compiler.is_compiling():
-        return False
-    if make_count is None:
-        st = _FRACTIONS.get(log_alpha)
-        frac = None if st is None else st.value
-    else:
-        frac = open_fraction(log_alpha, features, make_count)
-    return frac is not None and frac <= below
+        return [f"inside a torch.compile trace the dense kernels run ({switch}={below:g} is below 1)"]
+    frac = known_fraction(log_alpha)
+    if frac is None:
+        return [f"the layer's open fraction is not known yet (read every {REFRESH_EVERY} training calls; "
+                f"{switch}={below:g})"]
+    if frac > below:
+        return [f"the layer's last known open fraction {frac:.3g} is above {switch}={below:g}"]
+    return []
 
 
 def density_tenth(call) -> Optional[int]:

@@ -6,12 +6,13 @@ it to one backend: its ``run`` in training, its ``eval`` with ``training=False``
 serve a layer's eval calls from its cached eval plan, :mod:`l0kernels.backends._plans`; any other backend
 runs the call with the deterministic gates).
 
-Each backend states, for a concrete call, why it cannot take it (a string) or ``None`` if it
-can. ``backend="auto"`` asks the registered backends in priority order and, where more than
-one can run a call on a GPU, lets the autotuner (:mod:`l0kernels._autotune`) time them once per call
-signature; under ``torch.compile`` ``auto`` is the torch backend (nothing can be timed in a trace, and
-inductor fuses its plain ops). Naming a backend that cannot run the call raises ``ValueError`` with its
-reason.
+Each backend states, for a concrete call, every reason it cannot take it (:meth:`Backend.explain`, xformers
+style: an empty list where it can) and, for a call it can run, why each of its own paths does not take it
+(:meth:`Backend.explain_paths`); :func:`explain` gathers both over the registered backends.
+``backend="auto"`` asks the registered backends in priority order and, where more than one can run a call
+on a GPU, lets the autotuner (:mod:`l0kernels._autotune`) time them once per call signature; under
+``torch.compile`` ``auto`` is the torch backend (nothing can be timed in a trace, and inductor fuses its
+plain ops). Naming a backend that cannot run the call raises ``ValueError`` with its reasons.
 """
 from __future__ import annotations
 
@@ -129,8 +130,10 @@ class Conv2dCall(_Call):
 
 
 class Backend:
-    """Interface of a backend. Subclasses override ``unsupported_linear`` / ``unsupported_conv2d`` and
-    ``linear`` / ``conv2d``, and set ``name``/``priority``; they may override ``eval``.
+    """Interface of a backend. Subclasses set ``name``/``priority``, override ``linear`` / ``conv2d`` and say
+    which calls they decline: :meth:`explain` (every reason), or for one reason per op the hooks
+    ``unsupported_linear`` / ``unsupported_conv2d`` that the default ``explain`` reads. They may override
+    ``eval`` and :meth:`explain_paths`.
 
     ``priority``: higher is preferred by ``auto`` when timing is not possible (CPU) or disabled.
     ``auto_eligible``: False keeps a backend out of ``auto`` (the Triton interpreter, for one).
@@ -141,10 +144,26 @@ class Backend:
     priority = 0
 
     def unsupported_linear(self, call: LinearCall) -> Optional[str]:
+        """The reason this backend declines a linear call, or None (read by the default :meth:`explain` only:
+        a backend that overrides ``explain`` need not define it; ask ``explain`` or ``why_not``)."""
         return f"backend '{self.name}' does not implement l0_linear"
 
     def unsupported_conv2d(self, call: Conv2dCall) -> Optional[str]:
+        """As :meth:`unsupported_linear`, for a conv2d call."""
         return f"backend '{self.name}' does not implement l0_conv2d"
+
+    def explain(self, call) -> List[str]:
+        """Every reason this backend declines ``call`` (a checked call, before the autocast cast); empty where
+        it can run it. The one source of :meth:`why_not` and of the errors of ``backend=`` and ``auto``."""
+        why = self.unsupported_linear(call) if call.op == "linear" else self.unsupported_conv2d(call)
+        return [] if why is None else [why]
+
+    def explain_paths(self, call) -> Dict[str, List[str]]:
+        """For a call this backend runs (``call`` cast, as its ``linear`` / ``conv2d`` get it): per path of its
+        own (fast path, kernel variant, eval plan), why that path does not take the call, ``[]`` where it
+        does (or may: a choice the autotuner makes when the call runs). Predicted from the call and the state
+        the backend keeps (the layer's last known open fraction), nothing run. Default: no paths."""
+        return {}
 
     def linear(self, call: LinearCall) -> torch.Tensor:  # pragma: no cover - interface
         raise RuntimeError(self.unsupported_linear(call))
@@ -156,7 +175,9 @@ class Backend:
         return True
 
     def why_not(self, call) -> Optional[str]:
-        return self.unsupported_linear(call) if call.op == "linear" else self.unsupported_conv2d(call)
+        """:meth:`explain`'s reasons in one string, or None where the backend can run ``call``."""
+        reasons = self.explain(call)
+        return "; ".join(reasons) if reasons else None
 
     def run(self, call) -> torch.Tensor:
         return self.linear(call) if call.op == "linear" else self.conv2d(call)
@@ -225,7 +246,7 @@ def available_backends(call=None) -> List[str]:
 
 
 def select_backend(call, name: str) -> Backend:
-    """The backend that runs ``call``: the named one (or an error saying why it cannot), or auto's pick."""
+    """The backend that runs ``call``: the named one (or an error giving its reasons), or auto's pick."""
     if name != "auto":
         b = get_backend(name)
         why = b.why_not(call)
@@ -240,11 +261,33 @@ def select_backend(call, name: str) -> Backend:
     cands = [b for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority)
              if b.auto_eligible(call) and b.why_not(call) is None]
     if not cands:
-        reasons = "; ".join(f"{n}: {b.why_not(call)}" for n, b in _REGISTRY.items())
+        reasons = " | ".join(f"{n}: {b.why_not(call) or 'auto does not pick it for this call'}"
+                             for n, b in _REGISTRY.items())
         raise ValueError(f"no backend can run this {call.op} call ({reasons})")
     pick = AUTOTUNER.pick(lambda: _tune_key(call, cands), {b.name: (lambda b=b: forward(b, call)) for b in cands},
                           call.x.device)
     return _REGISTRY[pick]
+
+
+def explain(call, name: str = "auto") -> Dict[str, List[str]]:
+    """Why each backend declines the checked ``call`` and why each path of those that run it does not take it:
+    ``{backend: reasons}`` (:meth:`Backend.explain`, ``[]``: it can run the call) and, for a backend that can,
+    ``{"backend/path": reasons}`` (:meth:`Backend.explain_paths` of the call as the backend gets it, ``[]``:
+    that path takes it). ``name``: one backend, or ``"auto"`` for every registered one, highest priority
+    first. No op runs (the torch backend draws a training call's gates to tell whether it skips closed
+    groups); the Triton and CUDA backends are imported as ``auto`` would import them."""
+    if name == "auto":
+        _load_all()
+        backends = sorted(_REGISTRY.values(), key=lambda b: -b.priority)
+    else:
+        backends = [get_backend(name)]
+    out: Dict[str, List[str]] = {}
+    for b in backends:
+        out[b.name] = list(b.explain(call))
+        if not out[b.name]:
+            for path, reasons in b.explain_paths(call.cast()).items():
+                out[f"{b.name}/{path}"] = list(reasons)
+    return out
 
 
 def _tune_key(call, cands: List[Backend]) -> Tuple:

@@ -17,11 +17,8 @@ class UnavailableBackend(Backend):
         self.name = name
         self.reason = reason
 
-    def unsupported_linear(self, call):
-        return self.reason
-
-    def unsupported_conv2d(self, call):
-        return self.reason
+    def explain(self, call):
+        return [self.reason]
 
     def auto_eligible(self, call) -> bool:
         return False

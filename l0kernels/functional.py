@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
 from ._checks import autocast_dtype, check_tensor, conv2d_call, draw_seed, linear_call, make_config
-from ._dispatch import dispatch
+from ._dispatch import dispatch, explain
 from ._gates import (compute_dtype, eval_gates_and_grad, gates_from_uniform, noise_uniform, prob_open_t)
 from ._philox import check_seed
 from ._replay import replay_grads
@@ -157,6 +157,34 @@ def l0_conv2d(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, bi
                        training=training, backend=backend, beta=beta, gamma=gamma, zeta=zeta, eps=eps,
                        autocast=autocast_dtype(x), group_size=group_size)
     return dispatch(call, backend)
+
+
+def explain_linear(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None, *, seed: Optional[Union[int, torch.Tensor]] = None,
+                   gate: str = "in", noise: str = "batch", training: bool = True, backend: str = "auto",
+                   beta: float = _BETA, gamma: float = _GAMMA, zeta: float = _ZETA, eps: float = 1e-6,
+                   group_size: int = 1) -> Dict[str, List[str]]:
+    """Why each backend would not run :func:`l0_linear` with these arguments, and why each path of a backend
+    that can would not take it: ``{"torch": [], "torch/skip": [...], "cuda": [...], ...}``, ``[]`` where the
+    backend runs the call or the path takes it (:func:`l0kernels._dispatch.explain`; ``backend``: one backend,
+    or ``"auto"`` for every one). Checks the arguments as ``l0_linear`` does, runs nothing and draws no seed:
+    with ``seed=None`` the gates of seed 0 stand in for a training call's."""
+    call = linear_call(x, weight, log_alpha, bias, seed=0 if seed is None else seed, gate=gate, noise=noise,
+                       training=training, backend=backend, beta=beta, gamma=gamma, zeta=zeta, eps=eps,
+                       autocast=autocast_dtype(x), group_size=group_size)
+    return explain(call, backend)
+
+
+def explain_conv2d(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None, stride=1, padding=0, dilation=1, groups: int = 1, *,
+                   seed: Optional[Union[int, torch.Tensor]] = None, noise: str = "batch", training: bool = True,
+                   backend: str = "auto", beta: float = _BETA, gamma: float = _GAMMA, zeta: float = _ZETA,
+                   eps: float = 1e-6, group_size: int = 1) -> Dict[str, List[str]]:
+    """:func:`explain_linear` for :func:`l0_conv2d`."""
+    call = conv2d_call(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed=0 if seed is None else seed,
+                       noise=noise, training=training, backend=backend, beta=beta, gamma=gamma, zeta=zeta, eps=eps,
+                       autocast=autocast_dtype(x), group_size=group_size)
+    return explain(call, backend)
 
 
 # -- the layers' forward ----------------------------------------------------------------------------------

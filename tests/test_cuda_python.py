@@ -258,6 +258,49 @@ CHILD = textwrap.dedent(r'''
             seen.append(tuple(calls))
         assert seen == [("conv_dense", "conv_dense_bwd")] + [(want, want + "_bwd")] * 2, (frac, seen)
     cb.SKIP_BELOW, cb.CONV_SKIP_BELOW = 0.5, 0.25
+    # explain: the backend's reasons and its paths' (docs/design.md, "How a backend declines a call"), the same
+    # functions that pick the path (forward_impls, skips_closed, conv_skips_closed)
+    from l0kernels._checks import conv2d_call, linear_call
+    consts = dict(beta=cfg.beta, gamma=cfg.gamma, zeta=cfg.zeta)
+    lcall = lambda x_, w_, la_, **kw: linear_call(x_, w_, la_, None, **{**dict(  # noqa: E731
+        seed=3, gate="in", noise="batch", training=True, backend="cuda", **consts), **kw})
+    cbk = l0k.get_backend("cuda")
+    assert cbk is cb.CUDA_BACKEND
+    xe, we, lae = torch.randn(17, 7, generator=go), torch.randn(4, 7, generator=go), torch.randn(7, generator=go)
+    assert cbk.explain(lcall(xe, we, lae)) == ["the CUDA backend needs CUDA tensors, got device cpu"]
+    assert len(cbk.explain(lcall(xe.double(), we.double(), lae.double()))) == 2  # device and dtype
+    pe = cbk.explain_paths(lcall(xe, we, lae))  # float32, 17 rows: two_pass only, no open-set GEMM
+    assert "float32 up to 16" in pe["fused"][0] and pe["two_pass"] == [] and cb.forward_impls(xe) == ("two_pass",)
+    assert "the open-set GEMM runs float16 and bfloat16" in pe["open_set"][0]
+    assert "a functional call" in pe["eval_plan"][1]
+    half = lcall(xe.half(), we.half(), lae.half())
+    pe = cbk.explain_paths(half)
+    assert pe["fused"] == pe["two_pass"] == [] and cb.forward_impls(xe.half()) == ("fused", "two_pass")
+    assert "open fraction is not known yet" in pe["open_set"][0] and "L0K_CUDA_SKIP_BELOW=0.5" in pe["open_set"][0]
+    for impl, other in (("fused", "two_pass"), ("two_pass", "fused")):
+        with cb.gemm_impl(impl):
+            pe = cbk.explain_paths(half)
+            assert pe[impl] == [] and f"GEMM_IMPL is '{impl}'" in pe[other][0]
+            assert cb.forward_impls(xe.half()) == (impl,)
+    cb.SKIP_BELOW = 1.0
+    assert cbk.explain_paths(half)["open_set"] == [] and cb.skips_closed(xe.half(), "in", "batch", True)
+    pe = cbk.explain_paths(lcall(xe.half(), we.half(), lae.half(), noise="sample"))
+    assert "noise='sample'" in pe["open_set"][0] and not cb.skips_closed(xe.half(), "in", "sample", True)
+    assert "gate='weight'" in cbk.explain_paths(lcall(xe.half(), we.half(), we.half(), gate="weight"))["open_set"][0]
+    ccall = lambda x_, w_, groups=1: conv2d_call(x_, w_, torch.randn(w_.shape[0]).half(), None, 1, 0, 1,  # noqa: E731
+                                                 groups, seed=3, noise="batch", training=True, backend="cuda", **consts)
+    xg, wg = torch.randn(2, 3, 9, 8, generator=go).half(), torch.randn(6, 3, 3, 3, generator=go).half()
+    pc = cbk.explain_paths(ccall(xg, wg))
+    assert set(pc) == {"eval_plan", "im2col_open_set"}
+    assert "not known yet" in pc["im2col_open_set"][0] and "L0K_CUDA_CONV_SKIP_BELOW=0.25" in pc["im2col_open_set"][0]
+    cb.CONV_SKIP_BELOW = 1.0
+    assert cbk.explain_paths(ccall(xg, wg))["im2col_open_set"] == []
+    assert "groups=3" in cbk.explain_paths(ccall(xg, wg[:, :1].contiguous(), 3))["im2col_open_set"][0]
+    cb.IM2COL_MAX_BYTES = 100
+    assert "IM2COL_MAX_BYTES=100" in cbk.explain_paths(ccall(xg, wg))["im2col_open_set"][0]
+    assert not cb.conv_skips_closed(xg, wg, ((1, 1), (0, 0), (1, 1), 1), "batch", True)
+    cb.IM2COL_MAX_BYTES = 2 << 30
+    cb.SKIP_BELOW, cb.CONV_SKIP_BELOW = 0.5, 0.25
     # grouped gates: group_size reaches the ops (forward and backward)
     for gate, noise in [("in", "sample"), ("out", "batch")]:
         xg = torch.randn(3, 5, 8, generator=g).requires_grad_()

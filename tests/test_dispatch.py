@@ -125,7 +125,7 @@ def test_custom_backend_reason_is_in_the_error(registry):
 def test_auto_with_no_capable_backend_lists_every_reason(registry, monkeypatch):
     registry(Declining())
     torch_b = get_backend("torch")
-    monkeypatch.setattr(torch_b, "unsupported_linear", lambda call: "torch says no")
+    monkeypatch.setattr(torch_b, "explain", lambda call: ["torch says no"])
     monkeypatch.setattr(type(get_backend("triton")), "auto_eligible", lambda self, call: False, raising=False)
     x, w, la, b = _linear_inputs()
     with pytest.raises(ValueError, match=r"no backend can run this linear call \(.*torch: torch says no") as ei:

@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -266,20 +266,27 @@ def conv_plan_torch(x: torch.Tensor, plan: ConvPlan, stride, padding, dilation, 
     return y.index_copy_(1, plan.out_idx, yc)
 
 
-def _plan_may_serve(call) -> bool:
-    """Whether an eval plan may serve ``call``: a layer's eval call that needs no autograd, outside a trace
-    (the cache keys on storage addresses and version counters and builds data-dependent shapes, none of
-    which a trace can hold; the traced op, dense GEMM and deterministic gates, is what inductor compiles)."""
-    if call.owner is None or call.training or torch.compiler.is_compiling():
-        return False
-    if not torch.is_grad_enabled():
-        return True
-    return not any(t is not None and t.requires_grad for t in (call.x, call.weight, call.bias, call.log_alpha))
+def plan_reasons(call) -> List[str]:
+    """Why no eval plan serves ``call`` (empty: one does). A plan serves a layer's eval call that needs no
+    autograd, outside a trace (the cache keys on storage addresses and version counters and builds
+    data-dependent shapes, none of which a trace can hold; the traced op, dense GEMM and deterministic gates,
+    is what inductor compiles)."""
+    out = []
+    if call.training:
+        out.append("a training call: plans serve eval calls")
+    if call.owner is None:
+        out.append("a functional call: plans serve the eval calls of a layer (L0Linear / L0Conv2d)")
+    if torch.compiler.is_compiling():
+        out.append("inside a torch.compile trace")
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                         for t in (call.x, call.weight, call.bias, call.log_alpha)):
+        out.append("autograd records and a tensor requires grad: the differentiable op runs")
+    return out
 
 
 def plan_for(call):
     """The cached plan that serves ``call`` (built on a miss), or None where no plan may serve it."""
-    if not _plan_may_serve(call):
+    if plan_reasons(call):
         return None
     dtype = call.run_dtype
     if call.op == "linear":
@@ -320,5 +327,5 @@ def serve(backend, call, run_linear: LinearRunner = linear_plan_torch) -> torch.
     return run_linear(x2, plan).reshape(*x.shape[:-1], plan.out_features)
 
 
-__all__ = ["serve", "plan_for", "plan_signature", "clear_eval_cache", "cached_plan", "build_linear_plan",
-           "build_conv_plan", "LinearPlan", "ConvPlan", "linear_plan_torch", "conv_plan_torch"]
+__all__ = ["serve", "plan_for", "plan_reasons", "plan_signature", "clear_eval_cache", "cached_plan",
+           "build_linear_plan", "build_conv_plan", "LinearPlan", "ConvPlan", "linear_plan_torch", "conv_plan_torch"]

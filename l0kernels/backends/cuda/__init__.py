@@ -29,18 +29,19 @@ Importing this package raises ImportError when the extension is not built, so th
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
-from ... import config
+from ... import _active, config
 from ..._autotune import AUTOTUNER
 from ..._dispatch import Backend, Conv2dCall, LinearCall, register_backend
 from .. import _plans
 from . import ops  # raises ImportError without the extension
 from .ops import SUPPORTED_DTYPES, cuda_gates
-from .functions import (FUSED_MAX_ROWS, GEMV_MAX_ROWS, CudaL0Conv2dFunction, CudaL0LinearFunction, conv_skips_closed,
-                        forward_impls, fused_why_not, open_set, skips_closed)
+from .functions import (FUSED_MAX_ROWS, GEMV_MAX_ROWS, CudaL0Conv2dFunction, CudaL0LinearFunction,
+                        conv_open_set_reasons, conv_skips_closed, forward_impls, forward_reasons, fused_why_not,
+                        open_set, open_set_reasons, skips_closed)
 
 # the switches (module doc); functions.py reads them from this module on every call
 GEMM_IMPLS = ("auto", "fused", "two_pass")
@@ -82,26 +83,38 @@ def eval_linear_plan(x2: torch.Tensor, plan) -> torch.Tensor:
     return runners[pick](x2, plan)
 
 
-def _why_not(x: torch.Tensor) -> Optional[str]:
-    if not x.is_cuda:
-        return f"the CUDA backend needs CUDA tensors, got device {x.device}"
-    if x.dtype not in SUPPORTED_DTYPES:
-        return (f"the CUDA backend runs float32, float16 and bfloat16, got {x.dtype} "
-                "(float64 runs on backend='torch')")
-    return None
-
-
 class CudaBackend(Backend):
     """Compiled CUDA kernels + cuBLAS/cuDNN (``l0kernels._C``)."""
 
     name = "cuda"
     priority = 5
 
-    def unsupported_linear(self, call: LinearCall) -> Optional[str]:
-        return _why_not(call.x)
+    def explain(self, call) -> List[str]:
+        out = []
+        if not call.x.is_cuda:
+            out.append(f"the CUDA backend needs CUDA tensors, got device {call.x.device}")
+        if call.x.dtype not in SUPPORTED_DTYPES:
+            out.append(f"the CUDA backend runs float32, float16 and bfloat16, got {call.x.dtype} "
+                       "(float64 runs on backend='torch')")
+        return out
 
-    def unsupported_conv2d(self, call: Conv2dCall) -> Optional[str]:
-        return _why_not(call.x)
+    def explain_paths(self, call) -> Dict[str, List[str]]:
+        """``eval_plan`` (a layer's eval call on its cached plan, run by :func:`eval_linear_plan`); linear:
+        ``fused`` / ``two_pass`` (the forward, :func:`forward_reasons`; also the runner of a linear plan) and
+        ``open_set`` (a training call over its open features, once the layer's open fraction is at most
+        ``SKIP_BELOW``; it replaces the forward above); conv2d: ``im2col_open_set`` (the open-set ops on the
+        im2col form, at most ``CONV_SKIP_BELOW``; else cuDNN)."""
+        paths = {"eval_plan": _plans.plan_reasons(call)}
+        if call.op == "linear":
+            paths.update(forward_reasons(call.x))
+            reasons = open_set_reasons(call.x, call.gate, call.noise, call.training)
+            paths["open_set"] = reasons or _active.fraction_reasons(call.log_alpha, SKIP_BELOW, "L0K_CUDA_SKIP_BELOW")
+        else:
+            conv = (call.stride, call.padding, call.dilation, call.groups)
+            reasons = conv_open_set_reasons(call.x, call.weight, conv, call.noise, call.training)
+            paths["im2col_open_set"] = reasons or _active.fraction_reasons(call.log_alpha, CONV_SKIP_BELOW,
+                                                                           "L0K_CUDA_CONV_SKIP_BELOW")
+        return paths
 
     def linear(self, call: LinearCall) -> torch.Tensor:
         return CudaL0LinearFunction.apply(call.x, call.weight, call.log_alpha, call.bias, call.seed, call.gate,
@@ -123,5 +136,6 @@ CUDA_BACKEND = register_backend(CudaBackend())
 
 __all__ = ["CudaBackend", "CUDA_BACKEND", "CudaL0LinearFunction", "CudaL0Conv2dFunction", "GEMM_IMPLS", "GEMM_IMPL",
            "SKIP_BELOW", "CONV_SKIP_BELOW", "IM2COL_MAX_BYTES", "gemm_impl", "skips_closed", "conv_skips_closed",
-           "open_set", "cuda_gates", "fused_why_not", "forward_impls", "eval_linear_plan", "SUPPORTED_DTYPES",
+           "open_set", "open_set_reasons", "conv_open_set_reasons", "cuda_gates", "fused_why_not", "forward_impls",
+           "forward_reasons", "eval_linear_plan", "SUPPORTED_DTYPES",
            "FUSED_MAX_ROWS", "GEMV_MAX_ROWS"]

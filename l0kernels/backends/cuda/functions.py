@@ -35,7 +35,7 @@ set there (by a test, a benchmark, a user) is the one that decides.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -100,15 +100,21 @@ def _static_choice(x, weight, gate, sample) -> str:
     return "fused"
 
 
-def forward_impls(x: torch.Tensor) -> Tuple[str, ...]:
-    """The forward implementations that may run ``x`` (training and eval), in the order ``auto`` prefers
-    untimed: ``("fused",)``, ``("two_pass",)`` or, with ``GEMM_IMPL == "auto"``, both (the autotuner picks)."""
+def forward_reasons(x: torch.Tensor) -> Dict[str, List[str]]:
+    """Why each forward implementation does not run ``x`` (training and eval): ``{"fused": [...], "two_pass":
+    [...]}``, empty where it may (both with ``GEMM_IMPL == "auto"``: the autotuner picks). ``two_pass`` runs
+    every call the fused forward cannot."""
     impl = _switches.GEMM_IMPL
-    if impl == "two_pass" or fused_why_not(x) is not None:
-        return ("two_pass",)
-    if impl == "fused":
-        return ("fused",)
-    return ("fused", "two_pass")
+    why = fused_why_not(x)
+    fused = ["GEMM_IMPL is 'two_pass' (L0K_CUDA_GEMM or gemm_impl)"] if impl == "two_pass" else []
+    two_pass = ["GEMM_IMPL is 'fused' (L0K_CUDA_GEMM or gemm_impl)"] if impl == "fused" and why is None else []
+    return {"fused": fused + ([why] if why is not None else []), "two_pass": two_pass}
+
+
+def forward_impls(x: torch.Tensor) -> Tuple[str, ...]:
+    """The forward implementations that may run ``x`` (:func:`forward_reasons` gives them none), in the order
+    ``auto`` prefers untimed: ``("fused",)``, ``("two_pass",)`` or, with ``GEMM_IMPL == "auto"``, both."""
+    return tuple(name for name, reasons in forward_reasons(x).items() if not reasons)
 
 
 def _forward_op(x, weight, log_alpha, bias, seed, gate, sample, training, cfg, group_size=1):
@@ -134,14 +140,33 @@ def _forward_op(x, weight, log_alpha, bias, seed, gate, sample, training, cfg, g
 # again in backward) where cuDNN's implicit GEMM reads the input itself: expected to pay only once few channels
 # stay open, so its own, lower guess CONV_SKIP_BELOW (bench/train_step.py --gpu's conv rows measure it).
 
+def _gemm_reasons(x: torch.Tensor, rows: int) -> List[str]:
+    """Why the tensor-core GEMM with its open-set fields cannot take ``x`` with ``rows`` rows (empty: it can)."""
+    out = []
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        out.append(f"x is {str(x.dtype).replace('torch.', '')}: the open-set GEMM runs float16 and bfloat16")
+    elif _capability(x.device)[0] < 8:
+        out.append("the open-set GEMM needs compute capability 8.0+")
+    if rows > FUSED_MAX_ROWS:
+        out.append(f"{rows} rows: the open-set GEMM takes at most {FUSED_MAX_ROWS}")
+    return out
+
+
+def open_set_reasons(x: torch.Tensor, gate: str, noise: str, training: bool) -> List[str]:
+    """Why a call may not run over the open set only (``linear_open_fwd`` / ``linear_open_bwd``); empty where it
+    may: a training call with one gate vector (batch noise), input or output gates, float16 / bfloat16 on
+    compute capability 8.0+ (the tensor-core GEMM of ``csrc/l0_gemm.cuh`` with its open-set fields), at most
+    ``FUSED_MAX_ROWS`` rows, ``L0K_SKIP_CLOSED`` on. It does where the layer's open fraction is at most
+    ``SKIP_BELOW`` (:func:`_taken_open_set`)."""
+    out = _active.call_reasons(training, noise != "batch")
+    if gate not in ("in", "out"):
+        out.append("gate='weight': every weight has its own gate, no group to skip")
+    return out + _gemm_reasons(x, x.numel() // max(1, x.shape[-1]))
+
+
 def skips_closed(x: torch.Tensor, gate: str, noise: str, training: bool) -> bool:
-    """Whether a training call may run over the open set only (``linear_open_fwd`` / ``linear_open_bwd``): one
-    gate vector per call (batch noise), input or output gates, float16 / bfloat16 on compute capability
-    8.0+ (the tensor-core GEMM of ``csrc/l0_gemm.cuh`` with its open-set fields), ``L0K_SKIP_CLOSED`` on.
-    It does where the layer's open fraction is at most ``SKIP_BELOW`` (:func:`_taken_open_set`)."""
-    return (_active.ENABLED and training and noise == "batch" and gate in ("in", "out")
-            and x.dtype in (torch.float16, torch.bfloat16) and _capability(x.device)[0] >= 8
-            and x.numel() // max(1, x.shape[-1]) <= FUSED_MAX_ROWS)
+    """Whether a training call may run over the open set only (:func:`open_set_reasons` gives none)."""
+    return not open_set_reasons(x, gate, noise, training)
 
 
 def _taken_open_set(log_alpha: torch.Tensor, seed, cfg: GateConfig, group_size: int, below: float):
@@ -160,20 +185,31 @@ def open_set(log_alpha: torch.Tensor, seed: torch.Tensor, cfg: GateConfig, group
     return _active.open_set(z.repeat_interleave(group_size) if group_size != 1 else z)
 
 
-def conv_skips_closed(x: torch.Tensor, weight: torch.Tensor, conv, noise: str, training: bool) -> bool:
-    """Whether a training call of ``l0_conv2d`` may run over the open output channels (:func:`skips_closed`'s
-    rule for the GEMM of its im2col form, see :class:`CudaL0Conv2dFunction`): one gate vector per call,
-    ``groups == 1``, float16 / bfloat16 on compute capability 8.0+, at most ``FUSED_MAX_ROWS`` output pixels
-    and an im2col matrix of at most ``IM2COL_MAX_BYTES`` (``L0K_CUDA_IM2COL_MAX_BYTES``, 2 GiB; above it the
-    call keeps cuDNN's dense path)."""
+def conv_open_set_reasons(x: torch.Tensor, weight: torch.Tensor, conv, noise: str, training: bool) -> List[str]:
+    """Why a training call of ``l0_conv2d`` may not run over the open output channels (:func:`open_set_reasons`'s
+    rule for the GEMM of its im2col form, see :class:`CudaL0Conv2dFunction`); empty where it may: one gate
+    vector per call, ``groups == 1``, float16 / bfloat16 on compute capability 8.0+, 1 to ``FUSED_MAX_ROWS``
+    output pixels and an im2col matrix of at most ``IM2COL_MAX_BYTES`` (``L0K_CUDA_IM2COL_MAX_BYTES``, 2 GiB;
+    above it the call keeps cuDNN's dense path)."""
     stride, padding, dilation, groups = conv
+    out = _active.call_reasons(training, noise != "batch")
     if groups != 1:
-        return False
+        return out + [f"groups={groups}: the im2col path needs groups == 1"]
     oh, ow = _conv_hw(x, weight, stride, padding, dilation)
     rows = x.shape[0] * oh * ow
-    return (_active.ENABLED and training and noise == "batch" and x.dtype in (torch.float16, torch.bfloat16)
-            and _capability(x.device)[0] >= 8 and 0 < rows <= FUSED_MAX_ROWS
-            and rows * math.prod(weight.shape[1:]) * x.element_size() <= _switches.IM2COL_MAX_BYTES)
+    out += _gemm_reasons(x, rows)
+    if rows == 0:
+        out.append("no output pixels")
+    elif rows * math.prod(weight.shape[1:]) * x.element_size() > _switches.IM2COL_MAX_BYTES:
+        out.append(f"its im2col matrix would take {rows * math.prod(weight.shape[1:]) * x.element_size()} bytes, "
+                   f"more than IM2COL_MAX_BYTES={_switches.IM2COL_MAX_BYTES} (L0K_CUDA_IM2COL_MAX_BYTES)")
+    return out
+
+
+def conv_skips_closed(x: torch.Tensor, weight: torch.Tensor, conv, noise: str, training: bool) -> bool:
+    """Whether a training call of ``l0_conv2d`` may run over the open output channels
+    (:func:`conv_open_set_reasons` gives none)."""
+    return not conv_open_set_reasons(x, weight, conv, noise, training)
 
 
 # -- the im2col form of a convolution ---------------------------------------------------------------------------

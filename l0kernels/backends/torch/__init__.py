@@ -9,14 +9,14 @@
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
 from ..._dispatch import Backend, Conv2dCall, LinearCall, register_backend
 from .. import _plans
-from .reference import (L0Conv2dFunction, L0LinearFunction, conv2d_formula, conv2d_grads_replayed, gates_for,
-                        linear_formula, linear_grads_replayed)
+from .reference import (L0Conv2dFunction, L0LinearFunction, conv2d_formula, conv2d_grads_replayed,
+                        cpu_path_reasons, gates_for, linear_formula, linear_grads_replayed, skip_reasons)
 
 
 class TorchBackend(Backend):
@@ -25,11 +25,16 @@ class TorchBackend(Backend):
     name = "torch"
     priority = 0
 
-    def unsupported_linear(self, call: LinearCall) -> Optional[str]:
-        return None
+    def explain(self, call) -> List[str]:
+        return []  # every call, every device
 
-    def unsupported_conv2d(self, call: Conv2dCall) -> Optional[str]:
-        return None
+    def explain_paths(self, call) -> Dict[str, List[str]]:
+        """``eval_plan`` (a layer's eval call on its cached plan, in PyTorch; the Functions below do not run
+        then), ``skip`` (a training call over its open groups, :mod:`.skip`), ``cpu_paths`` (the C++ CPU fast
+        paths, :mod:`.cpu_paths`; the skipping path comes first)."""
+        skip = skip_reasons(call)
+        cpu = cpu_path_reasons(call) + ([] if skip or call.op != "linear" else ["the skipping path takes this call"])
+        return {"eval_plan": _plans.plan_reasons(call), "skip": skip, "cpu_paths": cpu}
 
     def linear(self, call: LinearCall) -> torch.Tensor:
         return L0LinearFunction.apply(call.x, call.weight, call.log_alpha, call.bias, call.seed, call.gate,

@@ -18,7 +18,7 @@ float64, which gradcheck checks); ``tests/test_cpu_paths.py`` compares the two.
 from __future__ import annotations
 
 import threading
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -30,12 +30,31 @@ ENABLED = _cpu is not None and hasattr(_cpu, "gate_backward") and config.CPU_KER
 _WORKSPACE_MAX = 1 << 20  # floats (4 MiB): larger inputs get a fresh tensor, their GEMM dwarfs the pass
 
 
+def reasons(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, per_call_gates: bool) -> List[str]:
+    """Why the C++ paths do not take a call (empty: they do). They take CPU float32 with contiguous weight and
+    log_alpha and one gate vector for the call (batch noise in training, or eval gates); never under
+    ``torch.compile``: the traced plain path (which inductor fuses) takes the call there."""
+    if _compiling():
+        return ["inside a torch.compile trace the plain ops run (inductor fuses them)"]
+    out = []
+    if not ENABLED:
+        out.append("the C++ CPU kernels are off (L0K_CPU_KERNELS=0, or l0kernels._cpu is not built)")
+    if not per_call_gates:
+        out.append("noise='sample': the C++ paths take one gate vector per call")
+    if not x.is_cpu:
+        out.append(f"x is on {x.device.type}, not the CPU")
+    if x.dtype is not torch.float32:
+        out.append(f"x is {str(x.dtype).replace('torch.', '')}: the C++ paths run float32")
+    if not weight.is_contiguous():
+        out.append("the weight is not contiguous")
+    if not log_alpha.is_contiguous():
+        out.append("log_alpha is not contiguous")
+    return out
+
+
 def applies(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tensor, per_call_gates: bool) -> bool:
-    """True where the C++ paths take the call: CPU float32, contiguous weight and log_alpha, and one
-    gate vector for the call (batch noise in training, or eval gates). Never under ``torch.compile``: the
-    traced plain path (which inductor fuses) takes the call there."""
-    return (ENABLED and per_call_gates and not _compiling() and x.is_cpu and x.dtype is torch.float32
-            and weight.is_contiguous() and log_alpha.is_contiguous())
+    """True where the C++ paths take the call (:func:`reasons` gives none)."""
+    return not reasons(x, weight, log_alpha, per_call_gates)
 
 
 class _Workspace(threading.local):

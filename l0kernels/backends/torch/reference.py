@@ -14,7 +14,7 @@ calls with one gate vector take the C++ fast paths (:mod:`.cpu_paths`) where the
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -79,21 +79,57 @@ def _open_gates(log_alpha: torch.Tensor, seed, cfg: GateConfig, need_grad: bool,
     return z, dz, _active.open_index(z)
 
 
-def _skip_gates(x: torch.Tensor, log_alpha: torch.Tensor, seed, training: bool, noise: str, cfg: GateConfig,
-                group_size: int = 1, macs_per_group: int = 0, conv: bool = False):
-    """:func:`_open_gates` where the call takes the path that skips closed groups (training, one gate
-    vector per call, a CPU tensor, :func:`l0kernels._active.skip_closed`), else None. Backward draws the
-    same gates again from the seed (``ctx.skip`` records the forward's decision). A layer too small to
-    skip even with every gate closed decides without drawing the gates."""
+def _skip_decision(x: torch.Tensor, log_alpha: torch.Tensor, seed, training: bool, noise: str, cfg: GateConfig,
+                   group_size: int, macs_per_group: int, conv: bool = False, structure: Optional[str] = None):
+    """``(reasons, opened)``: why the call does not take the path that skips closed groups (:mod:`.skip`: training,
+    one gate vector per call, a CPU tensor, :func:`l0kernels._active.skip_reasons`; empty where it does) and,
+    where it does, :func:`_open_gates` of its gates (else None). Backward draws the same gates again from the
+    seed (``ctx.skip`` records the forward's decision). The reasons that need no gates come first: a call they
+    rule out (a layer too small to skip even with every gate closed) draws none."""
     features = log_alpha.shape[0] * group_size
-    if not (training and noise == "batch" and x.device.type == "cpu" and _active.may_skip(features, macs_per_group)) \
-            or torch.compiler.is_compiling():  # the open set's size is data-dependent: no skipping in a trace
-        return None
+    reasons = skip.reasons(x, training, noise, features, macs_per_group, structure)
+    if reasons:
+        return reasons, None
     z, dz = gates_for(log_alpha, seed, (log_alpha.shape[0],), True, cfg, False, group_size)
     # per feature: a grouped gate's open set lists its features (``macs_per_group`` per feature)
-    if not _active.skip_closed(int(torch.count_nonzero(z)), features, macs_per_group, conv):
-        return None
-    return z, dz, _active.open_index(z)
+    reasons = _active.skip_reasons(features, macs_per_group, int(torch.count_nonzero(z)), conv)
+    return reasons, (None if reasons else (z, dz, _active.open_index(z)))
+
+
+def _linear_skip(x, log_alpha, seed, gate, noise, training, cfg, group_size, m, n, k):
+    """:func:`_skip_decision` of a linear call (``x`` viewed as ``(m, k)``, ``weight`` ``(n, k)``)."""
+    structure = "gate='weight': every weight has its own gate, no group to skip" if gate == "weight" else None
+    return _skip_decision(x, log_alpha, seed, training, noise, cfg, group_size, m * (n if gate == "in" else k),
+                          structure=structure)
+
+
+def _conv2d_skip(x, weight, log_alpha, seed, stride, groups, noise, training, cfg, group_size):
+    """:func:`_skip_decision` of a convolution."""
+    # multiply-adds of one output channel, about (the output size from the strides alone)
+    macs = x.shape[0] * (x.shape[2] * x.shape[3]) // (stride[0] * stride[1]) * math.prod(weight.shape[1:])
+    structure = f"groups={groups}: the skipping path needs groups == 1" if groups != 1 else None
+    return _skip_decision(x, log_alpha, seed, training, noise, cfg, group_size, macs, conv=True, structure=structure)
+
+
+def skip_reasons(call) -> List[str]:
+    """Why the checked (cast) ``call`` does not take the path that skips closed groups (empty: it does); a
+    training call's gates are drawn from its seed for the open-set part, as the Function draws them."""
+    with torch.no_grad():
+        if call.op == "linear":
+            n, k = call.weight.shape
+            return _linear_skip(call.x, call.log_alpha, call.seed, call.gate, call.noise, call.training, call.cfg,
+                                call.group_size, math.prod(call.x.shape[:-1]), n, k)[0]
+        return _conv2d_skip(call.x, call.weight, call.log_alpha, call.seed, call.stride, call.groups, call.noise,
+                            call.training, call.cfg, call.group_size)[0]
+
+
+def cpu_path_reasons(call) -> List[str]:
+    """Why the checked (cast) ``call`` does not take the C++ CPU paths (:mod:`.cpu_paths`; empty: it does, the
+    forward of input gates and the backward of input and output gates where log_alpha needs a gradient)."""
+    if call.op == "conv2d":
+        return ["a convolution: the C++ paths are for linear layers"]
+    out = ["gate='weight': the C++ paths gate input or output features"] if call.gate == "weight" else []
+    return out + cpu_paths.reasons(call.x, call.weight, call.log_alpha, not call.training or call.noise == "batch")
 
 
 def linear_formula(x2, weight, log_alpha, bias, seed, gate, noise, training, cfg, group_size=1) -> torch.Tensor:
@@ -136,8 +172,7 @@ class L0LinearFunction(torch.autograd.Function):
         n, k = weight.shape
         x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), k)  # not -1: K may be 0
         m = x2.shape[0]
-        opened = None if gate == "weight" else _skip_gates(x, log_alpha, seed, training, noise, cfg, group_size,
-                                                         m * (n if gate == "in" else k))
+        opened = _linear_skip(x, log_alpha, seed, gate, noise, training, cfg, group_size, m, n, k)[1]
         if gate != "weight" and training and noise == "batch":
             _active.count_path("linear-" + gate, "fwd", "skip" if opened else "dense")
         if opened is not None:
@@ -308,12 +343,7 @@ class L0Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, noise, training, cfg,
                 group_size=1):
-        c = weight.shape[0] // group_size
-        shape = (x.shape[0], c) if noise == "sample" else (c,)
-        # multiply-adds of one output channel, about (the output size from the strides alone)
-        macs = x.shape[0] * (x.shape[2] * x.shape[3]) // (stride[0] * stride[1]) * math.prod(weight.shape[1:])
-        opened = _skip_gates(x, log_alpha, seed, training, noise, cfg, group_size, macs, conv=True) if groups == 1 \
-            else None
+        opened = _conv2d_skip(x, weight, log_alpha, seed, stride, groups, noise, training, cfg, group_size)[1]
         if training and noise == "batch":
             _active.count_path("conv2d", "fwd", "skip" if opened else "dense")
         if opened is not None:

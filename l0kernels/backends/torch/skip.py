@@ -10,19 +10,36 @@ For one gate vector per call, with ``o`` the open indices of the drawn gates ``z
 
 Closed groups get exact zeros (the zero-filled gradient tensors), never computed. Everything here is
 plain PyTorch and works in every dtype (float64 is the reference the tests compare with); the caller
-(``reference.py``) takes it on the CPU only, where reading the open count costs nothing.
+(``reference.py``) takes it on the CPU only, where reading the open count costs nothing: where
+:func:`reasons` gives none and then, with the call's gates drawn, :func:`l0kernels._active.skip_reasons`
+neither.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
+from ... import _active
 from ..._checks import conv_out_size
 from ..._gates import compute_dtype
 from ..._philox import _cpu
 from . import cpu_paths
+
+
+def reasons(x: torch.Tensor, training: bool, noise: str, features: int, macs_per_group: int,
+            structure: Optional[str] = None) -> List[str]:
+    """Why a call does not take this path, as far as can be told without drawing its gates (empty: draw them
+    and ask :func:`l0kernels._active.skip_reasons` with their open count). ``features``: gated features
+    (or channels), ``macs_per_group``: the forward multiply-adds of one; ``structure``: a reason the op's
+    form gives (weight gates, a grouped convolution), else None."""
+    if torch.compiler.is_compiling():  # the open set's size is data-dependent
+        return ["inside a torch.compile trace the open set's size cannot be data-dependent"]
+    out = ([structure] if structure else []) + _active.call_reasons(training, noise != "batch")
+    if x.device.type != "cpu":
+        out.append(f"x is on {x.device.type}: this path reads the open count on the host, for CPU tensors")
+    return out + _active.skip_reasons(features, macs_per_group)
 
 
 def _scatter_in_cpp(dwo: torch.Tensor, wo: torch.Tensor) -> bool:

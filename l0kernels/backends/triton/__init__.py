@@ -10,13 +10,14 @@ float32; float64 goes to the torch backend. See ``linear.py`` and ``conv2d.py`` 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ..._dispatch import Backend, Conv2dCall, LinearCall, register_backend
 from .. import _plans
-from ._gate_math import seed_tensor
+from . import conv2d as _conv2d, linear as _linear
+from ._gate_math import fraction_reasons, seed_tensor
 from .linear import INTERPRET, TritonL0LinearFunction
 from .conv2d import TritonL0Conv2dFunction
 
@@ -41,21 +42,28 @@ class TritonBackend(Backend):
     name = "triton"
     priority = 10
 
-    def _common(self, call) -> Optional[str]:
+    def explain(self, call) -> List[str]:
         tensors = [call.x, call.weight, call.log_alpha] + ([call.bias] if call.bias is not None else [])
+        out = []
         if call.x.dtype not in SUPPORTED_DTYPES:
-            return (f"Triton backend supports float16/bfloat16/float32; use backend='torch' for "
-                    f"{str(call.x.dtype).replace('torch.', '')}")
+            out.append(f"Triton backend supports float16/bfloat16/float32; use backend='torch' for "
+                       f"{str(call.x.dtype).replace('torch.', '')}")
         if not all(t.is_cuda for t in tensors) and not (INTERPRET and all(t.device.type == "cpu" for t in tensors)):
-            return ("Triton backend needs CUDA tensors (CPU tensors run only under TRITON_INTERPRET=1, set "
-                    "before l0kernels' Triton backend is imported), got device " + str(call.x.device))
-        return None
+            out.append("Triton backend needs CUDA tensors (CPU tensors run only under TRITON_INTERPRET=1, set "
+                       "before l0kernels' Triton backend is imported), got device " + str(call.x.device))
+        return out
 
-    def unsupported_linear(self, call: LinearCall) -> Optional[str]:
-        return self._common(call)
-
-    def unsupported_conv2d(self, call: Conv2dCall) -> Optional[str]:
-        return self._common(call)
+    def explain_paths(self, call) -> Dict[str, List[str]]:
+        """``eval_plan`` (a layer's eval call on its cached plan, ``sparse_eval.py``) and ``open_set`` (a
+        training call's kernels over the open set of its gates, once the layer's open fraction is at most
+        ``L0K_TRITON_SKIP_BELOW``)."""
+        sample = call.training and call.noise == "sample"
+        if call.op == "linear":
+            open_set = _linear.open_set_reasons(call.gate, sample, call.training)
+        else:
+            open_set = _conv2d.open_set_reasons(sample, call.training, call.groups)
+        return {"eval_plan": _plans.plan_reasons(call),
+                "open_set": open_set or fraction_reasons(call.log_alpha)}
 
     def auto_eligible(self, call) -> bool:
         return call.x.is_cuda

@@ -143,6 +143,12 @@ def open_set(log_alpha: torch.Tensor, seed: torch.Tensor, cfg, group_size: int =
 SKIP_BELOW = config.TRITON_SKIP_BELOW
 
 
+def fraction_reasons(log_alpha: torch.Tensor):
+    """Why a training call of this layer does not take the open-set kernels now, as far as its open fraction
+    and :data:`SKIP_BELOW` go (:func:`l0kernels._active.fraction_reasons`); empty where it does."""
+    return _active.fraction_reasons(log_alpha, SKIP_BELOW, "L0K_TRITON_SKIP_BELOW")
+
+
 def taken_open_set(log_alpha: torch.Tensor, seed: torch.Tensor, cfg, group_size: int, forward: bool):
     """For a call that may skip closed groups: its device open set where it takes the open-set kernels
     (:data:`SKIP_BELOW`, :func:`l0kernels._active.taken_open_set`), else None; the backward (``forward=False``)

@@ -36,6 +36,7 @@ last bits from run to run.
 from __future__ import annotations
 
 import functools
+from typing import List
 
 import torch
 import triton
@@ -309,11 +310,19 @@ def _geometry(x, weight, stride, padding, dilation):
                                                                                     dilation[1])
 
 
+def open_set_reasons(sample: bool, training: bool, groups: int) -> List[str]:
+    """Why forward and backward may not run over the open channels (the device open set); empty where they
+    may: training with one gate vector (``noise="batch"``) and ``groups == 1``, ``L0K_SKIP_CLOSED`` on. They do
+    once the layer's open fraction is at most ``_gate_math.SKIP_BELOW`` (``taken_open_set``)."""
+    out = _active.call_reasons(training, sample)
+    if groups != 1:
+        out.append(f"groups={groups}: the open-set kernels need groups == 1")
+    return out
+
+
 def skips_closed(sample: bool, training: bool, groups: int) -> bool:
-    """True where forward and backward may run over the open channels (the device open set): training with one
-    gate vector (``noise="batch"``) and ``groups == 1``. ``L0K_SKIP_CLOSED=0`` turns it off. They do once the
-    layer's open fraction is at most ``_gate_math.SKIP_BELOW`` (``taken_open_set``)."""
-    return _active.ENABLED and training and not sample and groups == 1
+    """True where forward and backward may run over the open channels (:func:`open_set_reasons` gives none)."""
+    return not open_set_reasons(sample, training, groups)
 
 
 def _count_path(direction, sample, training, open_):

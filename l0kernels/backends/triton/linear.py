@@ -33,7 +33,7 @@ atomics, so their last bits can differ from run to run on a GPU.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import triton
@@ -425,11 +425,19 @@ def pregate(a, log_alpha, seed, training, cfg, per_element, group_size=1):
     return out
 
 
+def open_set_reasons(gate_name: str, sample: bool, training: bool) -> List[str]:
+    """Why a call may not run over the open set of its gates (``_active``'s device route); empty where it may:
+    training with one gate vector (``noise="batch"``) and input or output gates, ``L0K_SKIP_CLOSED`` on. It
+    does once the layer's open fraction is at most ``_gate_math.SKIP_BELOW`` (:func:`_open_args`)."""
+    out = _active.call_reasons(training, sample)
+    if gate_name not in ("in", "out"):
+        out.append("gate='weight': every weight has its own gate, no group to skip")
+    return out
+
+
 def skips_closed(gate_name: str, sample: bool, training: bool) -> bool:
-    """True where the call may run over the open set of its gates (``_active``'s device route): training with
-    one gate vector (``noise="batch"``) and input or output gates. ``L0K_SKIP_CLOSED=0`` turns it off. It does
-    once the layer's open fraction is at most ``_gate_math.SKIP_BELOW`` (:func:`_open_args`)."""
-    return _active.ENABLED and training and not sample and gate_name in ("in", "out")
+    """True where the call may run over the open set of its gates (:func:`open_set_reasons` gives none)."""
+    return not open_set_reasons(gate_name, sample, training)
 
 
 def _open_args(log_alpha, seed, cfg, group_size, dummy, direction, gate_name, sample, training):
