@@ -5,7 +5,8 @@ gradient ascent, as the structured-pruning papers do (Wang, Wohlwend, Lei 2020, 
 Large Language Models"; Xia, Zhong, Chen 2022, CoFi): the loss gets ``lambda_1 (E - t) + lambda_2 (E - t)^2``
 where ``E`` is the expected fraction of the metric (differentiable in ``log_alpha``) and ``t`` the current
 target; after each optimizer step ``step()`` moves the multipliers (a proportional-integral rule with
-anti-windup on ``E - t``, see :class:`SparsityTarget`), so the penalty grows until ``E`` meets ``t``.
+anti-windup near ``t``, geometric steps of ``lambda_1`` far from it when ``E`` is stuck or arrives too
+fast, see :class:`SparsityTarget`), so the penalty grows until ``E`` meets ``t``.
 ``finalize_()`` then makes the deterministic (test-time) gates meet the target.
 """
 from __future__ import annotations
@@ -24,7 +25,13 @@ from .modules import LOG_ALPHA_MAX, LOG_ALPHA_MIN, L0Conv2d, L0Linear, l0_layers
 
 METRICS = ("params", "flops", "gates")
 UNWIND = 0.01  # fraction of lambda_1 dropped per step while E moves further below the target
-RATE_EMA = 0.02  # smoothing of the per-step change of E (about 50 steps)
+RATE_EMA = 0.02  # smoothing of the per-step change of E and of the moving share (about 50 steps)
+BAND = 0.01  # |E - t| up to which the PI rule alone runs
+GROW = 0.02  # relative growth of lambda_1 per step while E is stuck (doubles in 35 steps)
+SHRINK = 0.05  # largest relative shrink of lambda_1 per step (braking, or lambda_1 pushing the wrong way)
+STALL = 5.0  # E counts as stuck when it would need more than STALL * horizon steps to reach t ...
+MOVING = 0.5  # ... and less than this share of the gated mass moves toward t at the optimizer's pace
+GROW_LIMIT = 1e4  # no geometric growth beyond this |lambda_1| (a target E cannot reach: constrain_, frozen gates)
 
 
 def _check_real(v, name: str, *, lo: float, hi: float = math.inf, lo_open: bool = True,
@@ -93,19 +100,41 @@ class SparsityTarget(nn.Module):
         warmup_steps: the target moves linearly from 1.0 (dense) to ``target`` over this many ``step()``
             calls. During warm-up the constraint is one-sided (``E <= t``: nothing pushes the model denser
             than it is); afterwards it is an equality, so an overshoot is pulled back.
-        lr: ascent rate of the multipliers: ``lambda_2 += lr (E - t)^2``; ``lambda_1 += lr (E - t)`` plus the
-            proportional part ``lr * damping * ((E - t) - (E - t)_previous)`` (a PI controller, Stooke et al.
-            2020; Sohrabi et al. 2024), the integral part paused while ``E`` is on course to reach ``t`` within
-            ``horizon`` steps at its own recent rate (anti-windup: the gates move no faster than the user's
-            optimizer lets them, and an integral grown meanwhile would overshoot); while ``E`` moves further
-            below ``t``, ``lambda_1 > 0`` also shrinks by 1% per step.
-        damping, horizon: see ``lr`` (in steps; 0 turns either off).
+        lr: ascent rate of the multipliers: ``lambda_2 += lr (E - t)^2``; ``lambda_1`` follows a
+            proportional-integral rule (Stooke et al. 2020; Sohrabi et al. 2024): ``lr * damping *
+            ((E - t) - (E - t)_previous)`` every step, plus, within 1 point of ``t``, the integral
+            ``lr (E - t)``, paused while ``E`` is on course to reach ``t`` within ``horizon`` steps at its
+            own recent rate (anti-windup), and a 1% shrink per step while ``E`` moves further below ``t``.
+            Further from ``t`` the integral part depends on how ``E`` moves (``lambda_1``'s scale differs
+            by orders of magnitude between tasks, so an additive step alone is too slow for some and too
+            fast for others):
+
+            * ``E`` closes the gap faster than ``horizon`` steps: ``lambda_1`` shrinks (up to 5% a step;
+              braking before ``t``, since a gate once closed reopens slowly);
+            * ``E`` stuck (more than ``5 * horizon`` steps to go at its rate) while less than half of the
+              gated mass (metric per gate times ``p_open``) moves toward ``t`` at the optimizer's pace
+              (the largest ``log_alpha`` step of any gate): the task holds the gates against the
+              penalty, and ``lambda_1`` grows by 2% a step on top of ``lr (E - t)`` (up to 1e4: a target
+              ``E`` cannot reach, as with ``constrain_()``'s floor or frozen gates, grows it only linearly);
+            * otherwise ``lr (E - t)``: in particular while the gates already move as fast as the
+              optimizer lets them (Adam moves ``log_alpha`` by about its lr per step), where a larger
+              multiplier would close gates the task needs and inflate the optimizer's moment estimates;
+            * ``lambda_1`` pushing the wrong way (after an overshoot): it shrinks by 5% a step plus
+              ``lr (E - t)``, so it changes sign.
+        damping, horizon: see ``lr`` (in steps; ``damping=0`` drops the proportional part, ``horizon=0``
+            the anti-windup and the rules far from ``t``: a plain PI rule).
         example_inputs: a tensor or tuple of tensors for ``metric="flops"`` (optional).
 
-    The multipliers (``lambda_1``, ``lambda_2``), the step count and the controller's memory are buffers: ``state_dict()`` /
-    ``load_state_dict()`` resume a run; the model is not part of the controller's state. All ranks of a
-    data-parallel run compute the same ``E`` (their gates' parameters are equal), hence the same
-    multipliers, with no communication.
+    How fast ``E`` can follow is bounded by the optimizer: a gate's ``log_alpha`` moves about Adam's lr per
+    step and has to travel from 0 (``droprate_init`` 0.5) to about -4 for ``p_open`` 0.08, so at lr 1e-3 a
+    target of 0.1 takes some 3,500 steps without a warm-up (docs/training.md); a larger multiplier would
+    close gates the task needs, not move the others faster.
+
+    The multipliers (``lambda_1``, ``lambda_2``), the step count and the controller's memory (rates, the
+    gates' last ``log_alpha``) are buffers: ``state_dict()`` / ``load_state_dict()`` resume a run (a state
+    dict from before ``moving`` / ``last_log_alpha`` existed loads too); the model is not part of the
+    controller's state. All ranks of a data-parallel run compute the same ``E`` and see the same gate steps
+    (their gates' parameters are equal), hence the same multipliers, with no communication.
     """
 
     lambda_1: torch.Tensor
@@ -113,7 +142,7 @@ class SparsityTarget(nn.Module):
     steps_done: torch.Tensor
 
     def __init__(self, model: nn.Module, target: float, *, metric: str = "params", warmup_steps: int = 0,
-                 lr: float = 0.05, damping: float = 300.0, horizon: float = 300.0,
+                 lr: float = 0.05, damping: float = 300.0, horizon: float = 100.0,
                  example_inputs: Any = None):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -141,6 +170,9 @@ class SparsityTarget(nn.Module):
         self.register_buffer("last_deviation", torch.zeros((), dtype=torch.float32, device=la.device))
         self.register_buffer("rate", torch.zeros((), dtype=torch.float32, device=la.device))  # EMA of E's change
         self.register_buffer("last_expected", torch.zeros((), dtype=torch.float32, device=la.device))
+        self.register_buffer("moving", torch.zeros((), dtype=torch.float32, device=la.device))  # EMA of the share
+        self.register_buffer("last_log_alpha", self._flat_log_alpha().to(torch.float32))
+        self._gate_costs: Optional[torch.Tensor] = None  # metric per gate, all layers (cached: constant)
         self._steps = 0  # host copy of steps_done (no device sync per call)
         self.register_load_state_dict_post_hook(lambda mod, keys: setattr(mod, "_steps", int(mod.steps_done)))
         self._shapes: Dict[int, Tuple[int, ...]] = {}
@@ -186,6 +218,16 @@ class SparsityTarget(nn.Module):
                         self._buffers[name] = b
             self._steps = steps
             raise
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # a state dict saved before the controller kept "moving" and "last_log_alpha" (the gates' last step):
+        # start them afresh (the share's average from 0, the gates' step from their values now)
+        if prefix + "lambda_1" in state_dict:
+            state_dict.setdefault(prefix + "moving", torch.zeros_like(self.moving))
+            state_dict.setdefault(prefix + "last_log_alpha", self._flat_log_alpha())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _record_shapes(self, example_inputs) -> None:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -270,6 +312,30 @@ class SparsityTarget(nn.Module):
         e = torch.stack([self._layer_value(m).float().reshape(()) for _, m in self._layers]).sum()
         return (e + rest) / total
 
+    def _flat_log_alpha(self) -> torch.Tensor:
+        out = []
+        for _, m in self._layers:
+            la = m.log_alpha.detach()
+            out.append((la.full_tensor() if hasattr(la, "full_tensor") else la).reshape(-1).float())
+        return torch.cat(out).to(self.lambda_1.device)
+
+    @torch.no_grad()
+    def _moving_share(self, d: torch.Tensor) -> torch.Tensor:
+        """The share of the gated mass (metric per gate times ``p_open``) whose ``log_alpha`` moved toward the
+        target since the last step, each gate counted by its step over the largest step of any gate (the
+        optimizer's pace: Adam moves a gate with a steady gradient by about its lr). Near 1 when the gates
+        move as fast as the optimizer lets them; near 0 when the task holds them against the penalty."""
+        if self._gate_costs is None:  # each layer's metric is linear in p_open: the cost per gate is constant
+            self._gate_costs = torch.cat([self._costs(m)[0] for _, m in self._layers]).float().to(d.device)
+        la = self._flat_log_alpha()
+        step = la - self.last_log_alpha
+        self.last_log_alpha.copy_(la)
+        pace = step.abs().max()
+        p = torch.cat([self._p_open(m).detach().reshape(-1).float().to(d.device) for _, m in self._layers])
+        mass = self._gate_costs * p
+        toward = (-torch.sign(d) * step / pace.clamp_min(1e-30)).clamp(0.0, 1.0)
+        return (mass * toward).sum() / mass.sum().clamp_min(1e-30)
+
     def _check_reachable(self) -> None:
         floor = self.min_fraction()
         if self.target < floor:
@@ -303,24 +369,37 @@ class SparsityTarget(nn.Module):
 
     @torch.no_grad()
     def step(self) -> None:
-        """Ascent on the multipliers at the current parameters (see ``lr``), then advance the warm-up one step.
+        """Move the multipliers at the current parameters (see ``lr``), then advance the warm-up one step.
 
         ``lambda_2`` never decreases (its gradient ``(E - t)^2`` is >= 0); ``lambda_1`` goes negative when the
         model is sparser than the target after warm-up, pulling it back."""
         e = self._fraction().detach().to(self.lambda_1.device)
         d = self._deviation(e)
         delta = d - self.last_deviation
+        share = self._moving_share(d)
         if self._steps > 0:  # the first step has no previous E to measure a rate against
             self.rate.mul_(1 - RATE_EMA).add_(RATE_EMA * (e - self.last_expected))
-        # anti-windup: no integral while E heads for t fast enough to close the gap within `horizon` steps
-        # (the gates already move as fast as the optimizer lets them: a larger lambda would only overshoot)
-        arriving = (d * self.rate < 0) & (d.abs() < self.horizon * self.rate.abs())
+        self.moving.mul_(1 - RATE_EMA).add_(RATE_EMA * share)
         self.last_expected.copy_(e)
+        debias = 1.0 - (1.0 - RATE_EMA) ** max(self._steps, 1)  # the averages start at 0 (as Adam's moments)
+        rate, moving = self.rate / debias, self.moving / (1.0 - (1.0 - RATE_EMA) ** (self._steps + 1))
+        zero = torch.zeros_like(d)
+        # near the target: the PI rule. Anti-windup: no integral while E heads for t fast enough to close the
+        # gap within `horizon` steps (the gates already move as fast as the optimizer lets them)
+        arriving = (d * rate < 0) & (d.abs() < self.horizon * rate.abs())
         # past the target and still moving away from it: lambda_1 is above its equilibrium; shrink it by a
         # fixed fraction per step (an additive lr * (E - t) with |E - t| small would take thousands of steps)
-        overshot = (d < 0) & (self.rate < 0) & (self.lambda_1 > 0)
-        self.lambda_1.mul_(torch.where(overshot, 1.0 - UNWIND, 1.0))
-        self.lambda_1.add_(self.lr * (torch.where(arriving, torch.zeros_like(d), d) + self.damping * delta))
+        overshot = (d < 0) & (rate < 0) & (self.lambda_1 > 0)
+        l1 = self.lambda_1 * torch.where(overshot, 1.0 - UNWIND, 1.0) + self.lr * torch.where(arriving, zero, d)
+        if self.horizon > 0:  # far from the target (horizon=0: the PI rule everywhere)
+            closing = -torch.sign(d) * rate * self.horizon / d.abs().clamp_min(1e-12)  # 1: gap closed in `horizon`
+            stuck = (closing * STALL < 1) & (moving < MOVING) & (self.lambda_1.abs() < GROW_LIMIT)
+            grown = torch.where(stuck, self.lambda_1 * (1.0 + GROW), self.lambda_1) + self.lr * d
+            far = torch.where(closing > 1, self.lambda_1 * (1.0 - (GROW * (closing - 1)).clamp_max(SHRINK)), grown)
+            wrong = self.lambda_1 * d < 0  # lambda_1 still pushes the other way
+            far = torch.where(wrong, self.lambda_1 * (1.0 - SHRINK) + self.lr * d, far)
+            l1 = torch.where(d.abs() > BAND, far, l1)
+        self.lambda_1.copy_(l1 + self.lr * self.damping * delta)
         self.last_deviation.copy_(d)
         self.lambda_2.add_(self.lr * d * d)
         self.steps_done.add_(1)
@@ -343,7 +422,7 @@ class SparsityTarget(nn.Module):
     def _costs(self, m: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
         """(metric per gate, constant) of one layer, read off the layer's own (linear in p_open) formula."""
         p_true = self._p_open(m).detach()
-        p = p_true.double().requires_grad_(True)
+        p = p_true.double().clone().requires_grad_(True)  # a copy: .double() of a float64 p_true is p_true itself
         with torch.enable_grad():
             v = self._layer_value(m, p).double()
         if not v.requires_grad:

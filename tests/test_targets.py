@@ -99,7 +99,7 @@ def test_state_dict_resumes():
         ctl.step()
     sd = ctl.state_dict()
     assert set(sd) == {"lambda_1", "lambda_2", "steps_done", "last_deviation", "rate",
-                       "last_expected"}
+                       "last_expected", "moving", "last_log_alpha"}
     other = l0k.SparsityTarget(model, 0.3, warmup_steps=8)
     other.load_state_dict(sd)
     assert other.current_target() == ctl.current_target() != 1.0
@@ -109,6 +109,28 @@ def test_state_dict_resumes():
     other.step()
     assert float(other.lambda_1) == float(ctl.lambda_1)
     assert not any(k.startswith("model") for k in ctl.state_dict())  # the model is not the controller's state
+
+
+def test_state_dict_from_before_the_moving_share_loads():
+    """A state dict saved before the controller kept ``moving`` / ``last_log_alpha`` loads (strict): the share's
+    average restarts from 0 and the gates' last values are taken from the model; other mismatches still raise."""
+    model = _mlp()
+    _randomize_gates(model)
+    ctl = l0k.SparsityTarget(model, 0.3, warmup_steps=8)
+    for _ in range(5):
+        ctl.step()
+    old = {k: v for k, v in ctl.state_dict().items() if k not in ("moving", "last_log_alpha")}
+    other = l0k.SparsityTarget(model, 0.3, warmup_steps=8)
+    other.load_state_dict(old)
+    assert other.current_target() == ctl.current_target()
+    assert float(other.lambda_1) == float(ctl.lambda_1) and float(other.moving) == 0.0
+    la = torch.cat([model[0].log_alpha.detach().reshape(-1), model[2].log_alpha.detach().reshape(-1)]).float()
+    assert torch.equal(other.last_log_alpha, la)
+    with pytest.raises(RuntimeError, match="lambda_2"):
+        other.load_state_dict({k: v for k, v in old.items() if k != "lambda_2"})
+    bad = dict(ctl.state_dict(), last_log_alpha=torch.zeros(3))
+    with pytest.raises(RuntimeError, match="last_log_alpha"):
+        other.load_state_dict(bad)
 
 
 def test_gates_metric():
@@ -160,13 +182,13 @@ def test_flops_metric(how):
         ctl = l0k.SparsityTarget(net, 0.5, metric="flops", example_inputs=x[:1])
         assert net.training  # restored after the recording forward
     ref = _hand_flops_fraction(net)
-    assert ctl.expected() == pytest.approx(float(ref), rel=1e-6)
+    assert ctl.expected() == pytest.approx(float(ref.detach()), rel=1e-6)
     ctl.lambda_1.fill_(2.0)
     g = torch.autograd.grad(ctl.penalty(), net.c1.log_alpha)[0]
     gr = torch.autograd.grad(2.0 * (ref - 0.5), net.c1.log_alpha)[0]
     assert torch.allclose(g.double(), gr, rtol=1e-5)
     net(torch.randn(2, 2, 5, 5, dtype=torch.float64))  # later shapes do not change the recorded ones
-    assert ctl.expected() == pytest.approx(float(ref), rel=1e-6)
+    assert ctl.expected() == pytest.approx(float(ref.detach()), rel=1e-6)
 
 
 def _set_gates(layer, values):
@@ -271,7 +293,7 @@ def test_grouped_gates_when_available():
     _randomize_gates(model)
     ctl = l0k.SparsityTarget(model, 0.5)
     dense = sum(p.numel() for n, p in lin.named_parameters() if n != "log_alpha")
-    assert ctl.expected() == pytest.approx(float(lin.expected_params()) / dense, rel=1e-6)
+    assert ctl.expected() == pytest.approx(float(lin.expected_params().detach()) / dense, rel=1e-6)
     r = ctl.finalize_(tol=0.2)
     assert abs(r["fraction"] - 0.5) <= 0.2
 
@@ -313,18 +335,71 @@ def test_errors_name_the_argument():
 
 
 def test_integral_pauses_while_on_course():
-    """Anti-windup: with E moving toward t fast enough, lambda_1 gets only the proportional part."""
+    """Anti-windup near the target (|E - t| within 1 point): with E moving toward t fast enough, lambda_1 gets
+    only the proportional part. (Far from it the controller brakes instead: see the next test.)"""
     model = _mlp()
     _randomize_gates(model, 0.5, 3.0)
-    ctl = l0k.SparsityTarget(model, 0.3, lr=0.1, damping=0.0, horizon=1e9)
+    e = l0k.SparsityTarget(model, 0.5).expected()
+    ctl = l0k.SparsityTarget(model, e - 0.008, lr=0.1, damping=0.0, horizon=1e9)
     ctl.step()
     l1 = float(ctl.lambda_1)
-    assert l1 > 0  # first step: no rate yet, the integral moves
+    assert l1 == pytest.approx(0.1 * 0.008, rel=1e-3)  # first step: no rate yet, the integral moves
     with torch.no_grad():
-        model[0].log_alpha.sub_(1.0)  # E falls toward t
+        model[0].log_alpha.sub_(0.01)  # E falls toward t, still above it
+    assert 0 < ctl.expected() - ctl.target < 0.008
     ctl.step()
     assert float(ctl.lambda_1) == l1  # on course: the integral waits
     ctl2 = l0k.SparsityTarget(model, 0.3, lr=0.1, damping=0.0, horizon=0.0)
     ctl2.step()
     ctl2.step()
     assert float(ctl2.lambda_1) == pytest.approx(2 * 0.1 * (ctl2.expected() - 0.3), rel=1e-5)
+
+
+def test_far_from_the_target_stuck_grows_and_fast_brakes():
+    """Far from t (docs/design.md §9): E that does not move while the gates do not move either (the task holds
+    them) makes lambda_1 grow geometrically; gates that all move toward t at the optimizer's pace do not (the
+    optimizer is the limit, a larger lambda would only overshoot); E closing the gap faster than ``horizon``
+    steps shrinks lambda_1; a lambda_1 that pushes the wrong way shrinks geometrically and changes sign."""
+    model = _mlp()
+    _randomize_gates(model, 0.5, 3.0)
+    e = l0k.SparsityTarget(model, 0.5).expected()
+    t = e - 0.4
+    stuck = l0k.SparsityTarget(model, t, lr=0.1, damping=0.0)  # frozen model: E and the gates stay put
+    for _ in range(100):
+        stuck.step()
+    additive = 100 * 0.1 * 0.4
+    assert float(stuck.lambda_1) > 3 * additive
+    assert float(stuck.lambda_1) == pytest.approx(0.1 * 0.4 * (1.02 ** 100 - 1) / 0.02, rel=1e-3)
+    for _ in range(600):  # a target E cannot reach: the geometric growth stops at 1e4, lambda_1 stays finite
+        stuck.step()
+    assert 1e4 <= float(stuck.lambda_1) < 1.03e4
+
+    paced = l0k.SparsityTarget(model, t, lr=0.1, damping=0.0)
+    with torch.no_grad():
+        for _ in range(100):  # every gate moves toward t by the same small step: E far, slow, but paced
+            paced.step()
+            for _, m in l0k.l0_layers(model):
+                m.log_alpha.sub_(1e-4)
+    assert 0 < float(paced.lambda_1) < 1.05 * additive
+
+    _randomize_gates(model, 0.5, 3.0)
+    fast = l0k.SparsityTarget(model, l0k.SparsityTarget(model, 0.5).expected() - 0.4, lr=0.1, damping=0.0)
+    fast.step()
+    fast.lambda_1.fill_(2.0)
+    with torch.no_grad():
+        for _ in range(10):  # E falls toward t by 1-3 points a step: the gap would close in far fewer than 100 steps
+            for _, m in l0k.l0_layers(model):
+                m.log_alpha.sub_(0.2)
+            before = float(fast.lambda_1)
+            fast.step()
+            assert fast.expected() - fast.target > 0.1
+            assert 0.95 * before * (1 - 1e-6) <= float(fast.lambda_1) < before  # SHRINK: at most 5% a step
+    assert float(fast.lambda_1) < 2.0 * 0.97 ** 10
+
+    _randomize_gates(model, -3.0, -1.0)
+    e = l0k.SparsityTarget(model, 0.5).expected()
+    wrong = l0k.SparsityTarget(model, min(e + 0.3, 1.0), lr=0.1, damping=0.0)
+    wrong.lambda_1.fill_(5.0)
+    for _ in range(100):
+        wrong.step()
+    assert float(wrong.lambda_1) < 0
