@@ -9,7 +9,6 @@ from ._lazy import register_optional_backends as _register_optional_backends
 from ._philox import philox_uniform
 from .backends._plans import clear_eval_cache
 from .backends.torch import L0Conv2dFunction, L0LinearFunction
-from ._compact_hf import register_module_rule
 from .compact import CompactContext, Units, compact, compare, input_select, register_compact_rule, summary
 from .convert import convert
 from .save import load_compact, save_compact
@@ -28,7 +27,7 @@ __all__ = [
     "philox_uniform", "sample_gates", "deterministic_gates", "prob_open", "expected_l0",
     "l0_linear", "l0_conv2d", "L0Linear", "L0Conv2d", "L0LinearFunction", "L0Conv2dFunction",
     "l0_penalty", "l0_regularizer", "SparsityTarget", "seed_gates", "constrain_", "expected_params", "l0_layers",
-    "compact", "summary", "compare", "register_compact_rule", "register_module_rule", "CompactContext", "Units",
+    "compact", "summary", "compare", "register_compact_rule", "CompactContext", "Units",
     "input_select", "convert", "save_compact", "load_compact", "clear_eval_cache",
     "GateConfig", "Backend", "register_backend", "get_backend", "available_backends", "select_backend",
     "explain_linear", "explain_conv2d",

@@ -167,7 +167,7 @@ def _rebuild(entry: Dict[str, Any]) -> nn.Module:
     is assigned afterwards)."""
     init = entry.get("init")
     if entry["type"] == INPUT_SELECT:
-        from .compact import input_select
+        from .compact.core import input_select
         return input_select(torch.empty(int(init["size"]), dtype=torch.long, device="meta"), int(init["dim"]))
     cls = _REBUILD[entry["type"]][0]
     with torch.device("meta"):

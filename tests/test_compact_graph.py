@@ -110,7 +110,7 @@ def test_residual_cnn_with_batchnorm(rel_err):
         model.b1.bn1.weight[6] = 0.5
     x = torch.randn(2, 3, 9, 9)
     c = check_same(model, x, rel_err)
-    assert isinstance(c, torch.fx.GraphModule)
+    assert type(c) is type(model)
     # inner channels: closed ones go, except the nonzero constant a padded conv reads
     assert c.b1.conv1.out_channels == 6 and c.b1.bn1.num_features == 6 and c.b1.conv2.in_channels == 6
     assert c.b2.conv1.out_channels == 7 and c.b2.conv2.in_channels == 7
@@ -166,6 +166,8 @@ def test_concatenation(rel_err):
 
 
 def test_first_layer_inputs_selected_and_saved_model_loads_without_l0kernels(tmp_path, rel_err):
+    """Inputs nobody reads: a model of its own class keeps them (its forward takes the full input); an
+    ``nn.Sequential`` gets an input-selection step, a plain module that torch.load loads without l0kernels."""
     torch.manual_seed(4)
     model = TwoBranch()
     randomize_bn(model.bn)
@@ -176,9 +178,14 @@ def test_first_layer_inputs_selected_and_saved_model_loads_without_l0kernels(tmp
     set_gates(model.b, torch.tensor([0, 0, 0, 1, 0], dtype=torch.bool))
     x = torch.randn(2, 3, 7, 7)
     c = check_same(model, x, rel_err)
-    assert c.a.in_channels == 2 and c.b.in_channels == 2
+    assert c.a.in_channels == 3 and c.b.in_channels == 3
+    seq = nn.Sequential(l0k.L0Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
     with torch.no_grad():
-        ref = model(x)
+        seq[0].weight[:, 1] = 0
+    c = check_same(seq, x, rel_err)
+    assert c[1].in_channels == 2 and isinstance(c[0], torch.fx.GraphModule)  # the input selection
+    with torch.no_grad():
+        ref = seq(x)
     torch.save(c, tmp_path / "model.pt")
     torch.save(x, tmp_path / "x.pt")
     code = ("import sys, torch\n"
@@ -325,39 +332,48 @@ def test_register_rule(rel_err):
     model = UsesSquare()
     set_gates(model.a, torch.tensor([1, 0, 0, 1, 0, 0], dtype=torch.bool))
     x = torch.randn(3, 5)
-    c = check_same(model, x, rel_err)  # traced through: x * x + 1 of a closed unit is the constant 1
-    assert c.b.in_features == 4
-    from l0kernels.compact import _RULES
+    c = check_same(model, x, rel_err)  # x * x + 1 of a closed unit is the constant 1: folded into b's bias
+    assert c.b.in_features == 4 and isinstance(c.sq, Square)
+    from l0kernels.compact.rules import _RULES
     try:
-        l0k.register_compact_rule(Square, "frozen")  # a leaf now, keeping its units
+        l0k.register_compact_rule(torch.ops.aten.mul.Tensor, "frozen")  # keeps the units it reads
         c = check_same(model, x, rel_err)
         assert c.b.in_features == 6
-        l0k.register_compact_rule(Square, "elementwise")
+        l0k.register_compact_rule(torch.ops.aten.mul, "elementwise")  # every overload
+        _RULES.pop(torch.ops.aten.mul.Tensor)
         c = check_same(model, x, rel_err)
-        assert c.b.in_features == 4 and isinstance(c.sq, Square)
+        assert c.b.in_features == 4
     finally:
-        _RULES.pop(Square, None)
+        _RULES.pop(torch.ops.aten.mul.Tensor, None)
+        _RULES.pop(torch.ops.aten.mul, None)
     with pytest.raises(ValueError, match="rule"):
-        l0k.register_compact_rule(Square, "unknown")
+        l0k.register_compact_rule(torch.ops.aten.mul.Tensor, "unknown")
+    with pytest.raises(TypeError, match="ATen"):
+        l0k.register_compact_rule(Square, "frozen")  # compact() sees ops, not module classes
 
 
 class Roll(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a = l0k.L0Linear(5, 6)
+        self.a = l0k.L0Linear(5, 6, gate="out")
+        self.b = l0k.L0Linear(6, 2)
 
     def forward(self, x):
-        return torch.roll(self.a(x), 1, -1)
+        return self.b(torch.roll(self.a(x), 1, -1))
 
 
-def test_errors_name_the_op_or_module():
-    with pytest.raises(ValueError, match="roll"):
-        compact(Roll())
-    with pytest.raises(ValueError, match="GRU"):
-        compact(nn.Sequential(l0k.L0Linear(4, 4), nn.GRU(4, 4)))
+def test_ops_without_a_rule_keep_their_units(rel_err):
+    """torch.roll (no rule) and a BatchNorm without running statistics keep the units they read: exact."""
+    torch.manual_seed(13)
+    model = Roll()
+    set_gates(model.a, torch.tensor([1, 0, 0, 1, 0, 0], dtype=torch.bool))
+    c = check_same(model, torch.randn(3, 5), rel_err)
+    assert c.a.out_features == 6 and c.b.in_features == 6
     bn = nn.BatchNorm1d(4, track_running_stats=False)
-    with pytest.raises(ValueError, match="running statistics"):
-        compact(nn.Sequential(l0k.L0Linear(3, 4), bn).eval())
+    seq = nn.Sequential(l0k.L0Linear(3, 4, gate="out"), bn, nn.Linear(4, 2)).eval()
+    set_gates(seq[0], torch.tensor([1, 0, 0, 1], dtype=torch.bool))
+    c = check_same(seq, torch.randn(5, 3), rel_err)
+    assert c[0].out_features == 4
     with pytest.raises(TypeError, match="model"):
         compact(3)
 
@@ -390,11 +406,11 @@ def test_grouped_gates_expand_to_their_features(rel_err):
     eval forward is another change) compacts with each gate repeated over its g features."""
     torch.manual_seed(30)
     first = l0k.L0Linear(6, 8, gate="out")
-    lin = l0k.L0Linear(8, 3, gate="in")
-    conv = l0k.L0Conv2d(2, 6, 3)
+    lin = l0k.L0Linear(8, 3, gate="in", group_size=2)
+    conv = l0k.L0Conv2d(2, 6, 3, group_size=2)
     with torch.no_grad():
-        lin.log_alpha = nn.Parameter(torch.tensor([3.0, CLOSED, 0.5, CLOSED]))  # 4 gates of 2 inputs
-        conv.log_alpha = nn.Parameter(torch.tensor([CLOSED, 3.0, 1.0]))  # 3 gates of 2 channels
+        lin.log_alpha.copy_(torch.tensor([3.0, CLOSED, 0.5, CLOSED]))  # 4 gates of 2 inputs
+        conv.log_alpha.copy_(torch.tensor([CLOSED, 3.0, 1.0]))  # 3 gates of 2 channels
     model = nn.Sequential(first, nn.ReLU(), lin).eval()
     c = compact(model)
     assert c[0].out_features == 4 and c[2].in_features == 4
@@ -408,6 +424,7 @@ def test_grouped_gates_expand_to_their_features(rel_err):
 
 
 def test_attention_graph_loads_without_l0kernels(tmp_path, rel_err):
+    """torch.export.save of a compacted model loads and runs with torch alone."""
     torch.manual_seed(31)
     model = Block(h=4, hk=2, repeat_kv=True).eval()
     close_heads(model.o, [2, 3], 4)
@@ -416,11 +433,11 @@ def test_attention_graph_loads_without_l0kernels(tmp_path, rel_err):
         ref = model(x)
     c = compact(model, x)
     assert c.q.out_features == 8
-    torch.save(c, tmp_path / "m.pt")
+    torch.export.save(torch.export.export(c, (x,)), tmp_path / "m.pt2")
     torch.save(x, tmp_path / "x.pt")
     code = ("import sys, torch\n"
             "sys.modules['l0kernels'] = None\n"
-            f"m = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False)\n"
+            f"m = torch.export.load({str(tmp_path / 'm.pt2')!r}).module()\n"
             f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
             "with torch.no_grad():\n"
             f"    torch.save(m(x), {str(tmp_path / 'y.pt')!r})\n")

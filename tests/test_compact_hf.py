@@ -190,22 +190,18 @@ def test_bert(rel_err):
         assert not type(m).__module__.startswith("l0kernels")
 
 
-def test_register_module_rule():
-    from l0kernels._compact_hf import _MODULE_RULES
-
-    class Odd(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = l0k.L0Linear(3, 3)
-
-    calls = []
-    try:
-        l0k.register_module_rule(lambda m: isinstance(m, Odd), lambda m, name, info: calls.append(name))
-        model = to_l0(tiny_bert(), {"query"})
-        model.extra = Odd()
-        c = compact(model)
-        assert calls == ["extra"] and isinstance(c.extra.fc, nn.Linear)
-    finally:
-        _MODULE_RULES.clear()
-    with pytest.raises(TypeError):
-        l0k.register_module_rule(None, None)
+def test_llama_keeps_its_class_and_generates(rel_err):
+    """compact() returns the model's own class: a LlamaForCausalLM still generates, with the gated model's
+    tokens."""
+    torch.manual_seed(14)
+    model = to_l0(tiny_llama(6), {"o_proj", "down_proj"})
+    for layer in model.model.layers:
+        gates_per_head(layer.self_attn.o_proj, [1, 4], 4)
+        close_units(layer.mlp.down_proj, [0, 3, 7])
+    c = compact(model)
+    assert type(c) is type(model)
+    ids = torch.randint(0, 40, (1, 4))
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(c.generate(ids, **kw), model.eval().generate(ids, **kw))
+    assert c.model.layers[0].self_attn.q_proj.out_features == 16
