@@ -515,11 +515,18 @@ def load_compact(directory, model: Optional[nn.Module] = None) -> nn.Module:
                 setattr(m, k, v)
 
     sd = st.load_file(os.path.join(directory, WEIGHTS), device=str(device))
+    # each tensor in its own allocation: the loaded ones share the file's buffer at unaligned offsets, where the
+    # CPU matmul kernels take another path and the loaded model would differ from the saved one by rounding
+    sd = {k: v.clone() for k, v in sd.items()}
     tied: Dict[str, str] = record.get("tied", {})
     for alias, first in tied.items():
         if first not in sd:
             raise ValueError(f"load_compact: tied entry {alias!r} refers to {first!r}, which {WEIGHTS} lacks")
         sd[alias] = sd[first]
+    # the module versions the model's own state dict carries (a module's _load_from_state_dict may read them,
+    # as torchvision's MNASNet does)
+    sd = OrderedDict(sd)
+    sd._metadata = getattr(model.state_dict(), "_metadata", OrderedDict())  # type: ignore[attr-defined]
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:

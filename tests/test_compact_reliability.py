@@ -289,3 +289,70 @@ else:
     @pytest.mark.skip(reason="needs hypothesis")
     def test_random_residual_models():
         pass
+
+
+# -- sizes a forward computes, gates that never act ----------------------------------------------------------
+
+class HardCoded(nn.Module):
+    """Heads reshaped with a literal head count: compact cannot change the literal, so it keeps the heads."""
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(8, 8)
+        self.o = l0k.L0Linear(8, 8, gate="in")
+
+    def forward(self, x):
+        h = self.q(x).view(x.shape[0], x.shape[1], 4, 2).transpose(1, 2)
+        h = F.scaled_dot_product_attention(h, h, h)
+        return self.o(h.transpose(1, 2).reshape(x.shape[0], x.shape[1], 8))
+
+
+class FromAttribute(HardCoded):
+    """The same with the head count read from an attribute: compact sets the attribute."""
+    def __init__(self):
+        super().__init__()
+        self.heads = 4
+
+    def forward(self, x):
+        h = self.q(x).view(x.shape[0], x.shape[1], self.heads, 2).transpose(1, 2)
+        h = F.scaled_dot_product_attention(h, h, h)
+        return self.o(h.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.heads * 2))
+
+
+def test_hard_coded_size_keeps_its_units_with_a_warning():
+    torch.manual_seed(21)
+    x = torch.randn(2, 3, 8)
+    closed = torch.tensor([0, 0, 1, 1, 0, 0, 0, 0], dtype=torch.bool)  # head 1
+    model = HardCoded()
+    close(model.o, closed)
+    with pytest.warns(UserWarning, match="computes sizes that compact\\(\\) cannot update"):
+        check(model, x, example=True)
+    assert compact(model, x).q.out_features == 8
+    model = FromAttribute()
+    close(model.o, closed)
+    check(model, x, example=True)
+    c = compact(model, x)
+    assert c.q.out_features == 6 and c.heads == 3 and c.o.in_features == 6
+
+
+class ReadsWeight(nn.Module):
+    """The parent reads its child's weight (as torchvision's Swin does with its qkv layer)."""
+    def __init__(self):
+        super().__init__()
+        self.inner = l0k.L0Linear(4, 4, gate="out")
+        self.head = l0k.L0Linear(4, 2, gate="out")
+
+    def forward(self, x):
+        return self.head(F.linear(x, self.inner.weight, self.inner.bias))
+
+
+def test_gates_that_never_act_compact_dense_with_a_warning():
+    torch.manual_seed(22)
+    model = ReadsWeight()
+    close(model.inner, torch.tensor([1, 1, 0, 0], dtype=torch.bool))
+    close(model.head, torch.tensor([1, 0], dtype=torch.bool))
+    x = torch.randn(3, 4)
+    with pytest.warns(UserWarning, match="gates of inner never act"):
+        check(model, x)
+    c = compact(model, x)
+    assert torch.equal(c.inner.weight, model.inner.weight)  # as the model computes it: ungated
+    assert torch.equal(c.head.weight[0], torch.zeros(4))  # a closed output row of the model: zeros, kept

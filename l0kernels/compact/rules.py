@@ -296,7 +296,7 @@ def cat(ctx, node):
 
 
 def split(ctx, node):
-    """``split`` / ``split_with_sizes`` (what ``chunk`` becomes): on a unit dim, piece k gets its slice of the
+    """``split`` / ``split_with_sizes`` / ``chunk``: on a unit dim, piece k gets its slice of the
     units; pieces of equal size shrink alike (unit j of every piece goes together) so that one split size
     still cuts them; unequal pieces keep their units."""
     x = node.args[0]
@@ -459,6 +459,13 @@ def layout(ctx, node):
         return frozen(ctx, node)
     if not isinstance(out, torch.Tensor) or node.target in _SELECT:
         return frozen(ctx, node)
+    if out.numel() == 0 and node.target is aten.slice.Tensor:  # an empty slice of a unit dim (x[..., d:] at d)
+        d = node.args[1] if len(node.args) > 1 else 0
+        d = d - rank if d >= 0 else d
+        if d in u.dims:
+            ax = u.dims.index(d)
+            ctx.tie_along(u, ax)
+            return Units(u.ids.narrow(ax, 0, 0), u.dims, u.dead.narrow(ax, 0, 0), u.const.narrow(ax, 0, 0), rank)
     r = out.dim()
     udims = [d for d in range(r) if out.shape[d] > 1 and bool((out != out.narrow(d, 0, 1)).any())]
     idx = out
@@ -523,7 +530,7 @@ def _builtin() -> Dict[Any, Any]:
     for op in (aten.mean.dim, aten.sum.dim_IntList, aten.amax.default):
         r[op] = reduce
     r[aten.cat.default] = cat
-    for op in (aten.split.Tensor, aten.split_with_sizes.default):
+    for op in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
         r[op] = split
     r[operator.getitem] = getitem
     r[aten.scaled_dot_product_attention.default] = sdpa
