@@ -1,7 +1,7 @@
 """convert() and compact() on real model definitions: the zoo of tests/_model_zoo.py (tiny transformers models from
 configs, torchvision classification models at a small input; random init, eval mode), each converted with the
 defaults, a random 40% of every gate vector closed, compacted, checked, saved/loaded and exported, as
-tests/test_models_coverage.py does. Writes docs/results/models_coverage.md and .json.
+tests/compact/test_models_coverage.py does. Writes docs/results/models_coverage.md and .json.
 
 Usage: python bench/models_coverage.py [--runs 10] [--threads 1] [--model NAME ...] [--out docs/results/models_coverage]
 """
@@ -54,10 +54,9 @@ def _version(pkg: str) -> str:
 
 def _row(r):
     err = r["errors"]
-    failed = [(k, e) for k, e in err.items() if not (k == "save_load" and r.get("result_type") == "GraphModule")]
+    failed = list(err.items())
     ok_compact = "compact" not in err and "build" not in err and "convert" not in err
-    saved = ("n/a (GraphModule: refused, documented)" if r.get("result_type") == "GraphModule"
-             else "yes" if "save_load_rel_err" in r and r["save_load_rel_err"] == 0.0
+    saved = ("yes" if "save_load_rel_err" in r and r["save_load_rel_err"] == 0.0
              else f"differs ({r['save_load_rel_err']:.1e})" if "save_load_rel_err" in r
              else "no" if "save_load" in err else "")
     return {
@@ -67,7 +66,7 @@ def _row(r):
         "compact_ok": ok_compact and "exact" not in err,
         "compact_exact": r.get("rel_err") is not None and r["rel_err"] <= 1e-5,
         "rel_err": r.get("rel_err"),
-        "result": r.get("result_class"),
+        "result": r.get("result_class"), "same_class": r.get("same_class"),
         "params_dense": r.get("params_dense"), "params_compact": r.get("params_compact"),
         "kept": r.get("kept"),
         "removed_pct": None if r.get("kept") is None else 100.0 * (1.0 - r["kept"]),
@@ -99,7 +98,7 @@ def _markdown(rows, meta):
            "(`log_alpha` -10, the rest +10), and `l0k.compact(model, example_inputs)` is checked against the gated "
            "eval model (exact: ||a - b|| <= 1e-5 ||b||, float32). Kept params: the compacted model's parameters "
            "over the dense model's. Inputs: token ids 2 x 12 (vocab 128), images 1 x 3 x 64 x 64 (ViTs: 32 x 32, "
-           "MaxViT: 224 x 224). tests/test_models_coverage.py asserts the same per model (xfail, strict, where a "
+           "MaxViT: 224 x 224). tests/compact/test_models_coverage.py asserts the same per model (xfail, strict, where a "
            "step fails today).", ""]
     n = len(rows)
     ok = [r for r in rows if r["compact_ok"] and r["compact_exact"]]
@@ -109,7 +108,8 @@ def _markdown(rows, meta):
             f"{sorted(r['kept'] for r in removed)[len(removed) // 2]:.1%} among those); "
             f"{sum(r['export_ok'] for r in rows)} export with `torch.export.export`; "
             f"{sum(r['saved_loaded'] == 'yes' for r in rows)} round-trip through `save_compact`/`load_compact` "
-            f"(the others are GraphModules, which save_compact refuses by design, or failed earlier); "
+            f"into a freshly built model of the class; "
+            f"{sum(bool(r.get('same_class')) for r in rows)} come back as their own class; "
             f"{n - len(ok)} fail in compact.", ""]
     out += ["| model | convert ok (gated layers) | compact exact (rel err) | result | kept params | removed | "
             "compact s | latency ms dense | gated | compacted | saved/loaded | export | failure |",

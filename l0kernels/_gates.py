@@ -129,7 +129,7 @@ def sample_gate_tensor(log_alpha: torch.Tensor, seed, shape: Sequence[int], cfg:
 # The CPU kernel: on CPU tensors whose gate math runs in float32, the backends' gates come from one
 # C++ loop (l0kernels._cpu.gates: Philox and the formulas of csrc/l0_gate.cuh) instead of
 # about ten whole-tensor torch ops; the same values within float32 rounding of the transcendental
-# functions (tests/test_cpu_paths.py compares the two). L0K_CPU_KERNELS=0 turns it off. float64
+# functions (tests/backends/torch/test_cpu_paths.py compares the two). L0K_CPU_KERNELS=0 turns it off. float64
 # always takes the torch ops: that path is the reference that gradcheck checks.
 _CPU_GATE_KERNEL = _cpu is not None and hasattr(_cpu, "gates") and config.CPU_KERNELS
 

@@ -42,13 +42,13 @@ MAX_FILES = 8
 BUILD_S = 150
 XDIST_WORKERS = 8
 
-# compute-sanitizer runs these exact test ids (tests/test_gpu_check.py checks that each one is collected).
+# compute-sanitizer runs these exact test ids (tests/gpu/test_gpu_check.py checks that each one is collected).
 # Ids: dtype0/1/2 index the test's own dtype list (test_cuda_gpu.py): DTYPES = float32, float16, bfloat16;
 # the fused forward and sparse_linear tests: float16, bfloat16, float32; the split-K test: float32, bfloat16.
 # FUSED_SHAPES: shape0 = 87 rows (tensor-core GEMM), shape3 = K 0, shape4 = 1 row (GEMV), shape5 = 7 rows
 # N 1030, shape7 = GEMV split over K, shape8 = tensor-core GEMM split over K. The open-set test: gate-group-density-
 # dtype (float16, bfloat16).
-_T = "tests/test_cuda_gpu.py::"
+_T = "tests/gpu/test_cuda_gpu.py::"
 MEMCHECK_TESTS = [  # this package's own kernels first: a call cut off still checked them
     _T + "test_linear_fused_forward_matches_two_pass_and_reference[shape0-in-batch-True-dtype0]",
     _T + "test_linear_fused_forward_matches_two_pass_and_reference[shape1-weight-batch-True-dtype1]",
@@ -141,11 +141,11 @@ def plan(call: int, py: str = "python3", out: str = "$OUT", prebuilt: bool = Tru
                  files=[_so_name()], env=build_env, kind="build",
                  note="pip install -e . (sm_90), then import l0kernels._C, list its ops, run one"),
             Step("tests-cuda", 80, p + "tests-cuda.txt",
-                 [_pytest(py, ["-v", "-m", "gpu", "tests", "--ignore=tests/test_triton_gpu.py", *par], 60)],
+                 [_pytest(py, ["-v", "-m", "gpu", "tests", "--ignore=tests/gpu/test_triton_gpu.py", *par], 60)],
                  env=test_env, kind="tests", needs_c=True,
                  note="every test marked gpu outside test_triton_gpu.py: the CUDA backend and CUDA tensors"),
             Step("tests-triton", 80, p + "tests-triton.txt",
-                 [_pytest(py, ["-v", "-m", "gpu", "tests/test_triton_gpu.py", *par], 120)],
+                 [_pytest(py, ["-v", "-m", "gpu", "tests/gpu/test_triton_gpu.py", *par], 120)],
                  env=test_env, kind="tests", note="L0K_TRITON_AUTOTUNE=0: one fixed tile configuration"),
             bench,
         ]

@@ -1,4 +1,4 @@
-"""Real model definitions for the coverage test (tests/test_models_coverage.py) and its results table
+"""Real model definitions for the coverage test (tests/compact/test_models_coverage.py) and its results table
 (bench/models_coverage.py), one copy: tiny ``transformers`` models built from configs and ``torchvision`` classification
 models, randomly initialised (BatchNorm statistics and affine parameters randomised so that they look trained),
 in eval mode, with small inputs. Nothing is downloaded.
@@ -353,7 +353,7 @@ def run(name: str, *, latency_runs: int = 0, save_dir: Optional[str] = None) -> 
     ``errors`` {step: exception} for the steps that failed (a step after a failed one is not run; save_load and
     export both run once the compacted model computes), and the numbers: ``gated_layers``, ``params_dense``,
     ``params_compact``, ``kept`` (fraction of the dense model's parameters), ``rel_err`` (compacted vs gated eval
-    model), ``compact_s``, ``result_type`` ("module tree" or "GraphModule"), ``save_load_rel_err``,
+    model), ``compact_s``, ``result_class``, ``same_class``, ``save_load_rel_err``,
     ``export_rel_err`` and, with ``latency_runs``, ``latency_s`` {"dense", "gated"[, "compact"]: median seconds}."""
     import l0kernels as l0k
     r: Dict[str, Any] = {"name": name, "family": ZOO[name].family, "errors": {}}
@@ -379,8 +379,7 @@ def run(name: str, *, latency_runs: int = 0, save_dir: Optional[str] = None) -> 
         t = time.perf_counter()
         small = step("compact", lambda: l0k.compact(model, example_inputs=inputs))
         r["compact_s"] = time.perf_counter() - t
-        r["result_type"] = "GraphModule" if isinstance(small, torch.fx.GraphModule) else "module tree"
-        r["result_class"] = "GraphModule" if isinstance(small, torch.fx.GraphModule) else type(small).__name__
+        r["result_class"] = type(small).__name__
         r["same_class"] = type(small) is type(model)
         r["params_compact"] = n_params(small)
         r["kept"] = r["params_compact"] / r["params_dense"]

@@ -75,7 +75,9 @@ def _bypassed_layers(model: nn.Module, args, kwargs) -> Tuple[frozenset, List[to
     called = set()
     hooks = [m.register_forward_pre_hook(lambda mod, a: called.add(id(mod)))
              for m in model.modules() if isinstance(m, L0)]
+    from ..backends._plans import _CACHES
     seen = [(m, m.__dict__["input_hw"]) for m in model.modules() if "input_hw" in m.__dict__]
+    planned = {id(m) for m in model.modules() if m in _CACHES}
     try:
         model.eval()
         out = _run(model, args, kwargs)
@@ -84,6 +86,9 @@ def _bypassed_layers(model: nn.Module, args, kwargs) -> Tuple[frozenset, List[to
             h.remove()
         for m, hw in seen:  # the input size a conv layer last saw (summary's FLOPs) is the caller's, not ours
             m.input_hw = hw
+        for m in model.modules():  # eval plans this run built (folded weights: up to the model's size again)
+            if id(m) not in planned:
+                _CACHES.pop(m, None)
     return frozenset(n for n, m in model.named_modules() if isinstance(m, L0) and id(m) not in called), out
 
 
@@ -260,41 +265,35 @@ def surgery(work: nn.Module, ctx: CompactContext, keep) -> Dict[str, Dict[str, A
     names = _names(work)
     slots = _slots(work)
     info: Dict[str, Dict[str, Any]] = {}
-    done: Dict[str, nn.Module] = {}
+    holders: Dict[int, List[nn.Module]] = defaultdict(list)  # a Parameter shared by several layers
+    for m in work.modules():
+        if is_weight_layer(m):
+            holders[id(m.weight)].append(m)
+    uses: Dict[str, List[Any]] = defaultdict(list)  # the calls of one weight Parameter
+    for w in ctx.weights:
+        uses[w.key].append(w)
     with torch.no_grad():
-        for w in ctx.weights:
-            d = w.d
-            in_keep, out_keep = keep(w.inp.ids), keep(w.out.ids)
-            removed = ~in_keep
-            if bool(removed.any()):
-                c = torch.where(removed & w.inp.dead, w.inp.const, torch.zeros_like(w.inp.const))
-                fold_c = d.through(c)[out_keep.to(d.src.weight.device)]
-            else:
-                fold_c = torch.zeros(int(out_keep.sum()), dtype=d.work, device=d.src.weight.device)
-            if bool(in_keep.all()) and bool(out_keep.all()) and not bool((fold_c != 0).any()):
-                new = None
-            else:
-                new = d.shrink(out_keep, in_keep, fold_c)
-            if w.key in done:  # a layer called twice: its calls must give one layer
-                old = done[w.key]
-                if (old is None) != (new is None) or (new is not None and not (
-                        torch.equal(old.weight, new.weight) and (old.bias is None) == (new.bias is None) and
-                        (old.bias is None or torch.equal(old.bias, new.bias)))):
-                    raise ValueError(f"compact: layer {names.get(id(d.src), w.key)!r} is called more than once with "
-                                     f"different removed constants at its inputs; it cannot be compacted to one "
-                                     f"layer")
+        for key, ws in uses.items():  # one layer at a time: the old and new tensors of one layer coexist
+            d = ws[0].d
+            in_keep, out_keep = keep(ws[0].inp.ids), keep(ws[0].out.ids)
+            folds = []
+            for w in ws:  # a layer called twice: its calls must fold the same constants (one bias)
+                removed = ~in_keep
+                if bool(removed.any()):
+                    c = torch.where(removed & w.inp.dead, w.inp.const, torch.zeros_like(w.inp.const))
+                    folds.append(d.through(c)[out_keep.to(d.src.weight.device)])
+                else:
+                    folds.append(torch.zeros(int(out_keep.sum()), dtype=d.work, device=d.src.weight.device))
+            if any(not torch.equal(f, folds[0]) for f in folds[1:]):
+                raise ValueError(f"compact: layer {names.get(id(d.src), key)!r} is called more than once with "
+                                 f"different removed constants at its inputs; it cannot be compacted to one layer")
+            info[names.get(id(d.src), key)] = {"in_keep": in_keep, "out_keep": out_keep, "module": d.src}
+            if bool(in_keep.all()) and bool(out_keep.all()) and not bool((folds[0] != 0).any()):
                 continue
-            done[w.key] = new
-            info[names.get(id(d.src), w.key)] = {"in_keep": in_keep, "out_keep": out_keep, "module": d.src}
-        holders: Dict[int, List[nn.Module]] = defaultdict(list)  # a Parameter shared by several layers
-        for m in work.modules():
-            if is_weight_layer(m):
-                holders[id(m.weight)].append(m)
-        for key, new in done.items():
-            if new is not None:
-                src = next(w.d.src for w in ctx.weights if w.key == key)
-                for m in holders[id(src.weight)] or [src]:
-                    _set_layer(m, new)
+            new = d.shrink(out_keep, in_keep, folds[0])
+            for m in holders[id(d.src.weight)] or [d.src]:
+                _set_layer(m, new)
+            del new
         seen = set()
         for node, mod, u in ctx.bns:
             if id(mod) in seen:

@@ -12,7 +12,7 @@ pass each (``l0kernels._cpu``, built from ``csrc/host/cpu_kernels.cpp`` on the s
   pass then gives ``dlog_alpha = dz * sum(W * P)`` and scales ``P`` into ``dW`` in place.
 
 The plain torch code beside them in ``reference.py`` is the reference (and the only path in
-float64, which gradcheck checks); ``tests/test_cpu_paths.py`` compares the two.
+float64, which gradcheck checks); ``tests/backends/torch/test_cpu_paths.py`` compares the two.
 ``L0K_CPU_KERNELS=0`` turns these paths (and the C++ gate kernel of ``_gates.py``) off.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ thread-level emulator: one OS thread per CUDA thread, ``__syncthreads``/``__sync
 WMMA fragments as whole tiles with the real API's alignment rules checked. That runs the kernel's
 own index math, bounds handling, double-buffered pipeline and inline gate draws against the torch
 reference for every gate mode, noise layout, dtype, with odd shapes and strided inputs. It does not
-show tensor-core numerics or speed (those need a GPU: tests/test_cuda_gpu.py). A ThreadSanitizer
+show tensor-core numerics or speed (those need a GPU: tests/gpu/test_cuda_gpu.py). A ThreadSanitizer
 build checks the shared-memory barriers. Skipped without g++ or CUDA's fp16 headers.
 """
 import ctypes
@@ -23,7 +23,7 @@ from l0kernels._gates import GateConfig
 
 from conftest import log_alpha_at_density
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 CSRC = os.path.join(ROOT, "csrc")
 SRC = os.path.join(CSRC, "tests", "gemm_emu.cpp")
 MODES = {"in": 0, "out": 1, "weight": 2, "none": 3}
@@ -287,7 +287,7 @@ def test_thread_sanitizer_finds_no_race(tmp_path):
     if not os.path.isabs(libtsan) or not os.path.exists(libtsan):
         pytest.skip("libtsan not found")
     lib = _build(str(tmp_path), "-fsanitize=thread", "-g", "-O1")
-    code = ("import sys, torch; sys.path.insert(0, %r); import test_cuda_emu as t; fn = t._bind(%r); "
+    code = ("import sys, torch; sys.path[:0] = %r; import test_cuda_emu as t; fn = t._bind(%r); "
             "x, w, la, b = t.make(37, 20, 72, 'in', torch.float16); "
             "print(t.run_emu(fn, x, w, la, b, 1, 'in', 'batch', True)[1]); "
             "x, w, la, b = t.make(3, 20, 300, 'weight', torch.float16); "
@@ -301,7 +301,7 @@ def test_thread_sanitizer_finds_no_race(tmp_path):
             "y = torch.empty(45, 66, dtype=torch.float16); "
             "t.run_open(fn, dy, x, y, M=45, N=66, K=40, mode='out', la=la, seed=77, w_rows=idx, y_cols=idx, "
             "n_count=cnt, x_mn=True, w_mn=True, splits=2); print(True)") % (
-        os.path.dirname(__file__), lib)
+        [os.path.dirname(__file__), os.path.join(ROOT, "tests")], lib)  # (conftest.py is in tests/)
     # the library is dlopen'ed by an uninstrumented python: the runtime must be preloaded
     env = dict(os.environ, LD_PRELOAD=libtsan, TSAN_OPTIONS="halt_on_error=1 exitcode=66")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)

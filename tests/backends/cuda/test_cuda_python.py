@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 SCHEMAS = ["".join(re.findall(r'"([^"]*)"', d))
            for d in re.findall(r'm\.def\(((?:"[^"]*"\s*)+)\)', open(os.path.join(ROOT, "csrc", "binding.cpp")).read())]

@@ -16,7 +16,7 @@ CFG = _gates.DEFAULT_CONFIG
 
 @pytest.fixture(autouse=True)
 def _dense_paths(monkeypatch):
-    """These tests cover the dense C++ paths; skipping closed groups is tests/test_sparse_train.py's."""
+    """These tests cover the dense C++ paths; skipping closed groups is tests/backends/torch/test_sparse_train.py's."""
     monkeypatch.setattr(_active, "ENABLED", False)
 
 

@@ -80,7 +80,7 @@ def _reraise(name, r, steps):
 def test_compact_is_exact(name, record_property):
     r = _record(name)
     _reraise(name, r, ("build", "convert", "compact", "exact"))
-    for k in ("gated_layers", "params_dense", "params_compact", "kept", "rel_err", "compact_s", "result_type"):
+    for k in ("gated_layers", "params_dense", "params_compact", "kept", "rel_err", "compact_s", "result_class"):
         record_property(k, r[k])
     assert r["gated_layers"] > 0
     assert r["rel_err"] <= TOL, f"compacted vs gated eval model: rel err {r['rel_err']:.3g}"

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.py")
 LIMIT_S = {1: 7 * 60, 2: 4 * 60}
 
@@ -59,7 +59,7 @@ def _collect(args):
 @pytest.fixture(scope="module")
 def gpu_ids():
     """The GPU tests of the two GPU test files (one collection: it imports torch and the test modules)."""
-    return _collect(["-m", "gpu", "tests/test_cuda_gpu.py", "tests/test_triton_gpu.py"])
+    return _collect(["-m", "gpu", "tests/gpu/test_cuda_gpu.py", "tests/gpu/test_triton_gpu.py"])
 
 
 def _pytest_args(cmd):
@@ -143,10 +143,10 @@ def test_gpu_tests_once_with_timeouts_and_no_cpu_only_work(plans, gpu_ids):
         paths[s["name"]] = [a for a in args if a.startswith("tests") or a.startswith("--ignore")]
     # every GPU test once: the CUDA step takes the whole folder (new files too) less the Triton file, which
     # the Triton step takes alone; -m gpu leaves out the CPU-only tests (nvcc compile, emulator, TSan)
-    assert paths == {"tests-cuda": ["tests", "--ignore=tests/test_triton_gpu.py"],
-                     "tests-triton": ["tests/test_triton_gpu.py"]}
-    assert any(t.startswith("tests/test_triton_gpu.py::") for t in gpu_ids)
-    assert any(t.startswith("tests/test_cuda_gpu.py::") for t in gpu_ids)
+    assert paths == {"tests-cuda": ["tests", "--ignore=tests/gpu/test_triton_gpu.py"],
+                     "tests-triton": ["tests/gpu/test_triton_gpu.py"]}
+    assert any(t.startswith("tests/gpu/test_triton_gpu.py::") for t in gpu_ids)
+    assert any(t.startswith("tests/gpu/test_cuda_gpu.py::") for t in gpu_ids)
     everything = " ".join(a for s in steps for a in s["cmds"][0])
     assert "test_cuda_build" not in everything and "test_cuda_emu" not in everything
     everything = " ".join(a for s in steps for a in s["cmds"][0])

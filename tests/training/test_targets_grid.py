@@ -3,7 +3,7 @@
 The contract: with the default settings and Adam at lr 1e-3 to 1e-2, E is within 3 points of the target about
 1,500 steps after warm-up, without overshooting far, and ``finalize_()`` then meets the target within 1 point.
 
-The task is the teacher task of ``tests/test_targets.py`` (60 inputs of which the target uses 18; two ``L0Linear``
+The task is the teacher task of ``tests/training/test_targets.py`` (60 inputs of which the target uses 18; two ``L0Linear``
 layers, 76 gates), fixed seeds. The grid: lr in {1e-3, 3e-3, 1e-2} x target in {0.1, 0.3, 0.7} x warm-up in
 {0, 300, 4/lr}, one metric per point in rotation (``(i + j + k) % 3``: every metric at 9 points, each pair of
 lr, target and warm-up with all three; the full product with the three metrics is measured in

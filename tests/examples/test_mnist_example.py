@@ -10,7 +10,7 @@ import torch
 
 import l0kernels as l0k
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _load(name):
@@ -169,7 +169,7 @@ def test_report_fills_table_from_partial_histories(fake_mnist, tmp_path):
 
 def test_report_default_doc_is_docs_results_md(monkeypatch, tmp_path):
     """Without ``--doc`` the report rewrites the table in docs/results.md (which has it), linking ``results/``."""
-    doc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "results.md")
+    doc = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs", "results.md")
     with open(doc) as f:
         assert any(l.startswith(rep.TABLE_HEADER) for l in f)
     seen = []

@@ -22,7 +22,7 @@ import torch
 import l0kernels as l0k
 from l0kernels._gates import GateConfig, eval_gates_and_grad, gates_from_uniform
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CSRC = os.path.join(ROOT, "csrc")
 
 
