@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .core import compact_plan
+from .core import _outputs, compact_plan
 from .dense import feature_gates, is_weight_layer, l0_types, z_eval
 
 
@@ -18,31 +18,20 @@ def _as_tuple(example_inputs) -> Optional[tuple]:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
-def _first_tensor(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _first_tensor(o)]
-    return []
-
-
 def compare(original: nn.Module, compacted: nn.Module, example_inputs) -> Dict[str, float]:
-    """Run both models (eval, no grad) on ``example_inputs`` (a tensor or a tuple of positional inputs) and
+    """Run both models (eval, no grad) on ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of
+    keyword inputs) and
     report the largest differences over their tensor outputs: ``max_abs`` (max |a - b|), ``max_rel``
     (max_abs / max |original|) and ``norm_rel`` (||a - b|| / ||original||, docs/design.md §6's measure). A NaN in
     either output makes the measures NaN, and an infinity where the other output differs makes them inf or
     NaN: a difference that cannot be measured is never reported as 0 (equal infinities differ by 0)."""
-    ex = _as_tuple(example_inputs)
+    ex, kw = ((), dict(example_inputs)) if isinstance(example_inputs, dict) else (_as_tuple(example_inputs), {})
     res = {"max_abs": 0.0, "max_rel": 0.0, "norm_rel": 0.0}
     states = [(m, m.training) for m in (original, compacted)]
     try:
         with torch.no_grad():
-            ya = _first_tensor(original.eval()(*ex))
-            yb = _first_tensor(compacted.eval()(*ex))
+            ya = _outputs(original.eval()(*ex, **kw))
+            yb = _outputs(compacted.eval()(*ex, **kw))
     finally:
         for m, t in states:
             m.train(t)
