@@ -192,9 +192,10 @@ def test_bench_selections_pick_the_intended_rows():
     assert sorted(lin) == ["16x4096->4096", "1x4096->4096", "256x4096->4096", "8192x4096->4096"]
     assert inf == [("4096->4096", 0.25)]
     assert {"cuda[fused]", "cuda[two_pass]"} <= set(backends) and "triton" not in backends
-    # call 2: issue 13's training rows, the quick set of bench/train_step.py --gpu
-    (cmd,) = [s for s in gc.plan(2) if s.kind == "bench"][0].cmds
+    # call 2: issue 13's training rows, the quick set of bench/train_step.py --gpu; then the whole Llama step
+    cmd, llama = [s for s in gc.plan(2) if s.kind == "bench"][0].cmds
     assert cmd[1:] == ["bench/train_step.py", "--gpu", "--quick", "--out", "$OUT/bench"]
+    assert llama[1:] == ["bench/llama_step.py", "--gpu", "--reps", "10", "--out", "$OUT/bench"]
     import train_step
     shapes, densities, backends = train_step.gpu_plan(quick=True)
     assert shapes == ((8192, 4096, 4096),) and densities == (1.0, 0.25)
