@@ -31,7 +31,7 @@ Choices (see README, "Converting a model"):
   its input embedding) is left alone by ``include=None`` and raises when ``include`` names it: its gates could
   not shrink the other holder with it, and ``compact`` keeps tied weights tied.
 * Layers whose gates would be bypassed in ways no rule here knows -- a parent reading ``self.proj.weight`` in
-  its own forward -- are found by running the model when ``example_inputs`` are given (see :func:`convert`).
+  its own forward -- are found by running the model once (see :func:`convert`).
   ``include`` matching no layer at all warns.
 * Layers held by several parents (one module registered twice) become one L0 layer held by all of them.
   A module matches when any of its qualified names matches ``include`` and none matches ``exclude``.
@@ -198,10 +198,14 @@ def convert(model: nn.Module, *, gate: str = "in", include: Matcher = None, excl
     are left alone. Returns ``model`` (or the new layer when ``model`` itself is converted). See the module
     docstring for what is skipped, what raises and why.
 
-    ``example_inputs`` (a tensor or a tuple of positional inputs): the converted model is run on them once (eval
-    mode, no grad) to find layers whose ``weight``/``bias`` something else reads during the forward (a parent
-    calling ``F.linear(x, self.proj.weight)``): their gates would never act. Such a layer raises ``ValueError``
-    when ``include`` names it explicitly, else it is left unconverted with a warning naming it.
+    ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of keyword inputs): the converted model
+    is run on them once (eval mode, no grad) to find layers whose ``weight``/``bias`` something else reads during
+    the forward (a parent calling ``F.linear(x, self.proj.weight)``) and that are never called themselves: their
+    gates would never act. Such a layer
+    raises ``ValueError`` when ``include`` names it explicitly, else it is left unconverted with a warning naming
+    it. Without ``example_inputs`` the run uses an input made as :func:`l0kernels.compact` makes one (a
+    transformers model's token ids, a batch for a model whose first layer is a Linear or a Conv2d); a model
+    that runs on none is converted unchecked.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -247,7 +251,7 @@ def convert(model: nn.Module, *, gate: str = "in", include: Matcher = None, excl
         for key in new_of.keys() & in_encoder:
             new_of[key].register_forward_pre_hook(_keep_slow_path)
         _swap(slots, new_of)
-        if example_inputs is not None and new_of:
+        if new_of:
             _drop_bypassed(model, slots, names, new_of, inc, example_inputs)
     except BaseException:
         if rng is not None:  # a failed call changes nothing, the random streams included
@@ -288,6 +292,7 @@ class _ReadWatch:
 
     def __init__(self):
         self.read: Dict[int, str] = {}
+        self.called: set = set()
         self.inside = 0
         self.classes: Dict[type, type] = {}
 
@@ -301,6 +306,7 @@ class _ReadWatch:
                 return cls.__getattr__(layer, name)
 
             def forward(layer, *args, **kwargs):
+                watch.called.add(id(layer))
                 watch.inside += 1
                 try:
                     return cls.forward(layer, *args, **kwargs)
@@ -313,8 +319,21 @@ class _ReadWatch:
 
 def _drop_bypassed(model, slots, names, new_of, inc, example_inputs) -> None:
     """Run the converted model on ``example_inputs`` and undo the conversion of every layer whose parameters
-    were read from outside its forward (see :func:`convert`); on any error put every original layer back."""
-    ex = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    were read from outside its forward (see :func:`convert`); on any error put every original layer back.
+    Without ``example_inputs`` the run uses an input made as ``compact()`` makes one (a transformers model's
+    main input, a batch for a model whose first layer is a Linear or a Conv2d); a model that runs on none of
+    them is left as converted, unchecked."""
+    from .compact.core import example_call
+    made = example_inputs is None
+    if made:
+        try:
+            args, kwargs, _ = example_call(model, None)
+        except ValueError:
+            return  # no input can be made for this model
+        tries = args if args and isinstance(args[0], tuple) else (args,)
+    else:
+        args, kwargs, _ = example_call(model, example_inputs)
+        tries = (args,)
     watch = _ReadWatch()
     layers = list(new_of.values())
     classes = [type(m) for m in layers]
@@ -323,15 +342,27 @@ def _drop_bypassed(model, slots, names, new_of, inc, example_inputs) -> None:
         for m in layers:
             m.__class__ = watch.watched_class(type(m))
         try:
-            with torch.no_grad():
-                model.eval()(*ex)
+            for i, a in enumerate(tries):
+                try:
+                    with torch.no_grad():
+                        model.eval()(*a, **kwargs)
+                    break
+                except Exception:
+                    if not made:
+                        raise
+                    watch.read.clear()
+                    watch.called.clear()
+                    if i == len(tries) - 1:
+                        return  # the model runs on no input made for it: nothing found, nothing undone
         finally:
             for m, cls in zip(layers, classes):
                 m.__class__ = cls
             for m, t in modes:
                 m.training = t
         old_of = {id(new): m for _, _, _, m in slots for new in [new_of.get(id(m))] if new is not None}
-        bypassed = {key: new for key, new in new_of.items() if id(new) in watch.read}
+        # read from outside and never called: the gates would never act (a layer that is called and whose
+        # weight is also looked at, e.g. for its dtype as T5's feed-forward does, keeps its gates)
+        bypassed = {key: new for key, new in new_of.items() if id(new) in watch.read and id(new) not in watch.called}
         if not bypassed:
             return
         labels = [f"'{names[key][0]}' ({watch.read[id(new)]})" for key, new in bypassed.items()]

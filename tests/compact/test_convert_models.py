@@ -61,10 +61,27 @@ def test_a_failing_probe_changes_nothing():
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_without_example_inputs_nothing_is_run():
+class NeedsTwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = DirectRead()
+
+    def forward(self, x, scale):
+        return self.inner(x) * scale
+
+
+def test_without_example_inputs_an_input_is_made():
+    """No inputs: convert makes one as compact() does (a batch for a first Linear) and finds the direct read;
+    a model that runs on no made input is converted unchecked."""
     model = _direct_model()
-    l0k.convert(model)  # no inputs: the direct read is not seen (documented)
-    assert isinstance(model[0].qkv, l0k.L0Linear)
+    with pytest.warns(UserWarning, match=r"'0\.qkv' \(weight\)"):
+        l0k.convert(model)
+    assert _kinds(model) == {"0.qkv": "Linear", "0.proj": "L0Linear", "2": "L0Linear"}
+    model = NeedsTwoInputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        l0k.convert(model)
+    assert isinstance(model.inner.qkv, l0k.L0Linear)
 
 
 def test_include_matching_nothing_warns():
