@@ -94,7 +94,7 @@ def _markdown(rows, meta):
            f".ci/run (step 2b): its C++ ops do not load with the CPU torch; the models here use none.", "",
            "Each model (tests/_model_zoo.py: random init, BatchNorm statistics and affine parameters randomised, eval "
            "mode) is converted with `l0k.convert(model)` (defaults: input gates on linear layers, output-channel gates "
-           "on convolutions; tied and fused-expert weights are not gated), a random 40% of every gate vector is closed "
+           "on convolutions; tied and fused-expert weights, and layers never called while their weights are read (Swin's attention), are not gated), a random 40% of every gate vector is closed "
            "(`log_alpha` -10, the rest +10), and `l0k.compact(model, example_inputs)` is checked against the gated "
            "eval model (exact: ||a - b|| <= 1e-5 ||b||, float32). Kept params: the compacted model's parameters "
            "over the dense model's. Inputs: token ids 2 x 12 (vocab 128), images 1 x 3 x 64 x 64 (ViTs: 32 x 32, "
