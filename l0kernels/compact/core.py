@@ -439,14 +439,23 @@ def _attribute_choices(work: nn.Module, changes) -> List[Tuple[str, List[Tuple[n
     return [(f"{cls.__name__}.{k}", sets) for (cls, k), sets in per.items()]
 
 
-def _fix_attributes(work, changes, args, kwargs, ref) -> Tuple[Optional[List[str]], str]:
-    """Try sets of size attributes, largest first, until the model checks; returns (the attributes set, or
-    None when no set checks; the last problem)."""
+SIZE_WORDS = ("head", "size", "dim", "features", "channels", "width")  # names of attributes that hold sizes
+
+
+def _fix_attributes(work, changes, args, kwargs, ref, needed: bool) -> Optional[List[str]]:
+    """Set size attributes so that the model keeps checking; returns the attributes set (None: no set checks).
+
+    ``needed`` (the model does not check as it is): the smallest sets first, any int attribute (``self.h``), so
+    that an attribute that only happens to equal a size (a layer index) is left alone. Otherwise (it checks):
+    only attributes named like sizes (``num_attention_heads``, ``all_head_size``), the largest set that still
+    checks, so that they stay true where the forward does not read them."""
     import itertools
     choices = _attribute_choices(work, changes)
+    if not needed:
+        choices = [(k, sets) for k, sets in choices if any(w in k.rsplit(".", 1)[1].lower() for w in SIZE_WORDS)]
     saved = [(m, k.rsplit(".", 1)[1], getattr(m, k.rsplit(".", 1)[1])) for k, sets in choices for m, _ in sets]
-    combos = sorted(itertools.product((False, True), repeat=len(choices)), key=lambda c: -sum(c))
-    problem = "no attribute holds a changed size"
+    combos = sorted(itertools.product((False, True), repeat=len(choices)),
+                    key=lambda c: sum(c) if needed else -sum(c))
     for combo in combos[:MAX_TRIES]:
         if not any(combo):
             continue
@@ -454,12 +463,11 @@ def _fix_attributes(work, changes, args, kwargs, ref) -> Tuple[Optional[List[str
             if on:
                 for m, new in sets:
                     setattr(m, k.rsplit(".", 1)[1], new)
-        problem = _check(work, args, kwargs, ref)
-        if problem is None:
-            return [k for (k, _), on in zip(choices, combo) if on], ""
+        if _check(work, args, kwargs, ref) is None:
+            return [k for (k, _), on in zip(choices, combo) if on]
         for m, k, v in saved:
             setattr(m, k, v)
-    return None, problem
+    return None
 
 
 # -- entry ---------------------------------------------------------------------------------------------------
@@ -535,7 +543,7 @@ def _attempt(work, args, kwargs, ref, keep_sizes):
     changes = _size_changes(ctx, keep)
     problem = _check(work, args, kwargs, ref)
     if changes:  # size attributes: needed where the forward reads them, kept true where it does not
-        done, _ = _fix_attributes(work, changes, args, kwargs, ref)
+        done = _fix_attributes(work, changes, args, kwargs, ref, needed=problem is not None)
         problem = None if done is not None else problem
     return work, info, problem, changes
 

@@ -356,3 +356,26 @@ def test_gates_that_never_act_compact_dense_with_a_warning():
     c = compact(model, x)
     assert torch.equal(c.inner.weight, model.inner.weight)  # as the model computes it: ungated
     assert torch.equal(c.head.weight[0], torch.zeros(4))  # a closed output row of the model: zeros, kept
+
+
+class SizesFromShapes(HardCoded):
+    """Head count taken from the tensor (-1); ``num_heads`` is not read by the forward, ``layer_idx`` only
+    happens to equal the head count."""
+    def __init__(self):
+        super().__init__()
+        self.num_heads, self.layer_idx = 4, 4
+
+    def forward(self, x):
+        h = self.q(x).view(x.shape[0], x.shape[1], -1, 2).transpose(1, 2)
+        h = F.scaled_dot_product_attention(h, h, h)
+        return self.o(h.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+def test_size_attributes_stay_true_and_others_alone():
+    torch.manual_seed(23)
+    x = torch.randn(2, 3, 8)
+    model = SizesFromShapes()
+    close(model.o, torch.tensor([0, 0, 1, 1, 0, 0, 0, 0], dtype=torch.bool))
+    check(model, x, example=True)
+    c = compact(model, x)
+    assert c.q.out_features == 6 and c.num_heads == 3 and c.layer_idx == 4
