@@ -157,35 +157,44 @@ def _z_eval(module) -> torch.Tensor:
     return z if g == 1 else z.repeat_interleave(g, dim=-1)
 
 
+def fold_gates(module, dtype: Optional[torch.dtype] = None):
+    """``(weight, bias, z)`` of an L0 layer or call with its eval gates folded in: ``w * z`` (``"in"``: per
+    column, ``"out"`` and convolutions: per row or channel, bias too; ``"weight"``: per weight, bias ungated)
+    in the gate compute dtype, rounded once to ``dtype`` (default the weight's). ``z`` per gated feature."""
+    w = module.weight.detach()
+    b = module.bias.detach() if module.bias is not None else None
+    out = w.dtype if dtype is None else dtype
+    z = _z_eval(module)  # float32/float64 gate math
+    cd = z.dtype
+    gate = "out" if w.dim() == 4 else module.gate
+    if gate == "out":
+        wz = (w.to(cd) * z.view((-1,) + (1,) * (w.dim() - 1))).to(out)
+        return wz, (b.to(cd) * z).to(out) if b is not None else None, z
+    return (w.to(cd) * z).to(out), b.to(out) if b is not None else None, z
+
+
 def build_linear_plan(module, dtype: Optional[torch.dtype] = None) -> LinearPlan:
     """The compact eval form of an ``L0Linear`` or of a ``LinearCall`` (see :class:`LinearPlan`).
     Synchronises once (``nonzero``).
 
     ``dtype``: the plan's dtype (default the weight's; under autocast the autocast dtype). The gates come
     from ``log_alpha`` as it is and are folded into the weight in the gate compute dtype, then rounded once."""
-    w = module.weight.detach()
-    b = module.bias.detach() if module.bias is not None else None
-    out = w.dtype if dtype is None else dtype
-    n, k = w.shape
-    z = _z_eval(module)  # float32/float64 gate math
-    cd = z.dtype
+    wz, bz, z = fold_gates(module, dtype)
+    n, k = wz.shape
     gate = module.gate
     in_idx = out_idx = fill = None
     if gate == "in":
         # the open set of the eval gates, found as a training step finds its own (l0kernels._active); a
         # NaN gate is open: its NaN reaches the output, as in the gated op
         idx = _active.open_index(z)
-        wz = (w.to(cd) * z).to(out)
         if idx.numel() == k:
             wc = wz
         else:
             in_idx = idx
             wc = wz.index_select(1, in_idx)
-        bc = b.to(out) if b is not None else None
+        bc = bz
     elif gate == "out":
         idx = _active.open_index(z)
-        wz = (w.to(cd) * z[:, None]).to(out)
-        bz = (b.to(cd) * z).to(out) if b is not None else None
         if idx.numel() == n:
             wc, bc = wz, bz
         else:
@@ -194,8 +203,7 @@ def build_linear_plan(module, dtype: Optional[torch.dtype] = None) -> LinearPlan
             bc = bz.index_select(0, out_idx) if bz is not None else None
     else:
         nz = z != 0
-        wz = (w.to(cd) * z).to(out)
-        b = b.to(out) if b is not None else None
+        b = bz  # ungated
         rows, cols = nz.any(1), nz.any(0)
         wc, bc = wz, b
         if not bool(cols.all()):
@@ -208,7 +216,7 @@ def build_linear_plan(module, dtype: Optional[torch.dtype] = None) -> LinearPlan
             fill = b  # a row without any open weight outputs its (ungated) bias
     idle_idx = None
     if out_idx is not None:
-        idle = torch.ones(n, dtype=torch.bool, device=w.device)
+        idle = torch.ones(n, dtype=torch.bool, device=wz.device)
         idle[out_idx] = False
         idle_idx = idle.nonzero().flatten()
     return LinearPlan(in_idx, out_idx, wc.contiguous(), None if bc is None else bc.contiguous(), fill, n, k,
@@ -218,13 +226,7 @@ def build_linear_plan(module, dtype: Optional[torch.dtype] = None) -> LinearPlan
 def build_conv_plan(module, dtype: Optional[torch.dtype] = None) -> ConvPlan:
     """The compact eval form of an ``L0Conv2d`` or a ``Conv2dCall``: active output channels, gates folded into weight and bias
     (``dtype`` as in :func:`build_linear_plan`)."""
-    w = module.weight.detach()
-    b = module.bias.detach() if module.bias is not None else None
-    out = w.dtype if dtype is None else dtype
-    z = _z_eval(module)
-    cd = z.dtype
-    wz = (w.to(cd) * z[:, None, None, None]).to(out)
-    bz = (b.to(cd) * z).to(out) if b is not None else None
+    wz, bz, z = fold_gates(module, dtype)
     out_idx = None
     if module.groups == 1:  # grouped convs keep every channel (the groups must stay equal); gates folded in
         idx = _active.open_index(z)  # a NaN gate is open: its NaN reaches the output, as in the gated op
@@ -232,7 +234,7 @@ def build_conv_plan(module, dtype: Optional[torch.dtype] = None) -> ConvPlan:
     if out_idx is not None:
         wz = wz.index_select(0, out_idx)
         bz = bz.index_select(0, out_idx) if bz is not None else None
-    return ConvPlan(out_idx, wz.contiguous(), bz, w.shape[0])
+    return ConvPlan(out_idx, wz.contiguous(), bz, z.numel())
 
 
 # -- running a plan ---------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._gates import eval_gates_and_grad
+from ..backends import _plans
 
 
 def l0_types():
@@ -33,50 +33,18 @@ def work_dtype(device: torch.device) -> torch.dtype:
 
 
 def z_eval(m) -> torch.Tensor:
-    """``z_eval`` per gate of an L0 layer as its eval forward computes it: ``log_alpha`` as it is, in the gate
-    compute dtype, on its device (the gate helpers run with that device as the default device so that none of
-    their allocations come from the caller's default device)."""
-    la = m.log_alpha.detach()
-    with torch.device(la.device):
-        z = eval_gates_and_grad(la, m.cfg, need_grad=False)[0]
-    g = getattr(m, "group_size", 1)  # grouped gates: one value per gated feature / channel
-    return z if g == 1 else z.repeat_interleave(g, dim=-1)
-
-
-def feature_gates(m) -> torch.Tensor:
-    """``z_eval`` per gated feature (input column, output row or channel): a grouped gate (``group_size`` g,
-    ``log_alpha`` of ``features // g`` gates) is repeated over its g features."""
-    z = z_eval(m)
-    gate = getattr(m, "gate", "out")
-    if gate == "weight" or z.dim() != 1:
-        return z
-    n = m.weight.shape[1] if gate == "in" else m.weight.shape[0]  # (conv: output channels)
-    if z.numel() != n:
-        if z.numel() == 0 or n % z.numel():
-            raise ValueError(f"compact: {type(m).__name__} has {z.numel()} gates for {n} features")
-        z = z.repeat_interleave(n // z.numel())
-    return z
+    """``z_eval`` per gated feature of an L0 layer as its eval forward computes it (``backends._plans``), with
+    the layer's device as the default device so that nothing comes from the caller's default device."""
+    with torch.device(m.log_alpha.device):
+        return _plans._z_eval(m)
 
 
 def folded_tensors(m):
-    """(weight, bias or None) of layer ``m`` with its eval gates folded in, in the weight's dtype."""
-    L0Linear, L0Conv2d = l0_types()
-    w = m.weight.detach()
-    b = m.bias.detach() if m.bias is not None else None
-    if not isinstance(m, (L0Linear, L0Conv2d)):
-        return w, b
-    z = feature_gates(m)
-    cd = z.dtype
-    gate = "out" if isinstance(m, L0Conv2d) else getattr(m, "gate", "out")
-    if gate == "out":
-        zw = z.view((-1,) + (1,) * (w.dim() - 1))
-        w = (w.to(cd) * zw).to(w.dtype)
-        b = (b.to(cd) * z).to(b.dtype) if b is not None else None
-    elif gate == "in":
-        w = (w.to(cd) * z[None, :]).to(w.dtype)
-    else:  # "weight": the bias is not gated
-        w = (w.to(cd) * z).to(w.dtype)
-    return w, b
+    """(weight, bias or None) of layer ``m`` with its eval gates folded in, as the eval path folds them."""
+    if not isinstance(m, l0_types()):
+        return m.weight.detach(), m.bias.detach() if m.bias is not None else None
+    with torch.device(m.log_alpha.device):
+        return _plans.fold_gates(m)[:2]
 
 
 def _skip_init(cls, *args, **kwargs):

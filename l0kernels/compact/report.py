@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .core import _outputs, compact_plan
-from .dense import feature_gates, is_weight_layer, l0_types, z_eval
+from .dense import is_weight_layer, l0_types, z_eval
 
 
 def _as_tuple(example_inputs) -> Optional[tuple]:
@@ -192,8 +192,7 @@ def summary(model: nn.Module, input_shape: Optional[Sequence[int]] = None, examp
         is_conv = isinstance(m, (nn.Conv2d, L0Conv2d))
         w = m.weight
         gate = (getattr(m, "gate", "out") if not is_conv else "channel") if is_l0 else "-"
-        z = z_eval(m) if is_l0 else None  # the eval path's gates (open: z > 0)
-        zf = feature_gates(m) if is_l0 else None  # per feature
+        z = zf = z_eval(m) if is_l0 else None  # the eval path's gates per feature (open: z > 0)
         groups = getattr(m, "groups", 1)
         n, kk = w.shape[0], w.shape[1] * groups
         hw_in = hw_seen.get(id(m)) or (getattr(m, "input_hw", None) if is_conv else None)
