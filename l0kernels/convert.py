@@ -186,7 +186,7 @@ def _new_layer(m: nn.Module, qual: str, *, gate, group_size, noise, droprate_ini
 
 def convert(model: nn.Module, *, gate: str = "in", include: Matcher = None, exclude: Matcher = None,
             group_size: int = 1, noise: str = "batch", droprate_init: Optional[float] = None,
-            backend: str = "auto", example_inputs=None) -> nn.Module:
+            backend: str = "auto", example_inputs=None, structure=None) -> nn.Module:
     """Replace ``nn.Linear`` / ``nn.Conv2d`` (and transformers' ``Conv1D``) layers of ``model`` by ``L0Linear`` /
     ``L0Conv2d``, in place.
 
@@ -206,9 +206,21 @@ def convert(model: nn.Module, *, gate: str = "in", include: Matcher = None, excl
     it. Without ``example_inputs`` the run uses an input made as :func:`l0kernels.compact` makes one (a
     transformers model's token ids, a batch for a model whose first layer is a Linear or a Conv2d); a model
     that runs on none is converted unchecked.
+
+    ``structure="ffn"`` / ``"heads"`` (or both, as a tuple) puts structure gates instead (docs/design.md §11,
+    :mod:`l0kernels.structure`): one gate per hidden unit of every feed-forward block, or per query head of
+    every attention block, found in the model's exported graph (on ``example_inputs``, or an input made as
+    above); ``include``/``exclude`` then select blocks by the qualified name of the module holding the block
+    (e.g. ``"model.layers.0.mlp"``), and ``gate``/``group_size`` do not apply.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if structure is not None:
+        if gate != "in" or group_size != 1:
+            raise ValueError("gate and group_size do not apply with structure=...: a structure gate spans its "
+                             "block's layers")
+        return _convert_structure(model, structure, include=include, exclude=exclude, noise=noise,
+                                  droprate_init=droprate_init, backend=backend, example_inputs=example_inputs)
     check_choice(gate, "gate", LINEAR_GATES)
     check_choice(noise, "noise", NOISE_KINDS)
     check_choice(backend, "backend", backend_names())
@@ -436,6 +448,111 @@ def _build_layers(slots, names, new_of, in_mha, inc, exc, **options) -> None:
                 raise ValueError(f"module '{qual}' ({type(m).__name__}) cannot be converted: {why}")
             continue
         new_of[id(m)] = _new_layer(m, qual, **options)
+
+
+def _check_droprate_arg(droprate_init) -> Optional[float]:
+    if droprate_init is None:
+        return None
+    if isinstance(droprate_init, bool) or not isinstance(droprate_init, numbers.Real):
+        raise TypeError(f"droprate_init must be None or a float in (0, 1), got {type(droprate_init).__name__}")
+    if not 0.0 < float(droprate_init) < 1.0:
+        raise ValueError(f"droprate_init must be None or in (0, 1), got {droprate_init}")
+    return float(droprate_init)
+
+
+def _convert_structure(model, structure, *, include, exclude, noise, droprate_init, backend, example_inputs):
+    """``convert(model, structure=...)``: see :func:`convert` and :mod:`l0kernels.structure`."""
+    from .compact.blocks import find_blocks
+    from .structure import STRUCTURES, StructureGate, StructureLinear, attach_gate
+    kinds = (structure,) if isinstance(structure, str) else structure
+    if not isinstance(kinds, (tuple, list)) or not kinds or any(k not in STRUCTURES for k in kinds):
+        raise ValueError(f"structure must be one of {STRUCTURES} or a tuple of them, got {structure!r}")
+    if noise != "batch":
+        raise ValueError(f"structure gates draw one gate vector per call: noise must be 'batch', got {noise!r}")
+    check_choice(backend, "backend", backend_names())
+    droprate_init = _check_droprate_arg(droprate_init)
+    inc = _matcher(include, "include")
+    exc = _matcher(exclude, "exclude")
+    blocks = [b for b in find_blocks(model, example_inputs) if b.kind in kinds]
+    chosen = []
+    for b in blocks:
+        holder = model.get_submodule(b.name)
+        explicit = inc is not None and _call_matcher(inc, b.name, holder, "include")
+        if (inc is not None and not explicit) or (exc is not None and _call_matcher(exc, b.name, holder, "exclude")):
+            continue
+        why = _structure_refusal(model, b)
+        if why is not None:
+            if explicit:
+                raise ValueError(f"block '{b.name}' ({b.kind}) cannot take structure gates: {why}")
+            continue
+        chosen.append(b)
+    if inc is not None and not chosen:
+        warnings.warn(f"convert(): include={include!r} matched no {'/'.join(kinds)} block of the model; nothing "
+                      "was converted", UserWarning, stacklevel=3)
+    # everything is built before the model changes
+    built = []
+    rng = _rng_state(model) if droprate_init is not None else None
+    try:
+        for b in chosen:
+            first = model.get_submodule(b.consumer).weight
+            p = 1.0 / (1.0 + math.exp(OPEN_LOG_ALPHA)) if droprate_init is None else droprate_init
+            g = StructureGate(b.num_gates, b.kind, droprate_init=p, backend=backend, device=first.device,
+                              dtype=first.dtype)
+            with torch.no_grad():
+                if droprate_init is None:
+                    g.log_alpha.fill_(OPEN_LOG_ALPHA)
+            layers = {}
+            for name in b.layers:
+                old = model.get_submodule(name)
+                w = old.weight
+                if _is_conv1d(old):  # stored (in, out): a transposed copy, a new Parameter
+                    w = nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
+                new = StructureLinear(w.shape[1], w.shape[0], bias=old.bias is not None, device="meta",
+                                      dtype=w.dtype)
+                new.weight, new.bias = w, old.bias
+                if name == b.consumer:
+                    new._col_gate, new.col_gates = g, b.col_gates.to(w.device)
+                else:
+                    new._row_gate, new.row_gates = g, b.row_gates[name].to(w.device)
+                new.train(old.training)
+                layers[name] = (old, new)
+                g._layers.append(new)
+            g._count()
+            g.train(model.get_submodule(b.name).training)
+            built.append((b, g, layers))
+    except BaseException:
+        if rng is not None:
+            _restore_rng_state(rng)
+        raise
+    for b, g, layers in built:
+        swap = {id(old): new for old, new in layers.values()}
+        for parent in model.modules():
+            for cname, child in list(parent._modules.items()):
+                if child is not None and id(child) in swap:
+                    parent._modules[cname] = swap[id(child)]
+        attach_gate(model.get_submodule(b.name), g)
+    return model
+
+
+def _structure_refusal(model, b) -> Optional[str]:
+    """Why block ``b`` cannot take structure gates, or None."""
+    held: Dict[int, set] = {}
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                held.setdefault(id(p), set()).add(id(m))
+    for name in b.layers:
+        m = model.get_submodule(name)
+        base = _base_of(m)
+        if base is None or isinstance(m, _L0Layer) or not _keeps_forward(m, base):
+            return f"its layer '{name}' ({type(m).__name__}) is not a plain linear layer"
+        try:
+            _check_param(m, name)
+        except ValueError as e:
+            return str(e)
+        if len(held.get(id(m.weight), ())) > 1:
+            return f"the weight of '{name}' is held by another module too (tied weights)"
+    return None
 
 
 __all__ = ["convert", "OPEN_LOG_ALPHA"]

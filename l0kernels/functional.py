@@ -192,6 +192,41 @@ def explain_conv2d(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tenso
 # and dispatched the same way. An eval call is made on the layer's behalf (``owner``), so the built-in
 # backends may serve it from the layer's cached eval plan (l0kernels/backends/_plans.py).
 
+def structure_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                     rows: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A linear layer inside a structure gate's span (docs/design.md §11): ``y = (x * scale) @ W.T + b`` with
+    the outputs where ``rows`` (bool, ``(N,)``) is False exactly 0 and not computed, and the inputs where
+    ``scale`` (``(K,)``, the gates per input feature) is 0 not read. ``rows=None`` / ``scale=None``: every row
+    computed / no input scale. A producer of a structure gate passes ``rows`` (the open units' rows), its
+    consumer ``scale`` (the gates ``z`` per column). The gradient of ``scale`` is 0 where ``scale`` is 0 (those
+    columns are not read; a hard-concrete gate is 0 only where its own derivative is 0)."""
+    check_tensor(x, "x")
+    check_tensor(weight, "weight")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x must have {k} features in its last dim (weight's in_features), got shape "
+                         f"{tuple(x.shape)}")
+    if bias is not None:
+        check_tensor(bias, "bias")
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if rows is not None:
+        if not isinstance(rows, torch.Tensor) or rows.dtype != torch.bool or tuple(rows.shape) != (n,):
+            raise ValueError(f"rows must be a bool tensor of shape ({n},) or None, got "
+                             f"{getattr(rows, 'dtype', type(rows).__name__)} {tuple(getattr(rows, 'shape', ()))}")
+    if scale is not None:
+        check_tensor(scale, "scale")
+        if tuple(scale.shape) != (k,):
+            raise ValueError(f"scale must have shape ({k},) or be None, got {tuple(scale.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("rows", rows), ("scale", scale)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    from .backends.torch.structure import structure_linear as run
+    return run(x, weight, bias, rows, scale)
+
+
 def _params(layer):
     """``(weight, log_alpha, bias)`` of a layer, straight from its parameter dict where they are there
     (``nn.Module.__getattr__`` costs about a microsecond a name, which a batch-1 eval call notices)."""

@@ -46,12 +46,12 @@ def _check_dtype(dtype) -> Optional[torch.dtype]:
     return dtype
 
 
-class _L0Layer(nn.Module):
-    """Shared gate bookkeeping of the L0 layers (everything that does not depend on the op)."""
+class _GateOwner(nn.Module):
+    """Gate bookkeeping shared by every module that owns gates (``log_alpha``, one entry per gate): the L0
+    layers and the structure gates (:class:`l0kernels.structure.StructureGate`). ``params_per_gate`` and
+    ``ungated_params`` say what the gates control; :func:`l0_gates` yields every such module."""
 
     log_alpha: nn.Parameter
-    weight: nn.Parameter
-    bias: Optional[nn.Parameter]
 
     def _init_gate_options(self, noise, droprate_init, beta, gamma, zeta, backend):
         check_choice(noise, "noise", NOISE_KINDS)
@@ -103,13 +103,30 @@ class _L0Layer(nn.Module):
         """Expected number of open gates (the paper's L0 penalty of this layer); differentiable."""
         return self.prob_open().sum()
 
-    # (axis, bias_gated) of the gated features in the weight viewed as (rows, features): 1 = columns,
-    # 0 = rows, None = every weight (see l0kernels/_regularizer.py)
-    _reg_layout: Tuple[Optional[int], bool]
+    def counted_parameters(self):
+        """The parameters the gates' counts cover (``expected_params`` counts these; the rest of a model is
+        counted whole)."""
+        return [p for n, p in self.named_parameters(recurse=False) if n != "log_alpha"]
+
+    @torch.no_grad()
+    def constrain_(self) -> None:
+        """Clamp ``log_alpha`` to ``[log 0.01, log 100]`` in place, as the authors do after each optimizer step."""
+        self.log_alpha.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
 
     def expected_params(self) -> torch.Tensor:
         """Expected number of non-zero parameters: ``sum(p_open * params_per_gate) +`` ungated parameters."""
         return (self.prob_open() * self.params_per_gate).sum() + self.ungated_params
+
+
+class _L0Layer(_GateOwner):
+    """An L0 layer: a weight layer whose own gates act on its inputs, outputs or weights."""
+
+    weight: nn.Parameter
+    bias: Optional[nn.Parameter]
+
+    # (axis, bias_gated) of the gated features in the weight viewed as (rows, features): 1 = columns,
+    # 0 = rows, None = every weight (see l0kernels/_regularizer.py)
+    _reg_layout: Tuple[Optional[int], bool]
 
     def regularizer(self, lamba: float, weight_decay: float = 0.0, N: int = 1) -> torch.Tensor:
         """The paper's per-layer term ``(1/N) sum_g p_g (lamba * |g| + 0.5 wd ||theta_g||^2)`` plus
@@ -133,11 +150,6 @@ class _L0Layer(nn.Module):
 
     def _reg_tensors(self):
         return (self.log_alpha, self.weight, self.bias)
-
-    @torch.no_grad()
-    def constrain_(self) -> None:
-        """Clamp ``log_alpha`` to ``[log 0.01, log 100]`` in place, as the authors do after each optimizer step."""
-        self.log_alpha.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
 
     def _gate_repr(self) -> str:
         c = self.cfg
@@ -347,35 +359,51 @@ def l0_layers(model: nn.Module) -> Iterator[Tuple[str, _L0Layer]]:
             yield name, m
 
 
+def l0_gates(model: nn.Module) -> Iterator[Tuple[str, _GateOwner]]:
+    """``(name, module)`` for every module of ``model`` that owns gates (a parameter ``log_alpha``): the L0
+    layers and the structure gates (docs/design.md §11). The model-level penalties, ``constrain_``,
+    ``expected_params`` and ``SparsityTarget`` count these."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, m in model.named_modules():
+        if isinstance(m, _GateOwner):
+            yield name, m
+
+
+_NO_GATES = "model has no gates (L0Linear / L0Conv2d layers or structure gates)"
+
+
 def l0_penalty(model: nn.Module) -> torch.Tensor:
-    """Sum of expected L0 (expected open gates) over the model's L0 layers; differentiable."""
-    terms = [m.expected_l0() for _, m in l0_layers(model)]
+    """Sum of expected L0 (expected open gates) over the modules that own gates; differentiable."""
+    terms = [m.expected_l0() for _, m in l0_gates(model)]
     if not terms:
-        raise ValueError("model has no L0 layers (L0Linear / L0Conv2d)")
+        raise ValueError(_NO_GATES)
     return torch.stack([t.float() for t in terms]).sum()
 
 
 def l0_regularizer(model: nn.Module, lamba=0.1, weight_decay: float = 0.0, N: int = 1) -> torch.Tensor:
-    """The paper's full regularizer: sum over L0 layers of ``layer.regularizer(lamba, weight_decay, N)``.
+    """The paper's full regularizer: sum over the modules that own gates (:func:`l0_gates`) of
+    ``module.regularizer(lamba, weight_decay, N)``.
 
-    ``lamba`` is one float or a sequence with one value per L0 layer (in ``named_modules`` order), as
+    ``lamba`` is one float or a sequence with one value per such module (in ``named_modules`` order), as
     in the L0-sep setting ``[10, 0.5, 0.1, 10]``; ``N`` is the training-set size.
 
     The whole term is divided by ``N``, ``weight_decay`` included: the L2 part is
     ``(1/N) * sum_g p_g * 0.5 * weight_decay * ||theta_g||^2``. The usual per-parameter weight decay
     ``wd`` (L2 term ``0.5 * wd * p_g * ||theta_g||^2``, the authors' ``L0MLP``) is ``weight_decay=wd * N``.
     """
-    layers = [m for _, m in l0_layers(model)]
+    layers = [m for _, m in l0_gates(model)]
     if not layers:
-        raise ValueError("model has no L0 layers (L0Linear / L0Conv2d)")
+        raise ValueError(_NO_GATES)
     N = _check_n(N)
     lambdas = list(lamba) if isinstance(lamba, (list, tuple)) else [lamba] * len(layers)
     if len(lambdas) != len(layers):
-        raise ValueError(f"lamba has {len(lambdas)} values but the model has {len(layers)} L0 layers")
+        raise ValueError(f"lamba has {len(lambdas)} values but the model has {len(layers)} modules with gates")
     for lam in lambdas:
         _check_coef(lam, "lamba")
     _check_coef(weight_decay, "weight_decay")
-    # one autograd node for the built-in layers; a subclass with its own ``regularizer`` keeps it
+    # one autograd node for the built-in layers; structure gates and a subclass with its own ``regularizer``
+    # keep theirs
     own = [(m, lam) for m, lam in zip(layers, lambdas) if type(m).regularizer is not _L0Layer.regularizer]
     fused = [(m, lam) for m, lam in zip(layers, lambdas) if type(m).regularizer is _L0Layer.regularizer]
     terms = [m.regularizer(lam, weight_decay, N).float() for m, lam in own]
@@ -387,14 +415,16 @@ def l0_regularizer(model: nn.Module, lamba=0.1, weight_decay: float = 0.0, N: in
 
 
 def constrain_(model: nn.Module) -> None:
-    """``constrain_()`` on every L0 layer of ``model`` (call after each optimizer step)."""
-    for _, m in l0_layers(model):
+    """``constrain_()`` on every module of ``model`` that owns gates (call after each optimizer step)."""
+    for _, m in l0_gates(model):
         m.constrain_()
 
 
 def expected_params(model: nn.Module) -> torch.Tensor:
-    """Expected non-zero parameters over the L0 layers (plus every parameter of other modules)."""
-    total = sum(m.expected_params() for _, m in l0_layers(model))
-    l0_ids = {id(p) for _, m in l0_layers(model) for p in m.parameters(recurse=False)}
-    rest = sum(p.numel() for p in model.parameters() if id(p) not in l0_ids)
+    """Expected non-zero parameters: each gate-owning module's count of the parameters its gates control
+    (a structure gate's over every layer it spans), plus every other parameter whole."""
+    owners = [m for _, m in l0_gates(model)]
+    total = sum(m.expected_params() for m in owners)
+    counted = {id(p) for m in owners for p in m.counted_parameters()} | {id(m.log_alpha) for m in owners}
+    rest = sum(p.numel() for p in model.parameters() if id(p) not in counted)
     return total + rest

@@ -21,7 +21,7 @@ from torch import nn
 
 from ._checks import conv_out_size
 from ._gates import prob_open_t
-from .modules import LOG_ALPHA_MAX, LOG_ALPHA_MIN, L0Conv2d, L0Linear, l0_layers
+from .modules import LOG_ALPHA_MAX, LOG_ALPHA_MIN, L0Conv2d, L0Linear, _L0Layer, l0_gates
 
 METRICS = ("params", "flops", "gates")
 UNWIND = 0.01  # fraction of lambda_1 dropped per step while E moves further below the target
@@ -147,11 +147,15 @@ class SparsityTarget(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        layers = list(l0_layers(model))
+        layers = list(l0_gates(model))
         if not layers:
-            raise ValueError("model has no L0 layers (L0Linear / L0Conv2d): nothing for a sparsity target to gate")
+            raise ValueError("model has no gates (L0Linear / L0Conv2d layers or structure gates): nothing for a "
+                             "sparsity target to gate")
         if not isinstance(metric, str) or metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if metric == "flops" and any(not isinstance(m, _L0Layer) for _, m in layers):
+            raise ValueError("metric='flops' counts the FLOPs of L0 layers only; this model has structure gates: "
+                             "use metric='params' or 'gates'")
         self.target = _check_real(target, "target", lo=0.0, hi=1.0)
         self.metric = metric
         self.warmup_steps = _check_int(warmup_steps, "warmup_steps")
@@ -282,7 +286,7 @@ class SparsityTarget(nn.Module):
 
     def _layer_dense(self, m: nn.Module) -> float:
         if self.metric == "params":
-            return float(sum(p.numel() for n, p in m.named_parameters(recurse=False) if n != "log_alpha"))
+            return float(sum(p.numel() for p in m.counted_parameters()))
         if self.metric == "gates":
             return float(m.log_alpha.numel())
         shape = self._shapes.get(id(m))
@@ -297,7 +301,8 @@ class SparsityTarget(nn.Module):
         dense = sum(self._layer_dense(m) for _, m in self._layers)
         rest = 0.0
         if self.metric == "params":
-            own = {id(p) for _, m in self._layers for p in m.parameters(recurse=False)}
+            own = {id(p) for _, m in self._layers for p in m.counted_parameters()} | \
+                {id(m.log_alpha) for _, m in self._layers}
             rest = float(sum(p.numel() for p in self.model.parameters() if id(p) not in own))
         elif self.metric == "flops":
             rest = float(sum(_plain_flops(m, self._shapes[id(m)]) for m in self._flop_layers

@@ -478,7 +478,9 @@ def layout(ctx, node):
     flat = idx.reshape(-1)
     seen = torch.zeros(n, dtype=torch.bool)
     seen[flat] = True
-    if not bool(seen.all()):  # a slice: the unit dims it cuts keep their lines whole
+    # a slice: the unit dims it cuts keep their lines whole (compact cannot rewrite the literal bounds); when
+    # blocks are only found (ctx.discover, shapes stay), the slice just takes its units
+    if not bool(seen.all()) and not ctx.discover:
         pos = torch.arange(n).view(u.ids.shape)
         for ax in range(u.ids.dim()):
             covered = torch.zeros(u.ids.shape[ax], dtype=torch.bool)

@@ -66,6 +66,7 @@ class CompactContext:
         self.multi: List[Units] = []
         self.resize: Dict[Any, Units] = {}
         self.claimed: set = set()
+        self.discover = False  # finding blocks for structure gates (l0kernels.compact.blocks): no shape changes
 
     # ids
     def fresh(self, shape) -> torch.Tensor:

@@ -1,0 +1,42 @@
+"""The torch backend of structure-gated linear layers (docs/design.md §11): the rows and columns a structure
+gate closes are skipped, not computed and masked.
+
+``y = (x * s) @ W.T + b`` with the rows where ``rows`` is False exactly 0 (neither computed nor given their
+bias) and the columns where ``s == 0`` never read. With ``o`` the open rows and ``c`` the open columns:
+
+- forward: ``y[..., o] = (x[..., c] * s[c]) @ W[o][:, c].T + b[o]``, the other outputs 0;
+- backward (autograd through the same gathers): ``dW[o][:, c]``, ``db[o]``, ``dx[..., c]`` and ``ds[c]`` only;
+  every other entry of the gradients is an exact 0.
+
+The open sets are read on the host (``nonzero``): on the CPU that costs nothing; on a GPU it is one
+synchronisation per layer and call (the device kernels that keep the open set on the device are not written
+yet, docs/kernels.md). When every row and column is open the call is one ``F.linear`` (and no multiply where
+``s`` is all ones), so open gates compute exactly what the layer computed before ``convert``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def structure_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     rows: Optional[torch.Tensor], scale: Optional[torch.Tensor]) -> torch.Tensor:
+    n = weight.shape[0]
+    w, b = weight, bias
+    if scale is not None:
+        open_cols = scale != 0
+        if bool(open_cols.all()):
+            if not bool((scale == 1).all()):
+                x = x * scale.to(x.dtype)
+        else:
+            c = open_cols.nonzero().squeeze(1)
+            x = x.index_select(-1, c) * scale.index_select(0, c).to(x.dtype)
+            w = w.index_select(1, c)
+    if rows is None or bool(rows.all()):
+        return F.linear(x, w, b)
+    o = rows.nonzero().squeeze(1)
+    y_open = F.linear(x, w.index_select(0, o), b.index_select(0, o) if b is not None else None)
+    y = y_open.new_zeros(*y_open.shape[:-1], n)
+    return y.index_copy(y.dim() - 1, o, y_open)

@@ -1,0 +1,232 @@
+"""Structure gates (docs/design.md §11): one gate per feed-forward unit or attention head, shared by every
+linear layer the unit spans.
+
+A :class:`StructureGate` owns ``log_alpha`` (one entry per unit or head) and sits in the block it gates (the
+lowest module holding all the block's layers, attribute ``l0_gate``, ``l0_gate_1``, ...). The block's layers
+become :class:`StructureLinear` (an ``nn.Linear`` holding the same ``weight``/``bias`` Parameters):
+
+* a *producer* (``gate_proj``/``up_proj``, ``fc1``, a query/key/value projection) computes only the rows of the
+  open units: row ``n`` is open when any gate of ``row_gates[n]`` is open (a key/value head's rows stay while
+  any query head reading them is open);
+* the *consumer* (``down_proj``, ``fc2``, an output projection) multiplies its input column ``k`` by the gate
+  ``z[col_gates[k]]`` and reads the open columns only.
+
+So a closed unit costs nothing in any layer it spans, and the block computes what the reference computes:
+the hidden activation (the heads' outputs) times ``z``, with the producers' closed rows exactly 0.
+
+One draw per block call: the block module gets a forward pre-hook that starts a round (the first layer that
+needs the gates draws them from a fresh seed, the others reuse them) and a forward hook that ends it. A layer
+called outside a round (on its own) draws for itself. In eval mode the gates are ``z_eval``.
+"""
+from __future__ import annotations
+
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ._checks import draw_seed
+from .functional import deterministic_gates, sample_gates, structure_linear
+from .modules import _GateOwner, _check_coef, _check_n
+
+STRUCTURES = ("ffn", "heads")
+
+
+class StructureGate(_GateOwner):
+    """``num_gates`` hard-concrete gates shared by the layers of one block (``kind``: ``"ffn"`` units or
+    ``"heads"``). ``params_per_gate`` (float, ``(num_gates,)``): the parameters each gate controls over every
+    layer it spans (a key/value head's rows are shared equally by the query heads reading them);
+    ``ungated_params``: the rest of the spanned layers (the consumer's bias)."""
+
+    def __init__(self, num_gates: int, kind: str, *, noise: str = "batch", droprate_init: float = 0.5,
+                 beta: float = 2.0 / 3.0, gamma: float = -0.1, zeta: float = 1.1, backend: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        if kind not in STRUCTURES:
+            raise ValueError(f"kind must be one of {STRUCTURES}, got {kind!r}")
+        if noise != "batch":
+            raise ValueError(f"structure gates draw one gate vector per call: noise must be 'batch', got {noise!r}")
+        self.kind = kind
+        self.group_size = 1
+        self._init_gate_options(noise, droprate_init, beta, gamma, zeta, backend)
+        self.log_alpha = nn.Parameter(torch.empty(int(num_gates), device=device, dtype=dtype))
+        self.register_buffer("params_per_gate", torch.zeros(int(num_gates), dtype=torch.float64, device=device),
+                             persistent=False)
+        self.ungated_params = 0
+        self._layers: List["StructureLinear"] = []  # not submodules: they stay where the model holds them
+        self._round = False
+        self._z: Optional[torch.Tensor] = None
+        self.reset_gates()
+
+    # -- the gates of this call --------------------------------------------------------------------------
+    def gates(self) -> torch.Tensor:
+        """``z`` for the current call of the block: drawn once per round in training, ``z_eval`` in eval."""
+        if self._round and self._z is not None:
+            return self._z
+        cfg = self.cfg
+        if self.training:
+            z = sample_gates(self.log_alpha, draw_seed(self.log_alpha.device), beta=cfg.beta, gamma=cfg.gamma,
+                             zeta=cfg.zeta)
+        else:
+            z = deterministic_gates(self.log_alpha, beta=cfg.beta, gamma=cfg.gamma, zeta=cfg.zeta)
+        if self._round:
+            self._z = z
+        return z
+
+    def layers(self) -> List[Tuple[str, "StructureLinear"]]:
+        """``(role, layer)`` for every layer the gates span (``"rows"`` for a producer, ``"cols"`` the consumer)."""
+        return [(("rows" if m._row_gate is self else "cols"), m) for m in self._layers]
+
+    def counted_parameters(self):
+        return [p for m in self._layers for p in (m.weight, m.bias) if p is not None]
+
+    def _count(self) -> None:
+        """``params_per_gate`` and ``ungated_params`` from the spanned layers' shapes."""
+        per = torch.zeros(self.log_alpha.numel(), dtype=torch.float64)
+        ungated = 0
+        for role, m in self.layers():
+            n, k = m.weight.shape
+            if role == "rows":
+                share = _row_shares(m.row_gates)  # (N, G) share of each row per gate
+                per += share.sum(0) * (k + (m.bias is not None))
+            else:
+                per += torch.bincount(m.col_gates.cpu(), minlength=per.numel()).double() * n
+                ungated += n if m.bias is not None else 0
+        self.params_per_gate = per.to(self.params_per_gate.device)
+        self.ungated_params = ungated
+
+    def regularizer(self, lamba: float, weight_decay: float = 0.0, N: int = 1) -> torch.Tensor:
+        """``(1/N) sum_g p_g (lamba |g| + 0.5 wd ||theta_g||^2) + 0.5 wd ||theta_ungated||^2 / N`` over every layer
+        the gates span (``|g|``: ``params_per_gate``; ``theta_g``: the gate's rows of the producers, with their
+        bias, and its columns of the consumer)."""
+        _check_coef(lamba, "lamba")
+        _check_coef(weight_decay, "weight_decay")
+        N = _check_n(N)
+        p = self.prob_open().float()
+        term = (p * (lamba * self.params_per_gate.to(p.device).float())).sum()
+        if weight_decay:
+            sq = torch.zeros_like(p)
+            rest = p.new_zeros(())
+            for role, m in self.layers():
+                w2 = m.weight.float().square()
+                if role == "rows":
+                    rows = w2.sum(1) + (m.bias.float().square() if m.bias is not None else 0.0)
+                    sq = sq + rows @ _row_shares(m.row_gates).to(rows)
+                else:
+                    sq = sq.index_add(0, m.col_gates, w2.sum(0))
+                    if m.bias is not None:
+                        rest = rest + m.bias.float().square().sum()
+            term = term + 0.5 * weight_decay * ((p * sq).sum() + rest)
+        return term / N
+
+    def extra_repr(self) -> str:
+        return f"{self.log_alpha.numel()}, kind={self.kind!r}, layers={len(self._layers)}, noise={self.noise!r}"
+
+
+def _row_shares(row_gates: torch.Tensor) -> torch.Tensor:
+    """``(N, G)``: each row's parameters shared equally by the distinct gates that keep it."""
+    n, r = row_gates.shape
+    g = int(row_gates.max()) + 1 if row_gates.numel() else 0
+    inc = torch.zeros(n, max(g, 1), dtype=torch.float64)
+    inc.scatter_(1, row_gates.cpu(), 1.0)
+    return inc / inc.sum(1, keepdim=True).clamp_min(1.0)
+
+
+class StructureLinear(nn.Linear):
+    """An ``nn.Linear`` spanned by structure gates: rows kept by ``row_gate`` (``row_gates``: ``(N, R)`` gate
+    indices; a row is open when any of its ``R`` gates is) and/or input columns scaled by ``col_gate``
+    (``col_gates``: ``(K,)``). Holds the converted layer's own ``weight`` and ``bias`` Parameters."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._row_gate: Optional[StructureGate] = None
+        self._col_gate: Optional[StructureGate] = None
+        self.register_buffer("row_gates", None, persistent=False)
+        self.register_buffer("col_gates", None, persistent=False)
+
+    def __setattr__(self, name, value):
+        if name in ("_row_gate", "_col_gate"):  # a reference, not a submodule: the gate lives in its block
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def open_rows(self) -> Optional[torch.Tensor]:
+        if self._row_gate is None:
+            return None
+        z = self._row_gate.gates()
+        return (z != 0)[self.row_gates].any(-1)
+
+    def col_scale(self) -> Optional[torch.Tensor]:
+        if self._col_gate is None:
+            return None
+        return self._col_gate.gates()[self.col_gates]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return structure_linear(x, self.weight, self.bias, rows=self.open_rows(), scale=self.col_scale())
+
+    @torch.no_grad()
+    def folded(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(weight, bias) of the plain layer this layer's eval forward computes: closed rows zero, columns
+        times ``z_eval``."""
+        w = self.weight.detach()
+        b = self.bias.detach() if self.bias is not None else None
+        if self._col_gate is not None:
+            z = deterministic_gates(self._col_gate.log_alpha.detach(), beta=self._col_gate.cfg.beta,
+                                    gamma=self._col_gate.cfg.gamma, zeta=self._col_gate.cfg.zeta)
+            w = w * z[self.col_gates].to(w.dtype)
+        if self._row_gate is not None:
+            g = self._row_gate
+            z = deterministic_gates(g.log_alpha.detach(), beta=g.cfg.beta, gamma=g.cfg.gamma, zeta=g.cfg.zeta)
+            keep = (z != 0)[self.row_gates].any(-1)
+            w = w * keep[:, None].to(w.dtype)
+            b = b * keep.to(b.dtype) if b is not None else None
+        return w, b
+
+    def extra_repr(self) -> str:
+        roles = [r for r, g in (("rows", self._row_gate), ("cols", self._col_gate)) if g is not None]
+        return super().extra_repr() + f", structure={'+'.join(roles) or 'none'}"
+
+
+def _start_round(module, args):
+    for g in module.children():
+        if isinstance(g, StructureGate):
+            g._round, g._z = True, None
+
+
+def _end_round(module, args, output):
+    for g in module.children():
+        if isinstance(g, StructureGate):
+            g._round, g._z = False, None
+
+
+def attach_gate(block: nn.Module, gate: StructureGate) -> str:
+    """Register ``gate`` in ``block`` under the first free name ``l0_gate``, ``l0_gate_1``, ... and give the
+    block its round hooks (once). Returns the attribute name."""
+    name, i = "l0_gate", 0
+    while name in block._modules or hasattr(block, name):
+        i += 1
+        name = f"l0_gate_{i}"
+    block.add_module(name, gate)
+    if not any(h is _start_round for h in block._forward_pre_hooks.values()):
+        block.register_forward_pre_hook(_start_round)
+        block.register_forward_hook(_end_round, always_call=True)
+    return name
+
+
+def strip_rounds(block: nn.Module) -> None:
+    """Remove the round hooks of a block that holds no structure gate any more."""
+    if any(isinstance(g, StructureGate) for g in block.children()):
+        return
+    for hooks, fn in ((block._forward_pre_hooks, _start_round), (block._forward_hooks, _end_round)):
+        for key in [k for k, h in hooks.items() if h is fn]:
+            del hooks[key]
+            getattr(block, "_forward_hooks_always_called", {}).pop(key, None)
+
+
+def structure_gates(model: nn.Module) -> Iterator[Tuple[str, StructureGate]]:
+    for name, m in model.named_modules():
+        if isinstance(m, StructureGate):
+            yield name, m
+
+
+__all__ = ["StructureGate", "StructureLinear", "STRUCTURES", "attach_gate", "strip_rounds", "structure_gates"]

@@ -1,0 +1,284 @@
+"""Structure gates (docs/design.md §11) against a float64 reference, on real transformers model definitions.
+
+The reference is the dense model before ``convert`` with the block's hidden activation (the heads' outputs)
+multiplied by the same ``z``: a forward pre-hook on the consumer multiplies its input column ``k`` by
+``z[col_gates[k]]``; the producers compute every row. The structure-gated model must give the same outputs and
+the same gradients of every parameter, ``log_alpha`` included, with the closed rows of every producer and the
+closed columns of every consumer exactly 0 (outputs and gradients), while the gates are drawn in training mode
+(the models themselves in eval mode: no dropout).
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import l0kernels as l0k
+from l0kernels.structure import StructureGate
+
+transformers = pytest.importorskip("transformers")
+import _model_zoo as zoo  # noqa: E402
+
+FAMILIES = ["llama-gqa", "gpt2", "bert", "opt", "phi3", "t5"]
+
+
+def _build(name):
+    why = zoo.available(name)
+    if why:
+        pytest.skip(why)
+    model, inputs = zoo.build(name)
+    return model.double().eval(), inputs
+
+
+def _kwargs(inputs):
+    if len(inputs) == 3:  # T5: input_ids, attention_mask, decoder_input_ids
+        return {"input_ids": inputs[0], "decoder_input_ids": inputs[2]}
+    return {"input_ids": inputs[0]}
+
+
+def _close_some(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in l0k.l0_gates(model):
+            la = torch.empty(m.log_alpha.shape, dtype=torch.float64).uniform_(-5, 4, generator=g)
+            la[0] = 5.0  # every block keeps a unit
+            m.log_alpha.copy_(la)
+
+
+def _record(model):
+    """Patch each gate's ``gates()`` to keep what it returns (one draw per block call)."""
+    seen = {}
+    for name, g in l0k.l0_gates(model):
+        def gates(g=g, name=name, orig=type(g).gates):
+            z = orig(g)
+            seen.setdefault(name, [])
+            if not seen[name] or seen[name][-1] is not z:
+                seen[name].append(z)
+            return z
+        g.gates = gates
+    return seen
+
+
+def _main(out):
+    return zoo.main_output(out)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_structure_gates_match_reference(name):
+    model, inputs = _build(name)
+    dense = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        l0k.convert(model, structure=("ffn", "heads"), example_inputs=_kwargs(inputs))
+    gates = dict(l0k.l0_gates(model))
+    assert gates, "no block found"
+    assert {g.kind for g in gates.values()} == {"ffn", "heads"}
+    _close_some(model, 7)
+    for g in gates.values():
+        g.train()
+    seen = _record(model)
+
+    # producers' outputs, to check the closed rows
+    outs = {}
+    hooks = [m.register_forward_hook(lambda mod, a, o, key=n: outs.setdefault(key, o))
+             for n, m in model.named_modules() if isinstance(m, l0k.StructureLinear) and m._row_gate is not None]
+    torch.manual_seed(0)
+    y = _main(model(**_kwargs(inputs)))
+    for h in hooks:
+        h.remove()
+    assert all(len(v) == 1 for v in seen.values()), "one draw per block call"
+    gy = torch.randn_like(y)
+    (y * gy).sum().backward(retain_graph=True)
+
+    # the reference: the dense model, consumer inputs times z
+    zref = {n: v[0].detach().clone().requires_grad_(True) for n, v in seen.items()}
+    for gname, g in gates.items():
+        for role, layer in g.layers():
+            if role != "cols":
+                continue
+            lname = next(n for n, m in model.named_modules() if m is layer)
+            cols = layer.col_gates
+            dense.get_submodule(lname).register_forward_pre_hook(
+                lambda mod, a, z=zref[gname], cols=cols: (a[0] * z[cols],) + tuple(a[1:]))
+    yr = _main(dense(**_kwargs(inputs)))
+    (yr * gy).sum().backward()
+    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-12)
+
+    # gradients of every parameter
+    params = dict(model.named_parameters())
+    for pname, pr in dense.named_parameters():
+        p = params[pname]
+        gp = p.grad if p.grad is not None else torch.zeros_like(p)
+        gr = pr.grad if pr.grad is not None else torch.zeros_like(pr)
+        owner = dense.get_submodule(pname.rpartition(".")[0])
+        if type(owner).__name__ == "Conv1D" and pname.endswith("weight"):  # stored (in, out), converted to linear
+            gr = gr.t()
+        torch.testing.assert_close(gp, gr, rtol=1e-9, atol=1e-11, msg=lambda m: f"{pname}: {m}")
+    for gname, g in gates.items():
+        (want,) = torch.autograd.grad(seen[gname][0], g.log_alpha, zref[gname].grad, retain_graph=True)
+        torch.testing.assert_close(g.log_alpha.grad, want, rtol=1e-9, atol=1e-11)
+
+    # closed rows and columns: exactly 0 in the outputs and the gradients
+    for gname, g in gates.items():
+        z = seen[gname][0].detach()
+        for role, layer in g.layers():
+            lname = next(n for n, m in model.named_modules() if m is layer)
+            if role == "rows":
+                closed = ~(z != 0)[layer.row_gates].any(-1)
+                assert bool((outs[lname][..., closed] == 0).all()), lname
+                assert bool((layer.weight.grad[closed] == 0).all()), lname
+            else:
+                closed = z[layer.col_gates] == 0
+                assert bool((layer.weight.grad[:, closed] == 0).all()), lname
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2", "bert"])
+def test_open_gates_compute_what_the_model_computed(name):
+    model, inputs = _build(name)
+    model = model.float()
+    ref = _main(model(**_kwargs(inputs)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        l0k.convert(model, structure=("ffn", "heads"))
+    assert torch.equal(_main(model(**_kwargs(inputs))), ref)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2", "opt", "phi3", "t5"])
+def test_compact_removes_closed_units_from_every_layer(name):
+    model, inputs = _build(name)
+    model = model.float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        l0k.convert(model, structure=("ffn", "heads"))
+        _close_some(model, 3)
+        small = l0k.compact(model, _kwargs(inputs))
+    assert type(small) is type(model)
+    assert not list(l0k.l0_gates(small)), "the compacted model holds no gates"
+    assert l0k.compare(model, small, _kwargs(inputs))["norm_rel"] <= 1e-5
+    before = zoo.n_params(model)
+    after = zoo.n_params(small)
+    closed_units = sum(float(((g.deterministic_gates() == 0).double() * g.params_per_gate).sum())
+                       for _, g in l0k.l0_gates(model) if g.kind == "ffn")
+    assert before - after >= closed_units - 1e-6  # every closed FFN unit gone from all its layers
+
+
+def test_one_draw_per_block_call_and_fresh_draws_per_call():
+    model, inputs = _build("llama-gqa")
+    l0k.convert(model, structure="ffn")
+    model.train()
+    _close_some(model, 1)
+    seen = _record(model)
+    model(**_kwargs(inputs))
+    model(**_kwargs(inputs))
+    for v in seen.values():
+        assert len(v) == 2 and not torch.equal(v[0], v[1])
+
+
+def test_counting_and_regularizer():
+    model, inputs = _build("llama-gqa")
+    total = sum(p.numel() for p in model.parameters())
+    l0k.convert(model, structure=("ffn", "heads"))
+    _close_some(model, 5)
+    gates = [g for _, g in l0k.l0_gates(model)]
+    # with every gate surely open, expected_params counts every parameter once
+    for g in gates:
+        spanned = sum(p.numel() for p in g.counted_parameters())
+        assert float(g.params_per_gate.sum()) + g.ungated_params == pytest.approx(spanned)
+    e = l0k.expected_params(model)
+    manual = total - sum(p.numel() for g in gates for p in g.counted_parameters()) + \
+        sum(float((g.prob_open().detach().double() * g.params_per_gate).sum()) + g.ungated_params for g in gates)
+    assert float(e.detach()) == pytest.approx(manual, rel=1e-9)
+    # the FFN gate of a Llama MLP controls its row of gate_proj and up_proj and its column of down_proj
+    ffn = next(g for g in gates if g.kind == "ffn")
+    h = model.config.hidden_size
+    assert torch.all(ffn.params_per_gate == 3 * h)
+    # heads with grouped-query attention: q rows + o columns + the kv head's rows shared by its query heads
+    heads = next(g for g in gates if g.kind == "heads")
+    d = model.config.hidden_size // model.config.num_attention_heads
+    r = model.config.num_attention_heads // model.config.num_key_value_heads
+    assert torch.allclose(heads.params_per_gate, torch.full_like(heads.params_per_gate, 2 * d * h + 2 * d * h / r))
+    # the regularizer: lambda |g| p_g summed, divided by N, plus the L2 part over the spanned weights
+    lam, wd, N = 0.3, 0.01, 50
+    reg = l0k.l0_regularizer(model, lam, wd, N)
+    want = 0.0
+    for g in gates:
+        p = g.prob_open().double()
+        sq = torch.zeros_like(p)
+        rest = 0.0
+        for role, layer in g.layers():
+            w2 = layer.weight.detach().double() ** 2
+            if role == "rows":
+                for n in range(w2.shape[0]):
+                    ids = layer.row_gates[n].unique()
+                    sq[ids] += w2[n].sum() / ids.numel()
+            else:
+                sq.index_add_(0, layer.col_gates, w2.sum(0))
+        want += float((p * (lam * g.params_per_gate + 0.5 * wd * sq)).sum() + 0.5 * wd * rest) / N
+    assert float(reg) == pytest.approx(want, rel=1e-5)
+    reg.backward()
+    assert all(g.log_alpha.grad is not None for g in gates)
+
+
+def test_sparsity_target_counts_structure_gates():
+    model, inputs = _build("llama-gqa")
+    l0k.convert(model, structure=("ffn", "heads"))
+    ctl = l0k.SparsityTarget(model, 0.5)
+    total = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("log_alpha"))
+    assert ctl.expected() == pytest.approx(float(l0k.expected_params(model)) / total, rel=1e-6)
+    assert ctl.min_fraction() < 0.9
+    with pytest.raises(ValueError, match="flops"):
+        l0k.SparsityTarget(model, 0.5, metric="flops")
+
+
+def test_bad_input_changes_nothing():
+    model, inputs = _build("llama-gqa")
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="structure"):
+        l0k.convert(model, structure="channels")
+    with pytest.raises(ValueError, match="noise"):
+        l0k.convert(model, structure="ffn", noise="sample")
+    with pytest.raises(ValueError, match="group_size"):
+        l0k.convert(model, structure="ffn", group_size=2)
+    with pytest.warns(UserWarning, match="matched no"):
+        l0k.convert(model, structure="ffn", include="nothing.*")
+    assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+def test_include_selects_blocks_by_name():
+    model, inputs = _build("llama-gqa")
+    l0k.convert(model, structure="ffn", include="model.layers.0.*")
+    names = [n for n, _ in l0k.l0_gates(model)]
+    assert names == ["model.layers.0.mlp.l0_gate"]
+    # a block already converted is refused when named again
+    with pytest.raises(ValueError, match="not a plain linear layer"):
+        l0k.convert(model, structure="ffn", include="model.layers.0.mlp")
+
+
+def test_structure_linear_functional_against_reference():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        n, k = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 9, (1,), generator=g))
+        x = torch.randn(3, 5, k + 2, dtype=torch.float64, generator=g)[..., 1:k + 1]  # non-contiguous
+        w = torch.randn(n, k, dtype=torch.float64, generator=g, requires_grad=True)
+        b = torch.randn(n, dtype=torch.float64, generator=g, requires_grad=True)
+        rows = torch.rand(n, generator=g) < 0.6
+        s = torch.rand(k, dtype=torch.float64, generator=g) * (torch.rand(k, generator=g) < 0.6)
+        s.requires_grad_(True)
+        x.requires_grad_(True)
+        y = l0k.structure_linear(x, w, b, rows=rows, scale=s)
+        ref = torch.nn.functional.linear(x * s, w, b) * rows
+        torch.testing.assert_close(y, ref)
+        gy = torch.randn_like(y)
+        got = torch.autograd.grad((y * gy).sum(), (x, w, b, s))
+        want = torch.autograd.grad((ref * gy).sum(), (x, w, b, s))
+        open_cols = s.detach() != 0
+        for a, c in zip(got[:3], want[:3]):
+            torch.testing.assert_close(a, c)
+        # scale's gradient where scale is 0 is 0: those columns are not read (a hard-concrete gate is 0 only where
+        # its own derivative is 0, so log_alpha's gradient is the same)
+        torch.testing.assert_close(got[3], want[3] * open_cols)
+        assert bool((got[1][~rows] == 0).all()) and bool((got[1][:, s.detach() == 0] == 0).all())
+    with pytest.raises(ValueError, match="rows"):
+        l0k.structure_linear(x, w, b, rows=torch.ones(n + 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="scale"):
+        l0k.structure_linear(x, w, b, scale=torch.ones(k + 1, dtype=torch.float64))
