@@ -1,13 +1,14 @@
-"""The whole training step of a transformers Llama, gated the README's way, against the same dense model.
+"""The whole training step of a transformers Llama with gates on its FFN units and heads, against the same dense model.
 
 CPU (default): ``LlamaForCausalLM`` built from a config (hidden 512, FFN 1536, 8 heads of 64, vocab 4096; 4
-layers, and 8 with ``--deep``), 4 x 128 tokens, float32, AdamW. The gated model has one input gate per FFN unit
-on every ``down_proj`` and one per head on every ``o_proj`` (``group_size = 64``), at unit/head density 1.0 /
-0.5 / 0.3 / 0.1 (``common.log_alpha_for_density``); its step adds ``l0_penalty``. One step = forward,
-cross-entropy, backward, ``optimizer.step()``. Every configuration runs one step per round (interleaved;
-medians). Goal (docs/design.md §11): <= 1.05x the dense step with every gate open and <= 0.6x at density 0.3 --
-which needs structure gates (a closed unit or head skipped in every layer it spans); with per-layer gates
-only ``down_proj`` and ``o_proj`` skip.
+layers, and 8 with ``--deep``), 4 x 128 tokens, float32, AdamW, at unit/head density 1.0 / 0.5 / 0.3 / 0.1
+(``common.log_alpha_for_density``); the gated step adds ``l0_penalty``. ``--gates structure`` (the default): one
+structure gate per FFN unit and per head (``convert(structure=("ffn", "heads"))``), a closed unit or head skipped
+in every layer it spans. ``--gates layer``: per-layer gates, one input gate per FFN unit on every ``down_proj`` and
+one per head on every ``o_proj`` (``group_size = 64``), so only those layers skip. ``--gates both`` times both.
+One step = forward, cross-entropy, backward, ``optimizer.step()``. Every configuration runs one step per round
+(interleaved; medians). Goal (docs/design.md §11): <= 1.05x the dense step with every gate open and <= 0.6x at
+density 0.3.
 
 GPU (``--gpu``): bfloat16, 8192 tokens (2 x 4096), one Llama-7B-shaped block (hidden 4096, FFN 11008, 32 heads with
 8 key/value heads, vocab 32000 kept small at 4096 so the block dominates), same densities, CUDA-event timing.
@@ -52,13 +53,16 @@ def build(layers: int, gpu: bool):
     return transformers.LlamaForCausalLM(config), cfg
 
 
-def gated_copy(dense, cfg, density: float, seed: int):
+def gated_copy(dense, cfg, density: float, seed: int, gates: str, ids):
     model = copy.deepcopy(dense)
-    l0k.convert(model, gate="in", include="*.down_proj")
-    l0k.convert(model, gate="in", include="*.o_proj", group_size=cfg["head_dim"])
+    if gates == "structure":  # one gate per FFN unit / head, skipped in every layer it spans
+        l0k.convert(model, structure=("ffn", "heads"), example_inputs={"input_ids": ids[:, :16], "use_cache": False})
+    else:  # per-layer gates the README's way: FFN units on down_proj, heads on o_proj
+        l0k.convert(model, gate="in", include="*.down_proj")
+        l0k.convert(model, gate="in", include="*.o_proj", group_size=cfg["head_dim"])
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, m in l0k.l0_layers(model):
+        for _, m in l0k.l0_gates(model):
             m.log_alpha.copy_(common.log_alpha_for_density(m.log_alpha.numel(), density, generator=g)
                               .to(m.log_alpha.device))
     return model
@@ -79,7 +83,7 @@ def stepper(model, ids, gated: bool):
     return step
 
 
-def rows_for(layers: int, gpu: bool, reps: int, meta: dict) -> List[Dict]:
+def rows_for(layers: int, gpu: bool, reps: int, meta: dict, modes=("structure",)) -> List[Dict]:
     dev = torch.device("cuda" if gpu else "cpu")
     dt = torch.bfloat16 if gpu else torch.float32
     dense, cfg = build(layers, gpu)
@@ -87,9 +91,10 @@ def rows_for(layers: int, gpu: bool, reps: int, meta: dict) -> List[Dict]:
     b, t = (2, 4096) if gpu else (4, 128)
     ids = torch.randint(0, cfg["vocab_size"], (b, t + 1), generator=torch.Generator().manual_seed(1)).to(dev)
     fns, names = [stepper(dense, ids, False)], ["dense"]
-    for i, d in enumerate(DENSITIES):
-        fns.append(stepper(gated_copy(dense, cfg, d, 10 + i), ids, True))
-        names.append(f"gated {d}")
+    for mode in modes:
+        for i, d in enumerate(DENSITIES):
+            fns.append(stepper(gated_copy(dense, cfg, d, 10 + i, mode, ids), ids, True))
+            names.append(f"{mode} {d}")
     times = common.interleaved_times(fns, reps, warmup=2, device=dev)
     med = [statistics.median(x) for x in times]
     out = []
@@ -98,7 +103,7 @@ def rows_for(layers: int, gpu: bool, reps: int, meta: dict) -> List[Dict]:
                         ffn=cfg["intermediate_size"], heads=cfg["num_attention_heads"],
                         kv_heads=cfg["num_key_value_heads"], tokens=b * t, dtype=str(dt).replace("torch.", ""),
                         config=name, step_ms=m, min_ms=min(x), max_ms=max(x), ratio=m / med[0], reps=reps))
-        print(f"{layers} layers, {name:>10}: {m:8.1f} ms  ({m / med[0]:.2f}x dense)", flush=True)
+        print(f"{layers} layers, {name:>14}: {m:8.1f} ms  ({m / med[0]:.2f}x dense)", flush=True)
     return out
 
 
@@ -122,6 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--deep", action="store_true", help="CPU: also the 8-layer model")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--gates", choices=("structure", "layer", "both"), default="structure",
+                    help="structure gates (default), per-layer gates the README's way, or both")
     ap.add_argument("--out", default=os.path.join(common.HERE, "results"))
     args = ap.parse_args(argv)
     if args.threads:
@@ -131,9 +138,10 @@ def main(argv=None) -> int:
     now = _dt.datetime.now()
     dev = torch.device("cuda" if args.gpu else "cpu")
     meta = common.make_meta(dev, now)
-    rows = rows_for(1 if args.gpu else 4, args.gpu, args.reps, meta)
+    modes = ("structure", "layer") if args.gates == "both" else (args.gates,)
+    rows = rows_for(1 if args.gpu else 4, args.gpu, args.reps, meta, modes)
     if args.deep and not args.gpu:
-        rows += rows_for(8, False, args.reps, meta)
+        rows += rows_for(8, False, args.reps, meta, modes)
     common.write_results(rows, args.out, meta["device"], now, "llama-step", markdown)
     return 0
 

@@ -148,12 +148,12 @@ CASES = [
     ("L0Conv2d-zeta", lambda: L0Conv2d(4, 6, 3, zeta=0.9), ValueError, r"^zeta must be > 1"),
     ("L0Conv2d-droprate", lambda: L0Conv2d(4, 6, 3, droprate_init=-0.1), ValueError, r"^droprate_init must be in"),
     ("reg-model-not-module", lambda: l0k.l0_regularizer([L0Linear(2, 2)]), TypeError, r"^model must be a torch\.nn\.Module"),
-    ("reg-model-no-l0", lambda: l0k.l0_regularizer(nn.Linear(2, 2)), ValueError, r"^model has no L0 layers"),
+    ("reg-model-no-l0", lambda: l0k.l0_regularizer(nn.Linear(2, 2)), ValueError, r"^model has no gates"),
     ("reg-N-0", lambda: l0k.l0_regularizer(L0Linear(2, 2), N=0), ValueError, r"^N \(training-set size\) must be"),
     ("reg-N-float", lambda: l0k.l0_regularizer(L0Linear(2, 2), N=10.0), ValueError, r"^N \(training-set size\)"),
     ("reg-lamba-length", lambda: l0k.l0_regularizer(nn.Sequential(L0Linear(2, 2), L0Linear(2, 2)), [0.1]),
      ValueError, r"^lamba has 1 values"),
-    ("penalty-no-l0", lambda: l0k.l0_penalty(nn.Sequential(nn.Linear(2, 2))), ValueError, r"^model has no L0 layers"),
+    ("penalty-no-l0", lambda: l0k.l0_penalty(nn.Sequential(nn.Linear(2, 2))), ValueError, r"^model has no gates"),
     ("GateConfig-eps", lambda: l0k.GateConfig(eps=0.0), ValueError, r"^eps must be in"),
 ]
 

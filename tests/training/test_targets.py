@@ -319,7 +319,7 @@ def test_errors_name_the_argument():
         l0k.SparsityTarget(model, 0.5, horizon=None)
     with pytest.raises(TypeError, match="model"):
         l0k.SparsityTarget("model", 0.5)
-    with pytest.raises(ValueError, match="no L0 layers"):
+    with pytest.raises(ValueError, match="has no gates"):
         l0k.SparsityTarget(nn.Linear(3, 3), 0.5)
     with pytest.raises(TypeError, match="example_inputs"):
         l0k.SparsityTarget(model, 0.5, metric="flops", example_inputs=[1, 2])
