@@ -198,8 +198,9 @@ def structure_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     the outputs where ``rows`` (bool, ``(N,)``) is False exactly 0 and not computed, and the inputs where
     ``scale`` (``(K,)``, the gates per input feature) is 0 not read. ``rows=None`` / ``scale=None``: every row
     computed / no input scale. A producer of a structure gate passes ``rows`` (the open units' rows), its
-    consumer ``scale`` (the gates ``z`` per column). The gradient of ``scale`` is 0 where ``scale`` is 0 (those
-    columns are not read; a hard-concrete gate is 0 only where its own derivative is 0)."""
+    consumer ``scale`` (the gates ``z`` per column). Where ``scale`` is 0 its gradient is 0 when the call skips
+    those columns and the product's otherwise (a hard-concrete gate is 0 only where its own derivative is 0, so
+    ``log_alpha``'s gradient is the same either way)."""
     check_tensor(x, "x")
     check_tensor(weight, "weight")
     if weight.dim() != 2:

@@ -63,8 +63,17 @@ def _main(out):
     return zoo.main_output(out)
 
 
+@pytest.fixture(params=["gather", "dense"])
+def path(request, monkeypatch):
+    """gather: every call with a closed row or column gathers the open ones; dense: every call multiplies."""
+    from l0kernels import _active
+    monkeypatch.setattr(_active, "MIN_SKIPPED_MACS", 0 if request.param == "gather" else 1 << 62)
+    monkeypatch.setattr(_active, "DENSE_ABOVE", 1.0)
+    return request.param
+
+
 @pytest.mark.parametrize("name", FAMILIES)
-def test_structure_gates_match_reference(name):
+def test_structure_gates_match_reference(name, path):
     model, inputs = _build(name)
     dense = copy.deepcopy(model)
     with warnings.catch_warnings():
@@ -254,7 +263,8 @@ def test_include_selects_blocks_by_name():
         l0k.convert(model, structure="ffn", include="model.layers.0.mlp")
 
 
-def test_structure_linear_functional_against_reference():
+def test_structure_linear_functional_against_reference(path):
+    gather = path == "gather"
     g = torch.Generator().manual_seed(0)
     for trial in range(20):
         n, k = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 9, (1,), generator=g))
@@ -274,10 +284,11 @@ def test_structure_linear_functional_against_reference():
         open_cols = s.detach() != 0
         for a, c in zip(got[:3], want[:3]):
             torch.testing.assert_close(a, c)
-        # scale's gradient where scale is 0 is 0: those columns are not read (a hard-concrete gate is 0 only where
-        # its own derivative is 0, so log_alpha's gradient is the same)
-        torch.testing.assert_close(got[3], want[3] * open_cols)
+        # scale's gradient where scale is 0: 0 when those columns are skipped (a hard-concrete gate is 0 only where
+        # its own derivative is 0, so log_alpha's gradient is the same either way)
+        torch.testing.assert_close(got[3], want[3] * open_cols if gather else want[3])
         assert bool((got[1][~rows] == 0).all()) and bool((got[1][:, s.detach() == 0] == 0).all())
+        assert bool((y[..., ~rows] == 0).all())
     with pytest.raises(ValueError, match="rows"):
         l0k.structure_linear(x, w, b, rows=torch.ones(n + 1, dtype=torch.bool))
     with pytest.raises(ValueError, match="scale"):

@@ -8,10 +8,13 @@ bias) and the columns where ``s == 0`` never read. With ``o`` the open rows and 
 - backward (autograd through the same gathers): ``dW[o][:, c]``, ``db[o]``, ``dx[..., c]`` and ``ds[c]`` only;
   every other entry of the gradients is an exact 0.
 
-The open sets are read on the host (``nonzero``): on the CPU that costs nothing; on a GPU it is one
-synchronisation per layer and call (the device kernels that keep the open set on the device are not written
-yet, docs/kernels.md). When every row and column is open the call is one ``F.linear`` (and no multiply where
-``s`` is all ones), so open gates compute exactly what the layer computed before ``convert``.
+Whether to gather is decided per call as for the per-layer gates (:func:`l0kernels._active.skip_reasons`:
+``L0K_SKIP_DENSE_ABOVE``, ``L0K_SKIP_MIN_MACS``, ``L0K_SKIP_CLOSED``): with most rows (columns) open, the
+dense product runs and the closed rows are multiplied by 0 (the closed columns by their gate, 0), which is
+cheaper than gathering. The open sets are read on the host (``nonzero``): on the CPU that costs nothing; on a
+GPU it is one synchronisation per layer and call (the device kernels that keep the open set on the device are
+not written yet, docs/design.md §11). When every row and column is open the call is one ``F.linear`` (and no
+multiply where ``s`` is all ones), so open gates compute exactly what the layer computed before ``convert``.
 """
 from __future__ import annotations
 
@@ -20,22 +23,37 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ... import _active
+
+
+def _gather(n_gates: int, n_open: int, macs_per_group: int) -> bool:
+    return _active.ENABLED and not _active.skip_reasons(n_gates, macs_per_group, n_open)
+
 
 def structure_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      rows: Optional[torch.Tensor], scale: Optional[torch.Tensor]) -> torch.Tensor:
-    n = weight.shape[0]
+    n, k = weight.shape
+    m = x.numel() // max(k, 1)
     w, b = weight, bias
     if scale is not None:
         open_cols = scale != 0
-        if bool(open_cols.all()):
+        n_open = int(open_cols.sum())
+        if n_open == k:
             if not bool((scale == 1).all()):
                 x = x * scale.to(x.dtype)
-        else:
+        elif _gather(k, n_open, m * n):
             c = open_cols.nonzero().squeeze(1)
             x = x.index_select(-1, c) * scale.index_select(0, c).to(x.dtype)
             w = w.index_select(1, c)
-    if rows is None or bool(rows.all()):
+        else:
+            x = x * scale.to(x.dtype)
+    if rows is None:
         return F.linear(x, w, b)
+    n_open = int(rows.sum())
+    if n_open == n:
+        return F.linear(x, w, b)
+    if not _gather(n, n_open, m * w.shape[1]):
+        return F.linear(x, w, b) * rows.to(x.dtype)
     o = rows.nonzero().squeeze(1)
     y_open = F.linear(x, w.index_select(0, o), b.index_select(0, o) if b is not None else None)
     y = y_open.new_zeros(*y_open.shape[:-1], n)
