@@ -473,7 +473,8 @@ def _convert_structure(model, structure, *, include, exclude, noise, droprate_in
     droprate_init = _check_droprate_arg(droprate_init)
     inc = _matcher(include, "include")
     exc = _matcher(exclude, "exclude")
-    blocks = [b for b in find_blocks(model, example_inputs) if b.kind in kinds]
+    found, call_args, call_kwargs = find_blocks(model, example_inputs)
+    blocks = [b for b in found if b.kind in kinds]
     chosen = []
     for b in blocks:
         holder = model.get_submodule(b.name)
@@ -512,11 +513,14 @@ def _convert_structure(model, structure, *, include, exclude, noise, droprate_in
                 new.weight, new.bias = w, old.bias
                 if name == b.consumer:
                     new._col_gate, new.col_gates = g, b.col_gates.to(w.device)
+                    new.col_classes = b.col_classes.to(w.device)
                 else:
                     new._row_gate, new.row_gates = g, b.row_gates[name].to(w.device)
+                    new.row_classes = b.row_classes[name].to(w.device)
                 new.train(old.training)
                 layers[name] = (old, new)
                 g._layers.append(new)
+            g.class_gates = b.class_gates.to(w.device)
             g._count()
             g.train(model.get_submodule(b.name).training)
             built.append((b, g, layers))
@@ -530,8 +534,49 @@ def _convert_structure(model, structure, *, include, exclude, noise, droprate_in
             for cname, child in list(parent._modules.items()):
                 if child is not None and id(child) in swap:
                     parent._modules[cname] = swap[id(child)]
-        attach_gate(model.get_submodule(b.name), g)
+        attach_gate(model.get_submodule(b.name), layers[b.consumer][1], g)
+    if built:
+        _allow_narrow(model, [g for _, g, _ in built], call_args, call_kwargs)
     return model
+
+
+def _allow_narrow(model, gates, args, kwargs) -> None:
+    """Set ``gate.narrow`` for the blocks whose forward gives the same outputs when the tensors between their
+    layers hold only the open units (sizes the forward reads from its input, e.g. ``view(..., -1, head_dim)``)
+    as with every unit present: checked on the example call with every other unit class closed, all blocks at
+    once and, where that differs, block by block. A block whose forward hard-codes its width stays full width."""
+    from .compact.core import _differs, _run
+    from .structure import GATE_CLOSED, GATE_OPEN
+    gates = [g for g in gates if g.class_gates.shape[0] >= 2]
+    if not gates:
+        return
+    saved = [(g, g.log_alpha.detach().clone()) for g in gates]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            for g in gates:
+                la = torch.full_like(g.log_alpha, GATE_OPEN)
+                la[g.class_gates[1::2].flatten()] = GATE_CLOSED
+                g.log_alpha.copy_(la)
+
+            def agrees(trial) -> bool:
+                for g in gates:
+                    g.narrow = g in trial
+                try:
+                    return _differs(ref, _run(model, args, kwargs)) is None
+                except Exception:
+                    return False
+            ref = _run(model, args, kwargs)
+            ok = list(gates) if agrees(gates) else [g for g in gates if agrees([g])]
+        for g in gates:
+            g.narrow = g in ok
+    finally:
+        with torch.no_grad():
+            for g, la in saved:
+                g.log_alpha.copy_(la)
+        for m, t in modes:
+            m.training = t
 
 
 def _structure_refusal(model, b) -> Optional[str]:

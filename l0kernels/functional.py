@@ -193,39 +193,48 @@ def explain_conv2d(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tenso
 # backends may serve it from the layer's cached eval plan (l0kernels/backends/_plans.py).
 
 def structure_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-                     rows: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     rows: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
+                     cols: Optional[torch.Tensor] = None, open_out: bool = False) -> torch.Tensor:
     """A linear layer inside a structure gate's span (docs/design.md §11): ``y = (x * scale) @ W.T + b`` with
     the outputs where ``rows`` (bool, ``(N,)``) is False exactly 0 and not computed, and the inputs where
     ``scale`` (``(K,)``, the gates per input feature) is 0 not read. ``rows=None`` / ``scale=None``: every row
     computed / no input scale. A producer of a structure gate passes ``rows`` (the open units' rows), its
     consumer ``scale`` (the gates ``z`` per column). Where ``scale`` is 0 its gradient is 0 when the call skips
     those columns and the product's otherwise (a hard-concrete gate is 0 only where its own derivative is 0, so
-    ``log_alpha``'s gradient is the same either way)."""
+    ``log_alpha``'s gradient is the same either way).
+
+    The narrow form, where the tensors between a block's layers hold only its open units: ``open_out=True``
+    returns only the rows where ``rows`` is True (in order); ``cols`` (bool, ``(K,)``) says that ``x`` holds only
+    those input columns (in order)."""
     check_tensor(x, "x")
     check_tensor(weight, "weight")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     n, k = weight.shape
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"x must have {k} features in its last dim (weight's in_features), got shape "
-                         f"{tuple(x.shape)}")
+    width = int(cols.sum()) if isinstance(cols, torch.Tensor) and tuple(cols.shape) == (k,) else k
+    if x.dim() < 1 or x.shape[-1] != width:
+        raise ValueError(f"x must have {width} features in its last dim ({'the open columns of ' if width != k else ''}"
+                         f"weight's in_features), got shape {tuple(x.shape)}")
     if bias is not None:
         check_tensor(bias, "bias")
         if tuple(bias.shape) != (n,):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    if rows is not None:
-        if not isinstance(rows, torch.Tensor) or rows.dtype != torch.bool or tuple(rows.shape) != (n,):
-            raise ValueError(f"rows must be a bool tensor of shape ({n},) or None, got "
-                             f"{getattr(rows, 'dtype', type(rows).__name__)} {tuple(getattr(rows, 'shape', ()))}")
+    for name, mask, size in (("rows", rows, n), ("cols", cols, k)):
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
+                                 or tuple(mask.shape) != (size,)):
+            raise ValueError(f"{name} must be a bool tensor of shape ({size},) or None, got "
+                             f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+    if open_out and rows is None:
+        raise ValueError("open_out=True needs rows (the rows the output holds)")
     if scale is not None:
         check_tensor(scale, "scale")
         if tuple(scale.shape) != (k,):
             raise ValueError(f"scale must have shape ({k},) or be None, got {tuple(scale.shape)}")
-    for name, t in (("weight", weight), ("bias", bias), ("rows", rows), ("scale", scale)):
+    for name, t in (("weight", weight), ("bias", bias), ("rows", rows), ("scale", scale), ("cols", cols)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     from .backends.torch.structure import structure_linear as run
-    return run(x, weight, bias, rows, scale)
+    return run(x, weight, bias, rows, scale, cols, bool(open_out))
 
 
 def _params(layer):

@@ -1,9 +1,8 @@
 """Structure gates (docs/design.md §11): one gate per feed-forward unit or attention head, shared by every
 linear layer the unit spans.
 
-A :class:`StructureGate` owns ``log_alpha`` (one entry per unit or head) and sits in the block it gates (the
-lowest module holding all the block's layers, attribute ``l0_gate``, ``l0_gate_1``, ...). The block's layers
-become :class:`StructureLinear` (an ``nn.Linear`` holding the same ``weight``/``bias`` Parameters):
+A :class:`StructureGate` owns ``log_alpha`` (one entry per unit or head) and is registered in the block's
+consumer layer (``down_proj.l0_gate``). The block's layers become :class:`StructureLinear` (an ``nn.Linear`` holding the same ``weight``/``bias`` Parameters):
 
 * a *producer* (``gate_proj``/``up_proj``, ``fc1``, a query/key/value projection) computes only the rows of the
   open units: row ``n`` is open when any gate of ``row_gates[n]`` is open (a key/value head's rows stay while
@@ -14,7 +13,7 @@ become :class:`StructureLinear` (an ``nn.Linear`` holding the same ``weight``/``
 So a closed unit costs nothing in any layer it spans, and the block computes what the reference computes:
 the hidden activation (the heads' outputs) times ``z``, with the producers' closed rows exactly 0.
 
-One draw per block call: the block module gets a forward pre-hook that starts a round (the first layer that
+One draw per block call: the block module (the lowest module holding all its layers) gets a forward pre-hook that starts a round (the first layer that
 needs the gates draws them from a fresh seed, the others reuse them) and a forward hook that ends it. A layer
 called outside a round (on its own) draws for itself. In eval mode the gates are ``z_eval``.
 """
@@ -25,11 +24,13 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from . import _active
 from ._checks import draw_seed
 from .functional import deterministic_gates, sample_gates, structure_linear
 from .modules import _GateOwner, _check_coef, _check_n
 
 STRUCTURES = ("ffn", "heads")
+GATE_OPEN, GATE_CLOSED = 10.0, -10.0  # log_alpha of a gate surely open / closed (z_eval 1 / 0)
 
 
 class StructureGate(_GateOwner):
@@ -53,25 +54,41 @@ class StructureGate(_GateOwner):
         self.register_buffer("params_per_gate", torch.zeros(int(num_gates), dtype=torch.float64, device=device),
                              persistent=False)
         self.ungated_params = 0
+        self.register_buffer("class_gates", torch.arange(int(num_gates), device=device)[:, None], persistent=False)
+        self.narrow = False  # the block's forward runs on tensors holding only the open classes (set by convert)
         self._layers: List["StructureLinear"] = []  # not submodules: they stay where the model holds them
         self._round = False
-        self._z: Optional[torch.Tensor] = None
+        self._state: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
         self.reset_gates()
 
     # -- the gates of this call --------------------------------------------------------------------------
-    def gates(self) -> torch.Tensor:
-        """``z`` for the current call of the block: drawn once per round in training, ``z_eval`` in eval."""
-        if self._round and self._z is not None:
-            return self._z
+    def state(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(z, open_classes)`` for the current call of the block, once per round: ``z`` drawn in training,
+        ``z_eval`` in eval; ``open_classes`` (bool per class: an FFN unit, a head, or the query heads of one
+        key/value head) when the block runs narrow this call (some but not all classes open, few enough for the
+        skip to pay, :func:`l0kernels._active.skip_reasons`' fraction), else None."""
+        if self._round and self._state is not None:
+            return self._state
         cfg = self.cfg
         if self.training:
             z = sample_gates(self.log_alpha, draw_seed(self.log_alpha.device), beta=cfg.beta, gamma=cfg.gamma,
                              zeta=cfg.zeta)
         else:
             z = deterministic_gates(self.log_alpha, beta=cfg.beta, gamma=cfg.gamma, zeta=cfg.zeta)
+        open_classes = None
+        if self.narrow and _active.ENABLED and not torch.compiler.is_compiling():
+            oc = (z != 0)[self.class_gates].any(-1)
+            n_open, n = int(oc.sum()), oc.numel()
+            if 0 < n_open < n and n_open <= _active.DENSE_ABOVE * n:
+                open_classes = oc
+        state = (z, open_classes)
         if self._round:
-            self._z = z
-        return z
+            self._state = state
+        return state
+
+    def gates(self) -> torch.Tensor:
+        """``z`` for the current call of the block (see :meth:`state`)."""
+        return self.state()[0]
 
     def layers(self) -> List[Tuple[str, "StructureLinear"]]:
         """``(role, layer)`` for every layer the gates span (``"rows"`` for a producer, ``"cols"`` the consumer)."""
@@ -143,6 +160,8 @@ class StructureLinear(nn.Linear):
         self._col_gate: Optional[StructureGate] = None
         self.register_buffer("row_gates", None, persistent=False)
         self.register_buffer("col_gates", None, persistent=False)
+        self.register_buffer("row_classes", None, persistent=False)
+        self.register_buffer("col_classes", None, persistent=False)
 
     def __setattr__(self, name, value):
         if name in ("_row_gate", "_col_gate"):  # a reference, not a submodule: the gate lives in its block
@@ -150,19 +169,25 @@ class StructureLinear(nn.Linear):
         else:
             super().__setattr__(name, value)
 
-    def open_rows(self) -> Optional[torch.Tensor]:
-        if self._row_gate is None:
-            return None
-        z = self._row_gate.gates()
-        return (z != 0)[self.row_gates].any(-1)
-
-    def col_scale(self) -> Optional[torch.Tensor]:
-        if self._col_gate is None:
-            return None
-        return self._col_gate.gates()[self.col_gates]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return structure_linear(x, self.weight, self.bias, rows=self.open_rows(), scale=self.col_scale())
+        rows = scale = cols = closed_within = None
+        narrow = False
+        if self._row_gate is not None:
+            z, open_classes = self._row_gate.state()
+            rows = (z != 0)[self.row_gates].any(-1)
+            if open_classes is not None:  # the output holds the open classes' rows only
+                present = open_classes[self.row_classes]
+                keep = rows[present]
+                if not bool(keep.all()):  # a closed query head of an open key/value group: rows of exact zeros
+                    closed_within = keep
+                rows, narrow = present, True
+        if self._col_gate is not None:
+            z, open_classes = self._col_gate.state()
+            scale = z[self.col_gates]
+            if open_classes is not None:  # the input holds the open classes' columns only
+                cols = open_classes[self.col_classes]
+        y = structure_linear(x, self.weight, self.bias, rows=rows, scale=scale, cols=cols, open_out=narrow)
+        return y if closed_within is None else y * closed_within.to(y.dtype)
 
     @torch.no_grad()
     def folded(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -188,35 +213,29 @@ class StructureLinear(nn.Linear):
 
 
 def _start_round(module, args):
-    for g in module.children():
-        if isinstance(g, StructureGate):
-            g._round, g._z = True, None
+    for g in module.__dict__.get("_l0_round_gates", ()):
+        g._round, g._state = True, None
 
 
 def _end_round(module, args, output):
-    for g in module.children():
-        if isinstance(g, StructureGate):
-            g._round, g._z = False, None
+    for g in module.__dict__.get("_l0_round_gates", ()):
+        g._round, g._state = False, None
 
 
-def attach_gate(block: nn.Module, gate: StructureGate) -> str:
-    """Register ``gate`` in ``block`` under the first free name ``l0_gate``, ``l0_gate_1``, ... and give the
-    block its round hooks (once). Returns the attribute name."""
-    name, i = "l0_gate", 0
-    while name in block._modules or hasattr(block, name):
-        i += 1
-        name = f"l0_gate_{i}"
-    block.add_module(name, gate)
-    if not any(h is _start_round for h in block._forward_pre_hooks.values()):
+def attach_gate(block: nn.Module, consumer: "StructureLinear", gate: StructureGate) -> None:
+    """Register ``gate`` as ``consumer.l0_gate`` (a layer's forward never iterates its children, a container's
+    would) and give ``block`` (the lowest module holding the block's layers) the round hooks, once."""
+    consumer.add_module("l0_gate", gate)
+    rounds = block.__dict__.setdefault("_l0_round_gates", [])
+    if not rounds:
         block.register_forward_pre_hook(_start_round)
         block.register_forward_hook(_end_round, always_call=True)
-    return name
+    rounds.append(gate)
 
 
 def strip_rounds(block: nn.Module) -> None:
-    """Remove the round hooks of a block that holds no structure gate any more."""
-    if any(isinstance(g, StructureGate) for g in block.children()):
-        return
+    """Remove the round hooks and gate list of a block (compact() drops the gates)."""
+    block.__dict__.pop("_l0_round_gates", None)
     for hooks, fn in ((block._forward_pre_hooks, _start_round), (block._forward_hooks, _end_round)):
         for key in [k for k, h in hooks.items() if h is fn]:
             del hooks[key]

@@ -41,6 +41,9 @@ class Block:
     col_gates: torch.Tensor
     row_gates: Dict[str, torch.Tensor]
     num_gates: int
+    col_classes: torch.Tensor  # (K,) the unit class of each consumer column (an FFN unit, a head or a KV group)
+    row_classes: Dict[str, torch.Tensor]  # (N,) per producer
+    class_gates: torch.Tensor  # (C, r) the gates of each class
 
     @property
     def layers(self) -> List[str]:
@@ -58,9 +61,9 @@ class Block:
         return ".".join(common)
 
 
-def find_blocks(model: nn.Module, example_inputs=None) -> List[Block]:
-    """Every feed-forward and attention block of ``model`` (see the module docstring), in graph order; a layer
-    is in one block at most (the first that takes it)."""
+def find_blocks(model: nn.Module, example_inputs=None) -> Tuple[List[Block], tuple, dict]:
+    """Every feed-forward and attention block of ``model`` (see the module docstring), in graph order (a layer
+    is in one block at most: the first that takes it), and the call ``(args, kwargs)`` the graph was captured on."""
     args, kwargs, made = example_call(model, example_inputs)
     tries = args if made and args and isinstance(args[0], tuple) else (args,)
     flags = [(m, m.training) for m in model.modules()]
@@ -75,6 +78,7 @@ def find_blocks(model: nn.Module, example_inputs=None) -> List[Block]:
     for a in tries:
         try:
             ep = _capture(work, a, kwargs)
+            args = a
             break
         except ValueError as e:
             err = e
@@ -120,7 +124,7 @@ def find_blocks(model: nn.Module, example_inputs=None) -> List[Block]:
             continue
         blocks.append(block)
         taken.update(block.layers)
-    return blocks
+    return blocks, args, kwargs
 
 
 def _linear_conv1d(work: nn.Module) -> None:
@@ -147,11 +151,11 @@ def _block(cname: str, cin: torch.Tensor, writers: Dict[str, torch.Tensor]) -> O
     if c * len(order) != k:
         return None
     index = {cls: i for i, cls in enumerate(order)}
+    classes = {name: torch.tensor([index[x] for x in out.tolist()], dtype=torch.long) for name, out in writers.items()}
     if c == 1:
         cols = torch.arange(k)
-        rows = {name: torch.tensor([index[x] for x in out.tolist()], dtype=torch.long)[:, None]
-                for name, out in writers.items()}
-        return Block("ffn", cname, list(writers), cols, rows, k)
+        rows = {name: cls[:, None] for name, cls in classes.items()}
+        return Block("ffn", cname, list(writers), cols, rows, k, cols, classes, cols[:, None])
     counts = {name: torch.bincount(torch.tensor([index[x] for x in out.tolist()]), minlength=len(order))
               for name, out in writers.items()}
     if any(int(v.min()) != int(v.max()) for v in counts.values()):
@@ -177,7 +181,8 @@ def _block(cname: str, cin: torch.Tensor, writers: Dict[str, torch.Tensor]) -> O
             else:  # a key/value projection: its rows stay while any head of the class is open
                 g[at] = (i * r + torch.arange(r))[None, :].expand(d, r)
         rows[name] = g
-    return Block("heads", cname, list(writers), cols, rows, heads)
+    class_gates = torch.arange(heads).view(len(order), r)
+    return Block("heads", cname, list(writers), cols, rows, heads, torch.arange(k) // c, classes, class_gates)
 
 
 __all__ = ["Block", "find_blocks"]

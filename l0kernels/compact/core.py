@@ -58,23 +58,21 @@ def _folded_copy(model: nn.Module, bypassed: frozenset = frozenset()) -> nn.Modu
         return fold(work).eval()
     # a deep copy lists its modules in the original's order: the copy's module -> the original's name
     name_of = {id(c): n for (n, _), c in zip(model.named_modules(), work.modules())}
-    from ..structure import StructureGate, StructureLinear, strip_rounds
+    from ..structure import StructureLinear, strip_rounds
     for key, slots in _slots(work).items():
         m = getattr(slots[0][0], slots[0][1])
-        if isinstance(m, (StructureGate, StructureLinear)):  # gates folded into the layers, then dropped
-            new = None if isinstance(m, StructureGate) else plain_layer(m, *m.folded())
+        if isinstance(m, StructureLinear):  # gates folded into the layers (and dropped with the consumers)
+            new = plain_layer(m, *m.folded())
             for parent, name in slots:
-                if new is None:
-                    del parent._modules[name]
-                    strip_rounds(parent)
-                else:
-                    setattr(parent, name, new)
+                setattr(parent, name, new)
         elif isinstance(m, L0):
             raw = name_of.get(id(m)) in bypassed
             new = plain_layer(m, m.weight.detach(), m.bias.detach() if m.bias is not None else None) if raw \
                 else fold(m)
             for parent, name in slots:
                 setattr(parent, name, new)
+    for m in work.modules():
+        strip_rounds(m)
     return work.eval()
 
 

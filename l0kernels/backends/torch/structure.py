@@ -31,11 +31,17 @@ def _gather(n_gates: int, n_open: int, macs_per_group: int) -> bool:
 
 
 def structure_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                     rows: Optional[torch.Tensor], scale: Optional[torch.Tensor]) -> torch.Tensor:
+                     rows: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+                     cols: Optional[torch.Tensor] = None, open_out: bool = False) -> torch.Tensor:
     n, k = weight.shape
-    m = x.numel() // max(k, 1)
+    m = x.numel() // max(x.shape[-1], 1)
     w, b = weight, bias
-    if scale is not None:
+    if cols is not None:  # x holds only these input columns
+        c = cols.nonzero().squeeze(1)
+        w = w.index_select(1, c)
+        if scale is not None:
+            x = x * scale.index_select(0, c).to(x.dtype)
+    elif scale is not None:
         open_cols = scale != 0
         n_open = int(open_cols.sum())
         if n_open == k:
@@ -49,6 +55,9 @@ def structure_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
             x = x * scale.to(x.dtype)
     if rows is None:
         return F.linear(x, w, b)
+    if open_out:  # the output holds only the open rows
+        o = rows.nonzero().squeeze(1)
+        return F.linear(x, w.index_select(0, o), b.index_select(0, o) if b is not None else None)
     n_open = int(rows.sum())
     if n_open == n:
         return F.linear(x, w, b)
