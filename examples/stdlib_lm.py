@@ -9,17 +9,18 @@ machine with the same Python). Model: a transformers ``LlamaForCausalLM`` built 
 no download). Two runs with the same data order, initial weights and number of AdamW steps:
 
 * dense;
-* gated: ``l0k.convert`` puts one input gate per FFN unit on ``down_proj`` and one per head on ``o_proj``
-  (``group_size = head_dim``), and a ``SparsityTarget`` (``metric="gates"``) keeps ``--target`` of the units and
-  heads open (warm-up over the first quarter of the run): the decoder blocks' parameters scale with both, so
-  about that share of them stays. After training ``finalize_()`` makes the test-time
+* gated: ``l0k.convert(model, structure=("ffn", "heads"))`` puts one structure gate on each FFN unit (its rows
+  of ``gate_proj``/``up_proj`` and its column of ``down_proj``) and on each head (its q rows, its ``o_proj``
+  columns, and its key/value rows once every query head sharing them is closed), and a ``SparsityTarget``
+  (``metric="gates"``) keeps ``--target`` of the units and heads open (warm-up over the first quarter of the
+  run): the decoder blocks' parameters scale with both, so about that share of them stays. After training ``finalize_()`` makes the test-time
   gates meet the target, ``compact()`` removes the closed units and heads from every layer they span (rows of
   ``gate_proj``/``up_proj``/q/k/v, columns of ``down_proj``/``o_proj``), and ``save_compact`` /
   ``load_compact`` round-trip the result.
 
 Reported (``--out``, default ``docs/results/stdlib_lm.{md,json,png}``): validation bits per byte of both runs
-over training, training time per step over the run (the gated run's falls as gates close: its skipping layers
-read only the open units and heads), and the compacted model's parameters, CPU latency (1 x 128 bytes) and
+over training, training time per step over the run (the gated run's falls as gates close: every layer a unit or
+head spans skips it once it is closed), and the compacted model's parameters, CPU latency (1 x 128 bytes) and
 throughput (16 x 128) against the dense model. Both runs checkpoint every ``--ckpt-every`` steps into
 ``--ckpt-dir`` and resume from there.
 """
@@ -112,9 +113,9 @@ def build(args) -> "transformers.LlamaForCausalLM":
 
 
 def gate(model, args):
-    hd = args.hidden // args.heads
-    l0k.convert(model, gate="in", include="*.down_proj", droprate_init=0.1)
-    l0k.convert(model, gate="in", include="*.o_proj", group_size=hd, droprate_init=0.1)
+    # one structure gate per FFN unit and per head: a closed one is skipped in every layer it spans
+    l0k.convert(model, structure=("ffn", "heads"), droprate_init=0.1,
+                example_inputs={"input_ids": torch.zeros(1, 16, dtype=torch.long), "use_cache": False})
     return model
 
 
@@ -352,9 +353,9 @@ def write_report(res: Dict, out: str) -> None:
         "The two runs ran one after the other on a machine shared with other jobs, so their per-step times "
         "(the plot, the first and last rows above) carry that load; the interleaved row compares the final "
         "models under the same load.", "",
-        "Only `down_proj` and `o_proj` carry gates and skip closed units and heads in training; `gate_proj`, "
-        "`up_proj` and q/k/v compute every row until `compact()` removes the closed ones (structure gates that "
-        "skip in every layer a unit spans are docs/design.md §11, not implemented yet).", "",
+        "The gates are structure gates (docs/design.md §11): a closed FFN unit is skipped in `gate_proj`, "
+        "`up_proj` and `down_proj`, a closed head in q and `o_proj` (and k/v once its key/value group is "
+        "closed) and in the attention itself, forward and backward, from the step it closes.", "",
     ]
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines))

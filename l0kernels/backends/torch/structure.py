@@ -10,8 +10,8 @@ bias) and the columns where ``s == 0`` never read. With ``o`` the open rows and 
 
 Whether to gather is decided per call as for the per-layer gates (:func:`l0kernels._active.skip_reasons`:
 ``L0K_SKIP_DENSE_ABOVE``, ``L0K_SKIP_MIN_MACS``, ``L0K_SKIP_CLOSED``): with most rows (columns) open, the
-dense product runs and the closed rows are multiplied by 0 (the closed columns by their gate, 0), which is
-cheaper than gathering. The open sets are read on the host (``nonzero``): on the CPU that costs nothing; on a
+dense product runs and the closed rows are set to 0 (the closed columns multiplied by their gate, 0), which
+is cheaper than gathering. The open sets are read on the host (``nonzero``): on the CPU that costs nothing; on a
 GPU it is one synchronisation per layer and call (the device kernels that keep the open set on the device are
 not written yet, docs/design.md §11). When every row and column is open the call is one ``F.linear`` (and no
 multiply where ``s`` is all ones), so open gates compute exactly what the layer computed before ``convert``.
@@ -61,8 +61,9 @@ def structure_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     n_open = int(rows.sum())
     if n_open == n:
         return F.linear(x, w, b)
-    if not _gather(n, n_open, m * w.shape[1]):
-        return F.linear(x, w, b) * rows.to(x.dtype)
+    if not _gather(n, n_open, m * w.shape[1]):  # few closed rows: the dense product, those rows set to 0
+        y = F.linear(x, w, b)
+        return y.index_fill_(y.dim() - 1, (~rows).nonzero().squeeze(1), 0)
     o = rows.nonzero().squeeze(1)
     y_open = F.linear(x, w.index_select(0, o), b.index_select(0, o) if b is not None else None)
     y = y_open.new_zeros(*y_open.shape[:-1], n)
