@@ -469,7 +469,8 @@ def _convert_structure(model, structure, *, include, exclude, noise, droprate_in
         raise ValueError(f"structure must be one of {STRUCTURES} or a tuple of them, got {structure!r}")
     if noise != "batch":
         raise ValueError(f"structure gates draw one gate vector per call: noise must be 'batch', got {noise!r}")
-    check_choice(backend, "backend", backend_names())
+    from .structure import STRUCTURE_BACKENDS
+    check_choice(backend, "backend", STRUCTURE_BACKENDS)
     droprate_init = _check_droprate_arg(droprate_init)
     inc = _matcher(include, "include")
     exc = _matcher(exclude, "exclude")

@@ -30,6 +30,7 @@ from .functional import deterministic_gates, sample_gates, structure_linear
 from .modules import _GateOwner, _check_coef, _check_n
 
 STRUCTURES = ("ffn", "heads")
+STRUCTURE_BACKENDS = ("auto", "torch")
 GATE_OPEN, GATE_CLOSED = 10.0, -10.0  # log_alpha of a gate surely open / closed (z_eval 1 / 0)
 
 
@@ -47,6 +48,9 @@ class StructureGate(_GateOwner):
             raise ValueError(f"kind must be one of {STRUCTURES}, got {kind!r}")
         if noise != "batch":
             raise ValueError(f"structure gates draw one gate vector per call: noise must be 'batch', got {noise!r}")
+        if backend not in STRUCTURE_BACKENDS:
+            raise ValueError(f"backend must be one of {STRUCTURE_BACKENDS} for structure gates (no Triton or CUDA "
+                             f"kernel takes them yet; the torch op runs on every device), got {backend!r}")
         self.kind = kind
         self.group_size = 1
         self._init_gate_options(noise, droprate_init, beta, gamma, zeta, backend)
@@ -242,10 +246,4 @@ def strip_rounds(block: nn.Module) -> None:
             getattr(block, "_forward_hooks_always_called", {}).pop(key, None)
 
 
-def structure_gates(model: nn.Module) -> Iterator[Tuple[str, StructureGate]]:
-    for name, m in model.named_modules():
-        if isinstance(m, StructureGate):
-            yield name, m
-
-
-__all__ = ["StructureGate", "StructureLinear", "STRUCTURES", "attach_gate", "strip_rounds", "structure_gates"]
+__all__ = ["StructureGate", "StructureLinear", "STRUCTURES", "attach_gate", "strip_rounds"]

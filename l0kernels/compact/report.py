@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .core import _outputs, compact_plan
+from ..structure import StructureLinear
 from .dense import is_weight_layer, l0_types, z_eval
 
 
@@ -136,7 +137,8 @@ def _record_conv_hw(model: nn.Module, input_shape, example_inputs=None) -> Dict[
                 lambda mod, args: seen.__setitem__(id(mod), tuple(args[0].shape[2:]))))
     p = next((t for t in model.parameters() if t.is_floating_point()), None)
     device = p.device if p is not None else torch.device("cpu")
-    ex = _as_tuple(example_inputs) if example_inputs is not None else (
+    kw = dict(example_inputs) if isinstance(example_inputs, dict) else {}
+    ex = () if kw else _as_tuple(example_inputs) if example_inputs is not None else (
         torch.zeros(tuple(input_shape), device=device, dtype=p.dtype if p is not None else torch.float32),)
     was = model.training
     try:
@@ -144,7 +146,7 @@ def _record_conv_hw(model: nn.Module, input_shape, example_inputs=None) -> Dict[
         # the model's own forward runs with its device as the default device (summary() makes no
         # tensor from the caller's default device, and neither should the eval path it runs)
         with torch.no_grad(), torch.device(device):
-            model(*ex)
+            model(*ex, **kw)
     finally:
         model.train(was)
         for h in hooks:
@@ -192,6 +194,11 @@ def summary(model: nn.Module, input_shape: Optional[Sequence[int]] = None, examp
         is_conv = isinstance(m, (nn.Conv2d, L0Conv2d))
         w = m.weight
         gate = (getattr(m, "gate", "out") if not is_conv else "channel") if is_l0 else "-"
+        owner = None  # a structure gate, shown once: on its consumer
+        if isinstance(m, StructureLinear):
+            g = m._col_gate or m._row_gate
+            gate = f"{g.kind}:{'cols' if m._col_gate is not None else 'rows'}"
+            owner = m._col_gate
         z = zf = z_eval(m) if is_l0 else None  # the eval path's gates per feature (open: z > 0)
         groups = getattr(m, "groups", 1)
         n, kk = w.shape[0], w.shape[1] * groups
@@ -230,8 +237,10 @@ def summary(model: nn.Module, input_shape: Optional[Sequence[int]] = None, examp
                 fa = _linear_flops(n2, k2, has_b)
         layers.append(LayerSummary(
             name=name or type(m).__name__, type=type(m).__name__, gate=gate,
-            gates_active=int(m.active_mask().sum()) if is_l0 else None, gates_total=m.num_gates() if is_l0 else None,
-            expected_l0=float(m.expected_l0().detach()) if is_l0 else None, shape_before=tuple(m.weight.shape),
+            gates_active=int(m.active_mask().sum()) if is_l0 else int(owner.active_mask().sum()) if owner else None,
+            gates_total=m.num_gates() if is_l0 else owner.num_gates() if owner else None,
+            expected_l0=float((m if is_l0 else owner).expected_l0().detach()) if (is_l0 or owner) else None,
+            shape_before=tuple(m.weight.shape),
             shape_after=tuple(entry["module"].weight.shape) if entry is not None else None,
             params_before=params_before, params_after=params_after, flops_before=fb, flops_after=fa))
     return ModelSummary(layers, compacted, note)

@@ -274,6 +274,8 @@ def test_bad_input_changes_nothing():
         l0k.convert(model, structure="channels")
     with pytest.raises(ValueError, match="noise"):
         l0k.convert(model, structure="ffn", noise="sample")
+    with pytest.raises(ValueError, match="backend"):
+        l0k.convert(model, structure="ffn", backend="triton")
     with pytest.raises(ValueError, match="group_size"):
         l0k.convert(model, structure="ffn", group_size=2)
     with pytest.warns(UserWarning, match="matched no"):
@@ -321,3 +323,15 @@ def test_structure_linear_functional_against_reference(path):
         l0k.structure_linear(x, w, b, rows=torch.ones(n + 1, dtype=torch.bool))
     with pytest.raises(ValueError, match="scale"):
         l0k.structure_linear(x, w, b, scale=torch.ones(k + 1, dtype=torch.float64))
+
+
+def test_summary_shows_each_structure_gate_once():
+    model, inputs = _build("llama-gqa")
+    l0k.convert(model, structure=("ffn", "heads"))
+    _close_some(model, 2)
+    rows = {r.name: r for r in l0k.summary(model, example_inputs=_kwargs(inputs)).layers}
+    down, gate_proj = rows["model.layers.0.mlp.down_proj"], rows["model.layers.0.mlp.gate_proj"]
+    g = model.model.layers[0].mlp.down_proj.l0_gate
+    assert down.gate == "ffn:cols" and gate_proj.gate == "ffn:rows"
+    assert (down.gates_active, down.gates_total) == (g.num_active(), g.num_gates()) and gate_proj.gates_total is None
+    assert gate_proj.shape_after == (g.num_active(), model.config.hidden_size)
