@@ -12,11 +12,12 @@ producers). Then:
 
 * every class is one consumer column: a feed-forward block, one gate per column (``"ffn"``);
 * every class is ``c`` consecutive consumer columns: an attention block (``"heads"``). The head size ``d`` is
-  the smallest number of rows any producer gives a class (the key/value projections) when it divides ``c``,
-  else ``c``; a class holds ``r = c / d`` query heads (one gate each). A producer giving a class ``c`` rows
-  (a query projection) has ``r`` runs of ``d`` rows, one per head in order; one giving ``d`` rows (a key or
-  value projection) keeps them while any of the ``r`` heads is open; any other count (a fused projection with
-  grouped-query attention) makes one gate per class (``r = 1``).
+  the last dim of the model's attention calls (``scaled_dot_product_attention``) when they all share one and
+  it divides ``c``, else the smallest number of rows any producer gives a class (the key/value projections);
+  a class holds ``r = c / d`` query heads (one gate each). A producer giving a class ``c`` rows (a query
+  projection) has ``r`` runs of ``d`` rows, one per head in order; one giving ``d`` rows (a key or value
+  projection) keeps them while any of the ``r`` heads is open; one giving ``c + m d`` (a fused projection)
+  has its query rows first, then ``m`` key/value runs. Any other count makes one gate per class (``r = 1``).
 """
 from __future__ import annotations
 
@@ -86,6 +87,10 @@ def find_blocks(model: nn.Module, example_inputs=None) -> Tuple[List[Block], tup
         raise ValueError(f"convert(structure=...): blocks are found in the model's exported graph and "
                          f"{err}") from err
     ctx = analyse(work, ep, discover=True)
+    head_dims = {int(n.args[0].meta["val"].shape[-1]) for n in ep.graph_module.graph.nodes
+                 if n.op == "call_function" and "scaled_dot_product" in str(n.target)
+                 and isinstance(n.args[0], torch.fx.Node) and "val" in n.args[0].meta}
+    head_dim = head_dims.pop() if len(head_dims) == 1 else None
     n = len(ctx.parent)
     root = torch.tensor([ctx.find(i) for i in range(n)], dtype=torch.long) if n else torch.zeros(0, dtype=torch.long)
     frozen = torch.zeros(n, dtype=torch.bool)
@@ -119,7 +124,7 @@ def find_blocks(model: nn.Module, example_inputs=None) -> Tuple[List[Block], tup
                 writers[name] = out
         if not ok or not writers or any(w in taken for w in writers):
             continue
-        block = _block(cname, cin, writers)
+        block = _block(cname, cin, writers, head_dim)
         if block is None:
             continue
         blocks.append(block)
@@ -138,8 +143,10 @@ def _linear_conv1d(work: nn.Module) -> None:
                                                     child.bias.detach() if child.bias is not None else None)
 
 
-def _block(cname: str, cin: torch.Tensor, writers: Dict[str, torch.Tensor]) -> Optional[Block]:
-    """The gates of one block, or None when its classes are not runs of consecutive consumer columns."""
+def _block(cname: str, cin: torch.Tensor, writers: Dict[str, torch.Tensor],
+           head_dim: Optional[int] = None) -> Optional[Block]:
+    """The gates of one block, or None when its classes are not runs of consecutive consumer columns.
+    ``head_dim``: the head size of the model's attention calls, when they all have one."""
     k = cin.numel()
     order: List[int] = []
     for c in cin.tolist():
@@ -161,8 +168,9 @@ def _block(cname: str, cin: torch.Tensor, writers: Dict[str, torch.Tensor]) -> O
     if any(int(v.min()) != int(v.max()) for v in counts.values()):
         return None  # producers give the classes unequal numbers of rows
     per = {name: int(v[0]) for name, v in counts.items()}
-    d = min(per.values())
-    if c % d or any(p not in (c, d) for p in per.values()):
+    d = head_dim if head_dim is not None and c % head_dim == 0 else min(per.values())
+    # a producer gives a class its query rows (c), its key or value rows (d), or both, fused (c + m d)
+    if c % d or any(p != d and (p < c or (p - c) % d) for p in per.values()):
         d = c
     r = c // d
     heads = len(order) * r
@@ -176,10 +184,10 @@ def _block(cname: str, cin: torch.Tensor, writers: Dict[str, torch.Tensor]) -> O
         g = torch.empty(cls.numel(), r, dtype=torch.long)
         for i in range(len(order)):
             at = (cls == i).nonzero().squeeze(1)
-            if per[name] == c:  # a query projection: r runs of d rows, one per head of the class
-                g[at] = (i * r + torch.arange(c) // d)[:, None].expand(c, r)
-            else:  # a key/value projection: its rows stay while any head of the class is open
-                g[at] = (i * r + torch.arange(r))[None, :].expand(d, r)
+            q = 0 if per[name] == d else c  # query rows first (a fused projection's layout), r runs of d rows
+            g[at[:q]] = (i * r + torch.arange(q) // d)[:, None].expand(q, r)
+            # key/value rows: they stay while any head of the class is open
+            g[at[q:]] = (i * r + torch.arange(r))[None, :].expand(per[name] - q, r)
         rows[name] = g
     class_gates = torch.arange(heads).view(len(order), r)
     return Block("heads", cname, list(writers), cols, rows, heads, torch.arange(k) // c, classes, class_gates)

@@ -335,3 +335,20 @@ def test_summary_shows_each_structure_gate_once():
     assert down.gate == "ffn:cols" and gate_proj.gate == "ffn:rows"
     assert (down.gates_active, down.gates_total) == (g.num_active(), g.num_gates()) and gate_proj.gates_total is None
     assert gate_proj.shape_after == (g.num_active(), model.config.hidden_size)
+
+
+@pytest.mark.parametrize("name", ["phi3", "gpt2", "gpt-neox"])
+def test_fused_projections_get_a_gate_per_head(name):
+    """A fused q/k/v projection (Phi-3's qkv_proj with grouped-query attention, GPT-2's c_attn, GPT-NeoX's
+    query_key_value): one gate per query head, its rows of q with it, the key/value rows with their group."""
+    model, inputs = _build(name)
+    l0k.convert(model, structure="heads", example_inputs=_kwargs(inputs))
+    heads = [g for _, g in l0k.l0_gates(model)]
+    n_heads = getattr(model.config, "num_attention_heads", None) or model.config.n_head
+    assert heads and all(g.num_gates() == n_heads for g in heads)
+    producer = next(m for role, m in heads[0].layers() if role == "rows")
+    hd = model.config.hidden_size // n_heads
+    rows_per_gate = torch.bincount(producer.row_gates[:, 0], minlength=n_heads)
+    kv = getattr(model.config, "num_key_value_heads", n_heads)
+    # q rows of the head (+ its k and v rows when every head has its own)
+    assert torch.all(rows_per_gate >= hd) and int(producer.row_gates.shape[0]) == (n_heads + 2 * kv) * hd
