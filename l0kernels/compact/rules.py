@@ -114,6 +114,8 @@ def pointwise(ctx, node):
     base = with_u[0][1]
     rank = len(ctx.shape(node) or ()) or base.rank
     if any(u.dims != base.dims or u.ids.shape != base.ids.shape for _, u in with_u) or rank != base.rank:
+        if ctx.discover:  # finding blocks: a broadcast across unit dims ties what it spreads over
+            return _broadcast_ties(ctx, node, [u for _, u in with_u], rank)
         return frozen(ctx, node)  # broadcast across unit dims: not followed
     for _, u in with_u[1:]:
         ctx.tie(base.ids, u.ids)
@@ -242,6 +244,22 @@ def pool2d(ctx, node):
     return res
 
 
+def _broadcast_ties(ctx, node, us, rank):
+    """Discover mode: an element-wise op whose unit-carrying inputs broadcast (a per-head statistic against
+    the head's units, ``x * rsqrt(mean(x^2))`` in a per-head norm): each input's units are tied to the units
+    they meet; the output carries the widest input's units."""
+    base = max(us, key=lambda u: len(u.dims))
+    for u in us:
+        if u is base:
+            continue
+        if not set(u.dims) <= set(base.dims) or u.rank != rank or \
+                any(u.ids.shape[i] != base.ids.shape[base.dims.index(d)] for i, d in enumerate(u.dims)):
+            return frozen(ctx, node)
+        view = [base.ids.shape[i] if d in u.dims else 1 for i, d in enumerate(base.dims)]
+        ctx.tie(u.ids.reshape(view).expand(base.ids.shape), base.ids)
+    return base.like(dead=torch.zeros_like(base.dead), const=torch.zeros_like(base.const))
+
+
 def reduce(ctx, node):
     """``mean`` / ``sum`` / ``amax`` over dims without units: units pass (constants too, except for a sum)."""
     x = node.args[0]
@@ -256,7 +274,21 @@ def reduce(ctx, node):
     dims = [dim] if isinstance(dim, int) else list(dim)
     dims = [d - rank if d >= 0 else d for d in dims]
     if any(d in u.dims for d in dims):
-        return frozen(ctx, node)
+        if not ctx.discover or all(d in dims for d in u.dims):
+            return frozen(ctx, node)
+        # discover mode: a reduction over some unit dims (a per-head norm over the head dim) ties those lines
+        # and keeps the other unit dims
+        axes = sorted((u.dims.index(d) for d in dims if d in u.dims), reverse=True)
+        ids = u.ids
+        for ax in axes:
+            ctx.tie_along(u, ax)
+            ids = ids.select(ax, 0)
+        left = tuple(d for d in u.dims if d not in dims)
+        if not keep:
+            left = tuple(d + sum(1 for e in dims if e > d) for d in left)
+        zero = torch.zeros(ids.shape, dtype=torch.bool, device=CPU)
+        return Units(ids, left, zero, torch.zeros(ids.shape, dtype=torch.float64, device=CPU),
+                     rank if keep else rank - len(dims))
     if node.target is aten.sum.dim_IntList:
         u = u.like(dead=torch.zeros_like(u.dead))
     if keep:
