@@ -70,7 +70,8 @@ class StructureGate(_GateOwner):
         """``(z, open_classes)`` for the current call of the block, once per round: ``z`` drawn in training,
         ``z_eval`` in eval; ``open_classes`` (bool per class: an FFN unit, a head, or the query heads of one
         key/value head) when the block runs narrow this call (some but not all classes open, few enough for the
-        skip to pay, :func:`l0kernels._active.skip_reasons`' fraction), else None."""
+        skip to pay, :func:`l0kernels._active.skip_reasons`' fraction), else None. Only inside a call of the block:
+        a layer called on its own keeps its full width."""
         if self._round and self._state is not None:
             return self._state
         cfg = self.cfg
@@ -80,7 +81,7 @@ class StructureGate(_GateOwner):
         else:
             z = deterministic_gates(self.log_alpha, beta=cfg.beta, gamma=cfg.gamma, zeta=cfg.zeta)
         open_classes = None
-        if self.narrow and _active.ENABLED and not torch.compiler.is_compiling():
+        if self.narrow and self._round and _active.ENABLED and not torch.compiler.is_compiling():
             oc = (z != 0)[self.class_gates].any(-1)
             n_open, n = int(oc.sum()), oc.numel()
             if 0 < n_open < n and n_open <= _active.DENSE_ABOVE * n:

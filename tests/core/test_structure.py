@@ -400,3 +400,16 @@ def test_torch_compile():
     loss.backward()
     for _, g in l0k.l0_gates(model):
         assert g.log_alpha.grad is not None and bool(torch.isfinite(g.log_alpha.grad).all())
+
+
+def test_a_layer_called_on_its_own_keeps_its_width():
+    model, inputs = _build("llama-gqa")
+    l0k.convert(model, structure="ffn")
+    mlp = model.model.layers[0].mlp
+    assert mlp.down_proj.l0_gate.narrow
+    with torch.no_grad():
+        mlp.down_proj.l0_gate.log_alpha[::2] = -10.0
+    x = torch.randn(2, 3, model.config.hidden_size, dtype=torch.float64)
+    y = mlp.gate_proj(x)  # outside the block's call: full width, closed rows 0
+    assert y.shape[-1] == model.config.intermediate_size and bool((y[..., ::2] == 0).all())
+    torch.testing.assert_close(mlp(x), mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)))
