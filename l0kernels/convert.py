@@ -471,6 +471,8 @@ def _convert_structure(model, structure, *, include, exclude, noise, droprate_in
         raise ValueError(f"structure gates draw one gate vector per call: noise must be 'batch', got {noise!r}")
     from .structure import STRUCTURE_BACKENDS
     check_choice(backend, "backend", STRUCTURE_BACKENDS)
+    if backend not in ("auto", "torch"):
+        check_choice(backend, "backend", backend_names())  # registered (it may still decline a call, naming why)
     droprate_init = _check_droprate_arg(droprate_init)
     inc = _matcher(include, "include")
     exc = _matcher(exclude, "exclude")

@@ -194,7 +194,7 @@ def explain_conv2d(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tenso
 
 def structure_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                      rows: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
-                     cols: Optional[torch.Tensor] = None, open_out: bool = False) -> torch.Tensor:
+                     cols: Optional[torch.Tensor] = None, open_out: bool = False, host: bool = True) -> torch.Tensor:
     """A linear layer inside a structure gate's span (docs/design.md §11): ``y = (x * scale) @ W.T + b`` with
     the outputs where ``rows`` (bool, ``(N,)``) is False exactly 0 and not computed, and the inputs where
     ``scale`` (``(K,)``, the gates per input feature) is 0 not read. ``rows=None`` / ``scale=None``: every row
@@ -205,7 +205,8 @@ def structure_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
     The narrow form, where the tensors between a block's layers hold only its open units: ``open_out=True``
     returns only the rows where ``rows`` is True (in order); ``cols`` (bool, ``(K,)``) says that ``x`` holds only
-    those input columns (in order)."""
+    those input columns (in order). ``host=False``: nothing is read on the host (a CUDA graph can capture the
+    call): every row is computed and the closed ones multiplied by 0, every column multiplied by ``scale``."""
     check_tensor(x, "x")
     check_tensor(weight, "weight")
     if weight.dim() != 2:
@@ -226,6 +227,8 @@ def structure_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                              f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
     if open_out and rows is None:
         raise ValueError("open_out=True needs rows (the rows the output holds)")
+    if not host and (open_out or cols is not None):
+        raise ValueError("host=False keeps every shape: it takes neither open_out nor cols")
     if scale is not None:
         check_tensor(scale, "scale")
         if tuple(scale.shape) != (k,):
@@ -234,7 +237,7 @@ def structure_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     from .backends.torch.structure import structure_linear as run
-    return run(x, weight, bias, rows, scale, cols, bool(open_out))
+    return run(x, weight, bias, rows, scale, cols, bool(open_out), bool(host))
 
 
 def _params(layer):

@@ -19,18 +19,27 @@ called outside a round (on its own) draws for itself. In eval mode the gates are
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import _active
 from ._checks import draw_seed
-from .functional import deterministic_gates, sample_gates, structure_linear
+from .functional import deterministic_gates, l0_linear, sample_gates, structure_linear
 from .modules import _GateOwner, _check_coef, _check_n
 
 STRUCTURES = ("ffn", "heads")
-STRUCTURE_BACKENDS = ("auto", "torch")
+STRUCTURE_BACKENDS = ("auto", "torch", "triton", "cuda")
+DEVICE_FORM = ("triton", "cuda")  # backends that run the device form (no host reads)
+
+
+class GateState(NamedTuple):
+    """One block call's gates: ``z``; ``open_classes`` when the call runs narrow; the ``seed`` they came from
+    (None in eval)."""
+    z: torch.Tensor
+    open_classes: Optional[torch.Tensor]
+    seed: Optional[torch.Tensor]
 GATE_OPEN, GATE_CLOSED = 10.0, -10.0  # log_alpha of a gate surely open / closed (z_eval 1 / 0)
 
 
@@ -49,8 +58,7 @@ class StructureGate(_GateOwner):
         if noise != "batch":
             raise ValueError(f"structure gates draw one gate vector per call: noise must be 'batch', got {noise!r}")
         if backend not in STRUCTURE_BACKENDS:
-            raise ValueError(f"backend must be one of {STRUCTURE_BACKENDS} for structure gates (no Triton or CUDA "
-                             f"kernel takes them yet; the torch op runs on every device), got {backend!r}")
+            raise ValueError(f"backend must be one of {STRUCTURE_BACKENDS} for structure gates, got {backend!r}")
         self.kind = kind
         self.group_size = 1
         self._init_gate_options(noise, droprate_init, beta, gamma, zeta, backend)
@@ -62,11 +70,11 @@ class StructureGate(_GateOwner):
         self.narrow = False  # the block's forward runs on tensors holding only the open classes (set by convert)
         self._layers: List["StructureLinear"] = []  # not submodules: they stay where the model holds them
         self._round = False
-        self._state: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+        self._state: Optional[GateState] = None
         self.reset_gates()
 
     # -- the gates of this call --------------------------------------------------------------------------
-    def state(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def state(self) -> GateState:
         """``(z, open_classes)`` for the current call of the block, once per round: ``z`` drawn in training,
         ``z_eval`` in eval; ``open_classes`` (bool per class: an FFN unit, a head, or the query heads of one
         key/value head) when the block runs narrow this call (some but not all classes open, few enough for the
@@ -75,18 +83,20 @@ class StructureGate(_GateOwner):
         if self._round and self._state is not None:
             return self._state
         cfg = self.cfg
+        seed = None
         if self.training:
-            z = sample_gates(self.log_alpha, draw_seed(self.log_alpha.device), beta=cfg.beta, gamma=cfg.gamma,
-                             zeta=cfg.zeta)
+            seed = draw_seed(self.log_alpha.device)
+            z = sample_gates(self.log_alpha, seed, beta=cfg.beta, gamma=cfg.gamma, zeta=cfg.zeta)
         else:
             z = deterministic_gates(self.log_alpha, beta=cfg.beta, gamma=cfg.gamma, zeta=cfg.zeta)
         open_classes = None
-        if self.narrow and self._round and _active.ENABLED and not torch.compiler.is_compiling():
+        if self.narrow and self._round and self.backend not in DEVICE_FORM and _active.ENABLED and \
+                not torch.compiler.is_compiling():
             oc = (z != 0)[self.class_gates].any(-1)
             n_open, n = int(oc.sum()), oc.numel()
             if 0 < n_open < n and n_open <= _active.DENSE_ABOVE * n:
                 open_classes = oc
-        state = (z, open_classes)
+        state = GateState(z, open_classes, seed)
         if self._round:
             self._state = state
         return state
@@ -175,10 +185,13 @@ class StructureLinear(nn.Linear):
             super().__setattr__(name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self._col_gate if self._col_gate is not None else self._row_gate
+        if gate is not None and gate.backend in DEVICE_FORM:
+            return self._device_forward(x)
         rows = scale = cols = closed_within = None
         narrow = False
         if self._row_gate is not None:
-            z, open_classes = self._row_gate.state()
+            z, open_classes, _ = self._row_gate.state()
             rows = (z != 0)[self.row_gates].any(-1)
             if open_classes is not None:  # the output holds the open classes' rows only
                 present = open_classes[self.row_classes]
@@ -187,12 +200,29 @@ class StructureLinear(nn.Linear):
                     closed_within = keep
                 rows, narrow = present, True
         if self._col_gate is not None:
-            z, open_classes = self._col_gate.state()
+            z, open_classes, _ = self._col_gate.state()
             scale = z[self.col_gates]
             if open_classes is not None:  # the input holds the open classes' columns only
                 cols = open_classes[self.col_classes]
         y = structure_linear(x, self.weight, self.bias, rows=rows, scale=scale, cols=cols, open_out=narrow)
         return y if closed_within is None else y * closed_within.to(y.dtype)
+
+    def _device_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The device form (gate backend ``"triton"``/``"cuda"``): nothing read on the host, so a CUDA graph can
+        capture it. The consumer is ``l0_linear(gate="in")`` on the gate's ``log_alpha`` and the block call's
+        seed, on that backend: the same ``z``, its closed columns skipped inside the kernels; a producer computes
+        every row and multiplies the closed ones by 0 (its rows are not skipped)."""
+        rows = None
+        if self._row_gate is not None:
+            rows = (self._row_gate.state().z != 0)[self.row_gates].any(-1)
+        g = self._col_gate
+        if g is None:
+            return structure_linear(x, self.weight, self.bias, rows=rows, host=False)
+        st = g.state()
+        y = l0_linear(x, self.weight, g.log_alpha, self.bias, seed=st.seed, gate="in", training=g.training,
+                      backend=g.backend, beta=g.cfg.beta, gamma=g.cfg.gamma, zeta=g.cfg.zeta,
+                      group_size=self.in_features // g.log_alpha.numel())
+        return y if rows is None else y * rows.to(y.dtype)
 
     @torch.no_grad()
     def folded(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -247,4 +277,4 @@ def strip_rounds(block: nn.Module) -> None:
             getattr(block, "_forward_hooks_always_called", {}).pop(key, None)
 
 
-__all__ = ["StructureGate", "StructureLinear", "STRUCTURES", "attach_gate", "strip_rounds"]
+__all__ = ["StructureGate", "StructureLinear", "GateState", "STRUCTURES", "attach_gate", "strip_rounds"]
