@@ -5,7 +5,9 @@ layers, and 8 with ``--deep``), 4 x 128 tokens, float32, AdamW, at unit/head den
 (``common.log_alpha_for_density``); the gated step adds ``l0_penalty``. ``--gates structure`` (the default): one
 structure gate per FFN unit and per head (``convert(structure=("ffn", "heads"))``), a closed unit or head skipped
 in every layer it spans. ``--gates layer``: per-layer gates, one input gate per FFN unit on every ``down_proj`` and
-one per head on every ``o_proj`` (``group_size = 64``), so only those layers skip. ``--gates both`` times both.
+one per head on every ``o_proj`` (``group_size = 64``), so only those layers skip. ``--gates both`` times both;
+with ``--gpu``, ``--gates device`` the structure gates' device form (``backend="triton"``: no host reads) and
+``--gates all`` the three.
 One step = forward, cross-entropy, backward, ``optimizer.step()``. Every configuration runs one step per round
 (interleaved; medians). Goal (docs/design.md §11): <= 1.05x the dense step with every gate open and <= 0.6x at
 density 0.3.
@@ -55,8 +57,10 @@ def build(layers: int, gpu: bool):
 
 def gated_copy(dense, cfg, density: float, seed: int, gates: str, ids):
     model = copy.deepcopy(dense)
-    if gates == "structure":  # one gate per FFN unit / head, skipped in every layer it spans
-        l0k.convert(model, structure=("ffn", "heads"), example_inputs={"input_ids": ids[:, :16], "use_cache": False})
+    if gates in ("structure", "device"):  # one gate per FFN unit / head, skipped in every layer it spans
+        # device: the form with no host reads (Triton kernels for the consumers, producers masked)
+        l0k.convert(model, structure=("ffn", "heads"), example_inputs={"input_ids": ids[:, :16], "use_cache": False},
+                    backend="triton" if gates == "device" else "auto")
     else:  # per-layer gates the README's way: FFN units on down_proj, heads on o_proj
         l0k.convert(model, gate="in", include="*.down_proj")
         l0k.convert(model, gate="in", include="*.o_proj", group_size=cfg["head_dim"])
@@ -127,8 +131,9 @@ def main(argv=None) -> int:
     ap.add_argument("--deep", action="store_true", help="CPU: also the 8-layer model")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--gates", choices=("structure", "layer", "both"), default="structure",
-                    help="structure gates (default), per-layer gates the README's way, or both")
+    ap.add_argument("--gates", choices=("structure", "layer", "both", "device", "all"), default="structure",
+                    help="structure gates (default), per-layer gates the README's way, both; device: structure gates "
+                         "in their device form (backend='triton', GPU only); all: structure, device and layer")
     ap.add_argument("--out", default=os.path.join(common.HERE, "results"))
     args = ap.parse_args(argv)
     if args.threads:
@@ -138,7 +143,9 @@ def main(argv=None) -> int:
     now = _dt.datetime.now()
     dev = torch.device("cuda" if args.gpu else "cpu")
     meta = common.make_meta(dev, now)
-    modes = ("structure", "layer") if args.gates == "both" else (args.gates,)
+    modes = {"both": ("structure", "layer"), "all": ("structure", "device", "layer")}.get(args.gates, (args.gates,))
+    if "device" in modes and not args.gpu:
+        ap.error("--gates device/all: the device form runs Triton kernels, on a GPU (--gpu)")
     rows = rows_for(1 if args.gpu else 4, args.gpu, args.reps, meta, modes)
     if args.deep and not args.gpu:
         rows += rows_for(8, False, args.reps, meta, modes)

@@ -133,7 +133,7 @@ def plan(call: int, py: str = "python3", out: str = "$OUT", prebuilt: bool = Tru
                  + [a for r in BENCH_ROWS[call] for a in ("--only", r)]) if call == 1 else \
         [py, "bench/train_step.py", "--gpu", "--quick", "--out", f"{out}/bench"]
     bench_cmds = [bench_cmd] if call == 1 else \
-        [bench_cmd, [py, "bench/llama_step.py", "--gpu", "--gates", "both", "--reps", "10", "--out", f"{out}/bench"]]
+        [bench_cmd, [py, "bench/llama_step.py", "--gpu", "--gates", "all", "--reps", "10", "--out", f"{out}/bench"]]
     bench = Step("bench", 0, p + "bench.txt", bench_cmds, files=["bench/*.json", "bench/*.md"], env=dict(test_env),
                  kind="bench")
     if call == 1:

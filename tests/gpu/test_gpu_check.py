@@ -195,7 +195,7 @@ def test_bench_selections_pick_the_intended_rows():
     # call 2: issue 13's training rows, the quick set of bench/train_step.py --gpu; then the whole Llama step
     cmd, llama = [s for s in gc.plan(2) if s.kind == "bench"][0].cmds
     assert cmd[1:] == ["bench/train_step.py", "--gpu", "--quick", "--out", "$OUT/bench"]
-    assert llama[1:] == ["bench/llama_step.py", "--gpu", "--gates", "both", "--reps", "10", "--out", "$OUT/bench"]
+    assert llama[1:] == ["bench/llama_step.py", "--gpu", "--gates", "all", "--reps", "10", "--out", "$OUT/bench"]
     import train_step
     shapes, densities, backends = train_step.gpu_plan(quick=True)
     assert shapes == ((8192, 4096, 4096),) and densities == (1.0, 0.25)
