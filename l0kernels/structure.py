@@ -16,6 +16,11 @@ the hidden activation (the heads' outputs) times ``z``, with the producers' clos
 One draw per block call: the block module (the lowest module holding all its layers) gets a forward pre-hook that starts a round (the first layer that
 needs the gates draws them from a fresh seed, the others reuse them) and a forward hook that ends it. A layer
 called outside a round (on its own) draws for itself. In eval mode the gates are ``z_eval``.
+
+How the closed units are skipped (docs/design.md §11): with ``backend="auto"``/``"torch"`` by the torch op,
+narrow where ``convert`` found the block's forward allows it (the tensors between the layers hold only the
+open units), else full width (gathers); with ``"triton"``/``"cuda"`` the device form, which reads nothing on
+the host: the consumer through ``l0_linear``'s kernels, the producers masked.
 """
 from __future__ import annotations
 
