@@ -114,9 +114,8 @@ def pointwise(ctx, node):
     base = with_u[0][1]
     rank = len(ctx.shape(node) or ()) or base.rank
     if any(u.dims != base.dims or u.ids.shape != base.ids.shape for _, u in with_u) or rank != base.rank:
-        if ctx.discover:  # finding blocks: a broadcast across unit dims ties what it spreads over
-            return _broadcast_ties(ctx, node, [u for _, u in with_u], rank)
-        return frozen(ctx, node)  # broadcast across unit dims: not followed
+        # a broadcast across unit dims (a per-head statistic against the head's units): it ties what it spreads over
+        return _broadcast_ties(ctx, node, [u for _, u in with_u], rank)
     for _, u in with_u[1:]:
         ctx.tie(base.ids, u.ids)
     others = [a for a, u in us.items() if u is None]
@@ -245,9 +244,9 @@ def pool2d(ctx, node):
 
 
 def _broadcast_ties(ctx, node, us, rank):
-    """Discover mode: an element-wise op whose unit-carrying inputs broadcast (a per-head statistic against
-    the head's units, ``x * rsqrt(mean(x^2))`` in a per-head norm): each input's units are tied to the units
-    they meet; the output carries the widest input's units."""
+    """An element-wise op whose unit-carrying inputs broadcast (a per-head statistic against the head's units,
+    ``x * rsqrt(mean(x^2))`` in a per-head norm): each input's units are tied to the units they meet; the
+    output carries the widest input's units, none of them constant."""
     base = max(us, key=lambda u: len(u.dims))
     for u in us:
         if u is base:
@@ -274,10 +273,10 @@ def reduce(ctx, node):
     dims = [dim] if isinstance(dim, int) else list(dim)
     dims = [d - rank if d >= 0 else d for d in dims]
     if any(d in u.dims for d in dims):
-        if not ctx.discover or all(d in dims for d in u.dims):
+        if all(d in dims for d in u.dims):
             return frozen(ctx, node)
-        # discover mode: a reduction over some unit dims (a per-head norm over the head dim) ties those lines
-        # and keeps the other unit dims
+        # a reduction over some unit dims (a per-head norm over the head dim) ties those lines and keeps the
+        # other unit dims: they go whole
         axes = sorted((u.dims.index(d) for d in dims if d in u.dims), reverse=True)
         ids = u.ids
         for ax in axes:

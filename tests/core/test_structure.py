@@ -444,3 +444,23 @@ def test_device_form_on_triton_matches_the_torch_path():
             assert g1[n] is None or not g1[n].any(), n
             continue
         torch.testing.assert_close(g1[n], g, rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+def test_compact_removes_heads_behind_per_head_norms():
+    """Qwen3's attention normalises each head (q_norm / k_norm over the head dim): a closed key/value group
+    leaves q, k, v and o_proj, exactly."""
+    model, inputs = _build("qwen3-moe")
+    model = model.float()
+    l0k.convert(model, structure="heads", example_inputs=_kwargs(inputs))
+    cfg = model.config
+    r = cfg.num_attention_heads // cfg.num_key_value_heads
+    with torch.no_grad():
+        for _, g in l0k.l0_gates(model):
+            g.log_alpha.fill_(10.0)
+            g.log_alpha[:r] = -10.0  # every query head of the first key/value head
+    small = l0k.compact(model, _kwargs(inputs))
+    attn = small.model.layers[0].self_attn
+    d = cfg.head_dim
+    assert attn.q_proj.out_features == (cfg.num_attention_heads - r) * d
+    assert attn.k_proj.out_features == (cfg.num_key_value_heads - 1) * d
+    assert l0k.compare(model, small, _kwargs(inputs))["norm_rel"] <= 1e-5
