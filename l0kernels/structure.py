@@ -68,8 +68,8 @@ class StructureGate(_GateOwner):
         self.group_size = 1
         self._init_gate_options(noise, droprate_init, beta, gamma, zeta, backend)
         self.log_alpha = nn.Parameter(torch.empty(int(num_gates), device=device, dtype=dtype))
-        self.register_buffer("params_per_gate", torch.zeros(int(num_gates), dtype=torch.float64, device=device),
-                             persistent=False)
+        # float64 on the CPU, not a buffer: a model cast to half precision keeps exact counts
+        self.params_per_gate = torch.zeros(int(num_gates), dtype=torch.float64)
         self.ungated_params = 0
         self.register_buffer("class_gates", torch.arange(int(num_gates), device=device)[:, None], persistent=False)
         self.narrow = False  # the block's forward runs on tensors holding only the open classes (set by convert)
@@ -129,8 +129,13 @@ class StructureGate(_GateOwner):
             else:
                 per += torch.bincount(m.col_gates.cpu(), minlength=per.numel()).double() * n
                 ungated += n if m.bias is not None else 0
-        self.params_per_gate = per.to(self.params_per_gate.device)
+        self.params_per_gate = per
         self.ungated_params = ungated
+
+    def expected_params(self) -> torch.Tensor:
+        """Expected non-zero parameters over every layer the gates span (float64)."""
+        p = self.prob_open().double()
+        return (p * self.params_per_gate.to(p.device)).sum() + self.ungated_params
 
     def regularizer(self, lamba: float, weight_decay: float = 0.0, N: int = 1) -> torch.Tensor:
         """``(1/N) sum_g p_g (lamba |g| + 0.5 wd ||theta_g||^2) + 0.5 wd ||theta_ungated||^2 / N`` over every layer

@@ -464,3 +464,14 @@ def test_compact_removes_heads_behind_per_head_norms():
     assert attn.q_proj.out_features == (cfg.num_attention_heads - r) * d
     assert attn.k_proj.out_features == (cfg.num_key_value_heads - 1) * d
     assert l0k.compare(model, small, _kwargs(inputs))["norm_rel"] <= 1e-5
+
+
+def test_counts_stay_exact_in_half_precision():
+    model, inputs = _build("llama-gqa")
+    l0k.convert(model, structure="ffn")
+    want = float(l0k.expected_params(model.float()).detach())
+    g = model.model.layers[0].mlp.down_proj.l0_gate
+    model.to(torch.bfloat16)
+    assert g.params_per_gate.dtype == torch.float64 and torch.all(g.params_per_gate == 3 * model.config.hidden_size)
+    got = float(l0k.expected_params(model).detach())
+    assert got == pytest.approx(want, rel=1e-2)  # p_open in bfloat16; the counts themselves exact
