@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .core import compact_plan, input_select
+from .core import compact_plan, input_select, unshare
 from .report import LayerSummary, ModelSummary, compare, summary
 from .rules import register_compact_rule
 from .units import CompactContext, Units
@@ -69,7 +69,8 @@ def compact(model: nn.Module, example_inputs=None) -> nn.Module:
     models keep their inputs. Parameters tied in the model stay tied. The result is checked against the gated
     model on the example inputs; what compact() cannot make exact raises ``ValueError`` naming the modules.
     """
-    plan = compact_plan(model, example_inputs)  # checks model; works on a deep copy
+    plan = compact_plan(model, example_inputs)  # checks model; works on a deep copy sharing its tensors
+    unshare(plan.model, model)
     _retie(plan.model, _shared_parameters(model))
     return plan.model.eval()
 

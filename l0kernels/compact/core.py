@@ -48,12 +48,14 @@ def _slots(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str]]]:
 
 
 def _folded_copy(model: nn.Module, bypassed: frozenset = frozenset()) -> nn.Module:
-    """A deep copy of ``model`` in eval mode with each L0 layer replaced by its folded plain layer (a layer held
+    """A deep copy of ``model`` (its modules; the tensors shared, see :func:`unshare`) in eval mode with each L0 layer replaced by its folded plain layer (a layer held
     in several places is replaced in all of them by one object). The layers named in ``bypassed`` (their
     forward never ran: the model reads their weights directly, so their gates never act) keep their weights
     as they are."""
     L0 = l0_types()
-    work = copy.deepcopy(model)
+    # the copy shares the model's parameters and buffers instead of copying them (memory: the model once, not
+    # twice); nothing here writes into them, and compact() clones what its result still shares (unshare)
+    work = copy.deepcopy(model, {id(t): t for t in list(model.parameters()) + list(model.buffers())})
     if isinstance(work, L0):
         return fold(work).eval()
     # a deep copy lists its modules in the original's order: the copy's module -> the original's name
@@ -74,6 +76,22 @@ def _folded_copy(model: nn.Module, bypassed: frozenset = frozenset()) -> nn.Modu
     for m in work.modules():
         strip_rounds(m)
     return work.eval()
+
+
+def unshare(result: nn.Module, model: nn.Module) -> None:
+    """Give ``result`` its own copy of every parameter and buffer it still shares with ``model`` (tensors held
+    twice in ``result`` stay one tensor), one at a time."""
+    held = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    clones: Dict[int, torch.Tensor] = {}
+    for m in result.modules():
+        for store in (m._parameters, m._buffers):
+            for key, t in store.items():
+                if t is None or id(t) not in held:
+                    continue
+                if id(t) not in clones:
+                    c = t.detach().clone()
+                    clones[id(t)] = nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
+                store[key] = clones[id(t)]
 
 
 def _bypassed_layers(model: nn.Module, args, kwargs) -> Tuple[frozenset, List[torch.Tensor]]:

@@ -697,3 +697,22 @@ def test_compact_on_cuda(dtype, rel_err):
         assert [l.params_after for l in s.layers] == [l.params_after for l in summary(cpu_model).layers]
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def test_compacted_model_shares_no_tensor_with_the_model():
+    """compact() works on a copy that shares the model's tensors (memory); its result owns all of its own."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3))
+    l0k.convert(model, include=["3"])
+    with torch.no_grad():
+        model[3].log_alpha[:4] = -10.0
+    model.eval()
+    x = torch.randn(4, 6)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    small = l0k.compact(model, x)
+    mine = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers()) if t.numel()}
+    assert not [n for n, t in list(small.named_parameters()) + list(small.named_buffers()) if t.data_ptr() in mine]
+    with torch.no_grad():
+        for p in small.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(model.state_dict()[n], t) for n, t in before.items())
