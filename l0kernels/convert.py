@@ -350,13 +350,14 @@ def _drop_bypassed(model, slots, names, new_of, inc, example_inputs) -> None:
     layers = list(new_of.values())
     classes = [type(m) for m in layers]
     modes = [(m, m.training) for m in model.modules()]
+    from .backends._plans import no_plans
     try:
         for m in layers:
             m.__class__ = watch.watched_class(type(m))
         try:
             for i, a in enumerate(tries):
                 try:
-                    with torch.no_grad():
+                    with torch.no_grad(), no_plans():  # no eval plans kept from a one-off run
                         model.eval()(*a, **kwargs)
                     break
                 except Exception:

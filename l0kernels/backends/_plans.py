@@ -40,6 +40,7 @@ carry it.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from dataclasses import dataclass
@@ -268,12 +269,29 @@ def conv_plan_torch(x: torch.Tensor, plan: ConvPlan, stride, padding, dilation, 
     return y.index_copy_(1, plan.out_idx, yc)
 
 
+_OFF = [0]  # > 0 inside no_plans()
+
+
+@contextlib.contextmanager
+def no_plans():
+    """Eval calls inside build no plan (each runs its op with the deterministic gates): for a one-off run of
+    a whole model (convert's and compact's check runs), whose plans -- folded weights -- would hold up to the
+    model's size again."""
+    _OFF[0] += 1
+    try:
+        yield
+    finally:
+        _OFF[0] -= 1
+
+
 def plan_reasons(call) -> List[str]:
     """Why no eval plan serves ``call`` (empty: one does). A plan serves a layer's eval call that needs no
     autograd, outside a trace (the cache keys on storage addresses and version counters and builds
     data-dependent shapes, none of which a trace can hold; the traced op, dense GEMM and deterministic gates,
     is what inductor compiles)."""
     out = []
+    if _OFF[0]:
+        out.append("plans are off for this run (backends._plans.no_plans: a one-off check run of a model)")
     if call.training:
         out.append("a training call: plans serve eval calls")
     if call.owner is None:
@@ -329,5 +347,5 @@ def serve(backend, call, run_linear: LinearRunner = linear_plan_torch) -> torch.
     return run_linear(x2, plan).reshape(*x.shape[:-1], plan.out_features)
 
 
-__all__ = ["serve", "plan_for", "plan_reasons", "plan_signature", "clear_eval_cache", "cached_plan",
+__all__ = ["serve", "plan_for", "plan_reasons", "no_plans", "plan_signature", "clear_eval_cache", "cached_plan",
            "build_linear_plan", "build_conv_plan", "LinearPlan", "ConvPlan", "linear_plan_torch", "conv_plan_torch"]

@@ -100,20 +100,17 @@ def _bypassed_layers(model: nn.Module, args, kwargs) -> Tuple[frozenset, List[to
     called = set()
     hooks = [m.register_forward_pre_hook(lambda mod, a: called.add(id(mod)))
              for m in model.modules() if isinstance(m, L0)]
-    from ..backends._plans import _CACHES
+    from ..backends._plans import no_plans
     seen = [(m, m.__dict__["input_hw"]) for m in model.modules() if "input_hw" in m.__dict__]
-    planned = {id(m) for m in model.modules() if m in _CACHES}
     try:
         model.eval()
-        out = _run(model, args, kwargs)
+        with no_plans():  # eval plans (folded weights) would hold up to the model's size again
+            out = _run(model, args, kwargs)
     finally:
         for h in hooks:
             h.remove()
         for m, hw in seen:  # the input size a conv layer last saw (summary's FLOPs) is the caller's, not ours
             m.input_hw = hw
-        for m in model.modules():  # eval plans this run built (folded weights: up to the model's size again)
-            if id(m) not in planned:
-                _CACHES.pop(m, None)
     return frozenset(n for n, m in model.named_modules() if isinstance(m, L0) and id(m) not in called), out
 
 

@@ -236,3 +236,16 @@ def test_converted_model_trains():
         if isinstance(m, (L0Linear, L0Conv2d)):
             assert m.log_alpha.grad is not None and torch.isfinite(m.log_alpha.grad).all()
             assert m.log_alpha.shape[0] * 2 == (m.out_channels if isinstance(m, L0Conv2d) else m.in_features)
+
+
+def test_convert_check_run_keeps_no_eval_plans():
+    """The run that looks for bypassed layers builds eval plans (folded weights, up to the model's size again):
+    convert() drops them."""
+    from l0kernels.backends._plans import _CACHES
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    l0k.convert(model)
+    assert not any(m in _CACHES for m in model.modules())
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(3, 8))  # the user's own eval calls do build and keep them
+    assert any(m in _CACHES for m in model.modules())
