@@ -539,8 +539,9 @@ def _convert_structure(model, structure, *, include, exclude, noise, droprate_in
                 if child is not None and id(child) in swap:
                     parent._modules[cname] = swap[id(child)]
         attach_gate(model.get_submodule(b.name), layers[b.consumer][1], g)
-    if built:
-        _allow_narrow(model, [g for _, g, _ in built], call_args, call_kwargs)
+    narrowable = [g for _, g, _ in built if backend in ("auto", "torch")]  # the device form never runs narrow
+    if narrowable:
+        _allow_narrow(model, narrowable, call_args, call_kwargs)
     return model
 
 

@@ -45,6 +45,8 @@ class GateState(NamedTuple):
     z: torch.Tensor
     open_classes: Optional[torch.Tensor]
     seed: Optional[torch.Tensor]
+
+
 GATE_OPEN, GATE_CLOSED = 10.0, -10.0  # log_alpha of a gate surely open / closed (z_eval 1 / 0)
 
 
@@ -80,7 +82,7 @@ class StructureGate(_GateOwner):
 
     # -- the gates of this call --------------------------------------------------------------------------
     def state(self) -> GateState:
-        """``(z, open_classes)`` for the current call of the block, once per round: ``z`` drawn in training,
+        """``(z, open_classes, seed)`` for the current call of the block, once per round: ``z`` drawn in training,
         ``z_eval`` in eval; ``open_classes`` (bool per class: an FFN unit, a head, or the query heads of one
         key/value head) when the block runs narrow this call (some but not all classes open, few enough for the
         skip to pay, :func:`l0kernels._active.skip_reasons`' fraction), else None. Only inside a call of the block:
@@ -93,7 +95,7 @@ class StructureGate(_GateOwner):
             seed = draw_seed(self.log_alpha.device)
             z = sample_gates(self.log_alpha, seed, beta=cfg.beta, gamma=cfg.gamma, zeta=cfg.zeta)
         else:
-            z = deterministic_gates(self.log_alpha, beta=cfg.beta, gamma=cfg.gamma, zeta=cfg.zeta)
+            z = self.eval_gates()
         open_classes = None
         if self.narrow and self._round and self.backend not in DEVICE_FORM and _active.ENABLED and \
                 not torch.compiler.is_compiling():
@@ -106,9 +108,10 @@ class StructureGate(_GateOwner):
             self._state = state
         return state
 
-    def gates(self) -> torch.Tensor:
-        """``z`` for the current call of the block (see :meth:`state`)."""
-        return self.state()[0]
+    def eval_gates(self) -> torch.Tensor:
+        """``z_eval`` as the eval forward uses it (differentiable in ``log_alpha``)."""
+        c = self.cfg
+        return deterministic_gates(self.log_alpha, beta=c.beta, gamma=c.gamma, zeta=c.zeta)
 
     def layers(self) -> List[Tuple[str, "StructureLinear"]]:
         """``(role, layer)`` for every layer the gates span (``"rows"`` for a producer, ``"cols"`` the consumer)."""
@@ -124,8 +127,8 @@ class StructureGate(_GateOwner):
         for role, m in self.layers():
             n, k = m.weight.shape
             if role == "rows":
-                share = _row_shares(m.row_gates)  # (N, G) share of each row per gate
-                per += share.sum(0) * (k + (m.bias is not None))
+                per += _rows_to_gates(m.row_gates.cpu(), torch.full((n,), float(k + (m.bias is not None)),
+                                                                    dtype=torch.float64), per.numel())
             else:
                 per += torch.bincount(m.col_gates.cpu(), minlength=per.numel()).double() * n
                 ungated += n if m.bias is not None else 0
@@ -153,7 +156,7 @@ class StructureGate(_GateOwner):
                 w2 = m.weight.float().square()
                 if role == "rows":
                     rows = w2.sum(1) + (m.bias.float().square() if m.bias is not None else 0.0)
-                    sq = sq + rows @ _row_shares(m.row_gates).to(rows)
+                    sq = sq + _rows_to_gates(m.row_gates, rows, sq.numel())
                 else:
                     sq = sq.index_add(0, m.col_gates, w2.sum(0))
                     if m.bias is not None:
@@ -165,13 +168,14 @@ class StructureGate(_GateOwner):
         return f"{self.log_alpha.numel()}, kind={self.kind!r}, layers={len(self._layers)}, noise={self.noise!r}"
 
 
-def _row_shares(row_gates: torch.Tensor) -> torch.Tensor:
-    """``(N, G)``: each row's parameters shared equally by the distinct gates that keep it."""
-    n, r = row_gates.shape
-    g = int(row_gates.max()) + 1 if row_gates.numel() else 0
-    inc = torch.zeros(n, max(g, 1), dtype=torch.float64)
-    inc.scatter_(1, row_gates.cpu(), 1.0)
-    return inc / inc.sum(1, keepdim=True).clamp_min(1.0)
+def _rows_to_gates(row_gates: torch.Tensor, values: torch.Tensor, num_gates: int) -> torch.Tensor:
+    """Per gate, the sum of ``values`` (one per row) over the rows it keeps, a row's value shared equally by
+    the distinct gates of ``row_gates[n]`` (``(N, R)``); differentiable in ``values``."""
+    g = row_gates.sort(1).values
+    distinct = torch.ones_like(g, dtype=torch.bool)
+    distinct[:, 1:] = g[:, 1:] != g[:, :-1]
+    share = distinct.to(values.dtype) / distinct.sum(1, keepdim=True).to(values.dtype)
+    return values.new_zeros(num_gates).index_add(0, g[distinct], (share * values[:, None])[distinct])
 
 
 class StructureLinear(nn.Linear):
@@ -241,13 +245,9 @@ class StructureLinear(nn.Linear):
         w = self.weight.detach()
         b = self.bias.detach() if self.bias is not None else None
         if self._col_gate is not None:
-            z = deterministic_gates(self._col_gate.log_alpha.detach(), beta=self._col_gate.cfg.beta,
-                                    gamma=self._col_gate.cfg.gamma, zeta=self._col_gate.cfg.zeta)
-            w = w * z[self.col_gates].to(w.dtype)
+            w = w * self._col_gate.eval_gates()[self.col_gates].to(w.dtype)
         if self._row_gate is not None:
-            g = self._row_gate
-            z = deterministic_gates(g.log_alpha.detach(), beta=g.cfg.beta, gamma=g.cfg.gamma, zeta=g.cfg.zeta)
-            keep = (z != 0)[self.row_gates].any(-1)
+            keep = (self._row_gate.eval_gates() != 0)[self.row_gates].any(-1)
             w = w * keep[:, None].to(w.dtype)
             b = b * keep.to(b.dtype) if b is not None else None
         return w, b

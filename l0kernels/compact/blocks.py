@@ -109,16 +109,16 @@ def find_blocks(model: nn.Module, example_inputs=None) -> Tuple[List[Block], tup
     for cname, cin, _ in uses:
         if cname in taken or cin.numel() == 0 or bool(frozen[cin].any()):
             continue
-        classes = set(cin.tolist())
-        readers = {name for name, inp, _ in uses if any(c in classes for c in inp.tolist())}
+        classes = cin.unique()
+        readers = {name for name, inp, _ in uses if bool(torch.isin(inp, classes).any())}
         if readers != {cname}:
             continue
         writers: Dict[str, torch.Tensor] = {}
         ok = True
         for name, _, out in uses:
-            hit = [c in classes for c in out.tolist()]
-            if any(hit):
-                if not all(hit) or name == cname:
+            hit = torch.isin(out, classes)
+            if bool(hit.any()):
+                if not bool(hit.all()) or name == cname:
                     ok = False
                     break
                 writers[name] = out
