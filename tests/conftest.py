@@ -44,15 +44,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def rel(out, ref) -> float:
+    """||out - ref|| / ||ref|| in float64 (the absolute norm where ref is 0); a NaN in out fails."""
+    out = out.detach().to(torch.float64)
+    ref = ref.detach().to(torch.float64)
+    assert not torch.isnan(out).any(), "NaN in output"
+    den = ref.norm()
+    return float((out - ref).norm() / den) if den > 0 else float((out - ref).norm())
+
+
 @pytest.fixture
 def rel_err():
-    def f(out, ref):
-        out = out.detach().to(torch.float64)
-        ref = ref.detach().to(torch.float64)
-        assert not torch.isnan(out).any(), "NaN in output"
-        den = ref.norm()
-        return float((out - ref).norm() / den) if den > 0 else float((out - ref).norm())
-    return f
+    return rel
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """Register backends for one test only (the registry is restored afterwards)."""
+    from l0kernels._dispatch import _REGISTRY
+    import l0kernels as l0k
+    l0k.available_backends()
+
+    def add(b):
+        monkeypatch.setitem(_REGISTRY, b.name, b)
+        return b
+    return add
 
 
 # docs/design.md §6 tolerances against the float64 torch reference

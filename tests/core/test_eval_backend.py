@@ -10,7 +10,7 @@ import torch
 
 import l0kernels as l0k
 from l0kernels.backends import _plans
-from l0kernels._dispatch import _REGISTRY, Backend
+from l0kernels._dispatch import Backend
 from conftest import RecordingBackend
 
 
@@ -20,17 +20,6 @@ def no_interpreter(monkeypatch):
     a second list of reasons)."""
     tb = pytest.importorskip("l0kernels.backends.triton")
     monkeypatch.setattr(tb, "INTERPRET", False)
-
-
-@pytest.fixture
-def registry(monkeypatch):
-    """Register backends for one test only (the registry is restored afterwards)."""
-    l0k.available_backends()
-
-    def add(b):
-        monkeypatch.setitem(_REGISTRY, b.name, b)
-        return b
-    return add
 
 
 def _layers(backend):

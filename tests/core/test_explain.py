@@ -8,23 +8,12 @@ import torch
 import l0kernels as l0k
 from l0kernels import Backend, _active
 from l0kernels._checks import linear_call
-from l0kernels._dispatch import _REGISTRY, explain, get_backend
+from l0kernels._dispatch import explain, get_backend
 from l0kernels._lazy import UnavailableBackend
 from l0kernels.backends.torch import cpu_paths
 from conftest import log_alpha_at_density
 
 CFG = dict(beta=2 / 3, gamma=-0.1, zeta=1.1)
-
-
-@pytest.fixture
-def registry(monkeypatch):
-    """Register backends for one test only (the registry is restored afterwards)."""
-    l0k.available_backends()
-
-    def add(b):
-        monkeypatch.setitem(_REGISTRY, b.name, b)
-        return b
-    return add
 
 
 def _linear(m=64, k=512, n=256, density=0.3, gate="in", dtype=torch.float32, seed=0):

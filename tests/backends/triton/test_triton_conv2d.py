@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 import l0kernels as l0k  # noqa: E402
 from l0kernels import _active  # noqa: E402
 
-from conftest import TOL  # noqa: E402
+from conftest import TOL, rel  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SEED = 2**35 + 99
@@ -27,13 +27,6 @@ def triton_ready():
     why = l0k.get_backend("triton").why_not(call)
     if why is not None:
         pytest.skip(f"triton backend cannot run here: {why}")
-
-
-def rel(out, ref):
-    out, ref = out.detach().double(), ref.detach().double()
-    assert not torch.isnan(out).any()
-    den = ref.norm()
-    return float((out - ref).norm() / den) if den > 0 else float((out - ref).norm())
 
 
 def run_both(x, w, la, b, **kw):
