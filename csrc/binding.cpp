@@ -2,7 +2,7 @@
 // launchers of csrc/*.cu, cuBLAS (at::mm / at::addmm) and cuDNN (at::convolution /
 // at::convolution_backward) for the GEMMs and convolutions, and the op registrations
 // torch.ops.l0kernels.{uniform, gates, linear_fwd, linear_fwd_fused, sparse_linear, linear_bwd, linear_open_fwd,
-// linear_open_bwd, conv2d_fwd, conv2d_bwd} (CUDA impls here;
+// linear_open_bwd, rows_linear_fwd, rows_linear_bwd, conv2d_fwd, conv2d_bwd} (CUDA impls here;
 // Python wrappers with their fake impls for torch.compile in l0kernels/backends/cuda/ops.py).
 #include <Python.h>
 
@@ -571,7 +571,7 @@ void run_open_gemm(const OpenGemm& g, const Tensor& la, const Tensor& bias, cons
                    int mode, const l0k::GateConfig& cfg, int64_t group) {
   l0k::GatedGemmParams<T> p{ptr<T>(g.x), g.x.stride(0), ptr<T>(g.w), g.w.stride(0), ptr<T>(la), ptr<T>(bias),
                             ptr<T>(y), y.stride(0), ptr<const int64_t>(g.x_cols), ptr<const int64_t>(g.y_cols),
-                            g.M, g.N, g.K, seed, mode, false, true,
+                            g.M, g.N, g.K, seed, mode, false, seed != nullptr,
                             l0k::gemm::vec_loads_ok(g.x.data_ptr(), g.x.stride(0)), cfg};
   p.vec_w = l0k::gemm::vec_loads_ok(g.w.data_ptr(), g.w.stride(0));
   p.group = group;
@@ -613,10 +613,8 @@ Tensor gathered_dot(const Tensor& a, const Tensor& b, int64_t so, int64_t si, in
   return out;
 }
 
-// The checked arguments of the open-set ops, beyond linear_args.
-void check_open(const Tensor& x, const LinearArgs& a, const Tensor& index, const Tensor& count, const char* op) {
-  TORCH_CHECK_VALUE(a.mode == 0 || a.mode == 1, "l0kernels CUDA: ", op, " takes gate 'in' or 'out'");
-  const int64_t feats = a.mode == 0 ? a.k : a.n;
+// The checked open set (index, count) of `feats` features, the dtype and device the open-set GEMM runs.
+void check_open_set(const Tensor& x, int64_t feats, const Tensor& index, const Tensor& count, const char* op) {
   TORCH_CHECK_VALUE(index.is_cuda() && index.device() == x.device() && index.scalar_type() == at::kLong &&
                         index.dim() == 1 && index.size(0) == feats && index.is_contiguous(),
                     "l0kernels CUDA: ", op, ": index must be a contiguous int64 (", feats, ",) tensor on ", x.device(),
@@ -628,6 +626,14 @@ void check_open(const Tensor& x, const LinearArgs& a, const Tensor& index, const
   TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16, "l0kernels CUDA: ", op,
                    " runs float16 and bfloat16 (the tensor-core GEMM), got ", st);
   TORCH_CHECK_VALUE(cc_major(x.device()) >= 8, "l0kernels CUDA: ", op, " needs compute capability 8.0+");
+  TORCH_CHECK_VALUE(l0k::gemm::grid_rows(x.numel() / std::max<int64_t>(x.size(-1), 1)) <= 65535, "l0kernels CUDA: ",
+                    op, " takes at most ", 65535 * static_cast<int64_t>(l0k::gemm::kBM), " rows of x");
+}
+
+// The checked arguments of the open-set ops, beyond linear_args.
+void check_open(const Tensor& x, const LinearArgs& a, const Tensor& index, const Tensor& count, const char* op) {
+  TORCH_CHECK_VALUE(a.mode == 0 || a.mode == 1, "l0kernels CUDA: ", op, " takes gate 'in' or 'out'");
+  check_open_set(x, a.mode == 0 ? a.k : a.n, index, count, op);
 }
 
 Tensor unit_cols(const Tensor& t) { return t.stride(-1) == 1 && t.size(-1) > 0 ? t : t.contiguous(); }
@@ -641,8 +647,6 @@ Tensor linear_open_fwd(const Tensor& x, const Tensor& weight, const Tensor& log_
   const int64_t* seed = seed_ptr(seed_t, x, true);
   const c10::cuda::CUDAGuard guard(x.device());
   check_open(x, a, index, count, "linear_open_fwd");
-  TORCH_CHECK_VALUE(l0k::gemm::grid_rows(a.m) <= 65535, "l0kernels CUDA: linear_open_fwd takes at most ",
-                    65535 * static_cast<int64_t>(l0k::gemm::kBM), " rows of x, got ", a.m);
   const Tensor x2 = unit_cols(a.x2), w = unit_cols(weight), la = log_alpha.contiguous();
   const Tensor bias = a.bias.defined() ? a.bias.contiguous() : Tensor();
   Tensor y = at::empty({a.m, a.n}, x.options());
@@ -744,6 +748,89 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_open_bwd(const Tensor& grad, c
   if (!need_w) dw = Tensor();
   auto fill = [&](const Tensor& t) { return t.defined() ? t : empty_result(x); };
   return {fill(dx), fill(dw), fill(dla), fill(db)};
+}
+
+// -- A structure gate's producer over its open rows (docs/design.md §11) ------------------------------------------
+// y[:, o] = x @ W[o]^T + b[o] for the open rows o of (index, count), exact zeros for the others; no gates (the
+// block's consumer applies z). The open-set GEMMs of linear_open_fwd / _bwd with output gates, without the gate.
+
+// The checked (x2, n, k, bias) of the rows ops.
+std::tuple<Tensor, int64_t, int64_t, Tensor> rows_args(const Tensor& x, const Tensor& weight,
+                                                       const std::optional<Tensor>& bias_in, const Tensor& index,
+                                                       const Tensor& count, const char* op) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "l0kernels CUDA: x must be a CUDA tensor, got device ", x.device());
+  check_tensor(weight, "weight", x, 2);
+  const int64_t n = weight.size(0), k = weight.size(1);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == k, "l0kernels CUDA: x must have ", k,
+                    " features in its last dim (weight's in_features), got shape ", x.sizes());
+  const Tensor bias = opt(bias_in);
+  if (bias.defined()) {
+    check_tensor(bias, "bias", x, 1);
+    TORCH_CHECK_VALUE(bias.size(0) == n, "l0kernels CUDA: bias must have shape (", n, "), got ", bias.sizes());
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_open_set(x, n, index, count, op);
+  return {x.reshape({-1, k}), n, k, bias.defined() ? bias.contiguous() : Tensor()};
+}
+
+Tensor rows_linear_fwd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias_in,
+                       const Tensor& index, const Tensor& count) {
+  const auto [x2_in, n, k, bias] = rows_args(x, weight, bias_in, index, count, "rows_linear_fwd");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor x2 = unit_cols(x2_in), w = unit_cols(weight);
+  const int64_t m = x2.size(0);
+  Tensor y = at::empty({m, n}, x.options());
+  OpenGemm g{x2, w, m, n, k};
+  g.open_columns(index, count);
+  const l0k::GateConfig cfg{};
+  dispatch_type(x.scalar_type(), "x", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    run_open_gemm<T>(g, Tensor(), bias, y, nullptr, l0k::kGateNone, cfg, 1);
+  });
+  return y.view(linear_out_shape(x, n));
+}
+
+// Backward: dX = dY[:, o] W[o] (the reduction over the open rows), dW[o]^T = x^T dY[:, o] (closed rows of dW
+// zero), db = colsum(dY) on the open rows (closed: zero). mask: which of (dx, dweight, dbias).
+std::tuple<Tensor, Tensor, Tensor> rows_linear_bwd(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                                   const std::optional<Tensor>& bias_in, const Tensor& index,
+                                                   const Tensor& count, std::array<bool, 3> mask) {
+  const auto [x2_in, n, k, bias] = rows_args(x, weight, bias_in, index, count, "rows_linear_bwd");
+  check_tensor(grad, "grad", x, -1);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t m = x2_in.size(0);
+  TORCH_CHECK_VALUE(grad.numel() == m * n, "l0kernels CUDA: grad must have ", m * n, " elements (x rows x ", n,
+                    "), got shape ", grad.sizes());
+  const Tensor dy = grad.reshape({m, n}).contiguous(), x2 = x2_in.contiguous(), w = weight.contiguous();
+  const bool need_x = mask[0], need_w = mask[1], need_b = mask[2] && bias.defined();
+  const l0k::GateConfig cfg{};
+  Tensor dx, dw, db;
+  auto gemm = [&](const OpenGemm& g, const Tensor& y) {
+    dispatch_type(x.scalar_type(), "x", [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      run_open_gemm<T>(g, Tensor(), Tensor(), y, nullptr, l0k::kGateNone, cfg, 1);
+    });
+  };
+  if (need_x) {
+    dx = at::empty({m, k}, x.options());
+    OpenGemm g{dy, w, m, k, n};  // B = W^T, MN-major; the reduction over the open rows
+    g.w_mn = true;
+    gemm(g.open_reduction(index, count), dx);
+    dx = dx.reshape(x.sizes());
+  }
+  if (need_w) {
+    dw = at::empty({n, k}, x.options());
+    OpenGemm g{x2, dy, k, n, m};  // dW[o]^T = x^T dY[:, o]: A = x^T, B = dY^T, written transposed
+    g.x_mn = g.w_mn = g.y_trans = true;
+    gemm(g.open_columns(index, count), dw);
+  }
+  if (need_b) {
+    const Tensor pos = at::arange(n, index.options());
+    const Tensor open = at::zeros({n}, dy.options().dtype(at::kFloat)).scatter_(0, index, (pos < count).to(at::kFloat));
+    db = (col_sum(dy, Tensor(), Tensor(), 0, 1) * open).to(bias.scalar_type());
+  }
+  auto fill = [&](const Tensor& t) { return t.defined() ? t : empty_result(x); };
+  return {fill(dx), fill(dw), fill(db)};
 }
 
 // Layout of a 4-D tensor for the channel kernels; copies it to x's suggested format if it is neither
@@ -930,6 +1017,9 @@ TORCH_LIBRARY(l0kernels, m) {
   m.def("linear_open_bwd(Tensor grad, Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, Tensor seed, "
         "Tensor index, Tensor count, str gate, float[] cfg, bool[4] mask, int group_size=1) -> "
         "(Tensor, Tensor, Tensor, Tensor)");
+  m.def("rows_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor index, Tensor count) -> Tensor");
+  m.def("rows_linear_bwd(Tensor grad, Tensor x, Tensor weight, Tensor? bias, Tensor index, Tensor count, "
+        "bool[3] mask) -> (Tensor, Tensor, Tensor)");
   m.def("conv2d_fwd(Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int[] stride, int[] padding, "
         "int[] dilation, int groups, Tensor? seed, bool sample, bool training, float[] cfg, int group_size=1) -> Tensor");
   m.def("conv2d_bwd(Tensor grad, Tensor x, Tensor weight, Tensor log_alpha, Tensor? bias, int[] stride, "
@@ -946,6 +1036,8 @@ TORCH_LIBRARY_IMPL(l0kernels, CUDA, m) {
   m.impl("linear_bwd", &linear_bwd);
   m.impl("linear_open_fwd", &linear_open_fwd);
   m.impl("linear_open_bwd", &linear_open_bwd);
+  m.impl("rows_linear_fwd", &rows_linear_fwd);
+  m.impl("rows_linear_bwd", &rows_linear_bwd);
   m.impl("conv2d_fwd", &conv2d_fwd);
   m.impl("conv2d_bwd", &conv2d_bwd);
 }

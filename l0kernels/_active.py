@@ -82,6 +82,13 @@ def open_set_of_closed(closed: torch.Tensor) -> OpenSet:
     return OpenSet(index, count)
 
 
+def open_mask(os_: OpenSet, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """``(G,)``: 1 where the device open set ``os_`` holds the feature, else 0 (no host sync)."""
+    pos = torch.arange(os_.index.numel(), device=os_.index.device)
+    return torch.zeros(os_.index.numel(), dtype=dtype, device=os_.index.device).scatter_(
+        0, os_.index, (pos < os_.count).to(dtype))
+
+
 def open_index(z: torch.Tensor) -> torch.Tensor:
     """The open gate indices of ``z`` (``(G,)``), ascending, sized by the open count (host route)."""
     return torch.nonzero(z).reshape(-1)

@@ -174,6 +174,21 @@ class Backend:
     def auto_eligible(self, call) -> bool:
         return True
 
+    def rows_reasons(self, x: torch.Tensor, weight: torch.Tensor,
+                     log_alpha: Optional[torch.Tensor] = None) -> List[str]:
+        """Why this backend does not run a structure gate's producer over its open rows on the device
+        (:meth:`rows_linear`, docs/design.md §11) for input ``x`` and ``weight``; empty where it does.
+        ``log_alpha``: the structure gate's, whose last known open fraction the backend's skip threshold reads
+        (as for ``l0_linear``'s open-set path). Default: no such kernels."""
+        return [f"backend '{self.name}' has no device kernels for a structure gate's producer"]
+
+    def rows_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    open_rows) -> torch.Tensor:
+        """``x @ W.T + b`` with only the rows of ``open_rows`` (an :class:`l0kernels._active.OpenSet`) computed,
+        the others exact zeros, forward and backward; nothing read on the host. Called where
+        :meth:`rows_reasons` gives none."""
+        raise RuntimeError("; ".join(self.rows_reasons(x, weight)))
+
     def why_not(self, call) -> Optional[str]:
         """:meth:`explain`'s reasons in one string, or None where the backend can run ``call``."""
         reasons = self.explain(call)

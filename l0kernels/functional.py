@@ -7,7 +7,8 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from ._checks import autocast_dtype, check_tensor, conv2d_call, draw_seed, linear_call, make_config
-from ._dispatch import dispatch, explain
+from . import _active
+from ._dispatch import backend_names, dispatch, explain, get_backend, is_backend_name
 from ._gates import (compute_dtype, eval_gates_and_grad, gates_from_uniform, noise_uniform, prob_open_t)
 from ._philox import check_seed
 from ._replay import replay_grads
@@ -194,7 +195,8 @@ def explain_conv2d(x: torch.Tensor, weight: torch.Tensor, log_alpha: torch.Tenso
 
 def structure_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                      rows: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
-                     cols: Optional[torch.Tensor] = None, open_out: bool = False, host: bool = True) -> torch.Tensor:
+                     cols: Optional[torch.Tensor] = None, open_out: bool = False, host: bool = True,
+                     backend: str = "torch", log_alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A linear layer inside a structure gate's span (docs/design.md §11): ``y = (x * scale) @ W.T + b`` with
     the outputs where ``rows`` (bool, ``(N,)``) is False exactly 0 and not computed, and the inputs where
     ``scale`` (``(K,)``, the gates per input feature) is 0 not read. ``rows=None`` / ``scale=None``: every row
@@ -206,7 +208,11 @@ def structure_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     The narrow form, where the tensors between a block's layers hold only its open units: ``open_out=True``
     returns only the rows where ``rows`` is True (in order); ``cols`` (bool, ``(K,)``) says that ``x`` holds only
     those input columns (in order). ``host=False``: nothing is read on the host (a CUDA graph can capture the
-    call): every row is computed and the closed ones multiplied by 0, every column multiplied by ``scale``."""
+    call). Then a producer (``rows`` given, no ``scale``) runs on ``backend``'s device kernels over its open rows
+    only (the open set found on the device) where that backend takes the call (``Backend.rows_reasons``;
+    ``log_alpha``: the structure gate's, whose last known open fraction the backend's skip threshold reads);
+    otherwise, and with ``backend="torch"``, every row is computed and the closed ones multiplied by 0, every
+    column multiplied by ``scale``."""
     check_tensor(x, "x")
     check_tensor(weight, "weight")
     if weight.dim() != 2:
@@ -236,6 +242,17 @@ def structure_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     for name, t in (("weight", weight), ("bias", bias), ("rows", rows), ("scale", scale), ("cols", cols)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if not is_backend_name(backend) or backend == "auto":
+        raise ValueError(f"backend must name a backend ({', '.join(b for b in backend_names() if b != 'auto')}), "
+                         f"got {backend!r}")
+    if log_alpha is not None:
+        check_tensor(log_alpha, "log_alpha")
+    if not host and rows is not None and scale is None and backend != "torch":
+        b = get_backend(backend)
+        if _active.ENABLED and not b.rows_reasons(x, weight, log_alpha):
+            _active.count_path("structure-rows", "fwd", "skip")
+            return b.rows_linear(x, weight, bias, _active.open_set_of_closed((~rows).to(torch.uint8)))
+        _active.count_path("structure-rows", "fwd", "dense")
     from .backends.torch.structure import structure_linear as run
     return run(x, weight, bias, rows, scale, cols, bool(open_out), bool(host))
 

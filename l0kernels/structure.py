@@ -224,14 +224,18 @@ class StructureLinear(nn.Linear):
     def _device_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The device form (gate backend ``"triton"``/``"cuda"``): nothing read on the host, so a CUDA graph can
         capture it. The consumer is ``l0_linear(gate="in")`` on the gate's ``log_alpha`` and the block call's
-        seed, on that backend: the same ``z``, its closed columns skipped inside the kernels; a producer computes
-        every row and multiplies the closed ones by 0 (its rows are not skipped)."""
+        seed, on that backend: the same ``z``, its closed columns skipped inside the kernels. A producer runs that
+        backend's kernels over its open rows (the open set found on the device; the closed rows exact zeros,
+        never computed), where the backend takes the call (``structure_linear``), else it computes every row
+        and multiplies the closed ones by 0."""
         rows = None
-        if self._row_gate is not None:
-            rows = (self._row_gate.state().z != 0)[self.row_gates].any(-1)
+        rg = self._row_gate
+        if rg is not None:
+            rows = (rg.state().z != 0)[self.row_gates].any(-1)
         g = self._col_gate
         if g is None:
-            return structure_linear(x, self.weight, self.bias, rows=rows, host=False)
+            return structure_linear(x, self.weight, self.bias, rows=rows, host=False, backend=rg.backend,
+                                    log_alpha=rg.log_alpha)
         st = g.state()
         y = l0_linear(x, self.weight, g.log_alpha, self.bias, seed=st.seed, gate="in", training=g.training,
                       backend=g.backend, beta=g.cfg.beta, gamma=g.cfg.gamma, zeta=g.cfg.zeta,

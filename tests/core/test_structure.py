@@ -353,6 +353,56 @@ def test_structure_linear_bad_input():
         l0k.structure_linear(x, w, torch.randn(5))
     with pytest.raises(TypeError, match="weight"):
         l0k.structure_linear(x, w.long())
+    for bad in ("auto", "nope", 3):
+        with pytest.raises(ValueError, match="backend"):
+            l0k.structure_linear(x, w, b, rows=torch.ones(n, dtype=torch.bool), host=False, backend=bad)
+
+
+def _needs_triton():
+    pytest.importorskip("triton")
+    import os
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n, k, lead, p_open, bias, strided", [
+    (37, 19, (3, 5), 0.3, True, True), (16, 16, (17,), 1.0, False, False), (5, 33, (2, 1, 3), 0.0, True, False),
+    (70, 9, (4,), 0.6, True, True), (1, 1, (1,), 1.0, True, False)])
+def test_producer_kernels_over_the_open_rows(n, k, lead, p_open, bias, strided, dtype):
+    """The device form of a producer (``host=False`` on the Triton backend): the GEMMs over the open rows only,
+    found on the device, against the float64 definition, forward and every gradient; closed rows exact zeros in
+    the output and in ``dW``/``db``; odd shapes, non-contiguous ``x`` and ``W``, every row open / closed."""
+    dev = _needs_triton()
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    x64 = torch.randn(*lead, k + 3, dtype=torch.float64, generator=g)[..., 2:k + 2]
+    w64 = (torch.randn(k, n, dtype=torch.float64, generator=g).t() if strided
+           else torch.randn(n, k, dtype=torch.float64, generator=g))
+    b64 = torch.randn(n, dtype=torch.float64, generator=g) if bias else None
+    rows = torch.rand(n, generator=g) < p_open
+    gy = torch.randn(*lead, n, dtype=torch.float64, generator=g)
+    leaves = [t.to(dev, dtype).requires_grad_(True) if t is not None else None for t in (x64, w64, b64)]
+    if not strided:
+        leaves[0] = leaves[0].detach().contiguous().requires_grad_(True)
+    refs = [t.detach().double().cpu().requires_grad_(True) if t is not None else None for t in leaves]
+    from l0kernels import _active
+    _active.PATHS.clear()
+    y = l0k.structure_linear(*leaves, rows=rows.to(dev), host=False, backend="triton")
+    assert _active.PATHS["structure-rows", "fwd", "skip"] == 1
+    ref = torch.nn.functional.linear(*refs) * rows
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    assert y.dtype == dtype and y.shape == ref.shape
+    torch.testing.assert_close(y.double().cpu(), ref, **tol)
+    assert bool((y[..., ~rows.to(dev)] == 0).all())
+    got = torch.autograd.grad(y, [t for t in leaves if t is not None], gy.to(dev, dtype))
+    want = torch.autograd.grad(ref, [t for t in refs if t is not None], gy)
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a.double().cpu(), c, **tol)
+    assert bool((got[1][~rows.to(dev)] == 0).all())
+    if bias:
+        assert bool((got[2][~rows.to(dev)] == 0).all())
 
 
 def test_summary_shows_each_structure_gate_once():
@@ -420,10 +470,8 @@ def test_device_form_on_triton_matches_the_torch_path():
     """backend="triton" (the device form: no host reads; the consumer through the Triton kernels, which skip the
     closed columns; under TRITON_INTERPRET=1 on the CPU) against the torch path: same seeds, same outputs and
     gradients."""
-    pytest.importorskip("triton")
-    import os
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    _needs_triton()
+    from l0kernels import _active
     base, inputs = _build("llama-gqa")
     base = base.float()
     ids = inputs[0][:, :5]
@@ -434,9 +482,12 @@ def test_device_form_on_triton_matches_the_torch_path():
         _close_some(model, 9)
         model.train()
         torch.manual_seed(3)
+        _active.PATHS.clear()
         y = model(ids).logits
         y.square().mean().backward()
         runs.append((y.detach(), {n: p.grad for n, p in model.named_parameters()}))
+        if backend == "triton":  # every producer (gate, up, q, k, v of both layers) over its open rows
+            assert _active.PATHS["structure-rows", "fwd", "skip"] == 2 * 5, dict(_active.PATHS)
     (y0, g0), (y1, g1) = runs
     torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-5)
     for n, g in g0.items():

@@ -412,6 +412,46 @@ def test_training_over_the_open_set(dtype, density, gate, group, rel_err, monkey
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("density", [1.0, 0.3, 0.0])
+def test_producer_over_its_open_rows(dtype, density, rel_err, monkeypatch):
+    """A structure gate's producer on the CUDA backend (``structure_linear(host=False, backend="cuda")``:
+    rows_linear_fwd / _bwd): the float64 definition (``F.linear * open``), forward and every gradient; closed
+    rows exact zeros in ``y``, ``dW`` and ``db``; inf in their weights never read."""
+    from l0kernels import _active
+    from l0kernels.backends import cuda as cb
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the open-set GEMM needs sm_80+")
+    monkeypatch.setattr(cb, "SKIP_BELOW", 1.0)
+    m, k, n = 300, 141, 99
+    gen = torch.Generator().manual_seed(11)
+    keep = torch.rand(n, generator=gen) < density
+    x = torch.randn(3, m // 3, k, generator=gen).to(dtype).cuda()
+    w = (torch.randn(n, k, generator=gen) * 0.1).to(dtype).cuda()
+    b = torch.randn(n, generator=gen).to(dtype).cuda()
+    wp, bp = w.clone(), b.clone()
+    wp[~keep.cuda()] = float("inf")
+    bp[~keep.cuda()] = float("inf")
+    leaves = [t.detach().requires_grad_() for t in (x, wp, bp)]
+    refs = [t.detach().double().cpu().requires_grad_() for t in (x, w, b)]
+    _active.PATHS.clear()
+    out = l0k.structure_linear(*leaves, rows=keep.cuda(), host=False, backend="cuda")
+    ref = torch.nn.functional.linear(*refs) * keep
+    assert _active.PATHS["structure-rows", "fwd", "skip"] == 1
+    g = torch.randn(ref.shape, dtype=torch.float64)
+    gs = torch.autograd.grad(out, leaves, g.to(dtype).cuda())
+    gr = torch.autograd.grad(ref, refs, g)
+    assert torch.isfinite(out).all() and rel_err(out.cpu(), ref) < TOL[dtype]
+    assert (out.cpu()[..., ~keep] == 0).all()
+    for name, a, r in zip(("x", "weight", "bias"), gs, gr):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a.cpu(), r) < TOL[dtype] * 10 or (r == 0).all() and (a == 0).all(), name
+    assert (gs[1].cpu()[~keep] == 0).all() and (gs[2].cpu()[~keep] == 0).all()
+    idx, cnt = torch.zeros(n, dtype=torch.int64, device="cuda"), torch.zeros((), dtype=torch.int64, device="cuda")
+    torch.library.opcheck(torch.ops.l0kernels.rows_linear_fwd.default, (x, w, b, idx, cnt),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("density", [1.0, 0.5, 0.0, "one"])
 @pytest.mark.parametrize("group,channels_last", [(1, False), (2, True)])
 def test_conv2d_training_over_the_open_set(dtype, density, group, channels_last, rel_err, monkeypatch):

@@ -1,9 +1,11 @@
 """The ``cuda`` backend: the compiled extension ``l0kernels._C`` (``csrc/``).
 
 - ``ops.py``: the extension's ops ``torch.ops.l0kernels.{uniform, gates, linear_fwd, linear_fwd_fused,
-  sparse_linear, linear_bwd, linear_open_fwd, linear_open_bwd, conv2d_fwd, conv2d_bwd}`` (CUDA kernels,
+  sparse_linear, linear_bwd, linear_open_fwd, linear_open_bwd, rows_linear_fwd, rows_linear_bwd, conv2d_fwd,
+  conv2d_bwd}`` (CUDA kernels,
   cuBLAS, cuDNN) as thin wrappers, with the fake (meta) implementations ``torch.compile`` traces with;
-- ``functions.py``: the autograd Functions :class:`CudaL0LinearFunction` / :class:`CudaL0Conv2dFunction` and
+- ``functions.py``: the autograd Functions :class:`CudaL0LinearFunction` / :class:`CudaL0Conv2dFunction` (and
+  :class:`CudaRowsLinearFunction`, a structure gate's producer over its open rows) and
   their per-call choices: the ``fused`` / ``two_pass`` forward, the open-set path of training calls (linear,
   and convolutions through im2col);
 - this module: the switches below, :class:`CudaBackend` and its registration, the eval runner.
@@ -40,8 +42,8 @@ from .. import _plans
 from . import ops  # raises ImportError without the extension
 from .ops import SUPPORTED_DTYPES, cuda_gates
 from .functions import (FUSED_MAX_ROWS, GEMV_MAX_ROWS, CudaL0Conv2dFunction, CudaL0LinearFunction,
-                        conv_open_set_reasons, conv_skips_closed, forward_impls, forward_reasons, fused_why_not,
-                        open_set, open_set_reasons, skips_closed)
+                        CudaRowsLinearFunction, conv_open_set_reasons, conv_skips_closed, forward_impls,
+                        forward_reasons, fused_why_not, open_set, open_set_reasons, rows_reasons, skips_closed)
 
 # the switches (module doc); functions.py reads them from this module on every call
 GEMM_IMPLS = ("auto", "fused", "two_pass")
@@ -116,6 +118,17 @@ class CudaBackend(Backend):
                                                                            "L0K_CUDA_CONV_SKIP_BELOW")
         return paths
 
+    def rows_reasons(self, x, weight, log_alpha=None) -> List[str]:
+        out = rows_reasons(x)
+        if torch.compiler.is_compiling():
+            out.append("inside torch.compile a structure gate's producer runs masked")
+        if log_alpha is not None:
+            out += _active.fraction_reasons(log_alpha, SKIP_BELOW, "L0K_CUDA_SKIP_BELOW")
+        return out
+
+    def rows_linear(self, x, weight, bias, open_rows) -> torch.Tensor:
+        return CudaRowsLinearFunction.apply(x, weight, bias, open_rows.index, open_rows.count)
+
     def linear(self, call: LinearCall) -> torch.Tensor:
         return CudaL0LinearFunction.apply(call.x, call.weight, call.log_alpha, call.bias, call.seed, call.gate,
                                           call.noise, call.training, call.cfg, call.group_size)
@@ -134,7 +147,8 @@ class CudaBackend(Backend):
 
 CUDA_BACKEND = register_backend(CudaBackend())
 
-__all__ = ["CudaBackend", "CUDA_BACKEND", "CudaL0LinearFunction", "CudaL0Conv2dFunction", "GEMM_IMPLS", "GEMM_IMPL",
+__all__ = ["CudaBackend", "CUDA_BACKEND", "CudaL0LinearFunction", "CudaL0Conv2dFunction", "CudaRowsLinearFunction",
+           "GEMM_IMPLS", "GEMM_IMPL",
            "SKIP_BELOW", "CONV_SKIP_BELOW", "IM2COL_MAX_BYTES", "gemm_impl", "skips_closed", "conv_skips_closed",
            "open_set", "open_set_reasons", "conv_open_set_reasons", "cuda_gates", "fused_why_not", "forward_impls",
            "forward_reasons", "eval_linear_plan", "SUPPORTED_DTYPES",

@@ -46,6 +46,7 @@ from ..._checks import conv_out_size
 from ..._gates import GateConfig
 from ..._philox import seed_on
 from ..torch import conv2d_grads_replayed, linear_grads_replayed
+from ..torch.structure import rows_grads_replayed
 from .. import cuda as _switches  # the package (partly initialised here): read its switches at call time
 from . import ops
 from .ops import SUPPORTED_DTYPES, cfg_list, cuda_gates
@@ -270,6 +271,34 @@ class CudaL0LinearFunction(torch.autograd.Function):
             out = ops.linear_bwd(dy, x, weight, log_alpha, bias, seed, gate, sample, training, cfg, mask,
                                  ctx.group_size)
         return _grads(out, mask) + (None,) * 6
+
+
+def rows_reasons(x: torch.Tensor) -> List[str]:
+    """Why :class:`CudaRowsLinearFunction` (the tensor-core GEMM over a producer's open rows) cannot take ``x``;
+    empty where it can."""
+    if not x.is_cuda:
+        return [f"the CUDA backend needs CUDA tensors, got device {x.device}"]
+    return _gemm_reasons(x, x.numel() // max(1, x.shape[-1]))
+
+
+class CudaRowsLinearFunction(torch.autograd.Function):
+    """A structure gate's producer over its open rows (docs/design.md §11): ``apply(x, weight, bias, index,
+    count)``, ``(index, count)`` the device open set of rows. ``ops.rows_linear_fwd`` / ``rows_linear_bwd``: every
+    GEMM over the open rows, closed rows exact zeros, nothing read on the host."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, index, count):
+        ctx.save_for_backward(x, weight, bias, index, count)
+        return ops.rows_linear_fwd(x, weight, bias, index, count)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, index, count = ctx.saved_tensors
+        needs = tuple(bool(m) for m in ctx.needs_input_grad[:3])
+        if torch.is_grad_enabled():  # create_graph=True: the definition through autograd
+            return rows_grads_replayed(dy, x, weight, bias, index, count, needs) + (None, None)
+        mask = [needs[0], needs[1], needs[2] and bias is not None]
+        return _grads(ops.rows_linear_bwd(dy, x, weight, bias, index, count, mask), mask) + (None, None)
 
 
 class CudaL0Conv2dFunction(torch.autograd.Function):

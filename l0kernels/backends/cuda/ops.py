@@ -130,6 +130,30 @@ def _linear_open_bwd_fake(grad, x, weight, log_alpha, bias, seed, index, count, 
     return _fake_grads(x, weight, log_alpha, bias, mask)
 
 
+def rows_linear_fwd(x, weight, bias, index, count):
+    """A structure gate's producer over its open rows (float16 / bfloat16 on sm_80+): ``y[..., o] = x @ W[o].T +
+    b[o]`` for the rows ``o`` of the open set ``(index, count)``, exact zeros for the others; the tensor-core GEMM
+    over the gathered open rows, without gates."""
+    return _ops.rows_linear_fwd(x, weight, bias, index, count)
+
+
+@torch.library.register_fake("l0kernels::rows_linear_fwd")
+def _rows_linear_fwd_fake(x, weight, bias, index, count):
+    return x.new_empty(tuple(x.shape[:-1]) + (weight.shape[0],))
+
+
+def rows_linear_bwd(grad, x, weight, bias, index, count, mask):
+    """``(dx, dweight, dbias)`` of :func:`rows_linear_fwd` (``mask``: which of the three), every GEMM over the open
+    rows; the closed rows of ``dweight`` and ``dbias`` exact zeros."""
+    return _ops.rows_linear_bwd(grad, x, weight, bias, index, count, mask)
+
+
+@torch.library.register_fake("l0kernels::rows_linear_bwd")
+def _rows_linear_bwd_fake(grad, x, weight, bias, index, count, mask):
+    return tuple(torch.empty_like(t) if (m and t is not None) else x.new_empty((0,))
+                 for t, m in zip((x, weight, bias), mask))
+
+
 def conv2d_fwd(x, weight, log_alpha, bias, stride, padding, dilation, groups, seed, sample, training, cfg,
                group_size=1):
     """``l0_conv2d``'s forward: cuDNN, then the bias + channel-gate epilogue kernel."""
@@ -157,4 +181,5 @@ def _conv2d_bwd_fake(grad, x, weight, log_alpha, bias, stride, padding, dilation
 
 
 __all__ = ["SUPPORTED_DTYPES", "cfg_list", "uniform", "cuda_gates", "linear_fwd", "linear_fwd_fused", "sparse_linear",
-           "linear_bwd", "linear_open_fwd", "linear_open_bwd", "conv2d_fwd", "conv2d_bwd"]
+           "linear_bwd", "linear_open_fwd", "linear_open_bwd", "rows_linear_fwd", "rows_linear_bwd", "conv2d_fwd",
+           "conv2d_bwd"]

@@ -71,3 +71,19 @@ def structure_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     y_open = F.linear(x, w.index_select(0, o), b.index_select(0, o) if b is not None else None)
     y = y_open.new_zeros(*y_open.shape[:-1], n)
     return y.index_copy(y.dim() - 1, o, y_open)
+
+
+def rows_grads_replayed(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        index: torch.Tensor, count: torch.Tensor, needs) -> tuple:
+    """``(dx, dweight, dbias)`` (None where ``needs`` says no) of a producer over the open rows of the device open set
+    ``(index, count)`` (the device backends' ``rows_linear``), through autograd of its definition
+    ``F.linear(x, W, b) * open``: the device backends' backward when a graph of the gradients is asked for
+    (``create_graph=True``)."""
+    keep = _active.open_mask(_active.OpenSet(index, count), x.dtype)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) if (t is not None and m) else t
+                  for t, m in zip((x, weight, bias), needs)]
+        y = F.linear(*leaves) * keep
+        want = [t for t, m in zip(leaves, needs) if m and t is not None]
+        gs = iter(torch.autograd.grad(y, want, dy, create_graph=True))
+    return tuple(next(gs) if (m and t is not None) else None for t, m in zip(leaves, needs))

@@ -18,7 +18,7 @@ from ..._dispatch import Backend, Conv2dCall, LinearCall, register_backend
 from .. import _plans
 from . import conv2d as _conv2d, linear as _linear
 from ._gate_math import fraction_reasons, seed_tensor
-from .linear import INTERPRET, TritonL0LinearFunction
+from .linear import INTERPRET, TritonL0LinearFunction, TritonRowsLinearFunction
 from .conv2d import TritonL0Conv2dFunction
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -44,14 +44,7 @@ class TritonBackend(Backend):
 
     def explain(self, call) -> List[str]:
         tensors = [call.x, call.weight, call.log_alpha] + ([call.bias] if call.bias is not None else [])
-        out = []
-        if call.x.dtype not in SUPPORTED_DTYPES:
-            out.append(f"Triton backend supports float16/bfloat16/float32; use backend='torch' for "
-                       f"{str(call.x.dtype).replace('torch.', '')}")
-        if not all(t.is_cuda for t in tensors) and not (INTERPRET and all(t.device.type == "cpu" for t in tensors)):
-            out.append("Triton backend needs CUDA tensors (CPU tensors run only under TRITON_INTERPRET=1, set "
-                       "before l0kernels' Triton backend is imported), got device " + str(call.x.device))
-        return out
+        return _tensor_reasons(call.x.dtype, tensors)
 
     def explain_paths(self, call) -> Dict[str, List[str]]:
         """``eval_plan`` (a layer's eval call on its cached plan, ``sparse_eval.py``) and ``open_set`` (a
@@ -67,6 +60,18 @@ class TritonBackend(Backend):
 
     def auto_eligible(self, call) -> bool:
         return call.x.is_cuda
+
+    def rows_reasons(self, x, weight, log_alpha=None) -> List[str]:
+        out = _tensor_reasons(x.dtype, [x, weight])
+        if _compiling():
+            out.append("inside torch.compile a structure gate's producer runs masked (its kernels have no traced op)")
+        if log_alpha is not None:
+            out += fraction_reasons(log_alpha)
+        return out
+
+    def rows_linear(self, x, weight, bias, open_rows) -> torch.Tensor:
+        b = bias if bias is None or bias.is_contiguous() else bias.contiguous()
+        return TritonRowsLinearFunction.apply(x, weight, b, open_rows.index, open_rows.count)
 
     def linear(self, call: LinearCall) -> torch.Tensor:
         if _compiling():
@@ -95,6 +100,18 @@ class TritonBackend(Backend):
 
     def tune_key(self, call) -> Tuple:
         return _plans.plan_signature(call)
+
+
+def _tensor_reasons(dtype: torch.dtype, tensors) -> List[str]:
+    """Why the Triton kernels cannot take tensors of this dtype and these devices (empty: they can)."""
+    out = []
+    if dtype not in SUPPORTED_DTYPES:
+        out.append(f"Triton backend supports float16/bfloat16/float32; use backend='torch' for "
+                   f"{str(dtype).replace('torch.', '')}")
+    if not all(t.is_cuda for t in tensors) and not (INTERPRET and all(t.device.type == "cpu" for t in tensors)):
+        out.append("Triton backend needs CUDA tensors (CPU tensors run only under TRITON_INTERPRET=1, set "
+                   "before l0kernels' Triton backend is imported), got device " + str(tensors[0].device))
+    return out
 
 
 def _bias(call) -> Optional[torch.Tensor]:

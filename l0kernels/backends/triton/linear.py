@@ -24,6 +24,9 @@ large (see ``PREGATE_MIN_TILES``), per-example in-gates (x), weight gates (W) an
 (dY, backward) are instead applied once by ``_pregate_kernel`` into a temporary operand that lives for
 the one call. Autograd keeps x, weight, log_alpha, bias and the seed only.
 
+A structure gate's producer (``TritonRowsLinearFunction``, docs/design.md §11) runs the same kernels with
+``GATE_ROWS``: the output features of a given open set computed, the others exact zeros, no gate values.
+
 On a GPU the kernels are autotuned (key: M, N, K, the gate mode and the dtypes;
 ``L0K_TRITON_AUTOTUNE=0`` uses one fixed configuration instead). Under ``TRITON_INTERPRET=1`` one
 fixed small configuration is used and half-precision tiles are upcast to float32 before ``tl.dot``
@@ -41,13 +44,15 @@ import triton.language as tl
 
 from ... import config
 from ... import _active
+from ..._gates import GateConfig
 from ..torch import linear_grads_replayed
+from ..torch.structure import rows_grads_replayed
 from ._gate_math import gate, seed_tensor, taken_open_set
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-GATE_IN, GATE_OUT, GATE_WEIGHT = 1, 2, 3
-_GATE_CODE = {"in": GATE_IN, "out": GATE_OUT, "weight": GATE_WEIGHT}
+GATE_IN, GATE_OUT, GATE_WEIGHT, GATE_ROWS = 1, 2, 3, 4
+_GATE_CODE = {"in": GATE_IN, "out": GATE_OUT, "weight": GATE_WEIGHT, "rows": GATE_ROWS}
 EPI_STORE, EPI_DLA_OUT = 0, 1
 
 # Under the interpreter: one small configuration (no autotuning: its timer needs a GPU).
@@ -154,8 +159,9 @@ def _fwd_kernel(x_ptr, w_ptr, la_ptr, b_ptr, y_ptr, dy_ptr, dla_ptr, idx_ptr, cn
     k_end = K
     if OPEN and GATE == 1:  # the K loop runs over the open input features only
         k_end = tl.load(cnt_ptr)
-    offs_n, mask_n, n_open, n_any = _open_tile(idx_ptr, cnt_ptr, pos_n, N, pid_n * BLOCK_N, OPEN and GATE == 2)
-    if OPEN and GATE == 2:  # a tile of closed output features skips its K loop (and stores zeros)
+    offs_n, mask_n, n_open, n_any = _open_tile(idx_ptr, cnt_ptr, pos_n, N, pid_n * BLOCK_N,
+                                               OPEN and (GATE == 2 or GATE == 4))
+    if OPEN and (GATE == 2 or GATE == 4):  # a tile of closed output features skips its K loop (and stores zeros)
         k_end = tl.where(n_any, K, 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k_end, BLOCK_K):
@@ -226,12 +232,12 @@ def _dx_kernel(dy_ptr, w_ptr, la_ptr, x_ptr, dx_ptr, dla_ptr, idx_ptr, cnt_ptr,
     n_end = N
     if OPEN and GATE == 1:  # a tile of closed input features skips its N loop (and stores zeros)
         n_end = tl.where(k_any, N, 0)
-    if OPEN and GATE == 2:  # the N loop runs over the open output features only
+    if OPEN and (GATE == 2 or GATE == 4):  # the N loop runs over the open output features only
         n_end = tl.load(cnt_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, n_end, BLOCK_N):
         pos_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        offs_n, _, mask_n, _ = _open_tile(idx_ptr, cnt_ptr, pos_n, N, n0, OPEN and GATE == 2)
+        offs_n, _, mask_n, _ = _open_tile(idx_ptr, cnt_ptr, pos_n, N, n0, OPEN and (GATE == 2 or GATE == 4))
         g = tl.load(dy_ptr + offs_m[:, None] * s_dym + offs_n[None, :] * s_dyn,
                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         w = tl.load(w_ptr + offs_n[:, None] * s_wn + offs_k[None, :] * s_wk,
@@ -290,13 +296,14 @@ def _dw_kernel(dy_ptr, x_ptr, la_ptr, w_ptr, b_ptr, dw_ptr, db_ptr, dla_ptr, idx
     pid_n, pid_k = _swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.maximum(tl.cdiv(K, BLOCK_K), 1), GROUP_M)
     pos_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     pos_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    offs_n, mask_n, n_open, n_any = _open_tile(idx_ptr, cnt_ptr, pos_n, N, pid_n * BLOCK_N, OPEN and GATE == 2)
+    offs_n, mask_n, n_open, n_any = _open_tile(idx_ptr, cnt_ptr, pos_n, N, pid_n * BLOCK_N,
+                                               OPEN and (GATE == 2 or GATE == 4))
     offs_k, mask_k, k_open, k_any = _open_tile(idx_ptr, cnt_ptr, pos_k, K, pid_k * BLOCK_K, OPEN and GATE == 1)
     first = (pos_n * 0 + pid_k) == 0  # the programs of the first K tile also write db and the bias term
     m_end = M
     if OPEN and GATE == 1:  # closed input features: no M loop, except in the first K tile (db)
         m_end = tl.where(k_any | (pid_k == 0), M, 0)
-    if OPEN and GATE == 2:  # closed output features: no M loop (dW, db, dlog_alpha are zero)
+    if OPEN and (GATE == 2 or GATE == 4):  # closed output features: no M loop (dW, db, dlog_alpha are zero)
         m_end = tl.where(n_any, M, 0)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -451,10 +458,13 @@ def _open_args(log_alpha, seed, cfg, group_size, dummy, direction, gate_name, sa
     return (False, dummy, dummy) if os_ is None else (True, os_.index, os_.count)
 
 
-def linear_forward(x2, weight, log_alpha, bias, seed, gate_name, sample, training, cfg, group_size=1):
+def linear_forward(x2, weight, log_alpha, bias, seed, gate_name, sample, training, cfg, group_size=1,
+                   row_set=None):
     """``y`` (M, N) for ``x2`` (M, K). ``sample`` means per-example gates (training only); ``group_size``
     input/output features per gate (the kernels read gate ``k // group_size`` for feature ``k``). With
-    :func:`skips_closed` the GEMM runs over the open features only and closed ones get exact zeros."""
+    :func:`skips_closed` the GEMM runs over the open features only and closed ones get exact zeros.
+    ``gate_name="rows"`` (a structure gate's producer): no gates, the rows of ``row_set`` (an
+    :class:`l0kernels._active.OpenSet`) computed, the others exact zeros; ``log_alpha`` is not read."""
     m, k = x2.shape
     n = weight.shape[0]
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
@@ -464,8 +474,11 @@ def linear_forward(x2, weight, log_alpha, bias, seed, gate_name, sample, trainin
     seed = seed_tensor(seed if training else None, x2)
     b = bias if bias is not None else y
     code = _GATE_CODE[gate_name]
-    open_, idx, cnt = _open_args(log_alpha, seed, cfg, group_size, y, "fwd", gate_name, sample, training) \
-        if code != GATE_WEIGHT else (False, y, y)
+    if code == GATE_ROWS:
+        open_, idx, cnt = True, row_set.index, row_set.count
+    else:
+        open_, idx, cnt = _open_args(log_alpha, seed, cfg, group_size, y, "fwd", gate_name, sample, training) \
+            if code != GATE_WEIGHT else (False, y, y)
     if code == GATE_IN and sample and _pregate_pays(n):
         x2, code = pregate(x2, log_alpha, seed, training, cfg, False, group_size), 0
     elif code == GATE_WEIGHT and _pregate_pays(m):
@@ -480,9 +493,10 @@ def linear_forward(x2, weight, log_alpha, bias, seed, gate_name, sample, trainin
 
 
 def linear_backward(dy, x2, weight, log_alpha, bias, seed, gate_name, sample, training, cfg,
-                    need_x=True, need_w=True, need_la=True, need_b=True, group_size=1):
+                    need_x=True, need_w=True, need_la=True, need_b=True, group_size=1, row_set=None):
     """``(dx2, dW, dlog_alpha, db)``; entries not asked for are None. ``dy`` is (M, N), any strides.
-    With ``group_size > 1`` the kernels reduce ``dlog_alpha`` per feature and it is summed per gate here."""
+    With ``group_size > 1`` the kernels reduce ``dlog_alpha`` per feature and it is summed per gate here.
+    ``gate_name="rows"``: the backward of :func:`linear_forward`'s rows form (``need_la`` must be False)."""
     m, k = x2.shape
     n = weight.shape[0]
     dev = x2.device
@@ -507,8 +521,11 @@ def linear_backward(dy, x2, weight, log_alpha, bias, seed, gate_name, sample, tr
         return dx, dw, (torch.zeros_like(log_alpha) if need_la else None), db
     dummy = x2  # pointer for arguments a kernel does not touch
     # the open set drawn again from the seed (as the gates are): nothing gate-shaped is kept from forward
-    open_, idx, cnt = _open_args(log_alpha, seed, cfg, group_size, dummy, "bwd", gate_name, sample, training) \
-        if code != GATE_WEIGHT else (False, dummy, dummy)
+    if code == GATE_ROWS:
+        open_, idx, cnt = True, row_set.index, row_set.count
+    else:
+        open_, idx, cnt = _open_args(log_alpha, seed, cfg, group_size, dummy, "bwd", gate_name, sample, training) \
+            if code != GATE_WEIGHT else (False, dummy, dummy)
     flags = dict(GATE=code, SAMPLE=bool(sample), TRAINING=bool(training), GSIZE=group_size, DOT_F32=dot_f32,
                  PRECISION=prec, OPEN=open_)
     unused_dla = torch.empty((1,), dtype=torch.float32, device=dev)  # the autotuner zeroes dla_ptr: never x2
@@ -590,6 +607,37 @@ class TritonL0LinearFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.reshape(x.shape)
         return dx, dw, dla, db, None, None, None, None, None, None
+
+
+class TritonRowsLinearFunction(torch.autograd.Function):
+    """A structure gate's producer over its open rows (docs/design.md §11): ``apply(x, weight, bias, index,
+    count)`` with ``(index, count)`` the open set of rows (:class:`l0kernels._active.OpenSet`). ``y[..., n] =
+    x @ W[n] + b[n]`` for the open rows, exact zeros for the others; the kernels of ``l0_linear``'s output gates
+    over the open set (``GATE_ROWS``: no gate values, the block's consumer applies ``z``). Backward over the
+    same rows: ``dx`` reads the open rows of ``W`` only, ``dW`` and ``db`` are zeros in the closed rows. Nothing
+    is read on the host."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, index, count):
+        n, k = weight.shape
+        x2 = x.reshape(rows(x), k)
+        y = linear_forward(x2, weight, weight, bias, None, "rows", False, False, GateConfig(), 1,
+                           _active.OpenSet(index, count))
+        ctx.save_for_backward(x, weight, bias, index, count)
+        return y.reshape(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, index, count = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: the definition through autograd
+            return rows_grads_replayed(dy, x, weight, bias, index, count, (need_x, need_w, need_b)) + (None, None)
+        n, k = weight.shape
+        x2 = x.reshape(rows(x), k)
+        dx, dw, _, db = linear_backward(dy.reshape(x2.shape[0], n), x2, weight, weight, bias, None, "rows", False,
+                                        False, GateConfig(), need_x, need_w, False, need_b, 1,
+                                        _active.OpenSet(index, count))
+        return (dx.reshape(x.shape) if dx is not None else None), dw, db, None, None
 
 
 def triton_linear(x, weight, log_alpha, bias: Optional[torch.Tensor], seed, gate_name, noise, training, cfg,

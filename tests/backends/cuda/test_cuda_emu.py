@@ -660,6 +660,39 @@ def test_open_backward(emu, what, group, density):
     check(out, ref, dtype)
 
 
+@pytest.mark.parametrize("density", OPEN_DENSITIES)
+@pytest.mark.parametrize("what", ["fwd", "dx", "dw"])
+def test_producer_rows(emu, what, density):
+    """The GEMMs of a structure gate's producer over its open rows (``rows_linear_fwd`` / ``_bwd`` in
+    csrc/binding.cpp): the open-set fields without gates (mode none, no seed). Forward y[:, o] = x W[o]^T + b[o],
+    dX = dY[:, o] W[o], dW[o]^T = x^T dY[:, o] (written transposed); closed rows zeros, their data (inf) never
+    read."""
+    dtype = torch.bfloat16
+    m, n, k = 37, 45, 69
+    x, w, b, dy, _, z, idx, cnt = _open_case(m, n, k, "out", dtype, density, 1, seed=13)
+    closed = idx[int(cnt):]
+    keep = (z != 0).float()
+    xf, wf, dyf = x.float(), w.float(), dy.float()
+    if what == "fwd":
+        out = torch.full((m, n), float("nan"), dtype=dtype)
+        run_open(emu, x, _poison(w, 0, closed), out, M=m, N=n, K=k, mode="none", bias=_poison(b, 0, closed),
+                 w_rows=idx, y_cols=idx, n_count=cnt)
+        ref, zero = (xf @ wf.t() + b.float()) * keep, out[:, closed]
+    elif what == "dx":
+        out = torch.full((m, k), float("nan"), dtype=dtype)
+        run_open(emu, _poison(dy, 1, closed), _poison(w, 0, closed), out, M=m, N=k, K=n, mode="none", x_cols=idx,
+                 w_cols=idx, k_count=cnt, w_mn=True)
+        ref, zero = (dyf * keep) @ wf, None
+    else:
+        out = torch.full((n, k), float("nan"), dtype=dtype)
+        run_open(emu, x, _poison(dy, 1, closed), out, M=k, N=n, K=m, mode="none", w_rows=idx, y_cols=idx,
+                 n_count=cnt, x_mn=True, w_mn=True, y_trans=True)
+        ref, zero = (dyf.t() @ xf) * keep[:, None], out[closed]
+    if zero is not None:
+        assert (zero == 0).all()
+    check(out, ref, dtype)
+
+
 @pytest.mark.parametrize("what", ["in-fwd", "out-dx", "in-dw"])
 def test_open_split_k_and_vector_loads(emu, what):
     """Split-K over the open count (the workspace left zero), and the 16-byte loads of MN-major operands

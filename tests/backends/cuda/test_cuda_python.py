@@ -112,6 +112,27 @@ CHILD = textwrap.dedent(r'''
             gs = iter(torch.autograd.grad(y, want, grad))
         return tuple(next(gs) if (m and t is not None) else x.new_empty((0,)) for t, m in zip(leaves, mask))
 
+    def open_rows(index, count, n):  # the rows ops' open set: a permutation, the open rows first, ascending
+        c = int(count)
+        assert count.dim() == 0 and index.dtype == torch.int64 and sorted(index.tolist()) == list(range(n))
+        assert index[:c].tolist() == sorted(index[:c].tolist()) and index[c:].tolist() == sorted(index[c:].tolist())
+        return torch.zeros(n, dtype=torch.bool).index_fill_(0, index[:c], True)
+
+    def rows_fwd(x, w, b, index, count):  # the op's contract, written out: F.linear on the open rows, zeros else
+        calls.append("rows")
+        keep = open_rows(index, count, w.shape[0])
+        return torch.nn.functional.linear(x, w, b) * keep.to(x.dtype)
+
+    def rows_bwd(grad, x, w, b, index, count, mask):
+        calls.append("rows_bwd")
+        keep = open_rows(index, count, w.shape[0]).to(x.dtype)
+        g2 = (grad * keep).reshape(-1, w.shape[0])
+        x2 = x.reshape(-1, w.shape[1])
+        out = [(g2 @ w).reshape(x.shape), g2.t() @ x2, g2.sum(0) if b is not None else None]
+        return tuple(t if (m and t is not None) else x.new_empty((0,)) for t, m in zip(out, mask))
+
+    lib.impl("rows_linear_fwd", rows_fwd, "CPU")
+    lib.impl("rows_linear_bwd", rows_bwd, "CPU")
     lib.impl("conv2d_fwd", conv_fwd, "CPU")
     lib.impl("conv2d_bwd", conv_bwd, "CPU")
     sys.modules["l0kernels._C"] = types.ModuleType("l0kernels._C")
@@ -383,6 +404,33 @@ CHILD = textwrap.dedent(r'''
     with cb.gemm_impl("two_pass"):
         assert torch.allclose(cb.eval_linear_plan(x16, plan32), y, atol=1e-6) and ran[-1] == "two_pass"
     cb._sparse_linear, cb._plans.linear_plan_torch = real_sparse, real_torch
+    # a structure gate's producer over its open rows: the open set reaches the ops, gradients come back per mask;
+    # the backend's reasons (CPU tensors here: structure_linear falls back to the masked product)
+    for dtype in (torch.float16, torch.bfloat16):
+        xr = torch.randn(2, 3, 6, generator=go).to(dtype).requires_grad_()
+        wr = torch.randn(5, 6, generator=go).to(dtype).requires_grad_()
+        br = torch.randn(5, generator=go).to(dtype).requires_grad_()
+        keep = torch.tensor([True, False, True, True, False])
+        os_ = _active.open_set_of_closed((~keep).to(torch.uint8))
+        for leaves in ((xr, wr, br), (xr, wr, None), (xr.detach(), wr, br)):
+            calls.clear()
+            yr = cb.CudaRowsLinearFunction.apply(*leaves, os_.index, os_.count)
+            ref = torch.nn.functional.linear(*leaves) * keep.to(dtype)
+            assert torch.equal(yr, ref) and calls == ["rows"], calls
+            want = [t for t in leaves if t is not None and t.requires_grad]
+            gr = torch.autograd.grad(yr.float().sum(), want)
+            assert calls == ["rows", "rows_bwd"], calls
+            for a, r in zip(gr, torch.autograd.grad(ref.float().sum(), want)):
+                assert a.shape == r.shape and torch.allclose(a.float(), r.float(), atol=1e-2)
+        gw = torch.autograd.grad(cb.CudaRowsLinearFunction.apply(xr, wr, br, os_.index, os_.count).sum(), wr,
+                                 create_graph=True)[0]  # double backward: the definition through autograd
+        assert gw.requires_grad and (gw[~keep] == 0).all()
+    cbk = l0k.get_backend("cuda")
+    assert cbk.rows_reasons(xr, wr) == ["the CUDA backend needs CUDA tensors, got device cpu"]
+    _active.PATHS.clear()
+    ys = l0k.structure_linear(xr, wr, br, rows=keep, host=False, backend="cuda")
+    assert torch.equal(ys, torch.nn.functional.linear(xr, wr, br) * keep.to(ys.dtype))
+    assert _active.PATHS["structure-rows", "fwd", "dense"] == 1
     # fake impls (torch.compile): shapes of every op
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
@@ -399,6 +447,11 @@ CHILD = textwrap.dedent(r'''
         grads = torch.ops.l0kernels.linear_open_bwd(torch.empty(3, 5, 4, dtype=torch.float16), xf, wf, laf, None, sf,
                                                     idx, cnt, "in", c, [True, True, True, False])
         assert [t.shape for t in grads] == [(3, 5, 7), (4, 7), (7,), (0,)]
+        idx4 = torch.empty(4, dtype=torch.int64)
+        assert torch.ops.l0kernels.rows_linear_fwd(xf, wf, None, idx4, cnt).shape == (3, 5, 4)
+        grads = torch.ops.l0kernels.rows_linear_bwd(torch.empty(3, 5, 4, dtype=torch.float16), xf, wf, None, idx4, cnt,
+                                                    [True, True, False])
+        assert [t.shape for t in grads] == [(3, 5, 7), (4, 7), (0,)]
     print("ok")
 ''')
 
@@ -413,7 +466,8 @@ def _run():
 def test_schemas_found():
     names = [re.match(r'(\w+)\(', s).group(1) for s in SCHEMAS]
     assert names == ["uniform", "gates", "linear_fwd", "linear_fwd_fused", "sparse_linear", "linear_bwd",
-                     "linear_open_fwd", "linear_open_bwd", "conv2d_fwd", "conv2d_bwd"]
+                     "linear_open_fwd", "linear_open_bwd", "rows_linear_fwd", "rows_linear_bwd", "conv2d_fwd",
+                     "conv2d_bwd"]
 
 
 def test_backend_module_with_a_stand_in_extension():
