@@ -491,7 +491,22 @@ def _convert_structure(model, structure, *, include, exclude, noise, droprate_in
                 raise ValueError(f"block '{b.name}' ({b.kind}) cannot take structure gates: {why}")
             continue
         chosen.append(b)
-    if inc is not None and not chosen:
+    experts = []  # routed experts modules (their units: l0kernels/experts.py)
+    if "ffn" in kinds:
+        from .experts import experts_refusal
+        for name, m in model.named_modules():
+            why = experts_refusal(m)
+            if why == "":
+                continue
+            explicit = inc is not None and _call_matcher(inc, name, m, "include")
+            if (inc is not None and not explicit) or (exc is not None and _call_matcher(exc, name, m, "exclude")):
+                continue
+            if why is not None:
+                if explicit:
+                    raise ValueError(f"experts '{name}' ({type(m).__name__}) cannot take structure gates: {why}")
+                continue
+            experts.append((name, m))
+    if inc is not None and not chosen and not experts:
         warnings.warn(f"convert(): include={include!r} matched no {'/'.join(kinds)} block of the model; nothing "
                       "was converted", UserWarning, stacklevel=3)
     # everything is built before the model changes
@@ -528,6 +543,16 @@ def _convert_structure(model, structure, *, include, exclude, noise, droprate_in
             g._count()
             g.train(model.get_submodule(b.name).training)
             built.append((b, g, layers))
+        from .experts import ExpertGate
+        expert_gates = []
+        for name, m in experts:
+            p = 1.0 / (1.0 + math.exp(OPEN_LOG_ALPHA)) if droprate_init is None else droprate_init
+            g = ExpertGate(m, droprate_init=p, backend=backend, device=m.down_proj.device, dtype=m.down_proj.dtype)
+            with torch.no_grad():
+                if droprate_init is None:
+                    g.log_alpha.fill_(OPEN_LOG_ALPHA)
+            g.train(m.training)
+            expert_gates.append((m, g))
     except BaseException:
         if rng is not None:
             _restore_rng_state(rng)
@@ -539,6 +564,9 @@ def _convert_structure(model, structure, *, include, exclude, noise, droprate_in
                 if child is not None and id(child) in swap:
                     parent._modules[cname] = swap[id(child)]
         attach_gate(model.get_submodule(b.name), layers[b.consumer][1], g)
+    from .experts import attach
+    for m, g in expert_gates:
+        attach(m, g)
     narrowable = [g for _, g, _ in built if backend in ("auto", "torch")]  # the device form never runs narrow
     if narrowable:
         _allow_narrow(model, narrowable, call_args, call_kwargs)

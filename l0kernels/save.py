@@ -20,7 +20,8 @@ A directory holds:
 Loading takes a freshly built dense instance of the saved model's class (or, for a ``transformers`` model,
 builds one from ``config.json``: the class is looked up only as an attribute of the ``transformers`` package),
 makes its module tree the recorded one (a module whose type, tensor shapes or constructor arguments differ
-is rebuilt from its entry, a missing one is built, children are put in the recorded order and children the
+is rebuilt from its entry, or, for a type the loader cannot rebuild whose own tensors differ only in size,
+given tensors of the recorded sizes; a missing one is built, children are put in the recorded order and children the
 record does not have are dropped; a module shared by several parents stays one object), sets the scalar
 attributes that differ (e.g. an attention block's ``num_heads`` / ``all_head_size`` that compact updated),
 loads the safetensors state dict strictly with ``assign=True`` (dtypes as saved, on the device of the given
@@ -417,6 +418,8 @@ class _Tree:
             m = candidate if id(candidate) not in self.used else _copy(candidate)
         elif _rebuildable(entry):
             m = _rebuild(entry)
+        elif candidate is not None and _resizable(candidate, entry):
+            m = _resized(candidate if id(candidate) not in self.used else _copy(candidate), entry)
         else:
             where = f"module {path!r} of the saved model" if path else "the saved model"
             if candidate is None:
@@ -450,6 +453,34 @@ class _Tree:
             m._modules.clear()
             m._modules.update(children)
         return m
+
+
+def _resizable(m: nn.Module, entry: Dict[str, Any]) -> bool:
+    """A module of the saved type whose own tensors the record has under the same names and ranks, some with
+    other sizes (e.g. routed experts held as 3-D Parameters, with fewer units per expert after compact())."""
+    if _type_name(m) != entry["type"] or entry.get("init") is not None:
+        return False
+    params, buffers = _own_tensors(m)
+    for have, want in ((_shapes(params), _shapes(entry["params"])), (_shapes(buffers), _shapes(entry["buffers"]))):
+        if have.keys() != want.keys():
+            return False
+        if any((a is None) != (b is None) or (a is not None and len(a) != len(b)) for a, b in
+               ((have[k], want[k]) for k in have)):
+            return False
+    return True
+
+
+def _resized(m: nn.Module, entry: Dict[str, Any]) -> nn.Module:
+    """``m`` with each own tensor whose size the record gives otherwise replaced by an empty one of that size (on
+    the meta device: the state dict is loaded with ``assign=True``)."""
+    for store, specs in ((m._parameters, entry["params"]), (m._buffers, entry["buffers"])):
+        for k, spec in specs.items():
+            t = store.get(k)
+            if t is None or spec is None or list(t.shape) == list(spec["shape"]):
+                continue
+            new = torch.empty(spec["shape"], dtype=t.dtype, device="meta")
+            store[k] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+    return m
 
 
 def _copy(m: nn.Module) -> nn.Module:

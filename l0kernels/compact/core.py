@@ -73,8 +73,19 @@ def _folded_copy(model: nn.Module, bypassed: frozenset = frozenset()) -> nn.Modu
                 else fold(m)
             for parent, name in slots:
                 setattr(parent, name, new)
-    for m in work.modules():
+    from ..experts import ExpertGate, detach
+    for m in list(work.modules()):
         strip_rounds(m)
+        g = m._modules.get("l0_gate")
+        if isinstance(g, ExpertGate):  # routed experts: gates folded, closed units packed out, own forward back
+            for pname, t in g.packed().items():
+                setattr(m, pname, nn.Parameter(t, requires_grad=getattr(m, pname).requires_grad))
+            width = g.experts_shape[1]
+            new_width = m.down_proj.shape[1] if m.is_transposed else m.down_proj.shape[2]
+            for attr in ("intermediate_dim", "intermediate_size", "moe_intermediate_size"):
+                if type(getattr(m, attr, None)) is int and getattr(m, attr) == width:
+                    setattr(m, attr, new_width)
+            detach(m)
     return work.eval()
 
 
@@ -493,6 +504,79 @@ def _fix_attributes(work, changes, args, kwargs, ref, needed: bool) -> Optional[
     return None
 
 
+def _meta_shapes(cls, config) -> Optional[Dict[str, Tuple[int, ...]]]:
+    """Parameter shapes of ``cls(config)`` built on the meta device (no memory), or None where it does not build."""
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            m = cls(config)
+    except Exception:  # a config value the class rejects
+        return None
+    return {n: tuple(p.shape) for n, p in m.named_parameters()}
+
+
+def _moves_to(old, shapes, new) -> bool:
+    """Whether ``shapes`` (a trial config's) moves some size of ``old`` and every size it moves to ``new``'s."""
+    moved = [(a, t, b) for n in shapes for a, t, b in zip(old[n], shapes[n], new[n]) if t != a]
+    return bool(moved) and all(t == b for _, t, b in moved)
+
+
+def update_config(work: nn.Module, original_config, args, kwargs, ref) -> List[str]:
+    """A ``transformers`` model's ``config`` after compact(): the size fields that one value describes for every
+    layer get it, so that ``save_pretrained`` / ``from_pretrained`` round-trip where every changed size has one.
+    A field is updated when building the class from the changed config (on the meta device) moves parameter
+    sizes, each to the compacted model's, alone and together with the other fields updated; the model must still
+    check on the example inputs (a forward reading the config). A size the layers differ in (the usual case after training) no value
+    describes: its field keeps the original value, and ``from_pretrained`` cannot rebuild the model
+    (``save_compact`` records every module's shape). Returns the names of the fields set."""
+    cfg = getattr(work, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        return []
+    cls = type(work)
+    old = _meta_shapes(cls, original_config)
+    new = {n: tuple(p.shape) for n, p in work.named_parameters()}
+    if old is None or set(old) != set(new) or old == new:
+        return []
+    changed = {n for n in new if new[n] != old[n]}
+    dims = {(a, b) for n in changed for a, b in zip(old[n], new[n]) if a != b}
+    cands: Dict[str, set] = defaultdict(set)
+    for key, v in original_config.to_dict().items():
+        if type(v) is not int or v <= 0:
+            continue
+        for a, b in dims:
+            if a == v:
+                cands[key].add(b)
+            elif a % v == 0 and a // v > 1 and b % (a // v) == 0:
+                cands[key].add(b // (a // v))
+    fields = {}
+    for key, vals in cands.items():
+        if len(vals) != 1:
+            continue
+        trial = copy.deepcopy(original_config)
+        setattr(trial, key, next(iter(vals)))
+        shapes = _meta_shapes(cls, trial)
+        if shapes is None or set(shapes) != set(new):
+            continue
+        if _moves_to(old, shapes, new):
+            fields[key] = next(iter(vals))
+    if not fields:
+        return []
+    trial = copy.deepcopy(original_config)
+    for key, val in fields.items():
+        setattr(trial, key, val)
+    shapes = _meta_shapes(cls, trial)
+    if shapes is None or set(shapes) != set(new) or not _moves_to(old, shapes, new):
+        return []
+    before = {key: getattr(cfg, key) for key in fields}
+    for key, val in fields.items():
+        setattr(cfg, key, val)
+    if _check(work, args, kwargs, ref) is not None:
+        for key, val in before.items():
+            setattr(cfg, key, val)
+        return []
+    return sorted(fields)
+
+
 # -- entry ---------------------------------------------------------------------------------------------------
 
 def compact_plan(model: nn.Module, example_inputs=None) -> Plan:
@@ -532,6 +616,8 @@ def _compact_plan(model: nn.Module, example_inputs) -> Plan:
         work = _folded_copy(model, bypassed)
         work, info, problem, changes = _attempt(work, args, kwargs, ref, keep_sizes)
         if problem is None:
+            if _is_transformers(work):
+                update_config(work, model.config, args, kwargs, ref)
             return Plan(work.eval(), info)
         if attempt == 0 and changes:
             where = sorted({p or type(model).__name__ for p, _ in changes.values()})

@@ -243,6 +243,32 @@ def summary(model: nn.Module, input_shape: Optional[Sequence[int]] = None, examp
             shape_before=tuple(m.weight.shape),
             shape_after=tuple(entry["module"].weight.shape) if entry is not None else None,
             params_before=params_before, params_after=params_after, flops_before=fb, flops_after=fa))
+    layers += _expert_rows(model)
     return ModelSummary(layers, compacted, note)
+
+
+def _expert_rows(model: nn.Module) -> List[LayerSummary]:
+    """One row per routed experts module with expert gates (l0kernels/experts.py): its 3-D parameters, before and
+    after compact() packs each expert's open units (the same with or without the analysis: the width comes from
+    the gates); FLOPs per token and expert it is routed to."""
+    from ..experts import ExpertGate
+    rows = []
+    for name, m in model.named_modules():
+        g = m._modules.get("l0_gate")
+        if not isinstance(g, ExpertGate):
+            continue
+        e, f = g.experts_shape
+        width = g.packed_width()
+        h = m.down_proj.shape[2] if m.is_transposed else m.down_proj.shape[1]
+        k = 2 if m.has_gate else 1
+        before = sum(p.numel() for p in g.counted_parameters())
+        flops = lambda units: _linear_flops(k * units, h, m.has_bias) + _linear_flops(h, units, m.has_bias)  # noqa: E731
+        shape = tuple(m.down_proj.shape)
+        rows.append(LayerSummary(
+            name=name, type=type(m).__name__, gate="ffn:experts", gates_active=g.num_active(), gates_total=e * f,
+            expected_l0=float(g.expected_l0().detach()), shape_before=shape,
+            shape_after=(e, width, h) if m.is_transposed else (e, h, width), params_before=before,
+            params_after=before - e * (f - width) * g.unit_params(), flops_before=flops(f), flops_after=flops(width)))
+    return rows
 
 

@@ -205,3 +205,32 @@ def test_llama_keeps_its_class_and_generates(rel_err):
     with torch.no_grad():
         assert torch.equal(c.generate(ids, **kw), model.eval().generate(ids, **kw))
     assert c.model.layers[0].self_attn.q_proj.out_features == 16
+
+
+def test_config_follows_sizes_one_value_describes(tmp_path, rel_err):
+    """Where every layer keeps as many FFN units and heads, compact() sets the config's sizes to them
+    (intermediate_size, num_attention_heads, num_key_value_heads), so save_pretrained / from_pretrained give the
+    same model back; where the layers differ no single value describes them and the config stays as it was."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, vocab_size=100)
+    ids = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(0))
+    for uniform in (True, False):
+        torch.manual_seed(3)
+        model = LlamaForCausalLM(cfg).eval()
+        l0k.convert(model, structure=("ffn", "heads"))
+        with torch.no_grad():
+            for i, (_, g) in enumerate(l0k.l0_gates(model)):
+                g.log_alpha.fill_(10.0)
+                g.log_alpha[:30 if g.kind == "ffn" and (uniform or i < 2) else 20 if g.kind == "ffn" else 2] = -10.0
+        small = compact(model, {"input_ids": ids})
+        assert rel_err(small(ids).logits, model(ids).logits) < 1e-5
+        c = small.config
+        if uniform:
+            assert (c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (66, 2, 1, 16)
+            small.save_pretrained(tmp_path)
+            back = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+            assert torch.equal(back(ids).logits, small(ids).logits)
+        else:  # FFN widths 66 and 76: the config keeps 96, the heads (2 and 1 in both layers) follow
+            assert (c.intermediate_size, c.num_attention_heads, c.num_key_value_heads) == (96, 2, 1)
+            assert model.config.intermediate_size == 96 and model.config.num_attention_heads == 4

@@ -174,8 +174,8 @@ def test_open_gates_compute_what_the_model_computed(name):
 
 
 # blocks convert() finds per coverage family (docs/design.md §11 says why the others are not found): Gemma's
-# attention has one key/value head, Mixtral's and Qwen3-MoE's experts are 3-D parameters
-KINDS = {"gemma": {"ffn"}, "mixtral": {"heads"}, "qwen3-moe": {"heads"}}
+# attention has one key/value head (Mixtral's and Qwen3-MoE's FFN units are their experts' units)
+KINDS = {"gemma": {"ffn"}}
 
 
 @pytest.mark.parametrize("name", zoo.TRANSFORMERS)
@@ -195,8 +195,12 @@ def test_compact_removes_closed_units_from_every_layer(name):
     assert l0k.compare(model, small, _kwargs(inputs))["norm_rel"] <= 1e-5
     before = zoo.n_params(model)
     after = zoo.n_params(small)
+    from l0kernels.experts import ExpertGate
     closed_units = sum(float(((g.deterministic_gates() == 0).double() * g.params_per_gate).sum())
-                       for _, g in l0k.l0_gates(model) if g.kind == "ffn")
+                       for _, g in l0k.l0_gates(model) if g.kind == "ffn" and not isinstance(g, ExpertGate))
+    # routed experts: each expert cut to the most units any keeps (tests/core/test_experts.py)
+    closed_units += sum(g.experts_shape[0] * (g.experts_shape[1] - g.packed_width()) * g.unit_params()
+                        for _, g in l0k.l0_gates(model) if isinstance(g, ExpertGate))
     assert before - after >= closed_units - 1e-6  # every closed FFN unit gone from all its layers
 
 
