@@ -567,6 +567,13 @@ def _convert_structure(model, structure, *, include, exclude, noise, droprate_in
     from .experts import attach
     for m, g in expert_gates:
         attach(m, g)
+    from .structure import DEVICE_FORM
+    heads = [(b, g, layers) for b, g, layers in built if b.kind == "heads"]
+    if heads and backend in DEVICE_FORM:  # the attention over the open heads (l0kernels/attention.py)
+        from .attention import install
+        for b, g, layers in heads:
+            model.get_submodule(b.name).__dict__["_l0_heads"] = (g, layers[b.consumer][1])
+        install(model)
     narrowable = [g for _, g, _ in built if backend in ("auto", "torch")]  # the device form never runs narrow
     if narrowable:
         _allow_narrow(model, narrowable, call_args, call_kwargs)

@@ -73,7 +73,9 @@ def _folded_copy(model: nn.Module, bypassed: frozenset = frozenset()) -> nn.Modu
                 else fold(m)
             for parent, name in slots:
                 setattr(parent, name, new)
+    from ..attention import uninstall
     from ..experts import ExpertGate, detach
+    uninstall(work)
     for m in list(work.modules()):
         strip_rounds(m)
         g = m._modules.get("l0_gate")

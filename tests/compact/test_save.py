@@ -342,8 +342,12 @@ def test_refuses_types_it_cannot_rebuild(tmp_path):
     l0k.save_compact(nn.Sequential(nn.Linear(3, 4), Scale(4)), tmp_path)
     with pytest.raises(ValueError, match=r"module '1' .*Scale\) is missing in the given model.*cannot be rebuilt"):
         l0k.load_compact(tmp_path, nn.Sequential())
-    with pytest.raises(ValueError, match=r"module '1' .*Scale\) has parameters \(s: \(5,\)\).*cannot be rebuilt"):
-        l0k.load_compact(tmp_path, nn.Sequential(nn.Linear(3, 5), Scale(5)))
+    resized = l0k.load_compact(tmp_path, nn.Sequential(nn.Linear(3, 5), Scale(5)))  # its tensor takes the saved size
+    assert resized[1].s.shape == (4,) and torch.equal(resized[1].s, torch.ones(4))
+    other = Scale(5)
+    other.s = nn.Parameter(torch.ones(5, 1))  # another rank: not the same layout
+    with pytest.raises(ValueError, match=r"module '1' .*Scale\) has parameters \(s: \(5, 1\)\).*cannot be rebuilt"):
+        l0k.load_compact(tmp_path, nn.Sequential(nn.Linear(3, 5), other))
     with pytest.raises(ValueError, match=r"module '1' .*Scale\) is a torch\.nn\.modules\.linear\.Linear"):
         l0k.load_compact(tmp_path, nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4)))
     loaded = l0k.load_compact(tmp_path, nn.Sequential(nn.Linear(3, 5), Scale(4)))  # the Linear is rebuilt

@@ -490,8 +490,17 @@ def test_device_form_on_triton_matches_the_torch_path():
         y = model(ids).logits
         y.square().mean().backward()
         runs.append((y.detach(), {n: p.grad for n, p in model.named_parameters()}))
-        if backend == "triton":  # every producer (gate, up, q, k, v of both layers) over its open rows
+        if backend == "triton":  # every producer (gate, up, q, k, v of both layers) over its open rows, the
+            # attention of both layers over the open heads (the model's own implementation otherwise)
             assert _active.PATHS["structure-rows", "fwd", "skip"] == 2 * 5, dict(_active.PATHS)
+            assert _active.PATHS["structure-attention", "fwd", "skip"] == 2, dict(_active.PATHS)
+            assert model.config._attn_implementation == "l0k_heads_sdpa"
+            from l0kernels.attention import reasons
+            attn = model.model.layers[0].self_attn
+            q = torch.zeros(1, 4, 3, 16)
+            assert any("dropout" in r for r in reasons(attn, q, q[:, :2], q[:, :2], 0.1, {}))
+            small = l0k.compact(model, {"input_ids": ids})
+            assert small.config._attn_implementation == "sdpa" and "_l0_heads" not in vars(small.model.layers[0].self_attn)
     (y0, g0), (y1, g1) = runs
     torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-5)
     for n, g in g0.items():
