@@ -125,8 +125,6 @@ def pointwise(ctx, node):
         for ax, d in enumerate(base.dims):
             if len(s) >= -d and s[len(s) + d] != 1:
                 full.add(ax)
-    if len(full) == len(base.dims):
-        return frozen(ctx, node)
     for ax in full:
         ctx.tie_along(base, ax)
     dead = torch.ones_like(base.dead)
@@ -378,21 +376,35 @@ def sdpa(ctx, node):
     mask = a.get("attn_mask")
     if isinstance(mask, torch.fx.Node):
         ctx.freeze(ctx.units(mask))
-    if uq is None or uk is None or uv is None or any(u.dims != (-3, -1) for u in (uq, uk, uv)):
+    if uq is None or uk is None or uv is None:
         return frozen(ctx, node)
-    h, hk = uq.ids.shape[0], uk.ids.shape[0]
-    if uv.ids.shape[0] != hk or h % max(hk, 1):
+
+    def per_head(u, arg):
+        """``(ids, zero)`` as (heads, head dim); units on the head size only (one key/value head, multi-query
+        attention, repeated over the query heads) count as one head."""
+        if u.dims == (-3, -1):
+            return u.ids, u.dead & (u.const == 0)
+        shape = ctx.shape(arg)
+        if u.dims == (-1,) and shape is not None and len(shape) == 4:  # the same units in every head
+            return u.ids.reshape(1, -1), (u.dead & (u.const == 0)).reshape(1, -1)
+        return None
+    pq, pk, pv = per_head(uq, a["query"]), per_head(uk, a["key"]), per_head(uv, a["value"])
+    if pq is None or pk is None or pv is None or uq.dims != (-3, -1):
+        return frozen(ctx, node)
+    (q_ids, _), (k_ids, _), (v_ids, v_zero) = pq, pk, pv
+    h, hk = q_ids.shape[0], k_ids.shape[0]
+    if v_ids.shape[0] != hk or h % max(hk, 1):
         return frozen(ctx, node)
     r = h // hk
     for i in range(h):
         j = i // r
-        anchor = uq.ids[i, :1]
-        ctx.tie(anchor.expand(uq.ids.shape[1]), uq.ids[i])
-        ctx.tie(anchor.expand(uk.ids.shape[1]), uk.ids[j])
-        ctx.tie(anchor.expand(uv.ids.shape[1]), uv.ids[j])
-    ids = uv.ids.repeat_interleave(r, 0)
+        anchor = q_ids[i, :1]
+        ctx.tie(anchor.expand(q_ids.shape[1]), q_ids[i])
+        ctx.tie(anchor.expand(k_ids.shape[1]), k_ids[j])
+        ctx.tie(anchor.expand(v_ids.shape[1]), v_ids[j])
+    ids = v_ids.repeat_interleave(r, 0)
     # an output unit is 0 where its value unit is 0 for every key (a weighted sum of zeros)
-    zero = (uv.dead & (uv.const == 0)).repeat_interleave(r, 0)
+    zero = v_zero.repeat_interleave(r, 0)
     return Units(ids, (-3, -1), zero, torch.zeros(ids.shape, dtype=torch.float64, device=CPU), uq.rank)
 
 

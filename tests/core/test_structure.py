@@ -173,9 +173,9 @@ def test_open_gates_compute_what_the_model_computed(name):
     assert torch.equal(_main(model(**_kwargs(inputs))), ref)
 
 
-# blocks convert() finds per coverage family (docs/design.md §11 says why the others are not found): Gemma's
-# attention has one key/value head (Mixtral's and Qwen3-MoE's FFN units are their experts' units)
-KINDS = {"gemma": {"ffn"}}
+# blocks convert() finds per coverage family beyond FFN units and heads (docs/design.md §11): none (Gemma's
+# multi-query attention is found, Mixtral's and Qwen3-MoE's FFN units are their experts' units)
+KINDS: dict = {}
 
 
 @pytest.mark.parametrize("name", zoo.TRANSFORMERS)
