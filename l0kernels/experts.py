@@ -126,24 +126,16 @@ class ExpertGate(StructureGate):
         self.params_per_gate = torch.full((e * f,), float(per), dtype=torch.float64)
         self.ungated_params = m.down_proj_bias.numel() if m.has_bias else 0
 
-    def regularizer(self, lamba: float, weight_decay: float = 0.0, N: int = 1) -> torch.Tensor:
-        from .modules import _check_coef, _check_n
-        _check_coef(lamba, "lamba")
-        _check_coef(weight_decay, "weight_decay")
-        N = _check_n(N)
-        p = self.prob_open().float()
-        term = (p * (lamba * self.params_per_gate.to(p.device).float())).sum()
-        if weight_decay:
-            sq = torch.zeros(self.experts_shape, dtype=torch.float32, device=p.device)
-            rest = p.new_zeros(())
-            for t, role in self._parts():
-                t2 = t.float().square()
-                if role == "down_bias":
-                    rest = rest + t2.sum()
-                else:
-                    sq = sq + self._per_unit(t2, role)
-            term = term + 0.5 * weight_decay * ((p * sq.flatten()).sum() + rest)
-        return term / N
+    def _squares(self, p: torch.Tensor):
+        sq = torch.zeros(self.experts_shape, dtype=torch.float32, device=p.device)
+        rest = p.new_zeros(())
+        for t, role in self._parts():
+            t2 = t.float().square()
+            if role == "down_bias":
+                rest = rest + t2.sum()
+            else:
+                sq = sq + self._per_unit(t2, role)
+        return sq.flatten(), rest
 
     @torch.no_grad()
     def packed_width(self) -> int:

@@ -150,19 +150,24 @@ class StructureGate(_GateOwner):
         p = self.prob_open().float()
         term = (p * (lamba * self.params_per_gate.to(p.device).float())).sum()
         if weight_decay:
-            sq = torch.zeros_like(p)
-            rest = p.new_zeros(())
-            for role, m in self.layers():
-                w2 = m.weight.float().square()
-                if role == "rows":
-                    rows = w2.sum(1) + (m.bias.float().square() if m.bias is not None else 0.0)
-                    sq = sq + _rows_to_gates(m.row_gates, rows, sq.numel())
-                else:
-                    sq = sq.index_add(0, m.col_gates, w2.sum(0))
-                    if m.bias is not None:
-                        rest = rest + m.bias.float().square().sum()
+            sq, rest = self._squares(p)
             term = term + 0.5 * weight_decay * ((p * sq).sum() + rest)
         return term / N
+
+    def _squares(self, p: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(||theta_g||^2 per gate, ||theta_ungated||^2)`` in float32 on ``p``'s device."""
+        sq = torch.zeros_like(p)
+        rest = p.new_zeros(())
+        for role, m in self.layers():
+            w2 = m.weight.float().square()
+            if role == "rows":
+                rows = w2.sum(1) + (m.bias.float().square() if m.bias is not None else 0.0)
+                sq = sq + _rows_to_gates(m.row_gates, rows, sq.numel())
+            else:
+                sq = sq.index_add(0, m.col_gates, w2.sum(0))
+                if m.bias is not None:
+                    rest = rest + m.bias.float().square().sum()
+        return sq, rest
 
     def extra_repr(self) -> str:
         return f"{self.log_alpha.numel()}, kind={self.kind!r}, layers={len(self._layers)}, noise={self.noise!r}"

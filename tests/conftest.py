@@ -53,6 +53,17 @@ def rel(out, ref) -> float:
     return float((out - ref).norm() / den) if den > 0 else float((out - ref).norm())
 
 
+def zoo_model(name):
+    """``(model, inputs)`` of tests/_model_zoo.py's ``name``, in eval mode; the test is skipped where that model
+    cannot be built here."""
+    import _model_zoo as zoo
+    why = zoo.available(name)
+    if why:
+        pytest.skip(why)
+    model, inputs = zoo.build(name)
+    return model.eval(), inputs
+
+
 @pytest.fixture
 def rel_err():
     return rel

@@ -12,16 +12,14 @@ from l0kernels.experts import ExpertGate
 
 transformers = pytest.importorskip("transformers")
 import _model_zoo as zoo  # noqa: E402
+from conftest import zoo_model  # noqa: E402
 
 FAMILIES = ["mixtral", "qwen3-moe"]
 
 
 def _build(name):
-    why = zoo.available(name)
-    if why:
-        pytest.skip(why)
-    model, inputs = zoo.build(name)
-    return model.float().eval(), inputs
+    model, inputs = zoo_model(name)
+    return model.float(), inputs
 
 
 def _experts(model):

@@ -20,16 +20,14 @@ from l0kernels.structure import StructureGate
 
 transformers = pytest.importorskip("transformers")
 import _model_zoo as zoo  # noqa: E402
+from conftest import zoo_model  # noqa: E402
 
 FAMILIES = ["llama-gqa", "gpt2", "bert", "opt", "phi3", "t5"]
 
 
 def _build(name):
-    why = zoo.available(name)
-    if why:
-        pytest.skip(why)
-    model, inputs = zoo.build(name)
-    return model.double().eval(), inputs
+    model, inputs = zoo_model(name)
+    return model.double(), inputs
 
 
 def _kwargs(inputs):

@@ -48,6 +48,34 @@ def _scores(q, k, offs_m, mask_m, offs_n, mask_n, m_ptr, s_mq, s_mk, scale, caus
 
 
 @triton.jit
+def _query_block(open_ptr, H, R, SQ, SK, D, causal_off, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """This program's batch, query head, key/value head, query rows and the end of its key loop (0 for a closed
+    head: it runs no key block)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    end = SK
+    if CAUSAL:
+        end = tl.minimum(SK, (pid_m + 1) * BLOCK_M + causal_off)
+    end = tl.where(tl.load(open_ptr + h) != 0, end, 0)
+    return bh, b, h, h // R, offs_m, offs_d, offs_m < SQ, offs_d < D, end
+
+
+@triton.jit
+def _kv_tile(k_ptr, v_ptr, b, hk, offs_n, offs_d, mask_d, SK, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs):
+    """Keys and values of rows ``offs_n`` of one key/value head (zeros past ``SK``)."""
+    mask_n = offs_n < SK
+    m = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(k_ptr + b * s_kb + hk * s_kh + offs_n[:, None] * s_ks + offs_d[None, :], mask=m, other=0.0)
+    v = tl.load(v_ptr + b * s_vb + hk * s_vh + offs_n[:, None] * s_vs + offs_d[None, :], mask=m, other=0.0)
+    return k, v, mask_n
+
+
+@triton.jit
 def _mm(a, b, DOT_F32: tl.constexpr):
     if DOT_F32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
@@ -60,32 +88,17 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, l_ptr, open_ptr, scale,
                 H, R, SQ, SK, D, causal_off,
                 HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // R
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < SQ
-    mask_d = offs_d < D
+    bh, b, h, hk, offs_m, offs_d, mask_m, mask_d, end = _query_block(open_ptr, H, R, SQ, SK, D, causal_off, CAUSAL,
+                                                                      BLOCK_M, BLOCK_D)
     q = tl.load(q_ptr + b * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    end = SK
-    if CAUSAL:
-        end = tl.minimum(SK, (pid_m + 1) * BLOCK_M + causal_off)
-    end = tl.where(tl.load(open_ptr + h) != 0, end, 0)  # a closed head runs no key block
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     mp = m_ptr + b * s_mb + h * s_mh
     for n0 in range(0, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < SK
-        k = tl.load(k_ptr + b * s_kb + hk * s_kh + offs_n[:, None] * s_ks + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        v = tl.load(v_ptr + b * s_vb + hk * s_vh + offs_n[:, None] * s_vs + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        k, v, mask_n = _kv_tile(k_ptr, v_ptr, b, hk, offs_n, offs_d, mask_d, SK, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs)
         s = _scores(q, k, offs_m, mask_m, offs_n, mask_n, mp, s_mq, s_mk, scale, causal_off, HAS_MASK, CAUSAL, DOT_F32)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing to attend to yet
@@ -109,34 +122,19 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, m_ptr, do_ptr, l_ptr, dl_ptr, dq_ptr, open_p
                HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # q, do and dq share one layout (contiguous (B, H, S, D) copies made by the launcher)
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // R
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < SQ
-    mask_d = offs_d < D
+    bh, b, h, hk, offs_m, offs_d, mask_m, mask_d, end = _query_block(open_ptr, H, R, SQ, SK, D, causal_off, CAUSAL,
+                                                                      BLOCK_M, BLOCK_D)
     qo = b * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :]
     mq = mask_m[:, None] & mask_d[None, :]
     q = tl.load(q_ptr + qo, mask=mq, other=0.0)
     do = tl.load(do_ptr + qo, mask=mq, other=0.0)
     lse = tl.load(l_ptr + bh * SQ + offs_m, mask=mask_m, other=float("inf"))
     delta = tl.load(dl_ptr + bh * SQ + offs_m, mask=mask_m, other=0.0)
-    end = SK
-    if CAUSAL:
-        end = tl.minimum(SK, (pid_m + 1) * BLOCK_M + causal_off)
-    end = tl.where(tl.load(open_ptr + h) != 0, end, 0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     mp = m_ptr + b * s_mb + h * s_mh
     for n0 in range(0, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < SK
-        k = tl.load(k_ptr + b * s_kb + hk * s_kh + offs_n[:, None] * s_ks + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        v = tl.load(v_ptr + b * s_vb + hk * s_vh + offs_n[:, None] * s_vs + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        k, v, mask_n = _kv_tile(k_ptr, v_ptr, b, hk, offs_n, offs_d, mask_d, SK, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs)
         s = _scores(q, k, offs_m, mask_m, offs_n, mask_n, mp, s_mq, s_mk, scale, causal_off, HAS_MASK, CAUSAL, DOT_F32)
         p = tl.exp(s - lse[:, None])
         dp = _mm(do, tl.trans(v), DOT_F32)
@@ -158,13 +156,11 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, m_ptr, do_ptr, l_ptr, dl_ptr, dk_ptr, dv_p
     hk = bhk % HKV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < SK
     mask_d = offs_d < D
+    k, v, mask_n = _kv_tile(k_ptr, v_ptr, b, hk, offs_n, offs_d, mask_d, SK, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs)
     mk = mask_n[:, None] & mask_d[None, :]
     ko = b * s_kb + hk * s_kh + offs_n[:, None] * s_ks + offs_d[None, :]
     vo = b * s_vb + hk * s_vh + offs_n[:, None] * s_vs + offs_d[None, :]
-    k = tl.load(k_ptr + ko, mask=mk, other=0.0)
-    v = tl.load(v_ptr + vo, mask=mk, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     start = 0
