@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .core import compact_plan, input_select, unshare
+from .core import compact_plan, input_select, release_free_memory, unshare
 from .report import LayerSummary, ModelSummary, compare, summary
 from .rules import register_compact_rule
 from .units import CompactContext, Units
@@ -70,6 +70,7 @@ def compact(model: nn.Module, example_inputs=None) -> nn.Module:
     model on the example inputs; what compact() cannot make exact raises ``ValueError`` naming the modules.
     """
     plan = compact_plan(model, example_inputs)  # checks model; works on a deep copy sharing its tensors
+    release_free_memory()
     unshare(plan.model, model)
     _retie(plan.model, _shared_parameters(model))
     return plan.model.eval()

@@ -35,6 +35,29 @@ class Plan:
     layer_info: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # qualified name -> keep masks
 
 
+def _libc_trim():
+    try:
+        import ctypes
+        import ctypes.util
+        name = ctypes.util.find_library("c")
+        fn = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        fn = None
+    return fn
+
+
+_TRIM = _libc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere). compact() frees
+    large temporaries layer by layer; glibc keeps freed blocks below its mmap threshold in the process, so the
+    resident memory of a large model's compact() would grow by what it had freed (0.4x the model's size measured,
+    docs/benchmarks.md)."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 # -- 1. fold -------------------------------------------------------------------------------------------------
 
 def _slots(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str]]]:
@@ -330,6 +353,7 @@ def surgery(work: nn.Module, ctx: CompactContext, keep) -> Dict[str, Dict[str, A
             for m in holders[id(d.src.weight)] or [d.src]:
                 _set_layer(m, new)
             del new
+            release_free_memory()
         seen = set()
         for node, mod, u in ctx.bns:
             if id(mod) in seen:
@@ -640,6 +664,7 @@ def _attempt(work, args, kwargs, ref, keep_sizes):
     ep = _capture(work, args, kwargs)
     ctx = analyse(work, ep)
     del ep
+    release_free_memory()
     for node, res in ctx.resize.items():
         if node.name in keep_sizes:
             ctx.freeze(res)

@@ -78,6 +78,9 @@ def fold(m) -> nn.Module:
     return plain_layer(m, w, b)
 
 
+CHUNK = 1 << 20  # weight elements per step of the analysis' per-row masks
+
+
 class Dense:
     """A plain ``nn.Linear`` / ``nn.Conv2d`` (gates already folded) as the analysis reads it."""
 
@@ -119,12 +122,35 @@ class Dense:
             r = r[rows.to(r.device)]
         return r.cpu()
 
+    def _row_chunks(self):
+        """``(start, rows of the weight)`` in chunks of about :data:`CHUNK` elements: the masks the analysis
+        builds per weight stay small (whole-weight temporaries fragment the heap of a large model)."""
+        w = self.src.weight.detach()
+        step = max(1, CHUNK // max(w[0].numel(), 1))
+        for i in range(0, w.shape[0], step):
+            yield i, w[i:i + step]
+
     def needed(self, rows: torch.Tensor) -> torch.Tensor:
         """(inputs,) on the CPU: the inputs some row of ``rows`` reads."""
         if self.kind == "linear":
-            w = self.src.weight.detach()
-            return (w[rows.to(w.device)] != 0).any(0).cpu()
+            rows = rows.to(self.src.weight.device)
+            out = torch.zeros(self.n_in, dtype=torch.bool, device=rows.device)
+            for i, w in self._row_chunks():
+                out |= (w[rows[i:i + w.shape[0]]] != 0).any(0)
+            return out.cpu()
         return self.reads(rows).any(0)
+
+    def reads_none(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(rows,) on the CPU: the rows that read none of ``inputs`` (a bool mask over the inputs)."""
+        if self.groups != 1:
+            return ~(self.reads() & inputs[None, :]).any(1)
+        inputs = inputs.to(self.src.weight.device)
+        parts = []
+        for _, w in self._row_chunks():
+            nz = w != 0
+            nz = nz.any(3).any(2) if self.kind == "conv" else nz
+            parts.append(~(nz & inputs[None, :]).any(1))
+        return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.bool)
 
     def through(self, c: torch.Tensor) -> torch.Tensor:
         """Per weight row, what inputs that are the constants ``c`` everywhere add to its output (no bias)."""

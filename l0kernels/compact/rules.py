@@ -167,8 +167,7 @@ def weight(ctx, node):
         ctx.freeze(u)
     dead, const = u.dead.flatten(), u.const.flatten()
     passes = dead & ((const == 0) | (not d.pads_with_zeros()))
-    reads = d.reads()
-    out_dead = ~(reads & ~passes[None, :]).any(1)
+    out_dead = d.reads_none(~passes)
     out_const = d.bias64()
     if bool(passes.any()):
         out_const = out_const + d.through(torch.where(passes, const, torch.zeros_like(const)))
