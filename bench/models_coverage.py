@@ -94,7 +94,7 @@ def _markdown(rows, meta):
            f".ci/run (step 2b): its C++ ops do not load with the CPU torch; the models here use none.", "",
            "Each model (tests/_model_zoo.py: random init, BatchNorm statistics and affine parameters randomised, eval "
            "mode) is converted with `l0k.convert(model)` (defaults: input gates on linear layers, output-channel gates "
-           "on convolutions; tied and fused-expert weights, and layers never called while their weights are read (Swin's attention), are not gated), a random 40% of every gate vector is closed "
+           "on convolutions, unit gates on routed MoE experts; tied weights, and layers never called while their weights are read (Swin's attention), are not gated), a random 40% of every gate vector is closed "
            "(`log_alpha` -10, the rest +10), and `l0k.compact(model, example_inputs)` is checked against the gated "
            "eval model (exact: ||a - b|| <= 1e-5 ||b||, float32). Kept params: the compacted model's parameters "
            "over the dense model's. Inputs: token ids 2 x 12 (vocab 128), images 1 x 3 x 64 x 64 (ViTs: 32 x 32, "
@@ -126,8 +126,9 @@ def _markdown(rows, meta):
             f"| {(r['failure'] or '').replace('|', '/')} |")
     out += ["", "Notes:", "",
             "* kept 100.0%: compact folded the gates into the layers but has no module rule for that block "
-            "(GPT-2, GPT-NeoX, OPT, Phi-3, DistilBERT, ViT (transformers), T5 MLPs/FFNs; the MoE models' experts are "
-            "3-D parameters convert does not gate, and 40% closed per-feature gates close no whole attention head).",
+            "(GPT-2, GPT-NeoX, OPT, Phi-3, DistilBERT, ViT (transformers), T5 MLPs/FFNs; 40% closed per-feature gates "
+            "close no whole attention head). The MoE models' experts (3-D parameters) keep, per layer, the most units "
+            "any expert keeps (compact packs each expert's open units first).",
             "* RegNet keeps 99.9%: its 3x3 convolutions are grouped (16 channels a group) and a group goes only "
             "whole, which 40% random closed channels almost never make; its other channels sit on residual adds.",
             "* Latencies are of tiny models at tiny inputs on a shared machine: they show that the compacted models "

@@ -33,6 +33,9 @@ Choices (see README, "Converting a model"):
 * Layers whose gates would be bypassed in ways no rule here knows -- a parent reading ``self.proj.weight`` in
   its own forward -- are found by running the model once (see :func:`convert`).
   ``include`` matching no layer at all warns.
+* Routed MoE experts held as 3-D Parameters (transformers' experts layout) have no linear layer to replace:
+  with input gates (``gate="in"``, ``group_size=1``, batch noise) each unit of every expert -- a down
+  projection input -- gets a gate (:mod:`l0kernels.experts`); with other gate kinds they stay ungated.
 * Layers held by several parents (one module registered twice) become one L0 layer held by all of them.
   A module matches when any of its qualified names matches ``include`` and none matches ``exclude``.
 * Everything is checked before anything is replaced: a call that raises leaves the model as it was.
@@ -259,6 +262,10 @@ def convert(model: nn.Module, *, gate: str = "in", include: Matcher = None, excl
     try:
         _build_layers(slots, names, new_of, in_mha, inc, exc, gate=gate, group_size=group_size, noise=noise,
                       droprate_init=droprate_init, backend=backend)
+        # routed experts (3-D parameters, no linear layer): their units, the down projection's inputs, get gates
+        # as a linear layer's inputs do (l0kernels/experts.py)
+        experts = _find_experts(model, inc, exc) if gate == "in" and group_size == 1 and noise == "batch" else []
+        expert_gates = _expert_gates(experts, droprate_init, backend)
         # everything is built: only now is the model changed (and put back if the example run fails)
         for key in new_of.keys() & in_encoder:
             new_of[key].register_forward_pre_hook(_keep_slow_path)
@@ -269,7 +276,10 @@ def convert(model: nn.Module, *, gate: str = "in", include: Matcher = None, excl
         if rng is not None:  # a failed call changes nothing, the random streams included
             _restore_rng_state(rng)
         raise
-    if inc is not None and not _matched_any(slots, names, inc):
+    from .experts import attach
+    for m, g in expert_gates:
+        attach(m, g)
+    if inc is not None and not expert_gates and not _matched_any(slots, names, inc):
         warnings.warn(f"convert(): include={include!r} matched no nn.Linear, nn.Conv2d or Conv1D layer (nor an L0 "
                       "layer); nothing was converted", UserWarning, stacklevel=2)
     return new_of.get(id(model), model)
@@ -491,21 +501,7 @@ def _convert_structure(model, structure, *, include, exclude, noise, droprate_in
                 raise ValueError(f"block '{b.name}' ({b.kind}) cannot take structure gates: {why}")
             continue
         chosen.append(b)
-    experts = []  # routed experts modules (their units: l0kernels/experts.py)
-    if "ffn" in kinds:
-        from .experts import experts_refusal
-        for name, m in model.named_modules():
-            why = experts_refusal(m)
-            if why == "":
-                continue
-            explicit = inc is not None and _call_matcher(inc, name, m, "include")
-            if (inc is not None and not explicit) or (exc is not None and _call_matcher(exc, name, m, "exclude")):
-                continue
-            if why is not None:
-                if explicit:
-                    raise ValueError(f"experts '{name}' ({type(m).__name__}) cannot take structure gates: {why}")
-                continue
-            experts.append((name, m))
+    experts = _find_experts(model, inc, exc) if "ffn" in kinds else []
     if inc is not None and not chosen and not experts:
         warnings.warn(f"convert(): include={include!r} matched no {'/'.join(kinds)} block of the model; nothing "
                       "was converted", UserWarning, stacklevel=3)
@@ -543,16 +539,7 @@ def _convert_structure(model, structure, *, include, exclude, noise, droprate_in
             g._count()
             g.train(model.get_submodule(b.name).training)
             built.append((b, g, layers))
-        from .experts import ExpertGate
-        expert_gates = []
-        for name, m in experts:
-            p = 1.0 / (1.0 + math.exp(OPEN_LOG_ALPHA)) if droprate_init is None else droprate_init
-            g = ExpertGate(m, droprate_init=p, backend=backend, device=m.down_proj.device, dtype=m.down_proj.dtype)
-            with torch.no_grad():
-                if droprate_init is None:
-                    g.log_alpha.fill_(OPEN_LOG_ALPHA)
-            g.train(m.training)
-            expert_gates.append((m, g))
+        expert_gates = _expert_gates(experts, droprate_init, backend)
     except BaseException:
         if rng is not None:
             _restore_rng_state(rng)
@@ -578,6 +565,41 @@ def _convert_structure(model, structure, *, include, exclude, noise, droprate_in
     if narrowable:
         _allow_narrow(model, narrowable, call_args, call_kwargs)
     return model
+
+
+def _find_experts(model, inc, exc) -> List[Tuple[str, nn.Module]]:
+    """``(name, module)`` of the routed experts modules to gate (l0kernels/experts.py), by ``include``/``exclude``
+    on their qualified names; one that ``include`` names but cannot be gated raises ``ValueError``."""
+    from .experts import experts_refusal
+    out = []
+    for name, m in model.named_modules():
+        why = experts_refusal(m)
+        if why == "":
+            continue
+        explicit = inc is not None and _call_matcher(inc, name, m, "include")
+        if (inc is not None and not explicit) or (exc is not None and _call_matcher(exc, name, m, "exclude")):
+            continue
+        if why is not None:
+            if explicit:
+                raise ValueError(f"experts '{name}' ({type(m).__name__}) cannot take unit gates: {why}")
+            continue
+        out.append((name, m))
+    return out
+
+
+def _expert_gates(experts, droprate_init, backend) -> list:
+    """``(module, ExpertGate)`` for each of ``experts``, nothing attached yet."""
+    from .experts import ExpertGate
+    out = []
+    for _, m in experts:
+        p = 1.0 / (1.0 + math.exp(OPEN_LOG_ALPHA)) if droprate_init is None else droprate_init
+        g = ExpertGate(m, droprate_init=p, backend=backend, device=m.down_proj.device, dtype=m.down_proj.dtype)
+        with torch.no_grad():
+            if droprate_init is None:
+                g.log_alpha.fill_(OPEN_LOG_ALPHA)
+        g.train(m.training)
+        out.append((m, g))
+    return out
 
 
 def _allow_narrow(model, gates, args, kwargs) -> None:

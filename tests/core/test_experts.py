@@ -186,3 +186,21 @@ def test_experts_include_exclude_and_refusal():
     assert experts_refusal(ex) is None and experts_refusal(model.model.layers[0].mlp) == ""
     ex.has_post_expert_norm = True
     assert "norm" in experts_refusal(ex)
+
+
+def test_default_convert_gates_expert_units():
+    """``convert(model)`` (input gates) gives routed experts their unit gates too: a unit is the down projection's
+    input, as a linear layer's input feature is; other gate kinds leave them ungated."""
+    model, inputs = _build("mixtral")
+    m1 = copy.deepcopy(model)
+    l0k.convert(m1)
+    assert len(_experts(m1)) == model.config.num_hidden_layers
+    assert any(isinstance(m, l0k.L0Linear) for m in m1.modules())
+    for kw in (dict(gate="out"), dict(group_size=2), dict(noise="sample")):
+        m2 = copy.deepcopy(model)
+        l0k.convert(m2, **kw)
+        assert not _experts(m2), kw
+    m3 = copy.deepcopy(model)
+    l0k.convert(m3, include="*.experts")
+    assert len(_experts(m3)) == model.config.num_hidden_layers
+    assert not any(isinstance(m, l0k.L0Linear) for m in m3.modules())
