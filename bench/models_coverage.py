@@ -125,10 +125,9 @@ def _markdown(rows, meta):
             f"| {r['saved_loaded'] or '—'} | {'yes' if r['export_ok'] else '—' if r['export_rel_err'] is None else 'NO'} "
             f"| {(r['failure'] or '').replace('|', '/')} |")
     out += ["", "Notes:", "",
-            "* kept 100.0%: compact folded the gates into the layers but has no module rule for that block "
-            "(GPT-2, GPT-NeoX, OPT, Phi-3, DistilBERT, ViT (transformers), T5 MLPs/FFNs; 40% closed per-feature gates "
-            "close no whole attention head). The MoE models' experts (3-D parameters) keep, per layer, the most units "
-            "any expert keeps (compact packs each expert's open units first).",
+            "* The MoE models' experts (3-D parameters, unit gates) keep, per layer, the most units any expert keeps, "
+            "rounded up to 8 (compact packs each expert's open units first); 40% closed per-feature gates close no "
+            "whole attention head, so the transformers models lose FFN units and the inputs of layers only.",
             "* RegNet keeps 99.9%: its 3x3 convolutions are grouped (16 channels a group) and a group goes only "
             "whole, which 40% random closed channels almost never make; its other channels sit on residual adds.",
             "* Latencies are of tiny models at tiny inputs on a shared machine: they show that the compacted models "

@@ -274,12 +274,12 @@ def build(name: str) -> Tuple[nn.Module, tuple]:
 
 def close_gates(model: nn.Module, name: str, fraction: float = CLOSED_FRACTION) -> int:
     """Close a random ``fraction`` of every gate vector (``log_alpha`` -10), open the rest (+10); returns the
-    number of gated layers."""
+    number of modules owning gates (L0 layers, experts' unit gates)."""
     import l0kernels as l0k
     g = torch.Generator().manual_seed(_seed(name) + 3)
     n = 0
     with torch.no_grad():
-        for _, m in l0k.l0_layers(model):
+        for _, m in l0k.l0_gates(model):
             la = m.log_alpha
             flat = torch.full((la.numel(),), OPEN, dtype=la.dtype)
             flat[torch.randperm(la.numel(), generator=g)[:round(fraction * la.numel())]] = CLOSED
