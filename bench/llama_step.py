@@ -16,6 +16,7 @@ GPU (``--gpu``): bfloat16, 8192 tokens (2 x 4096), one Llama-7B-shaped block (hi
 8 key/value heads, vocab 32000 kept small at 4096 so the block dominates), same densities, CUDA-event timing.
 
     python bench/llama_step.py [--deep] [--reps 20] [--threads N]
+    python bench/llama_step.py --moe [--reps 20]     # a Mixtral: gates on every expert's units and the heads
     python bench/llama_step.py --gpu [--reps 20]
 
 Writes ``bench/results/<device>-llama-step-<date>.json`` and ``.md``.
@@ -41,8 +42,15 @@ import l0kernels as l0k  # noqa: E402
 DENSITIES = (1.0, 0.5, 0.3, 0.1)
 
 
-def build(layers: int, gpu: bool):
+def build(layers: int, gpu: bool, moe: bool = False):
     import transformers
+    if moe:  # Mixtral: 8 experts, 2 per token, each expert's FFN a quarter of the Llama's
+        cfg = dict(hidden_size=512, intermediate_size=384, num_attention_heads=8, num_key_value_heads=8,
+                   head_dim=64, vocab_size=4096, num_local_experts=8, num_experts_per_tok=2)
+        config = transformers.MixtralConfig(num_hidden_layers=layers, max_position_embeddings=4096,
+                                            attn_implementation="sdpa", **cfg)
+        torch.manual_seed(0)
+        return transformers.MixtralForCausalLM(config), cfg
     if gpu:
         cfg = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=8,
                    head_dim=128, vocab_size=4096)
@@ -87,10 +95,10 @@ def stepper(model, ids, gated: bool):
     return step
 
 
-def rows_for(layers: int, gpu: bool, reps: int, meta: dict, modes=("structure",)) -> List[Dict]:
+def rows_for(layers: int, gpu: bool, reps: int, meta: dict, modes=("structure",), moe: bool = False) -> List[Dict]:
     dev = torch.device("cuda" if gpu else "cpu")
     dt = torch.bfloat16 if gpu else torch.float32
-    dense, cfg = build(layers, gpu)
+    dense, cfg = build(layers, gpu, moe)
     dense = dense.to(device=dev, dtype=dt)
     b, t = (2, 4096) if gpu else (4, 128)
     ids = torch.randint(0, cfg["vocab_size"], (b, t + 1), generator=torch.Generator().manual_seed(1)).to(dev)
@@ -103,7 +111,7 @@ def rows_for(layers: int, gpu: bool, reps: int, meta: dict, modes=("structure",)
     med = [statistics.median(x) for x in times]
     out = []
     for name, m, x in zip(names, med, times):
-        out.append(dict(meta, model=f"Llama {layers} layers", hidden=cfg["hidden_size"],
+        out.append(dict(meta, model=f"{'Mixtral' if moe else 'Llama'} {layers} layers", hidden=cfg["hidden_size"],
                         ffn=cfg["intermediate_size"], heads=cfg["num_attention_heads"],
                         kv_heads=cfg["num_key_value_heads"], tokens=b * t, dtype=str(dt).replace("torch.", ""),
                         config=name, step_ms=m, min_ms=min(x), max_ms=max(x), ratio=m / med[0], reps=reps))
@@ -134,6 +142,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gates", choices=("structure", "layer", "both", "device", "all"), default="structure",
                     help="structure gates (default), per-layer gates the README's way, both; device: structure gates "
                          "in their device form (backend='triton', GPU only); all: structure, device and layer")
+    ap.add_argument("--moe", action="store_true",
+                    help="CPU: a Mixtral (8 experts of FFN 384, 2 per token) instead of the Llama; structure gates: "
+                         "one gate per unit of every expert and per head")
     ap.add_argument("--out", default=os.path.join(common.HERE, "results"))
     args = ap.parse_args(argv)
     if args.threads:
@@ -146,9 +157,11 @@ def main(argv=None) -> int:
     modes = {"both": ("structure", "layer"), "all": ("structure", "device", "layer")}.get(args.gates, (args.gates,))
     if "device" in modes and not args.gpu:
         ap.error("--gates device/all: the device form runs Triton kernels, on a GPU (--gpu)")
-    rows = rows_for(1 if args.gpu else 4, args.gpu, args.reps, meta, modes)
+    if args.moe and (args.gpu or "structure" not in modes or len(modes) > 1):
+        ap.error("--moe: the CPU rows with structure gates")
+    rows = rows_for(1 if args.gpu else 4, args.gpu, args.reps, meta, modes, args.moe)
     if args.deep and not args.gpu:
-        rows += rows_for(8, False, args.reps, meta, modes)
+        rows += rows_for(8, False, args.reps, meta, modes, args.moe)
     common.write_results(rows, args.out, meta["device"], now, "llama-step", markdown)
     return 0
 

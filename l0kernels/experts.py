@@ -12,8 +12,10 @@ layout is taken, whatever its class.
 registered as ``experts.l0_gate``; the module's forward becomes :func:`gated_experts_forward` (an instance
 attribute: the class is kept). One draw per call of the module. The unit's hidden activation is multiplied
 by its gate; a closed unit's gate and up rows and its down column are neither read nor computed (each hit
-expert runs its open units only, gathered on the host). With every gate exactly 1 (open gates in eval) the
-module's own forward runs, so the model computes what it computed before ``convert``.
+expert runs its open units only, gathered on the host) once at most ``L0K_SKIP_DENSE_ABOVE`` of the units are
+open; above, the module's own forward runs with each down column times its gate (a grouped GEMM beats a loop
+over the experts). With every gate exactly 1 (open gates in eval) the module's own forward runs unchanged, so
+the model computes what it computed before ``convert``.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _active
 from .structure import StructureGate
 
 ALIGN = 8  # units per expert after compact(): a multiple of this (16-byte rows in half precision)
@@ -197,13 +200,33 @@ def detach(experts: nn.Module) -> None:
     experts._modules.pop("l0_gate", None)
 
 
+def _scaled_forward(self, own, z, hidden_states, top_k_index, top_k_weights):
+    """The module's own forward with ``down_proj``'s column of each unit times its gate, ``down (h * z)`` written
+    as ``(down * z) h``: the same gated output, nothing skipped."""
+    e_count, f = self.l0_gate.experts_shape
+    z = z.view(e_count, f).to(self.down_proj.dtype)
+    held = self._parameters["down_proj"]
+    self._parameters["down_proj"] = held * (z[:, :, None] if self.is_transposed else z[:, None, :])
+    try:
+        return own(self, hidden_states, top_k_index, top_k_weights)
+    finally:
+        self._parameters["down_proj"] = held
+
+
 def gated_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                           top_k_weights: torch.Tensor) -> torch.Tensor:
     """The experts' forward with each unit's activation times its gate, closed units skipped (module doc)."""
     g: ExpertGate = self.l0_gate
     z = g.state().z
-    if not torch.compiler.is_compiling() and bool((z == 1).all()):
-        return type(self).forward(self, hidden_states, top_k_index, top_k_weights)
+    own = type(self).forward
+    if torch.compiler.is_compiling():  # no host reads under a trace
+        return _scaled_forward(self, own, z, hidden_states, top_k_index, top_k_weights)
+    if bool((z == 1).all()):
+        return own(self, hidden_states, top_k_index, top_k_weights)
+    if not _active.ENABLED or int((z != 0).sum()) > _active.DENSE_ABOVE * z.numel():
+        # most units open: the module's own forward (a grouped GEMM) with each down column times its gate costs
+        # less than running every expert's open units apart
+        return _scaled_forward(self, own, z, hidden_states, top_k_index, top_k_weights)
     e_count, f = g.experts_shape
     z = z.view(e_count, f)
     up_w = self.gate_up_proj if self.has_gate else self.up_proj

@@ -51,10 +51,14 @@ def _random_gates(model, seed):
             m.l0_gate.log_alpha.copy_(la)
 
 
+@pytest.mark.parametrize("path", ["gather", "scaled"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_expert_gates_match_reference(name):
+def test_expert_gates_match_reference(name, path, monkeypatch):
     """Training: the experts' output and the gradients of their 3-D Parameters and of log_alpha equal the float64
-    reference with the same draw; a closed unit's rows and column get exactly zero gradient."""
+    reference with the same draw; a closed unit's rows and column get exactly zero gradient. Both paths: each
+    expert's open units gathered, or the module's own forward with the down columns times the gates."""
+    from l0kernels import _active
+    monkeypatch.setattr(_active, "DENSE_ABOVE", 1.0 if path == "gather" else 0.0)
     model, inputs = _build(name)
     l0k.convert(model, structure="ffn")
     experts = _experts(model)
