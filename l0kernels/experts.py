@@ -234,34 +234,34 @@ def gated_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.
     out = torch.zeros_like(hidden_states)
     with torch.no_grad():
         mask = F.one_hot(top_k_index, num_classes=e_count + 1).permute(2, 1, 0)
-        hit = (mask.sum(dim=(-1, -2)) > 0).nonzero().flatten().tolist()
-        open_ = (z != 0)
-        n_open = open_.sum(1).tolist()
-    for e in hit:
-        if e >= e_count:
-            continue
-        pos, tok = torch.where(mask[e])
-        if n_open[e] == 0 and not self.has_bias:
+        hit = [e for e in (mask.sum(dim=(-1, -2)) > 0).nonzero().flatten().tolist() if e < e_count]
+        open_ = z != 0
+        units = [open_[e].nonzero().flatten() for e in hit]  # each hit expert's open units
+        rows = [_up_rows(self, u, f) for u in units]
+        # one gather per parameter for every hit expert (a gather per expert would give each backward a zero
+        # tensor of the whole parameter): (rows, H) matrices, split per expert below
+        e_up = torch.cat([torch.full((r.numel(),), e, dtype=torch.long) for e, r in zip(hit, rows)]) if hit else None
+        e_dn = torch.cat([torch.full((u.numel(),), e, dtype=torch.long) for e, u in zip(hit, units)]) if hit else None
+    if not hit:
+        return out
+    dev = up_w.device
+    e_up, r_up = e_up.to(dev), torch.cat(rows).to(dev)
+    e_dn, f_dn = e_dn.to(dev), torch.cat(units).to(dev)
+    w_up = (up_w[e_up, :, r_up] if self.is_transposed else up_w[e_up, r_up, :]).split([r.numel() for r in rows])
+    b_up = up_b[e_up, r_up].split([r.numel() for r in rows]) if up_b is not None else None
+    w_dn = (self.down_proj[e_dn, f_dn, :] if self.is_transposed else self.down_proj[e_dn, :, f_dn]).split(
+        [u.numel() for u in units])
+    z_dn = z[e_dn, f_dn].split([u.numel() for u in units])
+    for i, e in enumerate(hit):
+        if units[i].numel() == 0 and not self.has_bias:
             continue  # every unit closed: the expert adds nothing
+        pos, tok = torch.where(mask[e])
         x = hidden_states[tok]
-        if n_open[e] == 0:
-            y = self.down_proj_bias[e].expand(x.shape[0], -1)
-        else:
-            idx = None if n_open[e] == f else open_[e].nonzero().flatten()
-            rows = None if idx is None else _up_rows(self, idx, f)
-            w = up_w[e]
-            if rows is not None:
-                w = w.index_select(1 if self.is_transposed else 0, rows)
-            b = None if up_b is None else (up_b[e] if rows is None else up_b[e].index_select(0, rows))
-            proj = x @ w + (b if b is not None else 0) if self.is_transposed else F.linear(x, w, b)
-            h = self._apply_gate(proj) if self.has_gate else self.act_fn(proj)
-            ze = z[e] if idx is None else z[e].index_select(0, idx)
-            h = h * ze.to(h.dtype)
-            wd = self.down_proj[e]
-            if idx is not None:
-                wd = wd.index_select(0 if self.is_transposed else 1, idx)
-            db = self.down_proj_bias[e] if self.has_bias else None
-            y = h @ wd + (db if db is not None else 0) if self.is_transposed else F.linear(h, wd, db)
+        proj = F.linear(x, w_up[i], b_up[i] if b_up is not None else None)
+        h = (self._apply_gate(proj) if self.has_gate else self.act_fn(proj)) * z_dn[i].to(proj.dtype)
+        y = h @ w_dn[i]
+        if self.has_bias:
+            y = y + self.down_proj_bias[e]
         y = y * top_k_weights[tok, pos, None]
         out.index_add_(0, tok, y.to(out.dtype))
     return out
