@@ -148,3 +148,52 @@ def test_graph_conv_open_set_reads_seed_tensor_at_replay(backend, monkeypatch):
         graph.replay()
         for got, ref in zip(outs, step(value)):
             torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", [b for b in _backends() if b != "torch"])
+def test_graph_of_a_structure_gated_llama_step(backend, monkeypatch):
+    """Structure gates in their device form (docs/design.md §11): a transformers Llama's training step with every
+    producer over its open rows, the attention over the open heads and the consumers over their open columns
+    (every threshold at 1) captured in a CUDA graph; replays are finite, draw fresh gates, and repeat under
+    ``torch.cuda.manual_seed``."""
+    transformers = pytest.importorskip("transformers")
+    from l0kernels import _active
+    from l0kernels.backends.triton import _gate_math
+    monkeypatch.setattr(_gate_math, "SKIP_BELOW", 1.0)
+    if backend == "cuda":
+        from l0kernels.backends import cuda as cb
+        monkeypatch.setattr(cb, "SKIP_BELOW", 1.0)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=32, vocab_size=128, attn_implementation="sdpa")
+    llama = transformers.LlamaForCausalLM(cfg).cuda().to(torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 64), device="cuda")
+    l0k.convert(llama, structure=("ffn", "heads"), backend=backend,
+                example_inputs={"input_ids": ids[:, :16], "use_cache": False})
+    with torch.no_grad():
+        for _, g in l0k.l0_gates(llama):
+            g.log_alpha.uniform_(-3, 4)
+
+    class Lm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = llama
+
+        def forward(self, x):
+            return self.m(input_ids=x, use_cache=False).logits.float()
+
+    model = Lm().train()
+    _active.PATHS.clear()
+    graph, out = _capture(model, ids)
+    assert _active.PATHS["structure-rows", "fwd", "skip"] > 0 and _active.PATHS["structure-attention", "fwd", "skip"] > 0
+    grad = llama.model.layers[0].mlp.gate_proj.weight.grad
+    torch.cuda.manual_seed(11)
+    graph.replay()
+    y1, g1 = out.clone(), grad.clone()
+    graph.replay()
+    y2 = out.clone()
+    torch.cuda.manual_seed(11)
+    graph.replay()
+    assert torch.isfinite(y1).all() and torch.isfinite(g1).all()
+    assert not torch.equal(y1, y2), "a replay drew the same gates again"
+    assert torch.equal(out, y1) and torch.equal(grad, g1), "torch.cuda.manual_seed did not repeat the replays"
