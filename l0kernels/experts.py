@@ -221,9 +221,10 @@ def gated_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.
     own = type(self).forward
     if torch.compiler.is_compiling():  # no host reads under a trace
         return _scaled_forward(self, own, z, hidden_states, top_k_index, top_k_weights)
-    if bool((z == 1).all()):
+    all_one, n_open = torch.stack([(z == 1).all().long(), (z != 0).sum()]).tolist()  # one host read
+    if all_one:
         return own(self, hidden_states, top_k_index, top_k_weights)
-    if not _active.ENABLED or int((z != 0).sum()) > _active.DENSE_ABOVE * z.numel():
+    if not _active.ENABLED or n_open > _active.DENSE_ABOVE * z.numel():
         # most units open: the module's own forward (a grouped GEMM) with each down column times its gate costs
         # less than running every expert's open units apart
         return _scaled_forward(self, own, z, hidden_states, top_k_index, top_k_weights)
@@ -240,20 +241,19 @@ def gated_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.
         rows = [_up_rows(self, u, f) for u in units]
         # one gather per parameter for every hit expert (a gather per expert would give each backward a zero
         # tensor of the whole parameter): (rows, H) matrices, split per expert below
-        e_up = torch.cat([torch.full((r.numel(),), e, dtype=torch.long) for e, r in zip(hit, rows)]) if hit else None
-        e_dn = torch.cat([torch.full((u.numel(),), e, dtype=torch.long) for e, u in zip(hit, units)]) if hit else None
     if not hit:
         return out
     dev = up_w.device
-    e_up, r_up = e_up.to(dev), torch.cat(rows).to(dev)
-    e_dn, f_dn = e_dn.to(dev), torch.cat(units).to(dev)
-    w_up = (up_w[e_up, :, r_up] if self.is_transposed else up_w[e_up, r_up, :]).split([r.numel() for r in rows])
-    b_up = up_b[e_up, r_up].split([r.numel() for r in rows]) if up_b is not None else None
-    w_dn = (self.down_proj[e_dn, f_dn, :] if self.is_transposed else self.down_proj[e_dn, :, f_dn]).split(
-        [u.numel() for u in units])
-    z_dn = z[e_dn, f_dn].split([u.numel() for u in units])
+    n_rows, n_units = [r.numel() for r in rows], [u.numel() for u in units]
+    experts = torch.tensor(hit, device=dev)
+    e_up, r_up = experts.repeat_interleave(torch.tensor(n_rows, device=dev)), torch.cat(rows).to(dev)
+    e_dn, f_dn = experts.repeat_interleave(torch.tensor(n_units, device=dev)), torch.cat(units).to(dev)
+    w_up = (up_w[e_up, :, r_up] if self.is_transposed else up_w[e_up, r_up, :]).split(n_rows)
+    b_up = up_b[e_up, r_up].split(n_rows) if up_b is not None else None
+    w_dn = (self.down_proj[e_dn, f_dn, :] if self.is_transposed else self.down_proj[e_dn, :, f_dn]).split(n_units)
+    z_dn = z[e_dn, f_dn].split(n_units)
     for i, e in enumerate(hit):
-        if units[i].numel() == 0 and not self.has_bias:
+        if n_units[i] == 0 and not self.has_bias:
             continue  # every unit closed: the expert adds nothing
         pos, tok = torch.where(mask[e])
         x = hidden_states[tok]

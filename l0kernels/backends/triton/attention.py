@@ -26,18 +26,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear import INTERPRET
+from .linear import INTERPRET, dot_flags
 
 
 @triton.jit
 def _scores(q, k, offs_m, mask_m, offs_n, mask_n, m_ptr, s_mq, s_mk, scale, causal_off,
             HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr):
     """``q k^T * scale`` (+ mask, causal, key bounds) for a (BLOCK_M, BLOCK_N) tile, float32."""
-    if DOT_F32:
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    s = s * scale
+    s = _mm(q, tl.trans(k), DOT_F32) * scale
     if HAS_MASK:
         s += tl.load(m_ptr + offs_m[:, None] * s_mq + offs_n[None, :] * s_mk,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
@@ -77,6 +73,7 @@ def _kv_tile(k_ptr, v_ptr, b, hk, offs_n, offs_d, mask_d, SK, s_kb, s_kh, s_ks, 
 
 @triton.jit
 def _mm(a, b, DOT_F32: tl.constexpr):
+    """``a @ b`` accumulated in float32; ``DOT_F32`` (``linear.dot_flags``): the tiles upcast first, IEEE."""
     if DOT_F32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b)
@@ -226,7 +223,7 @@ class TritonHeadsAttention(torch.autograd.Function):
         lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
         mt, ms, has_mask = _mask_args(mask, b, h, sq, sk, q)
         bm, bn, bd = _blocks(d)
-        dot_f32 = INTERPRET or q.dtype == torch.float32
+        dot_f32 = dot_flags(q.dtype, tf32_allowed=False)[0]
         opn = head_open.to(torch.int32)
         if b * h and sq:
             _fwd_kernel[(triton.cdiv(sq, bm), b * h)](
@@ -252,7 +249,7 @@ class TritonHeadsAttention(torch.autograd.Function):
             ms = tuple(mt.stride())
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         bm, bn, bd = _blocks(d)
-        dot_f32 = INTERPRET or q.dtype == torch.float32
+        dot_f32 = dot_flags(q.dtype, tf32_allowed=False)[0]
         common = (float(scale), q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), *ms)
         flags = dict(HAS_MASK=has_mask, CAUSAL=causal, DOT_F32=dot_f32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
